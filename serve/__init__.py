@@ -1,0 +1,1 @@
+"""The Ray Serve application: HTTP ingress, generator, retriever + knowledge store, feedback store."""
