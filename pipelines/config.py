@@ -99,7 +99,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!r} for {cls.__name__}; known keys: {', '.join(sorted(fields))}"
+            f"unknown config key '{where}{unknown[0]}' for {cls.__name__}; known keys: {', '.join(sorted(fields))}"
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():

@@ -1,0 +1,68 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from pipelines.config import ConfigError, apply_overrides, build_config, from_dict, parse_override, preset_path
+
+
+@dataclass
+class Inner:
+    dim: int = 8
+    name: str = "x"
+
+
+@dataclass
+class Outer:
+    lr: float = 1e-3
+    steps: int = 10
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    inputs: list[str] = field(default_factory=list)
+    flag: bool = False
+    model: Inner = field(default_factory=Inner)
+    init_from: str | None = None
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = from_dict(Outer, apply_overrides({}, ["lr=3e-4", "steps=5", "model.dim=64", "inputs=[a,b]", "flag=true"]))
+    assert cfg.lr == 3e-4 and cfg.steps == 5 and cfg.model.dim == 64 and cfg.model.name == "x"
+    assert cfg.inputs == ["a", "b"] and cfg.flag is True and cfg.init_from is None
+
+
+def test_unknown_key_names_the_key_and_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key 'stpes'.*steps"):
+        from_dict(Outer, {"stpes": 3})
+    with pytest.raises(ConfigError, match=r"model\.dimm"):
+        from_dict(Outer, {"model": {"dimm": 3}})
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"steps": "ten"}, "steps.*integer"),
+    ({"lr": "fast"}, "lr.*number"),
+    ({"strategy": "zero3"}, "strategy.*one of"),
+    ({"flag": "maybe"}, "flag.*true or false"),
+    ({"model": 3}, "model.*mapping"),
+])
+def test_wrong_types_are_clear_errors(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(Outer, data)
+
+
+def test_override_needs_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("lr")
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+        preset_path("huge")
+
+
+def test_preset_section_then_overrides(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  lr: 0.5\n  steps: 7\nother:\n  junk: 1\n")
+    cfg = build_config(Outer, "train", str(f), ["steps=9"])
+    assert cfg.lr == 0.5 and cfg.steps == 9
+    f.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(Outer, "train", str(f))
