@@ -87,18 +87,77 @@ def greedy(llm, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_id
 class WeightSyncExtension:
     """Mixed into every vLLM worker (``worker_extension_cls``): refreshes weights in place from a learner.
 
-    Plain ``load_weights`` fails on CPU because weights are repacked after loading; ``reload_weights`` re-runs the
-    post-processing.
+    Weights travel as a safetensors file in shared memory (``/dev/shm``) on the engine's node: vLLM's RPC serialiser
+    does not carry tensors, and plain ``load_weights`` fails on CPU because weights are repacked after loading, so
+    the worker calls ``reload_weights``, which re-runs that post-processing.
     """
 
-    def genloop_reload_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> bool:
-        self.reload_weights(weights_iterator=iter(list(named_tensors)))  # type: ignore[attr-defined]
+    def genloop_reload_weights(self, path: str) -> bool:
+        from safetensors.torch import load_file
+
+        self.reload_weights(weights_iterator=iter(load_file(path).items()))  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        if getattr(model.config, "tie_word_embeddings", False):
+            # vLLM 0.32's in-place reload leaves a tied lm_head's kernel (the CPU GEMM handle packed from the old
+            # embedding) as it was: re-tie and re-run its post-load processing
+            model.lm_head.weight = model.model.embed_tokens.weight
+            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
         return True
 
 
 WEIGHT_SYNC_EXTENSION = f"{__name__}.WeightSyncExtension"
 
 
-def update_weights(llm, named_tensors: list[tuple[str, Any]]) -> None:
-    """Push a learner's state dict (Hugging Face names) into every worker of ``llm``."""
-    llm.collective_rpc("genloop_reload_weights", args=(named_tensors,))
+def update_weights(llm, state_dict: dict[str, Any]) -> None:
+    """Push a learner's state dict (Hugging Face names) into every worker of ``llm`` (built with
+    ``worker_extension_cls=WEIGHT_SYNC_EXTENSION``)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.NamedTemporaryFile(suffix=".safetensors", dir=tmp_dir) as f:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, f.name)
+        llm.collective_rpc("genloop_reload_weights", args=(f.name,))
+    llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Async serving engine (Ray Serve's generator deployment holds one; serve/ owns this section)
+
+
+def make_async_engine(model: str, cfg: EngineConfig | None = None):
+    """vLLM's ``AsyncLLM`` over a checkpoint folder: token ids in, token ids out (``skip_tokenizer_init``).
+
+    Its engine core runs in a child process; the output loop starts lazily on the first ``stream_ids`` call, so this
+    may be called outside an event loop (e.g. in a Ray Serve replica's constructor).
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kw = engine_kwargs(model, cfg or EngineConfig())
+    kw.setdefault("disable_log_stats", True)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+
+def streaming_params(max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
+                     seed: int | None = None, ignore_eos: bool = False):
+    """Sampling parameters for a streamed request: each engine output carries only the new token ids (DELTA)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop_token_ids=list(stop_token_ids),
+        seed=seed, ignore_eos=ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
+    )
+
+
+async def stream_ids(engine, prompt_ids: Sequence[int], params, request_id: str):
+    """Yield ``(new_token_ids, finish_reason)`` per engine step for one request; ``finish_reason`` is None until the
+    last step ("stop" | "length"). Cancelling the consumer aborts the request in the engine (vLLM does that on
+    ``CancelledError``)."""
+    from vllm.inputs import TokensPrompt
+
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id):
+        c = out.outputs[0]
+        yield list(c.token_ids), (c.finish_reason if out.finished else None)
