@@ -87,7 +87,7 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
         if name == stage and module not in registered:
             registered.add(module)
             importlib.import_module(module).register(sub)
-        elif name != stage:
+        elif name != stage and name not in sub.choices:  # a module may register several subcommands
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
