@@ -1,0 +1,152 @@
+"""Durable feedback: every served response is recorded (prompt + response); users rate one or prefer one of two.
+
+``export`` writes what the reward-model stage reads (JSONL):
+- preferences: ``{"prompt", "chosen", "rejected", "messages", "source"}``: explicit preferences, plus pairs made from
+  an up-rated and a down-rated response to the same prompt (``source: "ratings"``);
+- ratings: ``{"prompt", "response", "rating", "score", "messages"}`` with ``score`` in [-1, 1] (up = 1, down = -1,
+  stars 1..5 -> (n - 3) / 2).
+``prompt`` is the conversation as the model saw it without retrieved context (ChatML text ending with the assistant
+turn's header), ``messages`` the conversation as a list (null for plain completions).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+RATINGS = {"up": 1.0, "down": -1.0, "thumbs_up": 1.0, "thumbs_down": -1.0}
+
+
+class FeedbackError(ValueError):
+    """Bad feedback (unknown response id, bad rating); the message says what to do."""
+
+
+class NotFound(FeedbackError):
+    pass
+
+
+def rating_score(rating: Any) -> float:
+    """``"up"``/``"down"`` -> 1/-1, integers 1..5 -> (n - 3) / 2; anything else is a FeedbackError."""
+    if isinstance(rating, str) and rating.lower() in RATINGS:
+        return RATINGS[rating.lower()]
+    if isinstance(rating, (int, float)) and not isinstance(rating, bool) and float(rating).is_integer() \
+            and 1 <= rating <= 5:
+        return (float(rating) - 3.0) / 2.0
+    raise FeedbackError(f"rating must be 'up', 'down' or an integer 1..5, got {rating!r}")
+
+
+class FeedbackStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        with self._lock, self._db:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, "
+                             "messages TEXT, response TEXT, created REAL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, "
+                             "rejected_id TEXT, rating TEXT, score REAL, who TEXT, created REAL)")
+
+    def record_response(self, response_id: str, model: str, prompt: str, response: str,
+                        messages: list[dict] | None = None) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                             (response_id, model, prompt, json.dumps(messages) if messages is not None else None,
+                              response, time.time()))
+
+    def response(self, response_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, model, prompt, messages, response FROM responses WHERE id = ?",
+                                   (response_id,)).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "model": row[1], "prompt": row[2],
+                "messages": json.loads(row[3]) if row[3] else None, "response": row[4]}
+
+    def _need(self, response_id: Any, field: str) -> dict:
+        if not isinstance(response_id, str) or not response_id:
+            raise FeedbackError(f"'{field}' must be the id of a response this server returned")
+        r = self.response(response_id)
+        if r is None:
+            raise NotFound(f"no response with id {response_id!r} ('{field}'); use the 'id' of a completion "
+                           "this server returned")
+        return r
+
+    def rate(self, response_id: str, rating: Any, who: str = "") -> dict:
+        score = rating_score(rating)
+        self._need(response_id, "response_id")
+        fid = "fb-" + uuid.uuid4().hex[:16]
+        with self._lock, self._db:
+            self._db.execute("INSERT INTO feedback VALUES (?, 'rating', ?, NULL, ?, ?, ?, ?)",
+                             (fid, response_id, json.dumps(rating), score, who, time.time()))
+        return {"id": fid, "kind": "rating", "response_id": response_id, "score": score}
+
+    def prefer(self, chosen_id: str, rejected_id: str, who: str = "") -> dict:
+        chosen, rejected = self._need(chosen_id, "chosen_id"), self._need(rejected_id, "rejected_id")
+        if chosen_id == rejected_id:
+            raise FeedbackError("'chosen_id' and 'rejected_id' are the same response; compare two responses")
+        if chosen["prompt"] != rejected["prompt"]:
+            raise FeedbackError("the two responses answer different prompts; a preference compares two answers to "
+                                "the same prompt")
+        fid = "fb-" + uuid.uuid4().hex[:16]
+        with self._lock, self._db:
+            self._db.execute("INSERT INTO feedback VALUES (?, 'preference', ?, ?, NULL, NULL, ?, ?)",
+                             (fid, chosen_id, rejected_id, who, time.time()))
+        return {"id": fid, "kind": "preference", "chosen_id": chosen_id, "rejected_id": rejected_id}
+
+    def preference_rows(self) -> list[dict]:
+        with self._lock:
+            explicit = self._db.execute(
+                "SELECT c.prompt, c.response, r.response, c.messages FROM feedback f "
+                "JOIN responses c ON c.id = f.response_id JOIN responses r ON r.id = f.rejected_id "
+                "WHERE f.kind = 'preference' ORDER BY f.created").fetchall()
+            # pairs from ratings: an up-rated (score > 0) and a down-rated (score < 0) response to the same prompt
+            derived = self._db.execute(
+                "SELECT g.prompt, g.response, b.response, g.messages FROM "
+                "(SELECT r.* FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.kind='rating' "
+                " AND f.score > 0) g JOIN "
+                "(SELECT r.* FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.kind='rating' "
+                " AND f.score < 0) b ON g.prompt = b.prompt AND g.id != b.id ORDER BY g.created, b.created").fetchall()
+        out = [{"prompt": p, "chosen": c, "rejected": r, "messages": json.loads(m) if m else None, "source": "user"}
+               for p, c, r, m in explicit]
+        seen = {(o["prompt"], o["chosen"], o["rejected"]) for o in out}
+        for p, c, r, m in derived:
+            if (p, c, r) not in seen and c != r:
+                seen.add((p, c, r))
+                out.append({"prompt": p, "chosen": c, "rejected": r, "messages": json.loads(m) if m else None,
+                            "source": "ratings"})
+        return out
+
+    def rating_rows(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.prompt, r.response, f.rating, f.score, r.messages FROM feedback f "
+                "JOIN responses r ON r.id = f.response_id WHERE f.kind = 'rating' ORDER BY f.created").fetchall()
+        return [{"prompt": p, "response": resp, "rating": json.loads(rt), "score": s,
+                 "messages": json.loads(m) if m else None} for p, resp, rt, s, m in rows]
+
+    def export(self, out: str | Path, ratings_out: str | Path | None = None) -> dict:
+        """Write preferences to ``out`` and ratings to ``ratings_out`` (default ``<out stem>.ratings.jsonl``)."""
+        out = Path(out)
+        ratings_out = Path(ratings_out) if ratings_out else out.with_name(out.stem + ".ratings.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prefs, ratings = self.preference_rows(), self.rating_rows()
+        for path, rows in ((out, prefs), (ratings_out, ratings)):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            tmp.replace(path)
+        return {"preferences": len(prefs), "ratings": len(ratings), "out": str(out), "ratings_out": str(ratings_out)}
+
+
+@serve.deployment(name="Feedback")
+class FeedbackServer(FeedbackStore):
+    """The feedback store as its own deployment: one writer for the SQLite file however many ingress replicas run
+    (keep ``num_replicas: 1``)."""

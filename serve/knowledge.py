@@ -1,0 +1,185 @@
+"""The knowledge store RAG reads: documents chunked into passages, ranked by BM25 (SQLite FTS5), durable on disk.
+
+One SQLite file (WAL mode, so the retriever replica and ``genloop knowledge add`` may use it at once). ``add``
+replaces a document with the same id in one transaction, so a crash never leaves half a document; searches see a
+document as soon as ``add`` returns. Another ranking (e.g. vectors) can be put behind the same three methods:
+``add(doc_id, text, title)``, ``delete(doc_id)``, ``search(query, k) -> [Passage]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "knowledge.db"
+# what `genloop knowledge add DIR` picks up from a folder
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".html", ".csv")
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class KnowledgeError(ValueError):
+    """Bad input to the store (empty or oversized document, bad id); the message says what to do."""
+
+
+@dataclass
+class Passage:
+    doc_id: str
+    title: str
+    chunk: int  # index of the chunk within its document
+    text: str
+    score: float  # BM25 relevance, higher is better
+
+
+def store_path(path: str | Path) -> Path:
+    """``--knowledge DIR_OR_DB``: a ``.db``/``.sqlite`` file, or a folder that holds ``knowledge.db``."""
+    p = Path(path)
+    if p.suffix in (".db", ".sqlite", ".sqlite3") or (p.exists() and p.is_file()):
+        return p
+    return p / DB_NAME
+
+
+def chunk_text(text: str, size: int = 600, overlap: int = 80) -> list[str]:
+    """Split ``text`` into chunks of at most ``size`` characters, cut at paragraph, line or word boundaries where
+    possible; consecutive chunks share up to ``overlap`` characters so a sentence cut in two is still findable."""
+    if size <= 0 or overlap < 0 or overlap >= size:
+        raise KnowledgeError(f"chunking needs size > overlap >= 0, got size={size} overlap={overlap}")
+    text = text.strip()
+    chunks: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            window = text[start:end]
+            # prefer the last paragraph break, then line break, then space in the second half of the window
+            for sep in ("\n\n", "\n", " "):
+                cut = window.rfind(sep)
+                if cut > size // 2:
+                    end = start + cut + len(sep)
+                    break
+        piece = text[start:end].strip()
+        if piece:
+            chunks.append(piece)
+        if end >= len(text):
+            break
+        nxt = end - overlap
+        if overlap:  # start the overlap at a word boundary
+            sp = text.find(" ", nxt, end)
+            nxt = sp + 1 if sp != -1 else nxt
+        start = max(nxt, start + 1)
+    return chunks
+
+
+def fts_query(text: str, max_terms: int = 32) -> str:
+    """A free-text question -> an FTS5 query matching any of its words (each quoted: no FTS syntax injection)."""
+    seen: list[str] = []
+    for w in _WORD.findall(text.lower()):
+        if w not in seen:
+            seen.append(w)
+        if len(seen) >= max_terms:
+            break
+    return " OR ".join(f'"{w}"' for w in seen)
+
+
+def doc_id_for(text: str) -> str:
+    return "doc-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class KnowledgeStore:
+    """Documents -> chunks in an FTS5 table; thread-safe within a process, WAL for several processes."""
+
+    def __init__(self, path: str | Path, chunk_chars: int = 600, chunk_overlap: int = 80,
+                 max_document_chars: int = 1_000_000) -> None:
+        self.path = store_path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.chunk_chars, self.chunk_overlap, self.max_document_chars = chunk_chars, chunk_overlap, max_document_chars
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        with self._lock, self._db:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, "
+                "n_chunks INTEGER, added_at REAL)")
+            self._db.execute(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, "
+                "tokenize='unicode61')")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, doc_id: str | None, text: str, title: str | None = None) -> dict:
+        """Add or replace a document; returns ``{"id", "title", "chunks", "replaced"}``."""
+        if not isinstance(text, str) or not text.strip():
+            raise KnowledgeError("document text is empty; send non-empty 'text'")
+        if len(text) > self.max_document_chars:
+            raise KnowledgeError(f"document has {len(text)} characters, over the limit of {self.max_document_chars}; "
+                                 "split it into several documents")
+        doc_id = doc_id or doc_id_for(text)
+        if not isinstance(doc_id, str) or len(doc_id) > 512 or not doc_id.strip():
+            raise KnowledgeError("document id must be a non-empty string of at most 512 characters")
+        title = (title or doc_id)[:512]
+        chunks = chunk_text(text, self.chunk_chars, self.chunk_overlap)
+        with self._lock, self._db:  # one transaction: replace is atomic
+            replaced = self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,)).rowcount > 0
+            self._db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+            self._db.executemany("INSERT INTO chunks (doc_id, seq, title, body) VALUES (?, ?, ?, ?)",
+                                 [(doc_id, i, title, c) for i, c in enumerate(chunks)])
+            self._db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
+                             (doc_id, title, len(text), len(chunks), time.time()))
+        return {"id": doc_id, "title": title, "chunks": len(chunks), "replaced": replaced}
+
+    def add_many(self, docs: Iterable[tuple[str | None, str, str | None]]) -> list[dict]:
+        return [self.add(i, t, ti) for i, t, ti in docs]
+
+    def delete(self, doc_id: str) -> bool:
+        with self._lock, self._db:
+            found = self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,)).rowcount > 0
+            self._db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+        return found
+
+    def get(self, doc_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, title, n_chars, n_chunks, added_at FROM documents WHERE id = ?",
+                                   (doc_id,)).fetchone()
+        return None if row is None else dict(zip(("id", "title", "chars", "chunks", "added_at"), row))
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+
+    def search(self, query: str, k: int = 3) -> list[Passage]:
+        """The ``k`` best chunks for ``query`` by BM25 (title weighted 2x the body), best first."""
+        q = fts_query(query)
+        if not q or k <= 0:
+            return []
+        with self._lock:
+            # bm25() is "lower is better" (negative); weights follow the column order doc_id, seq, title, body
+            rows = self._db.execute(
+                "SELECT doc_id, seq, title, body, bm25(chunks, 0.0, 0.0, 2.0, 1.0) AS r FROM chunks "
+                "WHERE chunks MATCH ? ORDER BY r LIMIT ?", (q, k)).fetchall()
+        return [Passage(doc_id=d, title=t, chunk=int(s), text=b, score=-float(r)) for d, s, t, b, r in rows]
+
+
+def iter_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Iterable[tuple[Path, Path]]:
+    """(file, root it was found under) for every text file under ``paths`` (files are taken as given)."""
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist; pass files or folders of text documents")
+        if p.is_file():
+            yield p, p.parent
+        else:
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in suffixes and not any(part.startswith(".") for part in
+                                                                            f.relative_to(p).parts):
+                    yield f, p

@@ -1,0 +1,89 @@
+"""The HTTP layer's plain parts: request parsing/errors, API keys, rate limiter, streaming detokenisation, RAG
+prompt assembly within the context budget. No Ray, no vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.protocol import (APIError, ChatRequest, RateLimiter, TextStream, authorize, key_id, load_api_keys,
+                            parse_body)
+
+
+def test_parse_body_status_codes():
+    ok = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "extra_field": 1}',
+                    ChatRequest, 1000)
+    assert ok.messages[0].text() == "hi" and ok.rag is True and ok.max_tokens is None
+    cases = [(b"x" * 1001, 413), (b'{"model": ', 400), (b"[1, 2]", 400),
+             (b'{"model": "m", "messages": "hello"}', 422), (b'{"messages": []}', 422),
+             (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', 422),
+             (b'{"model": "m", "messages": [], "temperature": 9}', 422)]
+    for raw, status in cases:
+        with pytest.raises(APIError) as e:
+            parse_body(raw, ChatRequest, 1000)
+        assert e.value.status == status, raw
+        assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(APIError) as e:
+        parse_body(b'{"model": "m", "messages": [], "max_tokens": "lots"}', ChatRequest, 1000)
+    assert e.value.param == "max_tokens"
+
+
+def test_api_keys(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# comment\nsecret-1\n\n  secret-2  \n")
+    hashes = load_api_keys(f)
+    assert len(hashes) == 2 and "secret-1" not in hashes
+    assert authorize("Bearer secret-2", hashes) == key_id("secret-2") != key_id("secret-1")
+    assert authorize(None, frozenset()) == "anon"
+    for header in (None, "", "Bearer ", "Basic secret-1", "Bearer secret-3"):
+        with pytest.raises(APIError) as e:
+            authorize(header, hashes)
+        assert e.value.status == 401
+    f.write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="no keys"):
+        load_api_keys(f)
+
+
+def test_rate_limiter_token_bucket():
+    now = [0.0]
+    rl = RateLimiter(per_minute=3, clock=lambda: now[0])
+    assert [rl.allow("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert rl.allow("a") == pytest.approx(20.0)  # 3/min: one token every 20 s
+    assert rl.allow("b") == 0.0  # per caller
+    now[0] = 20.0
+    assert rl.allow("a") == 0.0 and rl.allow("a") > 0
+    assert all(RateLimiter(0).allow("x") == 0.0 for _ in range(100))
+
+
+def test_text_stream_holds_back_partial_stops_and_utf8(tiny_tokenizer):
+    tok = tiny_tokenizer
+    stop_ids = {tok.im_end_id}
+    ids = tok.encode("hello world, the END is near")
+    s = TextStream(tok, stop_ids, ["END"])
+    out = "".join(s.push([i]) for i in ids)
+    assert out + s.flush() == "hello world, the " and s.stopped
+    # multi-byte characters split across tokens are never sent half
+    ids = tok.encode("héllo ☃ snow") + [tok.im_end_id]
+    s = TextStream(tok, stop_ids, [])
+    pieces = [s.push([i]) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + s.flush() == "héllo ☃ snow" and s.n_generated == len(ids)
+
+
+def test_augment_fits_context_budget(tiny_tokenizer):
+    from models.chat import ChatFormat, encode_prompt
+    from serve.retriever import augment
+
+    tok, fmt = tiny_tokenizer, ChatFormat()
+    msgs = [{"role": "user", "content": "how do I sort a list?"}]
+    plain = encode_prompt(tok, fmt, msgs)
+    passages = [{"doc_id": f"d{i}", "title": f"T{i}", "chunk": 0, "text": "sorted(xs) returns a new list. " * 5,
+                 "score": 1.0} for i in range(3)]
+    ids, used_msgs, docs, n_facts = augment(tok, fmt, msgs, passages, ["likes python"], budget=10_000)
+    assert [d["doc_id"] for d in docs] == ["d0", "d1", "d2"] and n_facts == 1
+    assert used_msgs[0]["role"] == "system" and "likes python" in used_msgs[0]["content"]
+    assert ids == encode_prompt(tok, fmt, used_msgs) and len(ids) > len(plain)
+    budget = len(plain) + 40
+    ids, _, docs, _ = augment(tok, fmt, msgs, passages, [], budget=budget)
+    assert len(ids) <= budget and 1 <= len(docs) < 3  # cut to fit
+    ids, used, docs, n = augment(tok, fmt, msgs, passages, ["x"], budget=len(plain))
+    assert ids == plain and used == msgs and docs == [] and n == 0  # no room: plain conversation
