@@ -11,6 +11,7 @@ import argparse
 import logging
 import shutil
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Step:
 
 def steps(out: Path, preset: str) -> list[Step]:
     d = str(out)
+    stdlib = sysconfig.get_paths()["stdlib"]
     return [
         Step("data", ["data", "--config", preset, "--out", f"{d}/data"], f"{d}/data"),
         Step("pretrain", ["pretrain", "--config", preset, "--data", f"{d}/data", "--out", f"{d}/pretrain"],
@@ -37,8 +39,11 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
         Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
                      "--out", f"{d}/sft"], f"{d}/sft"),
-        Step("serve", ["serve", "--config", preset, "--model", f"{d}/sft", "--knowledge", f"{d}/knowledge.db",
-                       "--smoke"], None),
+        Step("knowledge", ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http", "--store", f"{d}/serve"], None),
+        Step("serve", ["serve", "--config", preset, "--model", f"{d}/sft", "--knowledge", f"{d}/serve",
+                       "--smoke", "4"], None),
+        Step("feedback", ["feedback", "export", "--store", f"{d}/serve/feedback.db",
+                          "--out", f"{d}/serve/prefs.jsonl"], None),
         Step("lineage", ["lineage", f"{d}/sft"], None),
     ]
 

@@ -106,6 +106,17 @@ def save_checkpoint(model: Transformer, tok: Tokenizer, out: str | Path, state_d
     return out
 
 
+def resolve_checkpoint(path: str | Path) -> str:
+    """A checkpoint folder: ``path`` itself, or ``<artifact>/model`` (what pretrain and sft write)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return str(p)
+    if (p / "model" / "config.json").exists():
+        return str(p / "model")
+    raise CheckpointError(f"{path}: no checkpoint there (expected config.json in it or in model/); "
+                          "pass a model folder a genloop training stage wrote")
+
+
 def load_config(path: str | Path) -> ModelConfig:
     cfg_path = Path(path) / "config.json"
     if not cfg_path.exists():

@@ -42,6 +42,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.cli import config_from_args
+from models.checkpoint import resolve_checkpoint
 from models.engine import EngineConfig
 from serve.protocol import (APIError, ChatRequest, CompletionRequest, DocumentsRequest, FeedbackRequest, MemoryRequest,
                             RateLimiter, TextStream, authorize, error_body, load_api_keys, parse_body)
@@ -121,7 +122,7 @@ def check_config(cfg: ServeConfig) -> None:
         raise ValueError("no model: pass --model CHECKPOINT_DIR (a folder written by pretrain/sft/rlhf)")
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"checkpoint {cfg.model} does not exist; pass the folder a training stage wrote")
-    load_config(cfg.model)
+    load_config(resolve_checkpoint(cfg.model))
     if cfg.default_max_tokens < 1 or cfg.max_tokens_cap < cfg.default_max_tokens:
         raise ValueError(f"serve: need 1 <= default_max_tokens ({cfg.default_max_tokens}) <= max_tokens_cap "
                          f"({cfg.max_tokens_cap})")
@@ -130,7 +131,7 @@ def check_config(cfg: ServeConfig) -> None:
 def context_length(cfg: ServeConfig) -> int:
     from models.checkpoint import load_config
 
-    n = load_config(cfg.model).max_seq_len
+    n = load_config(resolve_checkpoint(cfg.model)).max_seq_len
     return min(n, cfg.engine.max_model_len) if cfg.engine.max_model_len else n
 
 
@@ -547,7 +548,8 @@ def build_app(cfg: ServeConfig):
     check_config(cfg)
     # replicas may run elsewhere (another cwd or node): hand them absolute paths
     knowledge, memory_db, feedback_db = (str(Path(p).resolve()) for p in cfg.state_paths())
-    cfg = replace(cfg, model=str(Path(cfg.model).resolve()), model_name=cfg.served_name(), knowledge=knowledge,
+    cfg = replace(cfg, model=str(Path(resolve_checkpoint(cfg.model)).resolve()), model_name=cfg.served_name(),
+                  knowledge=knowledge,
                   memory_db=memory_db, feedback_db=feedback_db)
     keys = load_api_keys(cfg.api_key_file) if cfg.api_key_file else frozenset()
     generator = Generator.options(**cfg.generator.serve_options()).bind(cfg.model, cfg.engine)

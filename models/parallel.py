@@ -1,0 +1,90 @@
+"""Parallelism wrappers for ``Transformer`` (kept out of the model file): DDP, FSDP2, activation checkpointing,
+``torch.compile``.
+
+All wrappers keep Hugging Face parameter names intact (activation checkpointing and compile act on each block's
+``forward`` in place, FSDP2's ``fully_shard`` swaps the module class in place), so ``get_model_state_dict`` gives
+``model.layers.N...`` keys whatever the strategy.
+
+Gradient semantics: DDP and FSDP2 both *average* gradients over ranks, so a caller that wants a global-batch
+token-mean loss divides its local loss sum by the global token count and multiplies by the world size.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["ddp", "fsdp", "none"]
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in backward (memory for compute); names unchanged."""
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_blocks(model: Transformer) -> None:
+    """``torch.compile`` each block in place (per-block graphs compile fast and compose with FSDP2)."""
+    for block in model.model.layers:
+        block.compile()
+
+
+def wrap_model(model: Transformer, strategy: Strategy, device: torch.device, activation_checkpointing: bool = False,
+               compile: bool = False, mixed_precision: bool | None = None) -> nn.Module:
+    """The module to train: ``model`` moved to ``device`` and wrapped for ``strategy``.
+
+    ``fsdp``: ``fully_shard`` each transformer block, then the root (embeddings, final norm, tied head);
+    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` when ``mixed_precision`` (default: on CUDA).
+    ``ddp``: ``DistributedDataParallel`` (device_ids on CUDA). ``none``: the bare model.
+    """
+    if strategy != "none" and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"strategy {strategy!r} needs torch.distributed initialised (run under Ray Train)")
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if compile:
+        compile_blocks(model)
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs = {}
+        if mixed_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        model.to(device)
+        for block in model.model.layers:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    model.to(device)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def unwrap(module: nn.Module) -> Transformer:
+    """The ``Transformer`` inside a DDP wrapper (FSDP2 and ``none`` return the module itself)."""
+    return module.module if hasattr(module, "module") and isinstance(module.module, Transformer) else module
+
+
+def set_gradient_sync(module: nn.Module, strategy: Strategy, enabled: bool):
+    """Context manager / call that turns gradient all-reduce off for accumulation micro-batches but the last."""
+    import contextlib
+
+    if strategy == "ddp" and not enabled:
+        return module.no_sync()
+    if strategy == "fsdp":
+        module.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()

@@ -1,0 +1,235 @@
+"""Pretraining and domain fine-tuning on Ray Train (DDP | FSDP2): ``genloop pretrain``.
+
+::
+
+    genloop pretrain --data DATA_DIR --model tiny --out runs/pt [--strategy ddp|fsdp] [--num-workers N] [--use-gpu]
+    genloop pretrain --config domain --data DOMAIN_DATA --init-from runs/pt/model --out runs/domain
+
+Input: a tokenized dataset folder (``pipelines/blocks.py``). Each ``tokens`` block of seq_len + 1 ids becomes one
+training row ``input_ids = tokens[:-1]``, ``labels = tokens[1:]`` (cropped to ``seq_len`` when that is shorter).
+
+The artifact folder ``--out``::
+
+    manifest.json               stage "pretrain": config, inputs (data, init_from), counts (steps, tokens), metrics
+    model/                      the Hugging Face folder (config.json, model.safetensors, tokenizer files): what
+                                ``--init-from``, SFT, RLHF and serving take. ``--init-from`` also accepts ``--out``
+                                itself (the folder holding ``model/``).
+    metrics.jsonl, metrics.csv  loss, lr, grad_norm, tokens_per_s, mfu every log_every; val_loss / val_ppl
+    loss_curve.png
+    train_runs/<name>/step_*/   resumable training checkpoints (torch distributed checkpoint, sharded under FSDP);
+                                re-running the same command resumes from the newest
+
+The loop itself is ``pipelines/train_loop.py`` (shared with SFT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.transformer import ModelConfig, Transformer, model_preset
+from pipelines.artifacts import Manifest, exists, is_finished
+from pipelines.blocks import TOKENS, BlocksInfo, open_dataset
+from pipelines.train_loop import MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig, check_placement, fit, hf_export
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    data: str = ""  # a tokenized dataset folder from `genloop data`
+    out: str = ""
+    model: str = "tiny"  # a model preset (models/transformer.py MODEL_PRESETS) for a fresh model
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. model_overrides.n_layers=2
+    init_from: str = ""  # a checkpoint folder (or a pretrain artifact holding model/): domain fine-tuning
+    seq_len: int = 0  # 0 = the dataset's block length; shorter crops the blocks
+    overwrite: bool = False
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(name="pretrain"))
+
+
+# ---- pure helpers --------------------------------------------------------------------------------------------------
+def lm_rows(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """``tokens`` (N, >= seq_len + 1) -> ``input_ids`` = tokens[:, :seq_len], ``labels`` = tokens[:, 1:seq_len + 1]."""
+    tokens = batch[TOKENS]
+    if tokens.dtype == object:
+        tokens = np.stack(tokens)
+    tokens = tokens.astype(np.int32)
+    return {"input_ids": tokens[:, :seq_len], "labels": tokens[:, 1:seq_len + 1]}
+
+
+def tokenizers_match(a, b) -> bool:
+    """Same ids for the same text: equal BPE ranks, split pattern and special tokens."""
+    return (a.n_vocab == b.n_vocab and a.special_tokens == b.special_tokens and a.enc._pat_str == b.enc._pat_str
+            and a.enc._mergeable_ranks == b.enc._mergeable_ranks)
+
+
+def resolve_seq_len(requested: int, info: BlocksInfo) -> int:
+    if requested <= 0:
+        return info.seq_len
+    if requested > info.seq_len:
+        raise ValueError(f"seq_len={requested} is longer than the blocks of --data {info.path} ({info.seq_len} tokens "
+                         f"+ 1); lower seq_len or re-run `genloop data` with seq_len={requested}")
+    return requested
+
+
+def model_config(config: PretrainConfig, n_vocab: int, seq_len: int) -> ModelConfig:
+    """A fresh model's architecture: the preset, the overrides, the tokenizer's vocab, room for seq_len."""
+    base = model_preset(config.model)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = sorted(set(config.model_overrides) - names)
+    if bad:
+        raise ValueError(f"unknown model_overrides key {bad[0]!r}; known: {', '.join(sorted(names))}")
+    cfg = dataclasses.replace(base, **config.model_overrides).for_tokenizer(n_vocab)
+    if cfg.max_seq_len < seq_len:
+        cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
+    cfg.validate()
+    return cfg
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything checked up front, before Ray or any worker starts."""
+
+    info: BlocksInfo
+    seq_len: int
+    model_cfg: ModelConfig
+    init_from: str | None
+
+
+def plan(config: PretrainConfig) -> Plan:
+    """Validate the inputs (clear one-line errors) and settle the model config."""
+    from models.tokenizer import Tokenizer
+
+    if not config.data:
+        raise ValueError("no --data: pass a tokenized dataset folder made by `genloop data`")
+    if not config.out:
+        raise ValueError("no --out: pass the folder to write the model and metrics to")
+    config.train.validate()
+    info = open_dataset(config.data)
+    if info.train_blocks and info.train_blocks < config.train.global_rows():
+        raise ValueError(f"--data {info.path} has {info.train_blocks} training blocks, fewer than one global batch "
+                         f"({config.train.global_rows()} = micro_batch_size x grad_accum x num_workers); lower them")
+    seq_len = resolve_seq_len(config.seq_len, info)
+    data_tok = Tokenizer.load(info.tokenizer)
+    if config.init_from:
+        from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(config.init_from)
+        ckpt_tok = load_tokenizer(ckpt)
+        if not tokenizers_match(ckpt_tok, data_tok):
+            raise ValueError(f"--init-from {ckpt} uses tokenizer {ckpt_tok.name!r} ({ckpt_tok.n_vocab} tokens) but "
+                             f"--data {info.path} was tokenized with {data_tok.name!r} ({data_tok.n_vocab} tokens); "
+                             "re-tokenize the data with the checkpoint's tokenizer")
+        mcfg = load_config(ckpt)
+        if seq_len > mcfg.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}; "
+                             f"set seq_len={mcfg.max_seq_len} or lower")
+        return Plan(info, seq_len, mcfg, ckpt)
+    return Plan(info, seq_len, model_config(config, data_tok.n_vocab, seq_len), None)
+
+
+def _builder(p: Plan):
+    """The model factory that runs on every worker (the loop seeds torch first, so ranks agree)."""
+    mcfg, init_from = p.model_cfg, p.init_from
+
+    def build() -> Transformer:
+        if init_from:
+            from models.checkpoint import load_checkpoint
+
+            return load_checkpoint(init_from)[0]
+        return Transformer(mcfg)
+
+    return build
+
+
+def datasets(p: Plan):
+    """(train, val) Ray Datasets of ``input_ids`` / ``labels`` rows; val is None when the split is empty."""
+    import ray.data
+
+    def read(path: str):
+        return ray.data.read_parquet(path, columns=[TOKENS]).map_batches(
+            lm_rows, fn_kwargs={"seq_len": p.seq_len}, batch_format="numpy")
+
+    val = read(p.info.val) if p.info.val_blocks > 0 and exists(p.info.val) else None
+    return read(p.info.train), val
+
+
+def run(config: PretrainConfig, address: str | None = None) -> FitResult:
+    from cluster.runtime import init_ray, use_gpu_default
+
+    p = plan(config)
+    init_ray(address)
+    tc = config.train
+    check_placement(tc, use_gpu_default() if tc.use_gpu is None else tc.use_gpu)
+    if config.overwrite and is_finished(config.out):
+        _clear_previous(config.out)
+    inputs = [config.data] + ([p.init_from] if p.init_from else [])
+    manifest = Manifest.begin("pretrain", config.out, config, inputs=inputs, overwrite=config.overwrite)
+    mc = p.model_cfg
+    log.info("pretrain: %.2fM params (dim %d, %d layers), seq_len %d, global batch %d rows, %d steps, %s x %d",
+             mc.num_params() / 1e6, mc.dim, mc.n_layers, p.seq_len, tc.global_rows(), tc.steps, tc.strategy,
+             tc.num_workers)
+    train_ds, val_ds = datasets(p)
+    result = fit(tc, _builder(p), train_ds, val_ds, config.out, export=hf_export(p.info.tokenizer))
+    tokens = result.steps * tc.global_rows() * p.seq_len
+    keep = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "grad_norm")
+    manifest.finish(counts={"steps": result.steps, "tokens": tokens, "train_blocks": p.info.train_blocks,
+                            "params": mc.num_params()},
+                    metrics={k: result.metrics[k] for k in keep if k in result.metrics})
+    return result
+
+
+def _clear_previous(out: str) -> None:
+    """--overwrite of a finished artifact: drop its checkpoints and metrics so the new run starts fresh."""
+    if "://" in out:
+        from pipelines.artifacts import filesystem
+
+        fs, base = filesystem(out)
+        fs.delete_dir_contents(base, missing_dir_ok=True)
+        return
+    for name in (RUNS_DIR, MODEL_DIR):
+        shutil.rmtree(Path(out, name), ignore_errors=True)
+    for name in ("metrics.jsonl", "metrics.csv", "loss_curve.png"):
+        Path(out, name).unlink(missing_ok=True)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------------
+def register(sub: argparse._SubParsersAction) -> None:
+    from cluster.cli import add_stage_parser
+
+    p = add_stage_parser(sub, "pretrain", "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)", {
+        "--data": ("data", {"help": "tokenized dataset folder (from `genloop data`)"}),
+        "--out": ("out", {"help": "artifact folder; the model lands in OUT/model"}),
+        "--model": ("model", {"help": "model preset for a fresh model (tiny, demo, gpt2-124m, llama-1b, llama-8b)"}),
+        "--init-from": ("init_from", {"help": "checkpoint (or pretrain artifact) to continue from: domain fine-tuning"}),
+        "--strategy": ("train.strategy", {"choices": ["ddp", "fsdp", "none"], "help": "data-parallel strategy"}),
+        "--num-workers": ("train.num_workers", {"type": int, "help": "Ray Train workers"}),
+        "--use-gpu": ("train.use_gpu", {"action": "store_const", "const": True,
+                                        "help": "one GPU per worker (default: GPUs if the cluster has them)"}),
+        "--steps": ("train.steps", {"type": int, "help": "optimizer steps"}),
+        "--seq-len": ("seq_len", {"type": int, "help": "tokens per row (default: the dataset's)"}),
+        "--overwrite": ("overwrite", {"action": "store_const", "const": True,
+                                      "help": "replace a finished artifact at --out"}),
+    }, description=__doc__.split("\n\n")[0])
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from cluster.cli import config_from_args
+
+    config = config_from_args(PretrainConfig, "pretrain", args)
+    result = run(config, address=args.address)
+    m = result.metrics
+    print(f"pretrain: {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
+          f"val_loss {m.get('val_loss', float('nan')):.4f} (ppl {m.get('val_ppl', float('nan')):.1f}), "
+          f"{m.get('tokens_per_s', 0):.0f} tokens/s, MFU {100 * m.get('mfu', 0):.1f}%")
+    print(f"model: {result.model_dir}")
+    return 0

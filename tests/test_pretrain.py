@@ -1,0 +1,104 @@
+"""`genloop pretrain`: the tokens -> (input_ids, labels) mapping, up-front errors on bad input, and a domain
+fine-tune from a checkpoint end to end through the CLI (HF folder that transformers loads, metrics, manifest)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.cli import main
+from pipelines.pretrain import PretrainConfig, lm_rows, model_config, plan, resolve_checkpoint
+from tests.conftest import stdlib_texts
+from tests.test_train_loop import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, tiny_tokenizer):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", tiny_tokenizer, stdlib_texts(12), seq_len=32)
+
+
+def test_lm_rows_shift_by_one_and_crop():
+    batch = {"tokens": np.array([np.arange(6), np.arange(10, 16)], dtype=object)}
+    out = lm_rows(batch, seq_len=4)
+    assert out["input_ids"].tolist() == [[0, 1, 2, 3], [10, 11, 12, 13]]
+    assert out["labels"].tolist() == [[1, 2, 3, 4], [11, 12, 13, 14]]
+
+
+def test_fresh_model_fits_tokenizer_and_seq_len():
+    cfg = model_config(PretrainConfig(model="tiny", model_overrides={"n_layers": 1}), n_vocab=1030, seq_len=512)
+    assert (cfg.vocab_size, cfg.n_layers, cfg.max_seq_len) == (1088, 1, 512)
+    with pytest.raises(ValueError, match="unknown model_overrides key 'layers'"):
+        model_config(PretrainConfig(model_overrides={"layers": 1}), 1030, 64)
+
+
+def test_init_from_accepts_checkpoint_or_artifact_folder(tmp_path, tiny_checkpoint):
+    assert resolve_checkpoint(str(tiny_checkpoint)) == str(tiny_checkpoint)
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        resolve_checkpoint(str(tmp_path))
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    return capsys.readouterr().err.strip()
+
+
+def test_bad_input_is_one_clear_line_before_anything_starts(tmp_path, capsys, tiny_data, tiny_checkpoint):
+    from models.tokenizer import train
+
+    out = str(tmp_path / "o")
+    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(tmp_path), "--out", out])
+    assert err.startswith("genloop pretrain: error: --data") and "not a genloop artifact" in err
+    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--out", out,
+                              "--seq-len", "64"])
+    assert "seq_len=64 is longer than the blocks" in err and "\n" not in err
+    other = make_dataset(tmp_path / "other", train(stdlib_texts(4), vocab_size=600), stdlib_texts(6), seq_len=32)
+    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(other), "--out", out,
+                              "--init-from", str(tiny_checkpoint)])
+    assert "--init-from" in err and "re-tokenize the data" in err
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_has_fails_up_front(ray_session, tmp_path, capsys, tiny_data):
+    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "o"),
+                              "--num-workers", "64", "train.micro_batch_size=1"])
+    assert "needs 64 CPUs but the Ray cluster has" in err and "--num-workers" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(ray_session, tmp_path, capsys, tiny_data,
+                                                                          tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from models.checkpoint import load_checkpoint
+
+    out = tmp_path / "domain"
+    argv = ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--init-from", str(tiny_checkpoint),
+            "--out", str(out), "--steps", "4", "train.lr=1e-4", "train.min_lr=1e-5", "train.eval_every=2", "train.ckpt_every=2"]
+    assert main(argv) == 0
+    assert "pretrain: 4 steps" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "finished" and m["counts"]["steps"] == 4 and m["metrics"]["val_loss"] > 0
+    assert [i["path"] for i in m["inputs"]] == [str(tiny_data), str(tiny_checkpoint)]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert (out / "loss_curve.png").exists() and (out / "metrics.csv").exists()
+
+    # the model changed (a little: lr 1e-4, 4 steps), and transformers computes the same logits as genloop
+    start, _ = load_checkpoint(tiny_checkpoint)
+    ours, tok = load_checkpoint(out / "model")
+    assert not torch.equal(start.model.layers[0].mlp.up_proj.weight, ours.model.layers[0].mlp.up_proj.weight)
+    hf = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([tok.encode("def main():\n    return 0\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+    # --init-from takes the artifact folder too; a finished artifact is not overwritten silently
+    assert plan(PretrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init_from=str(out))).init_from == \
+        str(out / "model")
+    err = _cli_error(capsys, argv)
+    assert "already holds a finished pretrain artifact" in err
