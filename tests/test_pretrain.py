@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cluster.cli import main
-from pipelines.pretrain import PretrainConfig, lm_rows, model_config, plan, resolve_checkpoint
+from models.checkpoint import CheckpointError, resolve_checkpoint
+from pipelines.pretrain import PretrainConfig, lm_rows, model_config, plan
 from tests.conftest import stdlib_texts
 from tests.test_train_loop import make_dataset
 
@@ -36,7 +37,7 @@ def test_fresh_model_fits_tokenizer_and_seq_len():
 
 def test_init_from_accepts_checkpoint_or_artifact_folder(tmp_path, tiny_checkpoint):
     assert resolve_checkpoint(str(tiny_checkpoint)) == str(tiny_checkpoint)
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
         resolve_checkpoint(str(tmp_path))
 
 
