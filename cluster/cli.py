@@ -52,6 +52,8 @@ def add_stage_parser(sub: argparse._SubParsersAction, name: str, help: str, flag
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="preset name in configs/ or a YAML file; its section for this stage is used")
     for opt, (key, kwargs) in flags.items():
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs = {"metavar": opt.lstrip("-").upper().replace("-", "_"), **kwargs}
         p.add_argument(opt, dest=f"flag__{key.replace('.', '__')}", default=None, **kwargs)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
     return p

@@ -33,6 +33,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in other directories); URIs and None unchanged."""
+    if not uri or "://" in uri:
+        return uri
+    return str(Path(uri).resolve())
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else str(Path(uri, *parts))
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from models.transformer import ModelConfig, Transformer, model_preset
-from pipelines.artifacts import Manifest, exists, is_finished
+from pipelines.artifacts import Manifest, absolute, exists, is_finished
 from pipelines.blocks import TOKENS, BlocksInfo, open_dataset
 from pipelines.train_loop import MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig, check_placement, fit, hf_export
 
@@ -165,6 +165,9 @@ def datasets(p: Plan):
 def run(config: PretrainConfig, address: str | None = None) -> FitResult:
     from cluster.runtime import init_ray, use_gpu_default
 
+    # Ray Train workers run in their own directories: hand them absolute paths
+    config = dataclasses.replace(config, data=absolute(config.data), out=absolute(config.out),
+                                 init_from=absolute(config.init_from))
     p = plan(config)
     init_ray(address)
     tc = config.train

@@ -445,13 +445,15 @@ def run(cfg: SftConfig, address: str | None = None) -> dict:
 
     from cluster.runtime import init_ray
     from models.checkpoint import load_checkpoint, load_config, load_tokenizer
-    from pipelines.artifacts import Manifest
+    from pipelines.artifacts import Manifest, absolute
     from pipelines.sft_data import train_path, val_path
     from pipelines.train_loop import fit
 
     for key in ("init_from", "data", "out"):
         if not getattr(cfg, key):
             raise ValueError(f"sft needs --{key.replace('_', '-')} (config key {key})")
+    # Ray Train workers run in their own directories: hand them absolute paths
+    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")})
     cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
     data_file = train_path(cfg.data) if Path(cfg.data).is_dir() else cfg.data
     if cfg.export in ("peft", "both") and cfg.lora.rank <= 0:

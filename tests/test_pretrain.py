@@ -72,14 +72,18 @@ def test_more_workers_than_the_cluster_has_fails_up_front(ray_session, tmp_path,
 
 @pytest.mark.slow
 def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(ray_session, tmp_path, capsys, tiny_data,
-                                                                          tiny_checkpoint):
+                                                                          tiny_checkpoint, monkeypatch):
+    import os
+
     from transformers import AutoModelForCausalLM
 
     from models.checkpoint import load_checkpoint
 
+    # relative paths, as a user types them: Ray Train workers run elsewhere and must still find them
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "domain"
-    argv = ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--init-from", str(tiny_checkpoint),
-            "--out", str(out), "--steps", "4", "train.lr=1e-4", "train.min_lr=1e-5", "train.eval_every=2", "train.ckpt_every=2"]
+    argv = ["pretrain", "--config", "tiny", "--data", os.path.relpath(tiny_data), "--init-from",
+            os.path.relpath(tiny_checkpoint), "--out", "domain", "--steps", "4", "train.lr=1e-4", "train.min_lr=1e-5", "train.eval_every=2", "train.ckpt_every=2"]
     assert main(argv) == 0
     assert "pretrain: 4 steps" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
