@@ -12,7 +12,6 @@ turn's header), ``messages`` the conversation as a list (null for plain completi
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+
+from serve.sqlite import open_db
 
 RATINGS = {"up": 1.0, "down": -1.0, "thumbs_up": 1.0, "thumbs_down": -1.0}
 
@@ -45,15 +46,13 @@ def rating_score(rating: Any) -> float:
 class FeedbackStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, "
-                             "messages TEXT, response TEXT, created REAL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, "
-                             "rejected_id TEXT, rating TEXT, score REAL, who TEXT, created REAL)")
+        self._db = open_db(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, messages TEXT, "
+            "response TEXT, created REAL)",
+            "CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, rejected_id TEXT, "
+            "rating TEXT, score REAL, who TEXT, created REAL)")
 
     def record_response(self, response_id: str, model: str, prompt: str, response: str,
                         messages: list[dict] | None = None) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from serve.sqlite import open_db
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +101,15 @@ class KnowledgeStore:
     def __init__(self, path: str | Path, chunk_chars: int = 600, chunk_overlap: int = 80,
                  max_document_chars: int = 1_000_000) -> None:
         self.path = store_path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.chunk_chars, self.chunk_overlap, self.max_document_chars = chunk_chars, chunk_overlap, max_document_chars
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, "
-                "n_chunks INTEGER, added_at REAL)")
-            self._db.execute(
-                "CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, "
-                "tokenize='unicode61')")
+        self._db = open_db(
+            self.path,
+            "PRAGMA synchronous=NORMAL",
+            "CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, "
+            "n_chunks INTEGER, added_at REAL)",
+            "CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, "
+            "tokenize='unicode61')")
 
     def close(self) -> None:
         with self._lock:

@@ -7,13 +7,13 @@ ranked by BM25 against the question (SQLite FTS5); when none match, the most rec
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from serve.knowledge import fts_query
+from serve.sqlite import open_db
 
 MAX_FACT_CHARS = 1000
 
@@ -32,15 +32,12 @@ def namespace(key_id: str, user: str) -> str:
 class MemoryStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS facts (id TEXT PRIMARY KEY, ns TEXT NOT NULL, fact TEXT NOT NULL,"
-                             " added_at REAL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS facts_ns ON facts(ns, added_at)")
-            self._db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(id UNINDEXED, ns UNINDEXED, fact)")
+        self._db = open_db(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS facts (id TEXT PRIMARY KEY, ns TEXT NOT NULL, fact TEXT NOT NULL, added_at REAL)",
+            "CREATE INDEX IF NOT EXISTS facts_ns ON facts(ns, added_at)",
+            "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(id UNINDEXED, ns UNINDEXED, fact)")
 
     def add(self, ns: str, fact: str) -> dict:
         if not isinstance(fact, str) or not fact.strip():
