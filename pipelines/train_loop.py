@@ -429,6 +429,7 @@ def train_worker(args: dict) -> None:
 
     _export(args, model, base, rank)
     if rank == 0:
+        write_metrics(args["out"], history)  # also when resumed at the last step (no new rows)
         plot_loss(args["out"], history, title=cfg.name)
 
 
