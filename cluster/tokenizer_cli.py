@@ -6,7 +6,6 @@ import argparse
 import glob
 import json
 import logging
-import sysconfig
 from pathlib import Path
 from typing import Iterator
 
@@ -16,8 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def default_corpus_files() -> list[str]:
-    """The embedded default corpus: this Python installation's standard-library sources."""
-    return sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "**" / "*.py"), recursive=True))
+    """The embedded default corpus's sources: the same stdlib listing the data stage uses (no site-packages)."""
+    from pipelines.data import stdlib_files
+
+    return stdlib_files([".py"])
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
