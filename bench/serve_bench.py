@@ -169,6 +169,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over all servers per level, interleaved; the best round counts (a shared machine "
                          "is noisy)")
+    ap.add_argument("--no-throughput-env", action="store_true",
+                    help="serve without Ray Serve's throughput settings (serve.app.THROUGHPUT_ENV), to measure them")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     n_reqs = [int(x) for x in args.requests.split(",")]
@@ -191,6 +193,7 @@ def main() -> int:
     try:
         cfg = ServeConfig(model=str(model), model_name="bench", knowledge=str(tmp / "state"), port=gport,
                           app_name="bench", rate_limit_per_minute=0, max_tokens_cap=max(256, args.max_tokens),
+                          throughput_optimized=not args.no_throughput_env,
                           engine=EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_gib=1),
                           generator=DeploymentOptions(num_cpus=1, max_ongoing_requests=256),
                           retriever=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256),

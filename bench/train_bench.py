@@ -2,7 +2,7 @@
 PyTorch loop (2 threads) on the same model, global batch and machine. Prints tokens/s of each; the LAST line is the
 ratio genloop / plain for DDP and FSDP2 (goal >= 0.9).
 
-    python bench/train_bench.py [--model demo] [--steps 25] [--micro 8] [--seq 256] [--vocab 8192]
+    python bench/train_bench.py [--model demo] [--steps 25] [--micro 8] [--seq 256] [--vocab 2048]
 
 Both sides run the same global batch per optimizer step (2 x micro rows of seq tokens), AdamW, clipping and the
 token-mean cross-entropy. Throughput skips the first log window (warm-up) on both sides.
@@ -48,7 +48,8 @@ def plain_loop(build, blocks: np.ndarray, micro_rows: int, steps: int, warmup: i
     return tokens / (time.perf_counter() - t0)
 
 
-def genloop_loop(build, blocks: np.ndarray, strategy: str, micro: int, steps: int, warmup: int) -> float:
+def genloop_loop(build, blocks: np.ndarray, strategy: str, micro: int, steps: int, warmup: int,
+                 reshard: str = "default") -> float:
     """tokens/s of ``fit`` with 2 workers x 1 thread (mean over log windows after the warm-up window)."""
     import ray.data
 
@@ -58,7 +59,7 @@ def genloop_loop(build, blocks: np.ndarray, strategy: str, micro: int, steps: in
     ds = ds.zip(ray.data.from_numpy(blocks[:, 1:].astype(np.int32)).rename_columns({"data": "labels"}))
     cfg = TrainLoopConfig(steps=warmup + steps, micro_batch_size=micro, lr=1e-3, warmup_steps=1, strategy=strategy,
                           num_workers=2, cpus_per_worker=1, log_every=warmup, eval_every=10**9, ckpt_every=0,
-                          name=f"bench-{strategy}", progress=False)
+                          name=f"bench-{strategy}", progress=False, fsdp_reshard_after_forward=reshard)
     with tempfile.TemporaryDirectory() as out:
         r = fit(cfg, build, ds, None, out)
     windows = [h["tokens_per_s"] for h in r.history if "tokens_per_s" in h][1:]  # drop the warm-up window
@@ -72,8 +73,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--micro", type=int, default=8, help="rows per worker per step (plain loop: 2x this)")
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--only", choices=["ddp", "fsdp"], default=None)
+    ap.add_argument("--fsdp-reshard", choices=["default", "always", "never"], default="default",
+                    help="train.fsdp_reshard_after_forward for the FSDP2 run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -96,7 +99,7 @@ def main() -> None:
     init_ray()
     ratios = {}
     for strategy in ([args.only] if args.only else ["ddp", "fsdp"]):
-        tps = genloop_loop(build, blocks, strategy, args.micro, args.steps, args.warmup)
+        tps = genloop_loop(build, blocks, strategy, args.micro, args.steps, args.warmup, args.fsdp_reshard)
         ratios[strategy] = tps / plain
         print(f"genloop Ray Train {strategy}, 2 workers x 1 thread: {tps:.0f} tokens/s ({tps / plain:.2f}x)")
     print("ratio genloop/plain tokens/s: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))

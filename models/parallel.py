@@ -40,11 +40,15 @@ def compile_blocks(model: Transformer) -> None:
 
 
 def wrap_model(model: Transformer, strategy: Strategy, device: torch.device, activation_checkpointing: bool = False,
-               compile: bool = False, mixed_precision: bool | None = None) -> nn.Module:
+               compile: bool = False, mixed_precision: bool | None = None,
+               reshard_after_forward: Literal["default", "always", "never"] = "default") -> nn.Module:
     """The module to train: ``model`` moved to ``device`` and wrapped for ``strategy``.
 
     ``fsdp``: ``fully_shard`` each transformer block, then the root (embeddings, final norm, tied head);
     ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` when ``mixed_precision`` (default: on CUDA).
+    ``reshard_after_forward`` (torchtitan's policy): ``default`` frees every block's gathered parameters after its
+    forward except the last one's (needed at once by backward); ``never`` keeps them until backward (one all-gather
+    per block per step instead of two, at the memory of the full model: ZeRO-2); ``always`` frees all.
     ``ddp``: ``DistributedDataParallel`` (device_ids on CUDA). ``none``: the bare model.
     """
     if strategy != "none" and not (dist.is_available() and dist.is_initialized()):
@@ -62,9 +66,13 @@ def wrap_model(model: Transformer, strategy: Strategy, device: torch.device, act
         if mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         model.to(device)
-        for block in model.model.layers:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+        layers = list(model.model.layers)
+        for i, block in enumerate(layers):
+            # the last block's parameters are needed again as soon as backward starts: keep them gathered
+            # (torchtitan's default policy), saving one all-gather per step
+            keep = reshard_after_forward == "never" or (reshard_after_forward == "default" and i == len(layers) - 1)
+            fully_shard(block, reshard_after_forward=not keep, **kwargs)
+        fully_shard(model, reshard_after_forward=reshard_after_forward != "never", **kwargs)
         return model
     model.to(device)
     if strategy == "ddp":

@@ -63,7 +63,9 @@ class ModelConfig:
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=192, max_seq_len=128),
-    "demo": ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=704, max_seq_len=256),
+    # demo: sized for a 2-core CPU and ~7 minutes (more steps of a smaller model beat fewer of a bigger one there);
+    # head_dim 32 is one vLLM's CPU attention supports
+    "demo": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_hidden=512, max_seq_len=256),
     "gpt2-124m": ModelConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden=2048, vocab_size=50304,
                              max_seq_len=1024),
     "llama-1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256,

@@ -247,6 +247,16 @@ def parses_as_python(text: str) -> bool:
         return False
 
 
+def writes_function(text: str) -> bool:
+    """The parse-rate test for code-writing prompts: the answer (or its first ``` fence) parses with ``ast.parse``
+    AND defines a function. Parsing alone is too weak: a pretrained model's comment lines or bare imports parse too."""
+    m = _FENCE.search(text)
+    code = m.group(1) if m else text
+    if not parses_as_python(code):
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(ast.parse(code)))
+
+
 def greedy_cached(model: Any, prompt: Sequence[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
     """Greedy decoding with a per-layer KV cache, built from the model's own modules (same maths as
     ``Transformer.forward``; tests check it returns ``models.transformer.generate``'s tokens). For plain (unsharded)
@@ -312,7 +322,7 @@ def generate_answers(model: Any, tok: Any, fmt: ChatFormat, prompts: Sequence[Se
 @dataclass
 class EvalReport:
     answer_loss: float
-    parse_rate: float | None  # share of generated answers to code-writing prompts that parse; None without any
+    parse_rate: float | None  # share of answers to code-writing prompts that parse and define a function (None: none)
     samples: list[dict]  # [{"prompt", "reference", "generated"}]
 
 
@@ -321,7 +331,7 @@ def evaluate(model: Any, tok: Any, fmt: ChatFormat, val_rows: dict[str, np.ndarr
     """Held-out answer loss plus greedy answers to ``prompts`` = [(prompt messages, reference, is_code_task)]."""
     loss = heldout_answer_loss(model, val_rows)
     gens = generate_answers(model, tok, fmt, [p for p, _, _ in prompts], max_new_tokens)
-    code = [parses_as_python(g) for g, (_, _, is_code) in zip(gens, prompts) if is_code]
+    code = [writes_function(g) for g, (_, _, is_code) in zip(gens, prompts) if is_code]
     samples = [{"prompt": p[-1]["content"], "reference": ref, "generated": g} for (p, ref, _), g in zip(prompts, gens)]
     return EvalReport(loss, (sum(code) / len(code)) if code else None, samples)
 
@@ -415,7 +425,7 @@ class StepEval:
         fmt = ChatFormat.from_checkpoint(self.init_from)
         gens = generate_answers(unwrap(model), tok, fmt, [p for p, _, _ in self.prompts], self.max_new_tokens,
                                 cached=False)
-        code = [parses_as_python(g) for g, (_, _, is_code) in zip(gens, self.prompts) if is_code]
+        code = [writes_function(g) for g, (_, _, is_code) in zip(gens, self.prompts) if is_code]
         if gens:
             log.info("step %d sample: %r -> %r", step, self.prompts[0][0][-1]["content"][:80], gens[0][:120])
         return {"parse_rate": sum(code) / len(code)} if code else {}

@@ -17,12 +17,13 @@ the same length T.
 * Loss: token-mean cross-entropy over ``labels != -100`` across the WHOLE global batch (micro-batches x accumulation x
   workers). Each rank sums its token losses; the divisor is the global token count (an all-reduce SUM per step), and
   the loss is multiplied by the world size because DDP/FSDP2 average gradients. So 2 workers == 1 process.
-* Data order: global batch ``g`` is rows ``[g*B, (g+1)*B)`` of the dataset (B = micro x accum x workers); each
-  epoch visits the global batches in an order that is a function of ``seed + epoch`` (``shuffle``); rank r takes
-  rows ``g*B + r*A + [0, A)`` (A = micro x accum). Every rank runs the same number of steps, the order does not
-  depend on the number of workers, and a resumed run continues at the checkpoint's step with nothing repeated or
-  skipped. Each worker reads the dataset in order (``preserve_order``) and keeps only its own rows in memory
-  (1/workers of the split).
+* Data order: with ``shuffle``, the rows are first put in a fixed order that is a seeded permutation of the
+  dataset (``row_positions``: consecutive blocks of one document land in different global batches); global batch
+  ``g`` is positions ``[g*B, (g+1)*B)`` of that order (B = micro x accum x workers); each epoch visits the global
+  batches in an order that is a function of ``seed + epoch``; rank r takes positions ``g*B + r*A + [0, A)`` (A =
+  micro x accum). Every rank runs the same number of steps, the order does not depend on the number of workers, and
+  a resumed run continues at the checkpoint's step with nothing repeated or skipped. Each worker reads the dataset
+  in order (``preserve_order``) and keeps only its own rows in memory (1/workers of the split).
 * Only parameters with ``requires_grad`` are optimised (AdamW, fused on CUDA; weight decay on matrices only),
   warmup + cosine to ``min_lr``, clipping, accumulation, fixed seed.
 * Checkpoints every ``ckpt_every`` steps and at the end via ``ray.train.report(checkpoint=...)``: a torch distributed
@@ -93,6 +94,7 @@ class TrainLoopConfig:
     cpus_per_worker: int = 1  # also the torch threads per worker on CPU
     activation_checkpointing: bool = False
     compile: bool = False
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"  # see models.parallel.wrap_model
     max_failures: int = 0
     name: str = "train"
     progress: bool = True
@@ -139,11 +141,26 @@ def batch_order(n_batches: int, seed: int, epoch: int, shuffle: bool) -> np.ndar
     return np.random.default_rng([seed, epoch]).permutation(n_batches)
 
 
-def rank_row_mask(n_rows: int, global_rows: int, rank: int, rows_per_rank: int) -> np.ndarray:
-    """Which dataset rows rank ``rank`` keeps: ``g*B + rank*A + [0, A)`` of every complete global batch g."""
-    idx = np.arange(n_rows)
-    within = idx % global_rows
-    return (idx < (n_rows // global_rows) * global_rows) & (within >= rank * rows_per_rank) & (
+def row_positions(n_rows: int, seed: int, shuffle: bool) -> np.ndarray:
+    """``pos[i]``: the place of dataset row ``i`` in the loop's fixed row order (a function of seed and n_rows).
+
+    Blocks from the data stage are consecutive pieces of the same documents; a seeded permutation spreads them over
+    global batches (nanoGPT samples random offsets for the same reason). Identity without ``shuffle``."""
+    if not shuffle:
+        return np.arange(n_rows)
+    perm = np.random.default_rng([seed, n_rows]).permutation(n_rows)  # perm[p] = the row at place p
+    pos = np.empty(n_rows, dtype=np.int64)
+    pos[perm] = np.arange(n_rows)
+    return pos
+
+
+def rank_row_mask(n_rows: int, global_rows: int, rank: int, rows_per_rank: int,
+                  positions: np.ndarray | None = None) -> np.ndarray:
+    """Which dataset rows rank ``rank`` keeps: places ``g*B + rank*A + [0, A)`` of every complete global batch g
+    (place = ``positions[row]``, default the row index itself)."""
+    pos = np.arange(n_rows) if positions is None else positions[:n_rows]
+    within = pos % global_rows
+    return (pos < (len(pos) // global_rows) * global_rows) & (within >= rank * rows_per_rank) & (
         within < (rank + 1) * rows_per_rank)
 
 
@@ -274,16 +291,29 @@ def latest_checkpoint_dir(run_dir: str) -> str | None:
 
 # ---- data on a worker ----------------------------------------------------------------------------------------------
 def load_rank_rows(source: Any, global_rows: int, rank: int, rows_per_rank: int,
-                   limit: int | None = None) -> dict[str, np.ndarray]:
-    """Read ``source`` (Dataset or DataIterator) in order, keeping this rank's rows: {column: (N_rank, T) int64}."""
+                   limit: int | None = None, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Read ``source`` (Dataset or DataIterator) in order, keeping this rank's rows in the order of their places
+    (``positions``, see ``row_positions``; default: dataset order): {column: (N_rank, T) int64}."""
     kept: dict[str, list[np.ndarray]] = {}
+    places: list[np.ndarray] = []
     seen = 0
+    if positions is None and limit is not None:
+        positions = np.arange(limit)
+    n_all = len(positions) if positions is not None else None
+    # complete global batches are judged against the whole count, not the rows seen so far
+    full_mask = rank_row_mask(n_all, global_rows, rank, rows_per_rank, positions) if n_all is not None else None
     for batch in source.iter_batches(batch_size=1024, batch_format="numpy"):
         cols = {k: _stack(v) for k, v in batch.items() if k in COLUMNS}
         n = len(cols["input_ids"])
         if limit is not None:
             n = min(n, max(0, limit - seen))
-        mask = rank_row_mask(seen + n, global_rows, rank, rows_per_rank)[seen:seen + n]
+        if n_all is not None and seen + n > n_all:
+            raise ValueError(f"the dataset yielded more rows than the {n_all} it counted; was it changed while "
+                             "training started?")
+        pos = np.arange(seen, seen + n) if positions is None else positions[seen:seen + n]
+        mask = full_mask[seen:seen + n] if full_mask is not None else \
+            rank_row_mask(seen + n, global_rows, rank, rows_per_rank)[seen:seen + n]
+        places.append(pos[mask])
         for k, v in cols.items():
             kept.setdefault(k, []).append(v[:n][mask])
         seen += n
@@ -291,7 +321,8 @@ def load_rank_rows(source: Any, global_rows: int, rank: int, rows_per_rank: int,
             break
     if not kept:
         return {}
-    return {k: np.concatenate(v).astype(np.int64) for k, v in kept.items()}
+    order = np.argsort(np.concatenate(places), kind="stable")
+    return {k: np.concatenate(v).astype(np.int64)[order] for k, v in kept.items()}
 
 
 def _stack(col: np.ndarray) -> np.ndarray:
@@ -341,7 +372,9 @@ def train_worker(args: dict) -> None:
 
     A = cfg.micro_batch_size * cfg.grad_accum
     B = A * world
-    rows = load_rank_rows(session.train_rows(), B, rank, A)
+    n_rows = args.get("n_train_rows")
+    positions = row_positions(n_rows, cfg.seed, cfg.shuffle) if n_rows is not None else None
+    rows = load_rank_rows(session.train_rows(), B, rank, A, positions=positions)
     n_batches = len(rows.get("input_ids", ())) // A
     if n_batches == 0:
         raise ValueError(f"the training split has fewer rows than one global batch ({B} = micro_batch_size "
@@ -351,7 +384,8 @@ def train_worker(args: dict) -> None:
 
     model = args["build_model"]()
     base: Transformer = model
-    model = wrap_model(model, cfg.strategy, device, cfg.activation_checkpointing, cfg.compile)
+    model = wrap_model(model, cfg.strategy, device, cfg.activation_checkpointing, cfg.compile,
+                       reshard_after_forward=cfg.fsdp_reshard_after_forward)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -535,7 +569,7 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], Transformer], train_ds, 
     cfg.validate()
     run_dir = join(out, RUNS_DIR)
     args = {"cfg": cfg, "build_model": build_model, "out": out, "export": export, "eval_hook": eval_hook,
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "n_train_rows": train_ds.count()}
     if in_process:
         if cfg.num_workers != 1 or cfg.strategy != "none":
             raise ValueError("in_process=True runs one process: set train.num_workers=1 and train.strategy=none")
@@ -586,6 +620,11 @@ def _fit_ray(cfg: TrainLoopConfig, args: dict, train_ds, val_ds, run_dir: str) -
         # a re-run after the whole job died: workers start from here unless Ray Train hands them a newer one
         log.info("resuming from %s (re-run of %s)", latest, cfg.name)
         args = {**args, "resume_dir": latest}
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # the workers' reads would each draw bars for minutes; the loop has its own
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={**args, "cfg": cfg},
@@ -598,7 +637,10 @@ def _fit_ray(cfg: TrainLoopConfig, args: dict, train_ds, val_ds, run_dir: str) -
         # every worker reads the whole split in order and keeps its own rows (see the module docstring)
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        ctx.enable_progress_bars = bars
     if result.error:
         raise result.error
     return result.checkpoint.path if result.checkpoint else None

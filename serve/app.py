@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 # config
 
 
+# Ray Serve's own throughput settings (those of RAY_SERVE_THROUGHPUT_OPTIMIZED, minus direct ingress and gRPC
+# transport, which change how clients and replicas connect): user code and the handle's router run on the replica's
+# event loop instead of extra threads/loops, request-path logs are buffered. On a small CPU every thread hop per
+# streamed piece costs; bench/serve_bench.py measures the difference (`serve.throughput_optimized=false`).
+THROUGHPUT_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+
+
 @dataclass
 class DeploymentOptions:
     """One deployment's scale and resources. ``autoscaling`` (Ray Serve ``autoscaling_config``: min_replicas,
@@ -65,9 +76,11 @@ class DeploymentOptions:
     num_gpus: float = 0.0
     max_ongoing_requests: int = 64
 
-    def serve_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-                                "max_ongoing_requests": self.max_ongoing_requests}
+    def serve_options(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if env:
+            actor["runtime_env"] = {"env_vars": dict(env)}
+        opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests}
         if self.autoscaling:
             opts["autoscaling_config"] = dict(self.autoscaling)
         else:
@@ -93,6 +106,9 @@ class ServeConfig:
     default_max_tokens: int = 128
     rate_limit_per_minute: int = 600  # per API key (or client address without keys), per ingress replica; 0: off
     access_log: bool = False  # Ray Serve's per-request log lines (costly on a small CPU)
+    throughput_optimized: bool = True  # THROUGHPUT_ENV in every replica (and the proxy, when this starts Ray)
+    stream_messages_per_s: float = 50.0  # per generator replica, shared by its streams (0: a message per step)
+    max_stream_interval_ms: float = 250.0  # the longest a streamed piece waits for more tokens
     rag_top_k: int = 3
     memory_top_k: int = 3
     chunk_chars: int = 600
@@ -143,23 +159,35 @@ def context_length(cfg: ServeConfig) -> int:
 class Generator:
     """Holds one vLLM ``AsyncLLM`` (CUDA build on GPUs, CPU build here); token ids in, token id deltas out."""
 
-    def __init__(self, model: str, engine: EngineConfig) -> None:
+    def __init__(self, model: str, engine: EngineConfig, stream_messages_per_s: float = 0.0,
+                 max_stream_interval_ms: float = 250.0) -> None:
         import os
 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM's first import in this replica
         from models.engine import make_async_engine
 
         self.engine = make_async_engine(model, engine)
+        self.rate = stream_messages_per_s
+        self.max_interval = max_stream_interval_ms / 1000.0
+        self.active = 0  # requests streaming now
+
+    def _interval(self) -> float:
+        """Seconds between a stream's pieces: the replica's message budget shared by its active streams."""
+        return min(self.max_interval, self.active / self.rate) if self.rate > 0 else 0.0
 
     async def generate(self, prompt_ids: list[int], params: dict[str, Any], request_id: str
                        ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Streams ``(new_ids, finish_reason)``; ``params`` are ``models.engine.streaming_params`` keyword args."""
+        """Streams ``(new_ids, finish_reason)``; ``params`` are ``models.engine.streaming_params`` keyword args.
+
+        Pieces are coalesced: the first goes out at once (time to first token), the last as soon as the request
+        finishes, and in between each stream sends at most one piece per interval = active streams /
+        ``stream_messages_per_s`` (capped at ``max_stream_interval_ms``): the engine's steps in between are merged.
+        One stream alone sends nearly every token; 32 streams send a few tokens per piece, so the Ray messages per
+        second stay bounded and the CPU goes to generating, not to moving single tokens between processes."""
         from models.engine import stream_ids, streaming_params
 
-        # Adaptive coalescing: while one piece is on its way to the ingress, the engine's next steps queue up here
-        # and go out together as one piece. No delay is added (an idle stream sends every step at once), but under
-        # load there are fewer, larger Ray messages.
         queue: asyncio.Queue = asyncio.Queue()
+        ended = asyncio.Event()
 
         async def pump() -> None:
             try:
@@ -168,11 +196,19 @@ class Generator:
                 queue.put_nowait(None)
             except Exception as e:  # noqa: BLE001  (re-raised in the consumer)
                 queue.put_nowait(e)
+            ended.set()
 
         task = asyncio.create_task(pump())
+        self.active += 1
         try:
-            done = False
+            done, first = False, True
             while not done:
+                interval = self._interval()
+                if not first and interval > 0 and not ended.is_set():
+                    try:  # gather the steps of one interval; wake early when the request ends
+                        await asyncio.wait_for(ended.wait(), interval)
+                    except asyncio.TimeoutError:
+                        pass
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
@@ -187,8 +223,10 @@ class Generator:
                         ids += it[0]
                         finish = it[1] or finish
                 if ids or finish:
+                    first = False
                     yield ids, finish
         finally:
+            self.active -= 1
             task.cancel()  # consumer gone or done: cancelling the pump aborts the request in vLLM
 
     async def check_health(self) -> None:
@@ -246,6 +284,7 @@ class Ingress:
         from models.checkpoint import load_tokenizer
 
         self.generator, self.retriever, self.feedback = generator, retriever, feedback
+        self.gen_stream = generator.options(stream=True)  # one streaming handle, not one per request
         self.cfg, self.key_hashes = cfg, key_hashes
         self.tok = load_tokenizer(cfg.model)
         self.fmt = ChatFormat.from_checkpoint(cfg.model)
@@ -302,7 +341,7 @@ class Ingress:
     async def _run(self, prompt_ids: list[int], params: dict, rid: str, stream: TextStream
                    ) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish_reason) pieces; ends the engine request early when a stop string appears."""
-        gen = self.generator.options(stream=True).generate.remote(prompt_ids, params, rid)
+        gen = self.gen_stream.generate.remote(prompt_ids, params, rid)
         finish = None
         try:
             async for new_ids, fin in gen:
@@ -552,11 +591,13 @@ def build_app(cfg: ServeConfig):
                   knowledge=knowledge,
                   memory_db=memory_db, feedback_db=feedback_db)
     keys = load_api_keys(cfg.api_key_file) if cfg.api_key_file else frozenset()
-    generator = Generator.options(**cfg.generator.serve_options()).bind(cfg.model, cfg.engine)
-    retriever = RetrieverServer.options(**cfg.retriever.serve_options()).bind(
+    env = THROUGHPUT_ENV if cfg.throughput_optimized else None
+    generator = Generator.options(**cfg.generator.serve_options(env)).bind(cfg.model, cfg.engine, cfg.stream_messages_per_s,
+                                                                     cfg.max_stream_interval_ms)
+    retriever = RetrieverServer.options(**cfg.retriever.serve_options(env)).bind(
         knowledge, memory_db, cfg.chunk_chars, cfg.chunk_overlap, cfg.max_document_chars)
-    feedback = FeedbackServer.options(**cfg.feedback.serve_options()).bind(feedback_db)
-    return Ingress.options(**cfg.ingress.serve_options()).bind(generator, retriever, feedback, cfg, keys)
+    feedback = FeedbackServer.options(**cfg.feedback.serve_options(env)).bind(feedback_db)
+    return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys)
 
 
 def app_builder(args: dict[str, Any]):
@@ -574,6 +615,11 @@ def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False) 
     from cluster.runtime import init_ray
 
     app = build_app(cfg)
+    if cfg.throughput_optimized:
+        import os
+
+        for k, v in THROUGHPUT_ENV.items():  # reaches the HTTP proxy when the Ray started below is a local one
+            os.environ.setdefault(k, v)
     init_ray(address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking,

@@ -12,7 +12,8 @@ import torch
 
 from models.chat import ChatFormat, encode_chat
 from pipelines.sft import (IGNORE, Sample, encode_samples, heldout_answer_loss, pack_bins, packed_rows, padded_rows,
-                           parse_record, parses_as_python, read_conversations, to_sample)
+                           parse_record, parses_as_python, read_conversations, to_sample,
+                           writes_function)
 from pipelines.sft_data import SftDataConfig, build, run, val_path
 
 MODULE = '''
@@ -165,6 +166,13 @@ def test_parses_as_python():
     assert parses_as_python("Here:\n```python\nx = 1\n```\nmore")
     assert not parses_as_python("def f(x:\n  return")
     assert not parses_as_python("   ")
+
+
+def test_writes_function_needs_a_def_that_parses():
+    assert writes_function("def f(x):\n    return x")
+    assert writes_function("Sure:\n```python\nasync def g():\n    pass\n```")
+    assert not writes_function("# a comment that parses\nfrom os import path")  # parses, writes nothing
+    assert not writes_function("def f(x):\n    return (")
     assert not np.isnan(0.0)
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.train_loop import (TrainLoopConfig, batch_order, fit, hf_export, lr_at, rank_row_mask,
+from pipelines.train_loop import (TrainLoopConfig, batch_order, fit, hf_export, load_rank_rows, lr_at, rank_row_mask,
+                                  row_positions,
                                   token_loss_sum)
 
 
@@ -77,6 +78,36 @@ def test_rank_rows_partition_each_global_batch():
     r0 = np.flatnonzero(rank_row_mask(10, 4, 0, 2))
     r1 = np.flatnonzero(rank_row_mask(10, 4, 1, 2))
     assert list(r0) == [0, 1, 4, 5] and list(r1) == [2, 3, 6, 7]
+
+
+class _Rows:
+    """A stand-in for a Ray DataIterator: rows 0..n-1 in chunks (the loop only calls iter_batches)."""
+
+    def __init__(self, n: int, chunk: int = 7) -> None:
+        self.n, self.chunk = n, chunk
+
+    def iter_batches(self, batch_size, batch_format):
+        for lo in range(0, self.n, self.chunk):
+            ids = np.arange(lo, min(self.n, lo + self.chunk))
+            yield {"input_ids": ids[:, None].repeat(3, 1), "labels": ids[:, None].repeat(3, 1)}
+
+
+def test_shuffled_rows_make_the_same_global_batches_whatever_the_worker_count():
+    n, seed = 50, 4
+    pos = row_positions(n, seed, shuffle=True)
+    assert sorted(pos) == list(range(n)) and (pos == row_positions(n, seed, True)).all()
+    assert (row_positions(n, seed, shuffle=False) == np.arange(n)).all()
+    # one process taking 4-row global batches vs two ranks taking 2 rows each: the same rows per global batch
+    one = load_rank_rows(_Rows(n), 4, 0, 4, positions=pos)["input_ids"][:, 0]
+    r0 = load_rank_rows(_Rows(n), 4, 0, 2, positions=pos)["input_ids"][:, 0]
+    r1 = load_rank_rows(_Rows(n), 4, 1, 2, positions=pos)["input_ids"][:, 0]
+    assert len(one) == 48 and len(r0) == len(r1) == 24
+    for g in range(12):
+        assert list(one[4 * g:4 * g + 4]) == list(r0[2 * g:2 * g + 2]) + list(r1[2 * g:2 * g + 2])
+    # shuffled: a global batch is not a run of consecutive rows (consecutive blocks of one document)
+    assert sum(list(one[4 * g:4 * g + 4]) == list(range(one[4 * g], one[4 * g] + 4)) for g in range(12)) < 2
+    with pytest.raises(ValueError, match="more rows"):
+        load_rank_rows(_Rows(n + 1), 4, 0, 4, positions=pos)
 
 
 def test_token_loss_sum_ignores_masked_labels():
