@@ -15,8 +15,8 @@ loss), optional ``position_ids`` and ``doc_ids`` (packed samples; both go to ``T
 the same length T.
 
 * Loss: token-mean cross-entropy over ``labels != -100`` across the WHOLE global batch (micro-batches x accumulation x
-  workers). Each rank sums its token losses; the divisor is the global token count (an all-reduce SUM per step), and
-  the loss is multiplied by the world size because DDP/FSDP2 average gradients. So 2 workers == 1 process.
+  workers). Each rank sums its token losses; the divisor is the global token count (every global batch's count is
+  summed over ranks once, at the start: one all-reduce SUM, none per step), and the loss is multiplied by the world size because DDP/FSDP2 average gradients. So 2 workers == 1 process.
 * Data order: with ``shuffle``, the rows are first put in a fixed order that is a seeded permutation of the
   dataset (``row_positions``: consecutive blocks of one document land in different global batches); global batch
   ``g`` is positions ``[g*B, (g+1)*B)`` of that order (B = micro x accum x workers); each epoch visits the global
@@ -381,6 +381,9 @@ def train_worker(args: dict) -> None:
                          f"{cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x workers {world}); lower them")
     val_rows = _load_val(session, cfg, rank, world)
     seq_len = rows["input_ids"].shape[1]
+    # counted tokens of every global batch, summed over ranks once here instead of a blocking all-reduce per step
+    local_counts = (rows["labels"][:n_batches * A] != IGNORE).reshape(n_batches, -1).sum(axis=1)  # (n_batches,)
+    batch_tokens = _all_sum(local_counts.tolist(), device, world)
 
     model = args["build_model"]()
     base: Transformer = model
@@ -418,8 +421,7 @@ def train_worker(args: dict) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        local_tokens = int((rows["labels"][g * A:(g + 1) * A] != IGNORE).sum())
-        global_tokens = max(1.0, _all_sum([local_tokens], device, world)[0])
+        global_tokens = max(1.0, batch_tokens[g])
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for k in range(cfg.grad_accum):
             lo = g * A + k * cfg.micro_batch_size
@@ -433,12 +435,12 @@ def train_worker(args: dict) -> None:
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = _all_sum([float(loss_sum)], device, world)[0] / global_tokens
         tok_window += B * seq_len
         done = step + 1
 
         row: dict[str, Any] = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or done == cfg.steps:  # the global loss: one all-reduce per log step only
+            loss = _all_sum([float(loss_sum)], device, world)[0] / global_tokens
             dt = time.perf_counter() - t_window
             tps = tok_window / dt
             row.update(step=done, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps,
@@ -454,7 +456,7 @@ def train_worker(args: dict) -> None:
             if rank == 0:
                 write_metrics(args["out"], history)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}", refresh=False)
+            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", tok_s=f"{last.get('tokens_per_s', 0):.0f}", refresh=False)
             bar.update(1)
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
             _save_and_report(session, model, opt, done, history, last)
