@@ -23,8 +23,8 @@ T = TypeVar("T")
 # subcommand -> (module with register(), one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": ("cluster.tokenizer_cli", "train a BPE tokenizer (tiktoken format) or inspect one"),
-    "data": ("pipelines.data", "clean, deduplicate and tokenize corpora into training blocks (Ray Data)"),
-    "pretrain": ("pipelines.pretrain", "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)"),
+    "data": ("pipelines.data_cli", "clean, deduplicate and tokenize corpora into training blocks (Ray Data)"),
+    "pretrain": ("pipelines.pretrain_cli", "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)"),
     "sft-data": ("pipelines.sft_data", "build an instruction set from a code corpus"),
     "sft": ("pipelines.sft", "instruction fine-tuning (loss on answers only, optional LoRA)"),
     "serve": ("serve.app", "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"),
