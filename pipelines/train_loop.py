@@ -293,27 +293,28 @@ def latest_checkpoint_dir(run_dir: str) -> str | None:
 def load_rank_rows(source: Any, global_rows: int, rank: int, rows_per_rank: int,
                    limit: int | None = None, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Read ``source`` (Dataset or DataIterator) in order, keeping this rank's rows in the order of their places
-    (``positions``, see ``row_positions``; default: dataset order): {column: (N_rank, T) int64}."""
+    (``positions``, see ``row_positions``; without them: the first ``limit`` rows in dataset order):
+    {column: (N_rank, T) int64}."""
     kept: dict[str, list[np.ndarray]] = {}
     places: list[np.ndarray] = []
     seen = 0
-    if positions is None and limit is not None:
+    if positions is None:
+        if limit is None:
+            raise ValueError("load_rank_rows needs the rows' positions (row_positions) or a row limit")
         positions = np.arange(limit)
-    n_all = len(positions) if positions is not None else None
+    n_all = len(positions)
     # complete global batches are judged against the whole count, not the rows seen so far
-    full_mask = rank_row_mask(n_all, global_rows, rank, rows_per_rank, positions) if n_all is not None else None
+    full_mask = rank_row_mask(n_all, global_rows, rank, rows_per_rank, positions)
     for batch in source.iter_batches(batch_size=1024, batch_format="numpy"):
         cols = {k: _stack(v) for k, v in batch.items() if k in COLUMNS}
         n = len(cols["input_ids"])
         if limit is not None:
             n = min(n, max(0, limit - seen))
-        if n_all is not None and seen + n > n_all:
+        if seen + n > n_all:
             raise ValueError(f"the dataset yielded more rows than the {n_all} it counted; was it changed while "
                              "training started?")
-        pos = np.arange(seen, seen + n) if positions is None else positions[seen:seen + n]
-        mask = full_mask[seen:seen + n] if full_mask is not None else \
-            rank_row_mask(seen + n, global_rows, rank, rows_per_rank)[seen:seen + n]
-        places.append(pos[mask])
+        mask = full_mask[seen:seen + n]
+        places.append(positions[seen:seen + n][mask])
         for k, v in cols.items():
             kept.setdefault(k, []).append(v[:n][mask])
         seen += n
@@ -372,8 +373,7 @@ def train_worker(args: dict) -> None:
 
     A = cfg.micro_batch_size * cfg.grad_accum
     B = A * world
-    n_rows = args.get("n_train_rows")
-    positions = row_positions(n_rows, cfg.seed, cfg.shuffle) if n_rows is not None else None
+    positions = row_positions(args["n_train_rows"], cfg.seed, cfg.shuffle)
     rows = load_rank_rows(session.train_rows(), B, rank, A, positions=positions)
     n_batches = len(rows.get("input_ids", ())) // A
     if n_batches == 0:
