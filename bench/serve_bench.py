@@ -7,7 +7,7 @@ to first token, 5xx count. Each level has a hard time limit; the
 whole run aborts on any 5xx. Both servers run on this machine side by side (each idle while the other is measured),
 on 127.0.0.1 only.
 
-    python bench/serve_bench.py [--model CKPT] [--levels 1,8,32] [--requests 8,32,64] [--max-tokens 32]
+    python bench/serve_bench.py [--model CKPT] [--levels 1,8,32] [--requests 16,64,192] [--max-tokens 32]
 
 Without ``--model`` a random-weight checkpoint of the ``demo`` model preset is built in a temp folder. The last line
 is the ratio of genloop (RAG off) requests/s to vLLM's server (geometric mean over levels).
@@ -162,7 +162,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: a random `demo`-preset model)")
     ap.add_argument("--levels", default="1,8,32")
-    ap.add_argument("--requests", default="8,32,64", help="requests per level")
+    ap.add_argument("--requests", default="16,64,192", help="requests per level")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--level-time-limit", type=float, default=180.0)
@@ -171,6 +171,8 @@ def main() -> int:
                          "is noisy)")
     ap.add_argument("--no-throughput-env", action="store_true",
                     help="serve without Ray Serve's throughput settings (serve.app.THROUGHPUT_ENV), to measure them")
+    ap.add_argument("--no-direct-ingress", action="store_true",
+                    help="clients go through the Serve proxy (serve.direct_ingress=false), to measure direct ingress")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     n_reqs = [int(x) for x in args.requests.split(",")]
@@ -194,6 +196,7 @@ def main() -> int:
         cfg = ServeConfig(model=str(model), model_name="bench", knowledge=str(tmp / "state"), port=gport,
                           app_name="bench", rate_limit_per_minute=0, max_tokens_cap=max(256, args.max_tokens),
                           throughput_optimized=not args.no_throughput_env,
+                          direct_ingress=not args.no_direct_ingress,
                           engine=EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_gib=1),
                           generator=DeploymentOptions(num_cpus=1, max_ongoing_requests=256),
                           retriever=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256),

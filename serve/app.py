@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.cli import config_from_args
 from models.checkpoint import resolve_checkpoint
 from models.engine import EngineConfig
+from serve.feedback import ResponseBatcher
 from serve.protocol import (APIError, ChatRequest, CompletionRequest, DocumentsRequest, FeedbackRequest, MemoryRequest,
                             RateLimiter, TextStream, authorize, error_body, load_api_keys, parse_body)
 
@@ -62,7 +63,22 @@ THROUGHPUT_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
 }
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve direct ingress on ``port``: the ingress replica runs the HTTP server itself, so a request (and every
+    streamed piece) skips the Serve proxy actor, one process hop less. The controller and replicas read these at
+    import, so they must be in the environment before Ray starts. One port: one ingress replica per node."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive bound
+        # no external load balancer has to notice a stopped replica, and a restarted app binds the same port again
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
 
 
 @dataclass
@@ -107,6 +123,9 @@ class ServeConfig:
     rate_limit_per_minute: int = 600  # per API key (or client address without keys), per ingress replica; 0: off
     access_log: bool = False  # Ray Serve's per-request log lines (costly on a small CPU)
     throughput_optimized: bool = True  # THROUGHPUT_ENV in every replica (and the proxy, when this starts Ray)
+    # when `start` launches its own local Ray with one ingress replica: clients reach that replica's HTTP server on
+    # `port` (Ray Serve direct ingress, no proxy hop); else (joining a cluster) the Serve proxy listens on `port`
+    direct_ingress: bool = True
     stream_messages_per_s: float = 50.0  # per generator replica, shared by its streams (0: a message per step)
     max_stream_interval_ms: float = 250.0  # the longest a streamed piece waits for more tokens
     rag_top_k: int = 3
@@ -285,6 +304,7 @@ class Ingress:
 
         self.generator, self.retriever, self.feedback = generator, retriever, feedback
         self.gen_stream = generator.options(stream=True)  # one streaming handle, not one per request
+        self.responses = ResponseBatcher(feedback.record_responses.remote)  # every response, for later feedback
         self.cfg, self.key_hashes = cfg, key_hashes
         self.tok = load_tokenizer(cfg.model)
         self.fmt = ChatFormat.from_checkpoint(cfg.model)
@@ -293,6 +313,13 @@ class Ingress:
         self.stop_ids = [self.tok.eot_id, self.tok.im_end_id]
         self.limiter = RateLimiter(cfg.rate_limit_per_minute)
         self.created = int(time.time())
+
+    async def __del__(self) -> None:
+        """Ray Serve's graceful shutdown: the responses still pending go to the store."""
+        try:
+            await self.responses.flush()
+        except Exception:
+            log.exception("%d responses were not recorded for feedback at shutdown", len(self.responses.pending))
 
     # ---- request plumbing ------------------------------------------------------------------------------------------
     async def _begin(self, request: Request, model=None, *, rate_limited: bool = True):
@@ -402,7 +429,7 @@ class Ingress:
             return self._stream_response(rid, "chat.completion.chunk", prompt_ids, params, stream, extra, record,
                                          bool(req.stream_options and req.stream_options.include_usage))
         text, finish = await self._collect(prompt_ids, params, rid, stream)
-        await self.feedback.record_response.remote(rid, self.name, response=text, **record)
+        self.responses.add(response_id=rid, model=self.name, response=text, **record)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish}],
@@ -434,7 +461,7 @@ class Ingress:
             return self._stream_response(rid, "text_completion", prompt_ids, params, stream, {}, record,
                                          bool(req.stream_options and req.stream_options.include_usage))
         text, finish = await self._collect(prompt_ids, params, rid, stream)
-        await self.feedback.record_response.remote(rid, self.name, response=text, **record)
+        self.responses.add(response_id=rid, model=self.name, response=text, **record)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
                 "usage": self._usage(len(prompt_ids), stream.n_generated)}
@@ -480,7 +507,7 @@ class Ingress:
                 if include_usage:
                     yield _sse({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [],
                                 "usage": self._usage(len(prompt_ids), stream.n_generated)})
-                await self.feedback.record_response.remote(rid, self.name, response=stream.text, **record)
+                self.responses.add(response_id=rid, model=self.name, response=stream.text, **record)
             except asyncio.CancelledError:  # the client went away
                 raise
             except Exception as e:  # after the 200 header: report in-band, as OpenAI does
@@ -558,6 +585,7 @@ class Ingress:
         from serve.feedback import FeedbackError, NotFound
 
         caller, req = await self._begin(request, FeedbackRequest)
+        await self.responses.flush()  # the responses this replica served are in the store before it is asked
         try:
             if req.chosen_id is not None or req.rejected_id is not None:
                 if req.chosen_id is None or req.rejected_id is None or req.rating is not None:
@@ -610,18 +638,56 @@ def app_builder(args: dict[str, Any]):
     return build_app(build_config(ServeConfig, "serve", preset, args))
 
 
+def use_direct_ingress(cfg: ServeConfig, address: str | None) -> bool:
+    """Direct ingress needs the environment in place before Ray starts (so: a local Ray this process starts) and
+    one ingress replica (one port)."""
+    import os
+
+    import ray
+
+    if not cfg.direct_ingress:
+        return False
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        log.info("direct ingress off: joining a running Ray, whose Serve proxy listens on port %d", cfg.port)
+        return False
+    if cfg.ingress.autoscaling or cfg.ingress.num_replicas != 1:
+        log.info("direct ingress off: %s ingress replicas share port %d through the Serve proxy",
+                 "autoscaled" if cfg.ingress.autoscaling else cfg.ingress.num_replicas, cfg.port)
+        return False
+    return True
+
+
+def spare_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False) -> str:
-    """Start (or join) Ray and Serve's HTTP proxy on ``cfg.host:cfg.port``, deploy the app; returns its base URL."""
+    """Start (or join) Ray and Serve, deploy the app; returns its base URL (``cfg.host:cfg.port``).
+
+    Starting a local Ray with ``cfg.direct_ingress`` and one ingress replica, the ingress replica itself listens on
+    ``cfg.port`` (the Serve proxy takes a spare port); otherwise the Serve proxy listens on ``cfg.port``."""
+    import os
+
+    import ray
+
     from cluster.runtime import init_ray
 
     app = build_app(cfg)
-    if cfg.throughput_optimized:
-        import os
-
-        for k, v in THROUGHPUT_ENV.items():  # reaches the HTTP proxy when the Ray started below is a local one
+    proxy_port = cfg.port
+    if use_direct_ingress(cfg, address):
+        os.environ.update(direct_ingress_env(cfg.port))  # the local Ray started below inherits them
+        proxy_port = spare_port(cfg.host)
+        log.info("direct ingress: the ingress replica serves %s:%d, the Serve proxy %s:%d", cfg.host, cfg.port,
+                 cfg.host, proxy_port)
+    if cfg.throughput_optimized and not ray.is_initialized():
+        for k, v in THROUGHPUT_ENV.items():  # reaches the Serve proxy of the local Ray started below
             os.environ.setdefault(k, v)
     init_ray(address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": proxy_port})
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking,
               logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"})
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

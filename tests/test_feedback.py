@@ -53,3 +53,40 @@ def test_feedback_export_round_trip(tmp_path, capsys):
     assert {"prompt": p, "chosen": "Hi there", "rejected": "go away", "messages": msgs, "source": "ratings"} in rows
     with pytest.raises(FileNotFoundError):
         run_export(argparse.Namespace(store=str(tmp_path / "none.db"), out=str(out), ratings_out=None))
+
+
+def test_responses_are_batched_flushed_before_a_rating_and_kept_when_the_store_fails(tmp_path):
+    """Many responses reach the store in one call per interval; flush() leaves nothing pending; a failed call keeps
+    its batch for the next try, in order."""
+    import asyncio
+
+    from serve.feedback import ResponseBatcher
+
+    fs = FeedbackStore(tmp_path / "feedback.db")
+    calls: list[int] = []
+    fail = [True]
+
+    async def send(batch):
+        await asyncio.sleep(0.01)
+        if fail[0]:
+            fail[0] = False
+            raise ConnectionError("store replica down")
+        calls.append(len(batch))
+        fs.record_responses(batch)
+
+    async def scenario():
+        b = ResponseBatcher(send, interval_s=0.05)
+        for i in range(5):
+            b.add(response_id=f"r{i}", model="m", prompt="p", response=f"answer {i}", messages=None)
+        await asyncio.sleep(0.1)  # the timed flush ran and failed: the batch is kept
+        assert len(b.pending) == 5 and calls == []
+        b.add(response_id="r5", model="m", prompt="p", response="answer 5", messages=[{"role": "user", "content": "q"}])
+        await b.flush()  # what a rating does first
+        assert b.pending == [] and calls == [6]
+        await asyncio.sleep(0.1)  # the timer started by add() finds nothing left to send
+        assert calls == [6]
+
+    asyncio.run(scenario())
+    assert fs.response("r0")["response"] == "answer 0"
+    assert fs.response("r5")["messages"] == [{"role": "user", "content": "q"}]
+    fs.rate("r5", "up")  # found: recorded before the rating
