@@ -16,7 +16,6 @@ Output: ``--out FILE.jsonl`` (train), ``FILE.val.jsonl`` (held-out), ``FILE.stat
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -244,23 +243,3 @@ def run(cfg: SftDataConfig) -> dict:
     log.info("sft-data: %d train + %d held-out examples from %d files -> %s (%s)", len(train), len(val),
              counts["files"], cfg.out, dict(counts))
     return stats
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from cluster.cli import add_stage_parser
-
-    p = add_stage_parser(sub, "sft-data", "build an instruction set from a code corpus", flags={
-        "--from-code": ("from_code", {"metavar": "PATHS", "help": "comma-separated Python files/folders (default: this Python's stdlib)"}),
-        "--out": ("out", {"metavar": "FILE_OR_DIR", "help": "output FILE.jsonl (held-out split: FILE.val.jsonl) or artifact folder DIR"}),
-    })
-    p.add_argument("--overwrite", dest="flag__overwrite", action="store_const", const=True, default=None,
-                   help="replace an existing output file")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from cluster.cli import config_from_args
-
-    stats = run(config_from_args(SftDataConfig, "sft-data", args))
-    print(json.dumps({"out": stats["out"], "val": stats["val"], **stats["counts"]}))
-    return 0

@@ -357,7 +357,7 @@ def train_worker(args: dict) -> None:
     cfg: TrainLoopConfig = args["cfg"]
     session: _Session = args.get("session") or _RaySession(args.get("has_val", False), args.get("resume_dir"))
     rank, world = session.rank, session.world
-    from models.parallel import set_gradient_sync, unwrap, wrap_model
+    from models.parallel import set_gradient_sync, wrap_model
     from pipelines.metrics import device_peak_flops, mfu, plot_loss, write_metrics
 
     if torch.cuda.is_available() and cfg.use_gpu is not False:

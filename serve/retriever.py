@@ -16,7 +16,7 @@ from ray import serve
 
 from models.chat import ChatFormat, encode_prompt
 from models.tokenizer import Tokenizer
-from serve.knowledge import KnowledgeStore, Passage, store_path
+from serve.knowledge import KnowledgeStore, store_path
 from serve.memory import MemoryStore
 
 log = logging.getLogger(__name__)
