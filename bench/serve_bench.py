@@ -173,6 +173,8 @@ def main() -> int:
                     help="serve without Ray Serve's throughput settings (serve.app.THROUGHPUT_ENV), to measure them")
     ap.add_argument("--no-direct-ingress", action="store_true",
                     help="clients go through the Serve proxy (serve.direct_ingress=false), to measure direct ingress")
+    ap.add_argument("--stream-messages-per-s", type=float, default=None,
+                    help="serve.stream_messages_per_s (default: ServeConfig's)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     n_reqs = [int(x) for x in args.requests.split(",")]
@@ -197,6 +199,8 @@ def main() -> int:
                           app_name="bench", rate_limit_per_minute=0, max_tokens_cap=max(256, args.max_tokens),
                           throughput_optimized=not args.no_throughput_env,
                           direct_ingress=not args.no_direct_ingress,
+                          **({} if args.stream_messages_per_s is None
+                             else {"stream_messages_per_s": args.stream_messages_per_s}),
                           engine=EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_gib=1),
                           generator=DeploymentOptions(num_cpus=1, max_ongoing_requests=256),
                           retriever=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256),
