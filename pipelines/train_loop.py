@@ -624,9 +624,12 @@ def _fit_ray(cfg: TrainLoopConfig, args: dict, train_ds, val_ds, run_dir: str) -
         args = {**args, "resume_dir": latest}
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False  # the workers' reads would each draw bars for minutes; the loop has its own
+    # the workers' reads would each draw bars for minutes; the loop has its own. A dataset carries the context it was
+    # made under (to the workers too), so its own context is switched as well as the current one
+    contexts = [DataContext.get_current(), *(d.context for d in datasets.values())]
+    bars = [c.enable_progress_bars for c in contexts]
+    for c in contexts:
+        c.enable_progress_bars = False
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={**args, "cfg": cfg},
@@ -642,7 +645,8 @@ def _fit_ray(cfg: TrainLoopConfig, args: dict, train_ds, val_ds, run_dir: str) -
     try:
         result = trainer.fit()
     finally:
-        ctx.enable_progress_bars = bars
+        for c, b in zip(contexts, bars):
+            c.enable_progress_bars = b
     if result.error:
         raise result.error
     return result.checkpoint.path if result.checkpoint else None
