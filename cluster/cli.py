@@ -31,8 +31,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "knowledge": ("serve.knowledge_cli", "add documents to a knowledge store in bulk"),
     "feedback": ("serve.feedback_cli", "export collected user feedback as preference data"),
     "lineage": ("cluster.lineage_cli", "walk an artifact's inputs back to the raw corpus"),
-    "submit": ("cluster.jobs", "submit a genloop stage as a Ray job"),
-    "jobs": ("cluster.jobs", "list, inspect, follow or stop Ray jobs"),
+    "submit": ("cluster.jobs_cli", "submit a genloop stage as a Ray job"),
+    "jobs": ("cluster.jobs_cli", "list, inspect, follow or stop Ray jobs"),
 }
 
 EPILOG = """\
