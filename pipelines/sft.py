@@ -20,12 +20,10 @@ A sample longer than ``seq_len + 1`` tokens is cut to its first ``seq_len + 1`` 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import logging
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -230,31 +228,7 @@ def heldout_answer_loss(model: Any, rows: dict[str, np.ndarray], batch_size: int
     return total / max(n, 1)
 
 
-_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)
-
-
-def _parsed_code(text: str) -> ast.Module | None:
-    """The answer's code (the first ``` fence, else the whole text) parsed with ``ast.parse``; None if empty or bad."""
-    m = _FENCE.search(text)
-    code = m.group(1) if m else text
-    if not code.strip():
-        return None
-    try:
-        return ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-
-
-def parses_as_python(text: str) -> bool:
-    """Does the answer (or the code inside its first ``` fence) parse with ``ast.parse``? Empty text does not."""
-    return _parsed_code(text) is not None
-
-
-def writes_function(text: str) -> bool:
-    """The parse-rate test for code-writing prompts: the answer (or its first ``` fence) parses with ``ast.parse``
-    AND defines a function. Parsing alone is too weak: a pretrained model's comment lines or bare imports parse too."""
-    tree = _parsed_code(text)
-    return tree is not None and any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(tree))
+from pipelines.judge import parses_as_python, writes_function  # noqa: E402,F401  (re-exported: tests and callers import them here)
 
 
 def greedy_cached(model: Any, prompt: Sequence[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
