@@ -192,6 +192,12 @@ class Transformer(nn.Module):
         hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or the final hidden states (B, T, dim) with ``hidden_only``."""
+        x = self.hidden_states(input_ids, position_ids, doc_ids)
+        return x if hidden_only else self.lm_head(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk: final normed hidden states (B, T, dim), what a head (lm_head, a scalar score) reads."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -204,8 +210,7 @@ class Transformer(nn.Module):
             mask = mask[:, None]  # (B, 1, T, T)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
-        x = self.model.norm(x)
-        return x if hidden_only else self.lm_head(x)
+        return self.model.norm(x)
 
 
 @torch.no_grad()
