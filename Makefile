@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m cluster.demo_cli $(DEMO_ARGS)
+	$(BIN)/python -m cluster.cli demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

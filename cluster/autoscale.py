@@ -8,8 +8,8 @@ With ``autoscaling_config`` it is the autoscaling simulation of ``ray.cluster_ut
 fake multi-node provider starts each requested "VM" as one more raylet here. ``cluster/fake_multinode.yaml``
 supplies the node types (those of ``ray-cluster.yaml`` at small size; the wheel lacks Ray's example config).
 
-``python -m cluster.autoscale_cli`` is the autoscaling proof: from zero workers, stage-shaped resource asks
-(``cluster/resources.py``) make the autoscaler add worker nodes, the work runs on them, and the nodes are removed
+``genloop autoscale-proof`` is the autoscaling proof: from zero workers, stage-shaped resource asks
+(``pipelines/resources.py``) make the autoscaler add worker nodes, the work runs on them, and the nodes are removed
 after the idle timeout. It prints the node counts it saw over time and a JSON report as its last line.
 """
 
@@ -317,7 +317,7 @@ def _stage_unit(seconds: float) -> dict[str, Any]:
 
 @dataclass
 class Demand:
-    """A stage-shaped demand: ``count`` units of ``cluster.resources`` unit ``unit``."""
+    """A stage-shaped demand: ``count`` units of ``pipelines.resources`` unit ``unit``."""
 
     unit: str
     count: int
@@ -333,7 +333,7 @@ def prove_autoscaling(cfg: dict[str, Any], phases: list[Demand], work_s: float =
     """
     import ray
 
-    from cluster.resources import ray_options
+    from pipelines.resources import ray_options
 
     t0 = time.monotonic()
     timeline: list[tuple[float, dict[str, int]]] = []

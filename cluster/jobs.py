@@ -33,6 +33,8 @@ DEFAULT_EXCLUDES = [".venv", "venv", "runs", ".git", "__pycache__", "*.pyc", "*.
 TRAILING_FLAGS = {"--address": True, "--no-wait": False}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 5.0
+# commands that make no sense inside a Ray job (they drive the cluster or start their own)
+NOT_SUBMITTABLE = ("submit", "jobs", "autoscale-proof")
 
 EPILOG = """\
 examples:
@@ -47,7 +49,7 @@ is an http:// URL. Reach a cloud head through `ray dashboard ray-cluster.yaml` (
 127.0.0.1:8265), never a public port. With token authentication on (ray-cluster.yaml), export RAY_AUTH_MODE=token
 and keep the cluster's token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN).
 
-What stages ask of the cluster (cluster/resources.py), so the autoscaler adds the right node type:
+What stages ask of the cluster (pipelines/resources.py), so the autoscaler adds the right node type:
 """
 
 
@@ -128,13 +130,14 @@ def split_submit_args(stage_args: list[str]) -> tuple[list[str], dict[str, Any]]
 def validate_stage_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``STAGE options...`` with the stage's own parser (nothing runs). Raises ``ValueError`` on a bad stage
     name, bad options (argparse prints its usage line first), a missing preset or a malformed override."""
-    from cluster.cli import STAGES, build_parser
+    from cluster.cli import build_parser
+    from cluster.commands import BY_NAME
     from pipelines.config import parse_override, preset_path
 
     if not argv:
         raise ValueError(f"which stage? genloop submit STAGE [options]; stages: {', '.join(submittable())}")
     stage = argv[0]
-    if stage not in STAGES or stage in ("submit", "jobs"):
+    if stage not in BY_NAME or stage in NOT_SUBMITTABLE:
         raise ValueError(f"unknown stage {stage!r}; choose one of: {', '.join(submittable())}. Nothing was submitted")
     parser = build_parser(stage)
     parser.prog = "genloop submit"
@@ -154,9 +157,9 @@ def validate_stage_args(argv: list[str]) -> argparse.Namespace:
 
 
 def submittable() -> list[str]:
-    from cluster.cli import STAGES
+    from cluster.commands import COMMANDS
 
-    return [s for s in STAGES if s not in ("submit", "jobs")]
+    return [c.name for c in COMMANDS if c.name not in NOT_SUBMITTABLE]
 
 
 def relative_outputs(argv: list[str]) -> list[str]:

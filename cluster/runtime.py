@@ -34,11 +34,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     log.info("starting an embedded local Ray (num_cpus=%d)", num_cpus)
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
              runtime_env={"env_vars": LOCAL_ENV}, **kwargs)
-
-
-def use_gpu_default() -> bool:
-    """True when the cluster has GPUs: stages then place workers on them unless told otherwise."""
-    try:
-        return float(ray.cluster_resources().get("GPU", 0)) > 0
-    except Exception:  # not connected
-        return False

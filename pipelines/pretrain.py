@@ -161,14 +161,14 @@ def datasets(p: Plan):
     return read(p.info.train), val
 
 
-def run(config: PretrainConfig, address: str | None = None) -> FitResult:
-    from cluster.runtime import init_ray, use_gpu_default
+def run(config: PretrainConfig) -> FitResult:
+    """Train into ``config.out`` on the Ray runtime the caller started (``genloop pretrain`` does)."""
+    from pipelines.runtime import use_gpu_default
 
     # Ray Train workers run in their own directories: hand them absolute paths
     config = dataclasses.replace(config, data=absolute(config.data), out=absolute(config.out),
                                  init_from=absolute(config.init_from))
     p = plan(config)
-    init_ray(address)
     tc = config.train
     check_placement(tc, use_gpu_default() if tc.use_gpu is None else tc.use_gpu)
     if config.overwrite and is_finished(config.out):

@@ -609,7 +609,7 @@ def _fit_ray(cfg: TrainLoopConfig, args: dict, train_ds, val_ds, run_dir: str) -
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.runtime import use_gpu_default
+    from pipelines.runtime import use_gpu_default
 
     use_gpu = use_gpu_default() if cfg.use_gpu is None else cfg.use_gpu
     check_placement(cfg, use_gpu)

@@ -20,7 +20,7 @@ def test_help_lists_every_stage():
 
 def test_unknown_stage_is_a_clear_error(capsys):
     assert main(["pretrian"]) == 2
-    assert "unknown stage 'pretrian'" in capsys.readouterr().err
+    assert "unknown command 'pretrian'" in capsys.readouterr().err
 
 
 def test_tokenizer_train_writes_artifact_refuses_overwrite_and_has_lineage(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import resources
+from pipelines import resources
 from cluster.autoscale import FAKE_CONFIG, load_fake_config, worker_node_types
 
 ROOT = Path(__file__).resolve().parent.parent

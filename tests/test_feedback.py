@@ -18,7 +18,7 @@ def test_rating_score_scale():
 
 
 def test_feedback_export_round_trip(tmp_path, capsys):
-    from serve.feedback_cli import run_export
+    from cluster.commands.feedback import run as run_export
 
     db = tmp_path / "feedback.db"
     fs = FeedbackStore(db)

@@ -92,7 +92,7 @@ def test_memory_is_scoped_by_namespace(tmp_path):
 
 
 def test_knowledge_cli_bulk_add_counts_and_quarantines(tmp_path, capsys):
-    from serve.knowledge_cli import run_add
+    from cluster.commands.knowledge import run_add
 
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)

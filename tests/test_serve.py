@@ -161,7 +161,7 @@ def test_document_added_over_http_is_retrieved_and_survives_restart(server):
 
 
 def test_feedback_round_trip_to_export(server, tmp_path):
-    from serve.feedback_cli import run_export
+    from cluster.commands.feedback import run as run_export
 
     c = client(server)
     ask = dict(model="tiny", messages=[{"role": "user", "content": "write a haiku"}], max_tokens=6,

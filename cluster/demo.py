@@ -7,16 +7,14 @@ over. Outputs go to ``runs/demo/`` (``--out`` to change).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.cli import main as genloop, setup_logging
+from cluster.cli import main as genloop
 from pipelines.artifacts import is_finished
 
 log = logging.getLogger("genloop.demo")
@@ -48,22 +46,14 @@ def steps(out: Path, preset: str) -> list[Step]:
     ]
 
 
-def run(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--config", default="demo", help="preset for every stage")
-    p.add_argument("--fresh", action="store_true", help="delete --out first")
-    p.add_argument("--only", nargs="*", help="run only these steps")
-    args = p.parse_args(argv)
-    setup_logging()
-    out = Path(args.out)
-    if args.fresh and out.exists():
+def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None) -> int:
+    if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: list[tuple[str, str, float]] = []
     t_all = time.perf_counter()
-    for step in steps(out, args.config):
-        if args.only and step.name not in args.only:
+    for step in steps(out, preset):
+        if only and step.name not in only:
             continue
         if step.artifact and is_finished(step.artifact):
             log.info("== %s: already finished at %s, skipping", step.name, step.artifact)
@@ -80,7 +70,3 @@ def run(argv: list[str] | None = None) -> int:
         print(f"  {name:11s} {status:11s} {secs:7.1f}")
     print(f"  total                   {time.perf_counter() - t_all:7.1f}")
     return 0 if all(s in ("ok", "skipped") for _, s, _ in timings) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(run())

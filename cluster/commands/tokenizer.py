@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from pipelines.artifacts import Manifest
+from cluster.commands.base import add_overwrite
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,11 @@ def iter_texts(files: list[str], max_bytes: int) -> Iterator[str]:
             return
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train a BPE tokenizer (tiktoken format) or inspect one")
+HELP = "train a BPE tokenizer (tiktoken format) or inspect one"
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("tokenizer", help=HELP, description=HELP)
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE on a text sample",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,16 +64,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-bytes", type=int, default=50_000_000, help="stop reading input after this many bytes")
     t.add_argument("--name", default="genloop-bpe")
     t.add_argument("--out", required=True, help="folder for tokenizer.tiktoken + tokenizer_spec.json")
-    t.add_argument("--overwrite", action="store_true")
-    t.set_defaults(func=train_cmd)
+    add_overwrite(t, key=None, help="replace a finished tokenizer at --out")
     s = tsub.add_parser("show", help="encode a text with a tokenizer and print the ids")
     s.add_argument("spec", help="tokenizer folder, spec file, checkpoint or named encoding (cl100k_base)")
     s.add_argument("text", nargs="?", default="Hello, world! def f(x): return x")
-    s.set_defaults(func=show_cmd)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    return train_cmd(args) if args.action == "train" else show_cmd(args)
 
 
 def train_cmd(args: argparse.Namespace) -> int:
     from models.tokenizer import train
+    from pipelines.artifacts import Manifest
 
     files = expand_inputs(args.input) if args.input else default_corpus_files()
     cfg = {"inputs": args.input or ["<stdlib>"], "vocab_size": args.vocab_size, "max_bytes": args.max_bytes,

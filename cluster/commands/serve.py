@@ -1,5 +1,8 @@
-"""``genloop serve``: the command line (``--smoke N`` answers sample questions through the ``openai`` client); the
-application itself is ``serve.app``."""
+"""``genloop serve``: the OpenAI-compatible server over a checkpoint, with RAG (the application: ``serve.app``).
+
+``--smoke N`` starts the server, answers N sample requests through the official ``openai`` client, prints them
+and exits (``make demo`` ends this way).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,9 @@ import argparse
 import time
 from pathlib import Path
 
-from ray import serve
+from cluster.commands.base import add_stage_command, address_of, config_from_args
 
-from cluster.cli import config_from_args
-from serve.app import ServeConfig, start
-
+HELP = "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"
 
 SMOKE_QUESTIONS = [
     "How do I parse a JSON string in Python?",
@@ -19,6 +20,21 @@ SMOKE_QUESTIONS = [
     "Explain what a context manager is.",
     "How can I read a CSV file?",
 ]
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = add_stage_command(sub, "serve", HELP, {
+        "--model": ("model", {"metavar": "CKPT", "help": "checkpoint folder (Hugging Face format)"}),
+        "--model-name": ("model_name", {"metavar": "NAME", "help": "name clients send as 'model' (else: folder name)"}),
+        "--knowledge": ("knowledge", {"metavar": "DIR_OR_DB",
+                                      "help": "knowledge store: a .db file or a folder holding knowledge.db"}),
+        "--api-key-file": ("api_key_file", {"metavar": "F", "help": "one API key per line; keys then required"}),
+        "--host": ("host", {"help": "HTTP host (preset default 127.0.0.1: loopback only)"}),
+        "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
+    }, overwrite=False)
+    p.add_argument("--smoke", type=int, default=0, metavar="N",
+                   help="start, answer N sample questions with the openai client, print them and exit")
+    return p
 
 
 def smoke(base_url: str, model: str, n: int, api_key: str | None = None) -> int:
@@ -52,39 +68,29 @@ def smoke(base_url: str, model: str, n: int, api_key: str | None = None) -> int:
     return 0
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def api_key(path: str | None) -> str | None:
+    """The first key in an API key file (comments and blank lines skipped)."""
+    if not path:
+        return None
+    return next((ln.strip() for ln in Path(path).read_text().splitlines()
+                 if ln.strip() and not ln.lstrip().startswith("#")), None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from serve.app import ServeConfig, start
+
     cfg: ServeConfig = config_from_args(ServeConfig, "serve", args)
-    url = start(cfg, args.address)
+    url = start(cfg, address_of(args))
     print(f"genloop serve: {cfg.served_name()!r} at {url}/v1 (OpenAI-compatible); knowledge store "
           f"{cfg.state_paths()[0]}; Ctrl-C stops", flush=True)
     try:
         if args.smoke:
-            key = None
-            if cfg.api_key_file:
-                key = next(ln.strip() for ln in Path(cfg.api_key_file).read_text().splitlines()
-                           if ln.strip() and not ln.lstrip().startswith("#"))
-            return smoke(url, cfg.served_name(), args.smoke, key)
+            return smoke(url, cfg.served_name(), args.smoke, api_key(cfg.api_key_file))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
     finally:
         serve.delete(cfg.app_name)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from cluster.cli import add_stage_parser
-
-    p = add_stage_parser(sub, "serve", "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)", {
-        "--model": ("model", {"metavar": "CKPT", "help": "checkpoint folder (Hugging Face format)"}),
-        "--model-name": ("model_name", {"metavar": "NAME", "help": "name clients send as 'model' (else: folder name)"}),
-        "--knowledge": ("knowledge", {"metavar": "DIR_OR_DB",
-                                      "help": "knowledge store: a .db file or a folder holding knowledge.db"}),
-        "--api-key-file": ("api_key_file", {"metavar": "F", "help": "one API key per line; keys then required"}),
-        "--host": ("host", {"help": "HTTP host (preset default 127.0.0.1: loopback only)"}),
-        "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
-    })
-    p.add_argument("--smoke", type=int, default=0, metavar="N",
-                   help="start, answer N sample questions with the openai client, print them and exit")
-    p.set_defaults(func=run_cli)
-

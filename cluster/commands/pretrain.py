@@ -1,19 +1,20 @@
-"""``genloop pretrain``: the stage's command line (the stage itself is ``pipelines.pretrain``)."""
+"""``genloop pretrain``: pretraining and domain fine-tuning (the stage: ``pipelines.pretrain``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from pipelines import pretrain
+from cluster.commands.base import add_stage_command, config_from_args, start_ray
+
+HELP = "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from cluster.cli import add_stage_parser
-
-    p = add_stage_parser(sub, "pretrain", "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)", {
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    return add_stage_command(sub, "pretrain", HELP, {
         "--data": ("data", {"help": "tokenized dataset folder (from `genloop data`)"}),
         "--out": ("out", {"help": "artifact folder; the model lands in OUT/model"}),
-        "--model": ("model", {"help": "model preset for a fresh model (tiny, demo, gpt2-124m, llama-1b, llama-8b)"}),
+        "--model": ("model.preset", {"help": "model preset for a fresh model (tiny, demo, gpt2-124m, llama-1b, "
+                                             "llama-8b); model.KEY=VALUE overrides one field"}),
         "--init-from": ("init_from", {"help": "checkpoint (or pretrain artifact) to continue from: domain fine-tuning"}),
         "--strategy": ("train.strategy", {"choices": ["ddp", "fsdp", "none"], "help": "data-parallel strategy"}),
         "--num-workers": ("train.num_workers", {"type": int, "help": "Ray Train workers"}),
@@ -21,17 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "help": "one GPU per worker (default: GPUs if the cluster has them)"}),
         "--steps": ("train.steps", {"type": int, "help": "optimizer steps"}),
         "--seq-len": ("seq_len", {"type": int, "help": "tokens per row (default: the dataset's)"}),
-        "--overwrite": ("overwrite", {"action": "store_const", "const": True,
-                                      "help": "replace a finished artifact at --out"}),
-    }, description=pretrain.__doc__.split("\n\n")[0])
-    p.set_defaults(func=_cli)
+    }, description="Pretraining and domain fine-tuning on Ray Train (DDP | FSDP2). Examples: "
+                   "genloop pretrain --config tiny --data runs/data --out runs/pt model.dim=128 train.lr=3e-4")
 
 
-def _cli(args: argparse.Namespace) -> int:
-    from cluster.cli import config_from_args
+def run(args: argparse.Namespace) -> int:
+    from pipelines import pretrain
 
     config = config_from_args(pretrain.PretrainConfig, "pretrain", args)
-    result = pretrain.run(config, address=args.address)
+    pretrain.plan(config)  # bad inputs fail here, before Ray starts
+    start_ray(args)
+    result = pretrain.run(config)
     m = result.metrics
     print(f"pretrain: {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
           f"val_loss {m.get('val_loss', float('nan')):.4f} (ppl {m.get('val_ppl', float('nan')):.1f}), "

@@ -1,5 +1,6 @@
-"""``python -m cluster.autoscale_cli``: the autoscaling proof's command line (the proof itself is
-``cluster.autoscale``); prints the worker-count timeline and the JSON report."""
+"""``genloop autoscale-proof``: the autoscaling proof on a local multi-node Ray (the proof: ``cluster.autoscale``);
+prints the worker-count timeline and the JSON report. Exit code 0 only if workers were added, ran the work and
+were removed again."""
 
 from __future__ import annotations
 
@@ -8,34 +9,38 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any
 
-from cluster import autoscale
-from cluster.autoscale import (FAKE_CONFIG, Demand, LocalRayCluster, load_fake_config, prove_autoscaling,
-                               new_token, worker_node_types)
-
 log = logging.getLogger("cluster.autoscale")
 
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+HELP = "prove autoscaling on a local multi-node Ray: stage-shaped asks add workers, idle ones go"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.autoscale_cli", description=autoscale.__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(FAKE_CONFIG), help="fake multi-node cluster config (YAML)")
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from cluster.autoscale import FAKE_CONFIG
+
+    p = sub.add_parser("autoscale-proof", help=HELP, description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cluster-config", default=str(FAKE_CONFIG), help="fake multi-node cluster config (YAML)")
     p.add_argument("--data-tasks", type=int, default=2, help="units of the data stage's ask (cpu-worker)")
     p.add_argument("--gpu-units", type=int, default=1, help="units of the SFT worker's ask (gpu-1x)")
     p.add_argument("--work-s", type=float, default=3.0, help="seconds each unit works")
     p.add_argument("--idle-timeout-minutes", type=float, default=None)
     p.add_argument("--timeout-s", type=float, default=150)
     p.add_argument("--keep", action="store_true", help="keep the cluster's temp dir (logs) afterwards")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    cfg = load_fake_config(args.config, args.idle_timeout_minutes)
+    return p
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.autoscale import (Demand, LocalRayCluster, load_fake_config, new_token, prove_autoscaling,
+                                   worker_node_types)
+
+    cfg = load_fake_config(args.cluster_config, args.idle_timeout_minutes)
     # SIGTERM (a test's timeout) unwinds like Ctrl-C, so the cluster below is always stopped
     signal.signal(signal.SIGTERM, _interrupt)
     # this process becomes a driver of that cluster: its auth settings must be in place before Ray is imported
@@ -65,7 +70,3 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(report))
     return 0 if report["scaled_up"] and report["work_on_workers"] and report["scaled_down"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

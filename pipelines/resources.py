@@ -42,7 +42,7 @@ ASKS: dict[str, ResourceAsk] = {
 
 def ask(unit: str) -> ResourceAsk:
     if unit not in ASKS:
-        raise ValueError(f"unknown resource unit {unit!r}; known: {', '.join(ASKS)} (cluster/resources.py)")
+        raise ValueError(f"unknown resource unit {unit!r}; known: {', '.join(ASKS)} (pipelines/resources.py)")
     return ASKS[unit]
 
 

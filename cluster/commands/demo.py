@@ -1,0 +1,23 @@
+"""``genloop demo`` (``make demo``): every stage end to end on the embedded corpus (the driver: ``cluster.demo``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "every stage end to end on the embedded corpus (what `make demo` runs)"
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("demo", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="folder for every step's artifact")
+    p.add_argument("--config", default="demo", metavar="PRESET", help="preset for every stage (tiny: a quick check)")
+    p.add_argument("--fresh", action="store_true", help="delete --out first (else finished steps are skipped)")
+    p.add_argument("--only", nargs="*", metavar="STEP", help="run only these steps")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster import demo
+
+    return demo.run(Path(args.out), args.config, fresh=args.fresh, only=args.only)

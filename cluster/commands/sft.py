@@ -1,0 +1,39 @@
+"""``genloop sft``: instruction fine-tuning (the stage: ``pipelines.sft``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.commands.base import add_stage_command, config_from_args, start_ray
+
+HELP = "instruction fine-tuning (loss on answers only, optional LoRA)"
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    return add_stage_command(sub, "sft", HELP, flags={
+        "--init-from": ("init_from", {"metavar": "CKPT",
+                                      "help": "checkpoint folder to fine-tune, or a pretrain artifact (uses its model/)"}),
+        "--data": ("data", {"metavar": "FILE_OR_DIR",
+                            "help": "JSONL of {messages: [...]} or {prompt, response}, or a `genloop sft-data` folder"}),
+        "--val-data": ("val_data", {"metavar": "FILE", "help": "held-out JSONL (default: DATA.val.jsonl when present)"}),
+        "--out": ("out", {"metavar": "DIR",
+                          "help": "artifact folder (model/ = merged HF checkpoint, adapter/ = PEFT adapter)"}),
+        "--lora-rank": ("lora.rank", {"metavar": "R", "type": int, "help": "LoRA rank (0 = full fine-tuning)"}),
+        "--steps": ("train.steps", {"metavar": "N", "type": int, "help": "optimizer steps"}),
+        "--num-workers": ("train.num_workers", {"metavar": "N", "type": int, "help": "Ray Train workers"}),
+    })
+
+
+KEYS = ("out", "heldout_answer_loss_before", "heldout_answer_loss_after", "parse_rate_before", "parse_rate_after",
+        "train_seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import sft
+
+    cfg = config_from_args(sft.SftConfig, "sft", args)
+    start_ray(args)
+    res = sft.run(cfg)
+    print(json.dumps({k: res[k] for k in KEYS if k in res}))
+    return 0

@@ -1,0 +1,27 @@
+"""``genloop sft-data``: an instruction set from a code corpus (the stage: ``pipelines.sft_data``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.commands.base import add_stage_command, config_from_args
+
+HELP = "build an instruction set from a code corpus"
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    return add_stage_command(sub, "sft-data", HELP, flags={
+        "--from-code": ("from_code", {"metavar": "PATHS",
+                                      "help": "comma-separated Python files/folders (default: this Python's stdlib)"}),
+        "--out": ("out", {"metavar": "FILE_OR_DIR",
+                          "help": "output FILE.jsonl (held-out split: FILE.val.jsonl) or artifact folder DIR"}),
+    }, ray=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.sft_data import SftDataConfig, run as build
+
+    stats = build(config_from_args(SftDataConfig, "sft-data", args))
+    print(json.dumps({"out": stats["out"], "val": stats["val"], **stats["counts"]}))
+    return 0
