@@ -3,6 +3,10 @@
 A preset file in ``configs/`` holds one section per stage (``data:``, ``pretrain:``, ...). A stage takes only its
 own section (``section_for``), so every component sees just its slice. Unknown keys and wrong types are
 ``ConfigError``s that name the key and say what to do.
+
+Nested sections are dataclasses too (``train.lr``, ``model.dim``). A section class may name a ``SHORTHAND`` field:
+then a plain value stands for that field (``model: demo`` in YAML = ``model: {preset: demo}``), so
+``model=demo model.dim=128`` and a preset's ``model: demo`` followed by ``model.dim=128`` both work.
 """
 
 from __future__ import annotations
@@ -71,8 +75,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(base: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
-    out = _deepcopy_dict(base)
+def apply_overrides(base: dict[str, Any], overrides: list[str] | Mapping[str, Any],
+                    cls: type | None = None) -> dict[str, Any]:
+    """``base`` with each ``a.b=value`` set in order; with ``cls``, shorthands are expanded before each one."""
+    out = expand_shorthands(cls, _deepcopy_dict(base)) if cls else _deepcopy_dict(base)
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     for key, value in items:
         node = out
@@ -83,8 +89,56 @@ def apply_overrides(base: dict[str, Any], overrides: list[str] | Mapping[str, An
                 nxt = {}
                 node[p] = nxt
             node = nxt
-        node[parts[-1]] = value
+        section = _section_at(cls, parts) if cls else None
+        short = getattr(section, "SHORTHAND", None)
+        if short and isinstance(node.get(parts[-1]), dict) and not isinstance(value, Mapping):
+            node[parts[-1]][short] = value  # `model=demo` after `model.dim=128`: sets the preset, keeps dim
+        else:
+            node[parts[-1]] = value
+        if cls:
+            out = expand_shorthands(cls, out)
     return out
+
+
+def expand_shorthands(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Replace a plain value given for a section with a ``SHORTHAND`` field by ``{SHORTHAND: value}``, recursively."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = _dataclass_in(hints[f.name])
+        if tp is None:
+            continue
+        value = data[f.name]
+        short = getattr(tp, "SHORTHAND", None)
+        if short and value is not None and not isinstance(value, Mapping) and not dataclasses.is_dataclass(value):
+            data[f.name] = {short: value}
+        elif isinstance(value, dict):
+            data[f.name] = expand_shorthands(tp, value)
+    return data
+
+
+def _section_at(cls: type, parts: list[str]) -> type | None:
+    """The section dataclass at dotted path ``parts`` of ``cls`` (None when the path is no section)."""
+    tp: type | None = cls
+    for name in parts:
+        if tp is None:
+            return None
+        fields = {f.name for f in dataclasses.fields(tp)}
+        tp = _dataclass_in(typing.get_type_hints(tp)[name]) if name in fields else None
+    return tp
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass in ``tp`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for a in typing.get_args(tp):
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
 
 
 def _deepcopy_dict(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,9 +152,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{where}{unknown[0]}' for {cls.__name__}; known keys: {', '.join(sorted(fields))}"
-        )
+        hint = _nested_hint(cls, unknown[0], where)
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' for {cls.__name__}; known keys: "
+                          f"{', '.join(sorted(fields))}{hint}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
@@ -108,6 +162,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def _nested_hint(cls: type, name: str, where: str) -> str:
+    """``; did you mean train.lr?`` when ``name`` is a key of one of ``cls``'s sections."""
+    hints = typing.get_type_hints(cls)
+    found = [f"{where}{f.name}.{name}" for f in dataclasses.fields(cls)
+             if (tp := _dataclass_in(hints[f.name])) is not None and name in {g.name for g in dataclasses.fields(tp)}]
+    return f"; did you mean {' or '.join(found)}?" if found else ""
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -134,6 +196,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
+        short = getattr(tp, "SHORTHAND", None)
+        if short and value is not None and not isinstance(value, (Mapping, list)):
+            value = {short: value}
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, where=f"{key}.")
@@ -180,7 +245,7 @@ def build_config(
 ) -> T:
     """The stage's config: the dataclass defaults, then the preset/YAML section, then overrides."""
     base = section_for(load_yaml(config), stage, cls) if config else {}
-    return from_dict(cls, apply_overrides(base, overrides))
+    return from_dict(cls, apply_overrides(base, overrides, cls))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -66,3 +66,37 @@ def test_preset_section_then_overrides(tmp_path):
     f.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         build_config(Outer, "train", str(f))
+
+
+@dataclass
+class Arch:
+    SHORTHAND: ClassVar[str] = "preset"
+
+    preset: str = "small"
+    dim: int | None = None
+
+
+@dataclass
+class WithShorthand:
+    model: Arch = field(default_factory=Arch)
+    train: Inner = field(default_factory=Inner)
+
+
+def test_shorthand_value_stands_for_the_sections_preset_and_survives_overrides(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("stage:\n  model: big\n")
+    cfg = build_config(WithShorthand, "stage", str(f), ["model.dim=128"])
+    assert cfg.model == Arch(preset="big", dim=128)  # the preset's `model: big` is kept, dim set on top
+    cfg = build_config(WithShorthand, "stage", str(f), ["model.dim=128", "model=huge"])
+    assert cfg.model == Arch(preset="huge", dim=128)  # a later shorthand sets the preset, keeps the fields
+    assert from_dict(WithShorthand, {"model": "x"}).model == Arch(preset="x")
+    with pytest.raises(ConfigError, match="train.*mapping"):
+        from_dict(WithShorthand, {"train": "x"})  # no SHORTHAND: a plain value is still an error
+
+
+def test_unknown_key_that_lives_in_a_section_suggests_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'dim'.*did you mean model.dim or train.dim\?"):
+        from_dict(WithShorthand, {"dim": 3})
+    with pytest.raises(ConfigError) as e:
+        from_dict(WithShorthand, {"colour": 3})
+    assert "did you mean" not in str(e.value)

@@ -11,7 +11,9 @@ import torch
 
 from cluster.cli import main
 from models.checkpoint import CheckpointError, resolve_checkpoint
-from pipelines.pretrain import PretrainConfig, lm_rows, model_config, plan
+from models.transformer import model_preset
+from pipelines.config import ConfigError, build_config
+from pipelines.pretrain import ModelSection, PretrainConfig, lm_rows, model_config, plan
 from tests.conftest import stdlib_texts
 from tests.test_train_loop import make_dataset
 
@@ -29,10 +31,40 @@ def test_lm_rows_shift_by_one_and_crop():
 
 
 def test_fresh_model_fits_tokenizer_and_seq_len():
-    cfg = model_config(PretrainConfig(model="tiny", model_overrides={"n_layers": 1}), n_vocab=1030, seq_len=512)
+    cfg = model_config(PretrainConfig(model=ModelSection(preset="tiny", n_layers=1)), n_vocab=1030, seq_len=512)
     assert (cfg.vocab_size, cfg.n_layers, cfg.max_seq_len) == (1088, 1, 512)
-    with pytest.raises(ValueError, match="unknown model_overrides key 'layers'"):
-        model_config(PretrainConfig(model_overrides={"layers": 1}), 1030, 64)
+    assert cfg.dim == model_preset("tiny").dim  # unset fields keep the preset's value
+
+
+def test_model_is_a_typed_section_with_a_preset_shorthand():
+    # the preset YAML says `model: tiny`; model.dim / --model override on top of it, in order
+    cfg = build_config(PretrainConfig, "pretrain", "tiny", ["model.dim=128", "model.n_heads=4"])
+    assert (cfg.model.preset, cfg.model.dim, cfg.model.n_heads) == ("tiny", 128, 4)
+    mc = model_config(cfg, n_vocab=1030, seq_len=64)
+    assert (mc.dim, mc.n_heads, mc.n_layers) == (128, 4, model_preset("tiny").n_layers)
+    assert build_config(PretrainConfig, "pretrain", "tiny", ["model=demo", "model.n_layers=1"]).model == \
+        ModelSection(preset="demo", n_layers=1)
+    assert build_config(PretrainConfig, "pretrain", "demo", {"model.preset": "tiny"}).model.preset == "tiny"
+    with pytest.raises(ConfigError, match="unknown config key 'model.layers'.*n_layers"):
+        build_config(PretrainConfig, "pretrain", "tiny", ["model.layers=1"])
+    with pytest.raises(ConfigError, match="model.dim' must be an integer"):
+        build_config(PretrainConfig, "pretrain", "tiny", ["model.dim=wide"])
+    with pytest.raises(ConfigError, match="unknown model preset model.preset='huge'"):
+        build_config(PretrainConfig, "pretrain", "tiny", ["model=huge"])
+    with pytest.raises(ConfigError, match="did you mean train.lr"):
+        build_config(PretrainConfig, "pretrain", "tiny", ["lr=3e-4"])
+    # an inconsistent shape is refused when the model is planned, naming the keys
+    with pytest.raises(ValueError, match="model.dim=100 must be divisible by model.n_heads=3"):
+        model_config(build_config(PretrainConfig, "pretrain", "tiny", ["model.dim=100", "model.n_heads=3"]), 1030, 64)
+
+
+def test_model_section_covers_every_architecture_field():
+    """A ModelConfig field the section cannot override would be a key the README cannot promise."""
+    from dataclasses import fields
+
+    from models.transformer import ModelConfig
+
+    assert {f.name for f in fields(ModelSection)} - {"preset"} == {f.name for f in fields(ModelConfig)}
 
 
 def test_init_from_accepts_checkpoint_or_artifact_folder(tmp_path, tiny_checkpoint):
