@@ -10,11 +10,12 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: setup demo test bench clean help
+.PHONY: setup demo test lint bench clean help
 help:
 	@echo "make setup  - create $(VENV) and install genloop + $(VLLM_PKG) (idempotent)"
 	@echo "make demo   - run every stage end to end on the embedded corpus (runs/demo/)"
-	@echo "make test   - run the test suite"
+	@echo "make test   - check the import layers, then run the test suite"
+	@echo "make lint   - check the import layers only (lint-imports)"
 	@echo "make bench  - run the benchmarks in bench/"
 
 setup: $(STAMP)
@@ -31,8 +32,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python -m cluster.cli demo $(DEMO_ARGS)
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# imports run one way: models -> pipelines -> serve -> cluster (contracts in pyproject.toml [tool.importlinter])
+lint: setup
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
