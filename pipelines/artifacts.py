@@ -1,6 +1,15 @@
-"""Artifact folders: every stage writes ``<out>/manifest.json``; ``lineage`` walks inputs back to the raw corpus.
+"""The artifacts layer: every stage reads its inputs and writes ``--out`` through these functions, so a path may be a
+local folder or an ``s3://`` / ``gs://`` URI (pyarrow filesystems; ``AWS_ENDPOINT_URL`` etc. pick the endpoint).
 
-Paths may be local folders or ``s3://`` / ``gs://`` URIs; those go through pyarrow filesystems.
+- paths: ``filesystem``, ``join``, ``parent``, ``absolute``, ``exists`` / ``is_dir``, ``list_files``;
+- bytes and text: ``read_bytes`` / ``write_bytes``, ``read_text`` / ``write_text``;
+- folders: ``upload_dir`` (a local folder to a URI), ``writable_dir`` (a local folder that lands at a URI when the
+  block succeeds), ``local_copy`` (a remote folder or file downloaded once into a local cache, keyed by its URI and
+  its files' sizes and times, so a changed artifact is fetched again);
+- checkpoints: ``resolve_checkpoint`` (a model folder or the artifact holding ``model/``), ``checkpoint_dir`` (that,
+  as a local folder: what torch, transformers and vLLM load);
+- manifests: every stage writes ``<out>/manifest.json`` (``Manifest``); ``lineage`` walks inputs back to the raw
+  corpus, resolving a path inside an artifact (``.../pretrain/model``, ``.../sftd/train.jsonl``) to that artifact.
 """
 
 from __future__ import annotations
@@ -10,7 +19,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,46 +32,220 @@ import pyarrow.fs as pafs
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+CACHE_ENV = "GENLOOP_CACHE_DIR"  # where remote artifacts are downloaded (default ~/.cache/genloop/artifacts)
 
 
 class ArtifactError(ValueError):
     """A missing, unfinished or already-finished artifact; the message says what to do."""
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+# ---- paths ---------------------------------------------------------------------------------------------------------
+
+
+def is_uri(path: str | Path) -> bool:
+    """``scheme://...`` (object storage) rather than a local path."""
+    return "://" in str(path)
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a ``scheme://`` URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
+    uri = str(uri)
+    if is_uri(uri):
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad buckets
+            raise ArtifactError(f"cannot open {uri} ({e}); use a local path or an s3:// gs:// URI with credentials "
+                                "and endpoint in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
 def absolute(uri: str | None) -> str | None:
     """A local path made absolute (Ray workers run in other directories); URIs and None unchanged."""
-    if not uri or "://" in uri:
+    if not uri or is_uri(uri):
         return uri
     return str(Path(uri).resolve())
 
 
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else str(Path(uri, *parts))
+def join(uri: str | Path, *parts: str) -> str:
+    uri = str(uri)
+    return "/".join([uri.rstrip("/"), *parts]) if is_uri(uri) else str(Path(uri, *parts))
 
 
-def read_text(uri: str) -> str:
+def parent(uri: str | Path) -> str | None:
+    """The folder holding ``uri``; None at a bucket or filesystem root."""
+    uri = str(uri)
+    if is_uri(uri):
+        scheme, rest = uri.split("://", 1)
+        rest = rest.rstrip("/")
+        return f"{scheme}://{rest.rsplit('/', 1)[0]}" if "/" in rest else None
+    p = Path(uri).resolve()
+    return str(p.parent) if p.parent != p else None
+
+
+def name(uri: str | Path) -> str:
+    """The last path component."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _info(uri: str | Path) -> pafs.FileInfo:
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+    return fs.get_file_info(path)
 
 
-def write_text(uri: str, text: str) -> None:
+def exists(uri: str | Path) -> bool:
+    return _info(uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str | Path) -> bool:
+    return _info(uri).type == pafs.FileType.Directory
+
+
+def is_file(uri: str | Path) -> bool:
+    return _info(uri).type == pafs.FileType.File
+
+
+def list_files(uri: str | Path) -> list[str]:
+    """Every file under a folder (recursive), as paths / URIs of the same kind as ``uri``, sorted; ``[uri]`` for a
+    file; ``[]`` when nothing is there."""
+    uri = str(uri)
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type != pafs.FileType.Directory:
+        return []
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    rels = sorted(e.path[len(path):].lstrip("/") for e in entries if e.type == pafs.FileType.File)
+    return [join(uri, *r.split("/")) for r in rels]
+
+
+# ---- bytes and text ------------------------------------------------------------------------------------------------
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} does not exist") from None
+
+
+def read_text(uri: str | Path, errors: str = "strict") -> str:
+    return read_bytes(uri).decode("utf-8", errors=errors)
+
+
+def write_bytes(uri: str | Path, data: bytes) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+        f.write(data)
 
 
-def exists(uri: str) -> bool:
+def write_text(uri: str | Path, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+# ---- folders -------------------------------------------------------------------------------------------------------
+
+
+def upload_dir(local: str | Path, uri: str | Path) -> None:
+    """Copy a local folder's files to ``uri`` (a URI or another local folder), keeping the tree."""
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+class writable_dir:
+    """``with writable_dir(uri) as local:`` a local folder to write into; for a URI it is a temp folder uploaded to
+    ``uri`` when the block succeeds (and dropped either way), for a local path the folder itself."""
+
+    def __init__(self, uri: str | Path) -> None:
+        self.uri = str(uri)
+        self.tmp = tempfile.mkdtemp(prefix="genloop-out-") if is_uri(self.uri) else None
+
+    def __enter__(self) -> str:
+        if self.tmp is None:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        return self.tmp or self.uri
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmp is None:
+            return
+        try:
+            if exc[0] is None:
+                upload_dir(self.tmp, self.uri)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "genloop" / "artifacts")
+
+
+def local_copy(uri: str | Path) -> str:
+    """A local path holding ``uri``'s content: the path itself when local; for a remote folder or file, a copy in
+    the local cache (``GENLOOP_CACHE_DIR``) downloaded once per version: the cache key is the URI plus every file's
+    size and modification time, so a rewritten artifact is fetched again. Safe when several processes of one node
+    ask at once (each downloads into its own temp folder, the first rename wins)."""
+    uri = str(uri)
+    if not is_uri(uri):
+        return uri
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} does not exist")
+    if info.type == pafs.FileType.File:
+        entries, base = [info], path.rsplit("/", 1)[0]
+    else:
+        entries, base = [e for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                         if e.type == pafs.FileType.File], path
+    listing = sorted((e.path[len(base):].lstrip("/"), e.size, str(e.mtime)) for e in entries)
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
+    target = cache_root() / key
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        try:
+            for rel, _, _ in listing:
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(f"{base}/{rel}") as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            try:
+                os.rename(tmp, target)
+                log.info("downloaded %s (%d files) to %s", uri, len(listing), target)
+            except OSError:  # another process finished first: theirs is the same content
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(target / name(path)) if info.type == pafs.FileType.File else str(target)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(uri: str | Path) -> str:
+    """A checkpoint folder (local or URI): ``uri`` itself when it holds ``config.json``, else ``<uri>/model`` (what
+    pretrain and sft write)."""
+    uri = str(uri)
+    if exists(join(uri, "config.json")):
+        return uri
+    if exists(join(uri, MODEL_DIR, "config.json")):
+        return join(uri, MODEL_DIR)
+    raise ArtifactError(f"{uri}: no checkpoint there (expected config.json in it or in {MODEL_DIR}/); pass a model "
+                        "folder a genloop training stage wrote")
+
+
+def checkpoint_dir(uri: str | Path) -> str:
+    """``resolve_checkpoint(uri)`` as a local folder (downloaded once into the cache when remote)."""
+    return local_copy(resolve_checkpoint(uri))
+
+
+# ---- manifests and lineage -----------------------------------------------------------------------------------------
 
 
 def code_version() -> str:
@@ -82,7 +268,7 @@ def code_version() -> str:
 
 def manifest_digest(uri: str) -> str:
     """sha256 of an artifact's manifest.json: what a downstream manifest records of its inputs."""
-    return hashlib.sha256(read_text(join(uri, MANIFEST)).encode()).hexdigest()
+    return hashlib.sha256(read_bytes(join(uri, MANIFEST))).hexdigest()
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
@@ -100,6 +286,25 @@ def is_finished(uri: str) -> bool:
         return read_manifest(uri).get("status") == "finished"
     except ArtifactError:
         return False
+
+
+def artifact_of(uri: str, levels: int = 2) -> str | None:
+    """The artifact folder ``uri`` belongs to: itself when it holds a manifest, else the nearest of its ``levels``
+    parents that does (``.../pretrain/model`` -> ``.../pretrain``, ``.../sftd/train.jsonl`` -> ``.../sftd``)."""
+    at: str | None = str(uri)
+    if at.startswith("<"):  # a placeholder such as <stdlib>, not a path
+        return None
+    for _ in range(levels + 1):
+        if at is None or any(c in name(at) for c in "*?["):  # a glob is no folder
+            at = parent(at) if at else None
+            continue
+        try:
+            if exists(join(at, MANIFEST)):
+                return at
+        except (ArtifactError, OSError):
+            return None
+        at = parent(at)
+    return None
 
 
 @dataclass
@@ -142,30 +347,37 @@ class Manifest:
 
 
 def describe_input(uri: str) -> dict[str, str]:
-    """An input as a manifest records it: path, plus the digest of its manifest when it is an artifact."""
+    """An input as a manifest records it: its path; for a path in an artifact, that artifact (when it is not the path
+    itself), its stage and its manifest's digest; otherwise ``kind: raw``."""
     entry = {"path": uri}
-    if exists(join(uri, MANIFEST)):
-        entry["manifest_sha256"] = manifest_digest(uri)
-        entry["stage"] = read_manifest(uri).get("stage", "?")
-    else:
+    art = artifact_of(uri)
+    if art is None:
         entry["kind"] = "raw"
+        return entry
+    if art != uri:
+        entry["artifact"] = art
+    entry["manifest_sha256"] = manifest_digest(art)
+    entry["stage"] = read_manifest(art).get("stage", "?")
     return entry
 
 
 def lineage(uri: str, _depth: int = 0, _seen: set[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(depth, entry) for the artifact and, recursively, each input back to the raw corpus."""
+    """(depth, entry) for the artifact and, recursively, each input back to the raw corpus. An input inside another
+    artifact (a checkpoint's ``model/``, an instruction set's ``train.jsonl``) is followed into that artifact; a
+    digest that differs from the recorded one is logged (the input changed after this artifact was made)."""
     seen = _seen if _seen is not None else set()
-    m = read_manifest(uri)
-    yield _depth, {"path": uri, "stage": m.get("stage"), "status": m.get("status"), "started": m.get("started")}
+    art = artifact_of(uri) or uri
+    m = read_manifest(art)
+    yield _depth, {"path": art, "stage": m.get("stage"), "status": m.get("status"), "started": m.get("started")}
     for inp in m.get("inputs", []):
         path = inp["path"]
-        if path in seen:
+        target = inp.get("artifact") or artifact_of(path)  # also for manifests that recorded a model/ folder as raw
+        if (target or path) in seen:
             continue
-        seen.add(path)
-        if "manifest_sha256" in inp and exists(join(path, MANIFEST)):
-            now = manifest_digest(path)
-            if now != inp["manifest_sha256"]:
-                log.warning("input %s changed since %s was made (manifest digest differs)", path, uri)
-            yield from lineage(path, _depth + 1, seen)
+        seen.add(target or path)
+        if target is not None and exists(join(target, MANIFEST)):
+            if "manifest_sha256" in inp and manifest_digest(target) != inp["manifest_sha256"]:
+                log.warning("input %s changed since %s was made (manifest digest differs)", target, art)
+            yield from lineage(target, _depth + 1, seen)
         else:
             yield _depth + 1, {"path": path, "stage": "raw input"}
