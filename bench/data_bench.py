@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow as pa  # noqa: E402
 
-from pipelines.data import BlockPacker, DataConfig, Tokenize, pack_batch, run, stdlib_files  # noqa: E402
+from pipelines.blocks import BlockPacker, Tokenize, pack_batch  # noqa: E402
+from pipelines.data import DataConfig, run, stdlib_files  # noqa: E402
 from pipelines.data_dedup import MinHashConfig, permutations, text_signature  # noqa: E402
 
 _WORDS = re.compile(r"\w+")
@@ -120,6 +121,9 @@ def bench_minhash(texts: list[str], mb: float) -> tuple[float, float | None]:
 
 
 def bench_pipeline(files: list[str], mb: float) -> float:
+    from cluster.runtime import init_ray
+
+    init_ray()  # stages take a running Ray; a bench script is an edge and starts it
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DataConfig(input=files, out=f"{tmp}/out", tokenizer="cl100k_base", seq_len=256)
         t = time.perf_counter()

@@ -16,6 +16,9 @@ at least ``threshold`` of the permutations (the MinHash estimate of Jaccard), wh
 collide in one band out. Big buckets (boilerplate) never expand to O(n^2) pairs: members are sorted by id and each
 is checked only against the bucket's ``max_bucket_pairs`` preceding members, chaining the rest (connected components
 stay correct for chains of similar documents).
+
+The data stage's dedup steps over Arrow batches (``select_kept`` -> ``group_rows`` -> groupby(kind, gkey) ->
+``group_edges``) are plain functions at the end of this module; the stage wraps them in Ray Data.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _B = np.uint64(0x100000001B3)                       # FNV prime: odd, so invertible mod 2**64
@@ -171,10 +176,6 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return acc
 
 
-def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    return float(np.mean(sig_a == sig_b))
-
-
 def bucket_edges(ids: Sequence[str], sigs: np.ndarray, threshold: float, max_pairs: int) -> list[tuple[str, str]]:
     """Confirmed (smaller id, larger id) pairs among one bucket's members; ``sigs`` shape (n, num_perm).
 
@@ -226,6 +227,56 @@ def survivors(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {x: r for x in uf.parent if (r := uf.find(x)) != x}
 
 
-def near_dup_losers(edges: Iterable[tuple[str, str]]) -> set[str]:
-    """Ids to drop: every member of a connected component except its smallest id (the deterministic survivor)."""
-    return set(survivors(edges))
+
+# ---- the data stage's dedup steps over Arrow batches (Ray Data UDFs) -----------------------------------------------
+
+EXACT_KIND, BAND_KIND = 0, 1
+
+
+def select_kept(batch: pa.Table, columns: list[str], kept: str = "kept") -> pa.Table:
+    """The rows whose ``status`` is ``kept``, only ``columns``."""
+    return batch.filter(pc.equal(batch.column("status"), kept)).select(columns)
+
+
+def group_rows(batch: pa.Table, mh: MinHashConfig, exact: bool) -> pa.Table:
+    """Kept documents (``key``, ``hash``, ``sig``) -> dedup group rows ``(kind, gkey, key, sig)``: one exact row keyed
+    by the content hash (``kind`` 0) and, with MinHash on, one row per LSH band keyed by the band's bucket (``kind`` 1)."""
+    kinds, gkeys, keys, sigs = [], [], [], []
+    no_sig = np.zeros(0, dtype=np.uint32)
+    for key, h, sig in zip(batch.column("key").to_pylist(), batch.column("hash").to_pylist(),
+                           batch.column("sig").to_numpy(zero_copy_only=False)):
+        if exact:
+            kinds.append(EXACT_KIND)
+            gkeys.append(h)
+            keys.append(key)
+            sigs.append(no_sig)
+        if mh.enabled:
+            sig = np.asarray(sig, dtype=np.uint32)
+            bk = band_keys(sig, mh.bands, mh.rows).view(np.int64)     # (bands,) bucket keys as int64 bit patterns
+            kinds += [BAND_KIND] * bk.size
+            gkeys += bk.tolist()
+            keys += [key] * bk.size
+            sigs += [sig] * bk.size
+    return pa.table({"kind": pa.array(kinds, type=pa.int8()), "gkey": pa.array(gkeys, type=pa.int64()),
+                     "key": pa.array(keys, type=pa.string()),
+                     "sig": pa.array([x.tolist() for x in sigs], type=pa.list_(pa.uint32()))})
+
+
+def group_edges(group: pa.Table, mh: MinHashConfig) -> pa.Table:
+    """One dedup group -> edges ``(kind, a, b)``, a < b.
+
+    An exact group (same content hash) links every member to its smallest key: n - 1 edges whose ``b`` are the
+    exact duplicates. A band bucket yields confirmed near-duplicate edges, at most ``max_bucket_pairs`` per member.
+    """
+    keys = group.column("key").to_pylist()
+    edges: list[tuple[str, str]] = []
+    kind = int(group.column("kind")[0].as_py()) if group.num_rows else BAND_KIND
+    if kind == EXACT_KIND:
+        ks = sorted(set(keys))
+        edges = [(ks[0], k) for k in ks[1:]]
+    elif len(keys) > 1:
+        sigs = np.array(group.column("sig").to_pylist(), dtype=np.uint32)
+        edges = bucket_edges(keys, sigs, mh.threshold, mh.max_bucket_pairs)
+    return pa.table({"kind": pa.array([kind] * len(edges), type=pa.int8()),
+                     "a": pa.array([e[0] for e in edges], type=pa.string()),
+                     "b": pa.array([e[1] for e in edges], type=pa.string())})

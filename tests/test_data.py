@@ -13,8 +13,9 @@ import pytest
 from pipelines.artifacts import ArtifactError, read_manifest
 from pipelines.blocks import TOKENS, open_dataset
 from pipelines.config import build_config
-from pipelines.data import (DataConfig, DocProcessor, decode_document, list_inputs, run, split_documents,
-                            stdlib_files)
+from pipelines.data import DataConfig, run
+from pipelines.data_docs import DocProcessor, decode_document
+from pipelines.data_inputs import list_inputs, split_documents, stdlib_files
 from pipelines.data_text import CodeRules, ProseRules, c4_clean, code_filter, dup_ngram_char_frac, gopher_quality, \
     gopher_repetition, normalise, redact_pii, top_ngram_char_frac
 from tests.conftest import STDLIB
@@ -78,7 +79,7 @@ def test_code_rules():
 def test_split_and_decode_malformed():
     cfg = DataConfig()
     jsonl = b'{"text": "one"}\n\n{broken\n{"body": 1}\n{"text": "\xff"}\n"just a string"\n'
-    got = [(k.rsplit("#", 1)[1], bad) for k, _, bad in split_documents("x.jsonl", jsonl, cfg)]
+    got = [(k.rsplit("#", 1)[1], bad) for k, _, bad in split_documents("x.jsonl", jsonl, cfg.text_field)]
     assert got == [("00000000", ""), ("00000002", "bad_json"), ("00000003", "no_text_field"),
                    ("00000004", "invalid_utf8"), ("00000005", "no_text_field")]
     assert decode_document(b"ok \xff", 100) == (None, "invalid_utf8", False)

@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pipelines.data_dedup import (MinHashConfig, band_keys, bucket_edges, content_hash, near_dup_losers,
+from pipelines.data_dedup import (MinHashConfig, band_keys, bucket_edges, content_hash, survivors,
                                   permutations, shingle_hashes, signature, splitmix64, text_signature, word_hashes)
 
 # ---- planted corpus ---------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def lsh_losers(texts: list[str], cfg: MinHashConfig) -> set[str]:
     for members in buckets.values():
         edges += bucket_edges([ids[i] for i in members], np.stack([sigs[i] for i in members]), cfg.threshold,
                               cfg.max_bucket_pairs)
-    return near_dup_losers(edges)
+    return set(survivors(edges))
 
 
 def test_planted_pairs_recall_and_precision():
@@ -152,7 +152,7 @@ def test_huge_bucket_is_bounded_and_still_one_cluster():
     ids = [f"k{i:06d}" for i in range(n)][::-1]                     # unsorted input
     edges = bucket_edges(ids, np.tile(sig, (n, 1)), threshold=0.7, max_pairs=max_pairs)
     assert len(edges) <= n * max_pairs                              # not n^2 / 2 = 4.5M
-    losers = near_dup_losers(edges)
+    losers = set(survivors(edges))
     assert len(losers) == n - 1 and "k000000" not in losers         # one component, smallest id survives
 
 
