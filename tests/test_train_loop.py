@@ -122,6 +122,25 @@ def test_config_rejects_inconsistent_values():
         TrainLoopConfig(strategy="none", num_workers=2).validate()
     with pytest.raises(ValueError, match="min_lr"):
         TrainLoopConfig(lr=1e-4, min_lr=1e-3).validate()
+    for key in ("log_every", "eval_every", "ckpt_every"):
+        with pytest.raises(ValueError, match=f"train.{key}=-1 must be >= 0"):
+            TrainLoopConfig(**{key: -1}).validate()
+
+
+def test_zero_periods_mean_only_the_last_step(tmp_path):
+    """log_every=0 / eval_every=0 / ckpt_every=0 all mean "no periodic ones": the run finishes (no division by
+    zero) with one metrics row, at the last step, holding the train and validation loss, and one checkpoint."""
+    import os
+
+    cfg = TrainLoopConfig(steps=3, micro_batch_size=2, warmup_steps=0, log_every=0, eval_every=0, ckpt_every=0,
+                          eval_batches=1, strategy="none", progress=False, name="zero")
+    assert [cfg.due(0, d) for d in (1, 2, 3)] == [False, False, True]
+    assert [cfg.due(2, d) for d in (1, 2, 3)] == [False, True, True]
+    blocks = _random_blocks(n=12, seq=8)
+    r = fit(cfg, tiny_builder(256), lm_dataset(blocks[:8]), lm_dataset(blocks[8:]), str(tmp_path), in_process=True)
+    assert [h["step"] for h in r.history] == [3]
+    assert {"loss", "val_loss", "val_ppl"} <= set(r.history[0])
+    assert os.listdir(tmp_path / "train_runs" / "zero") == ["step_00000003"]
 
 
 # ---- integration (Ray Train) ---------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Where a training worker runs: a Ray Train worker (``RaySession``) or this process (``LocalSession``, the
+single-process reference). The worker loop asks its session for rank/world, its datasets, the checkpoint to resume
+from, and hands it metrics + checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from pipelines.train_config import LOOP_STATE
+
+
+class Session:
+    """What the worker loop needs from its runner: rank/world, datasets, checkpoints, report."""
+
+    rank = 0
+    world = 1
+
+    def train_rows(self) -> Any: ...
+    def val_rows(self) -> Any: ...
+    def latest_checkpoint(self) -> str | None: ...
+    def report(self, metrics: dict, ckpt_dir: str | None, step: int) -> None: ...
+
+
+class RaySession(Session):
+    def __init__(self, has_val: bool, resume_dir: str | None = None) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self._train = ray.train
+        self.has_val = has_val
+        self.resume_dir = resume_dir
+
+    def train_rows(self):
+        return self._train.get_dataset_shard("train")
+
+    def val_rows(self):
+        return self._train.get_dataset_shard("val") if self.has_val else None
+
+    def latest_checkpoint(self):
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            return self.resume_dir
+        # storage is a local or mounted path here (a cloud URI is downloaded by as_directory)
+        self._ckpt_ctx = ckpt.as_directory()
+        return self._ckpt_ctx.__enter__()
+
+    def report(self, metrics, ckpt_dir, step):
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}" if ckpt else None)
+
+
+class LocalSession(Session):
+    """In-process run (strategy none, one worker): the reference the distributed runs are checked against."""
+
+    def __init__(self, train_ds, val_ds, run_dir: str) -> None:
+        self._train, self._val, self.run_dir = train_ds, val_ds, run_dir
+
+    def train_rows(self):
+        return ordered(self._train)
+
+    def val_rows(self):
+        return ordered(self._val) if self._val is not None else None
+
+    def latest_checkpoint(self):
+        return latest_checkpoint_dir(self.run_dir)
+
+    def report(self, metrics, ckpt_dir, step):
+        if ckpt_dir:
+            target = os.path.join(self.run_dir, f"step_{step:08d}")
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(ckpt_dir, target)
+
+
+def ordered(ds):
+    """Ray Data may reorder blocks unless told otherwise; the loop's data order must be deterministic."""
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+    return ds
+
+
+def latest_checkpoint_dir(run_dir: str) -> str | None:
+    """The newest complete ``step_*`` checkpoint under a run folder (complete = has loop_state.json)."""
+    if not os.path.isdir(run_dir):
+        return None
+    done = sorted(d for d in os.listdir(run_dir) if d.startswith("step_")
+                  and os.path.exists(os.path.join(run_dir, d, LOOP_STATE)))
+    return os.path.join(run_dir, done[-1]) if done else None
