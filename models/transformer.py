@@ -1,7 +1,8 @@
 """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention through ``F.scaled_dot_product_attention``.
 
 Parameter names are Hugging Face ``LlamaForCausalLM``'s, so a state dict saves, loads and streams into vLLM as is.
-Parallelism (DDP/FSDP2) lives in ``models/parallel.py``, not here.
+Parallelism (DDP/FSDP2) lives in ``models/parallel.py``, not here. ``generate`` decodes with a KV cache through the
+model's own ``forward`` (``cache=KVCache(...)``): small evals and tests; serving and rollouts go through vLLM.
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, KV, past + T, hd)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, hd)
@@ -148,9 +152,29 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values of the tokens a decoder has seen, per layer, each (B, KV, T_seen, hd): ``forward(...,
+    cache=c)`` appends the new tokens' and attends over all of them."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        """Tokens seen so far."""
+        return 0 if self.k[0] is None else int(self.k[0].shape[2])
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
 
 
 class Decoder(nn.Module):
@@ -190,26 +214,33 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T); restarts per packed sample
         doc_ids: torch.Tensor | None = None,  # (B, T); attention stays within equal ids
         hidden_only: bool = False,
+        cache: KVCache | None = None,  # keys/values of the tokens seen before these (appended to here)
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or the final hidden states (B, T, dim) with ``hidden_only``."""
-        x = self.hidden_states(input_ids, position_ids, doc_ids)
+        x = self.hidden_states(input_ids, position_ids, doc_ids, cache)
         return x if hidden_only else self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The trunk: final normed hidden states (B, T, dim), what a head (lm_head, a scalar score) reads."""
+                      doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk: final normed hidden states (B, T, dim), what a head (lm_head, a scalar score) reads. With
+        ``cache``, the ``T`` tokens follow the ``len(cache)`` already seen (positions continue from there)."""
         B, T = input_ids.shape
+        past = len(cache) if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = None
         if doc_ids is not None:
+            if past:
+                raise ValueError("doc_ids (packed samples) cannot be combined with a KV cache")
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # (B, T, T)
             mask = mask[:, None]  # (B, 1, T, T)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+        elif past:  # the new tokens see every cached one, and each other causally: (T, past + T)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
         return self.model.norm(x)
 
 
@@ -223,16 +254,25 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Plain autoregressive sampling (greedy at temperature 0) without a KV cache: for tests and small evals.
-
-    Serving and RLHF rollouts go through vLLM (``models/engine.py``).
+    """Autoregressive sampling (greedy at temperature 0) with a KV cache through the model's own ``forward``: the
+    prompt once, then one token per step. Stops at a stop id (kept in the output), after ``max_new_tokens``, or when
+    the context (``max_seq_len``) is full. ``model``: the plain module (``models.parallel.unwrap`` a wrapped one; FSDP2
+    shards still gather in its forward). For tests and small evals; serving and RLHF rollouts go through vLLM
+    (``models/engine.py``).
     """
+    cfg = model.cfg
+    if not prompt:
+        raise ValueError("generate needs a non-empty prompt")
+    if len(prompt) >= cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.max_seq_len}; "
+                         "shorten it")
     model.eval()
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
+    cache = KVCache(cfg.n_layers)
+    ids = torch.tensor([prompt], device=device)  # (1, T): the prompt, then one new token per step
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.cfg.max_seq_len:])[0, -1].float()  # (vocab,)
+    for _ in range(min(max_new_tokens, cfg.max_seq_len - len(prompt))):
+        logits = model(ids, cache=cache)[0, -1].float()  # (vocab,)
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -244,5 +284,5 @@ def generate(
         out.append(nxt)
         if nxt in stop_ids:
             break
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        ids = torch.tensor([[nxt]], device=device)
     return out

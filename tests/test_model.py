@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.transformer import MODEL_PRESETS, ModelConfig, Transformer, generate, model_preset
+from models.transformer import MODEL_PRESETS, KVCache, ModelConfig, Transformer, generate, model_preset
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -122,3 +122,45 @@ def test_greedy_generate_stops_on_stop_id(tiny_checkpoint):
     assert len(out) == 8
     first = out[0]
     assert generate(m, prompt, 8, stop_ids=(first,)) == [first]
+
+
+def _greedy_full(model, prompt: list[int], n: int) -> list[int]:
+    """Reference greedy decoding: the whole context re-run for every new token (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_forward_matches_full_forward(tiny_checkpoint):
+    """Logits of a prompt fed in three pieces through one KVCache equal those of one full forward."""
+    m, tok = load_checkpoint(tiny_checkpoint)
+    ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n")])  # (1, T)
+    T = ids.shape[1]
+    with torch.no_grad():
+        full = m(ids)
+        cache = KVCache(m.cfg.n_layers)
+        pieces = [m(ids[:, :5], cache=cache), m(ids[:, 5:6], cache=cache), m(ids[:, 6:], cache=cache)]
+    assert len(cache) == T
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_generate_equals_full_recompute_also_with_lora(tiny_checkpoint):
+    from models.lora import LoraConfig, LoraLinear, apply_lora
+
+    model, tok = load_checkpoint(tiny_checkpoint)
+    prompts = [tok.encode("def add(a, b):\n    return"), [tok.im_start_id] + tok.encode("user\nhello")]
+    for p in prompts:
+        want = _greedy_full(model, p, 20)
+        assert generate(model, p, 20) == want
+        assert generate(model, p, 20, stop_ids=(want[5],)) == want[: want.index(want[5]) + 1]
+    apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj", "v_proj", "up_proj"]))
+    for mod in model.modules():
+        if isinstance(mod, LoraLinear):
+            torch.nn.init.normal_(mod.lora_B, std=0.5)
+    assert generate(model, prompts[0], 20) == _greedy_full(model, prompts[0], 20)
+    # never runs past the context; a prompt that fills it is refused
+    assert len(generate(model, list(range(model.cfg.max_seq_len - 3)), 20)) == 3
+    with pytest.raises(ValueError, match="no room"):
+        generate(model, list(range(model.cfg.max_seq_len)), 4)

@@ -173,26 +173,3 @@ def test_writes_function_needs_a_def_that_parses():
     assert writes_function("Sure:\n```python\nasync def g():\n    pass\n```")
     assert not writes_function("# a comment that parses\nfrom os import path")  # parses, writes nothing
     assert not writes_function("def f(x):\n    return (")
-    assert not np.isnan(0.0)
-
-
-def test_greedy_cached_matches_generate(tiny_checkpoint):
-    """The KV-cached greedy decoder used by the before/after eval returns generate()'s tokens (also with LoRA)."""
-    from models.checkpoint import load_checkpoint
-    from models.lora import LoraConfig, LoraLinear, apply_lora
-    from models.transformer import generate
-    from pipelines.sft import greedy_cached
-
-    model, tok = load_checkpoint(tiny_checkpoint)
-    prompts = [tok.encode("def add(a, b):\n    return"), [tok.im_start_id] + tok.encode("user\nhello")]
-    for p in prompts:
-        want = generate(model, p, 20)
-        assert greedy_cached(model, p, 20) == want
-        assert greedy_cached(model, p, 20, stop_ids=(want[5],)) == want[: want.index(want[5]) + 1]
-    apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj", "v_proj", "up_proj"]))
-    for m in model.modules():
-        if isinstance(m, LoraLinear):
-            torch.nn.init.normal_(m.lora_B, std=0.5)
-    assert greedy_cached(model, prompts[0], 20) == generate(model, prompts[0], 20)
-    # never runs past the context
-    assert len(greedy_cached(model, list(range(model.cfg.max_seq_len - 3)), 20)) == 3
