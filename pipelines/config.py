@@ -65,7 +65,7 @@ def section_for(data: Mapping[str, Any], stage: str, cls: type) -> dict[str, Any
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=3`` -> ``("a.b", 3)``; values are parsed as YAML scalars (numbers, bools, lists)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value (example: lr=3e-4 or model.dim=128)")
+        raise ConfigError(f"override {text!r} is not key=value (example: train.lr=3e-4 or model.dim=128)")
     key, _, raw = text.partition("=")
     key = key.strip().replace("-", "_")
     try:

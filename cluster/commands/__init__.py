@@ -14,10 +14,13 @@ The convention (one module per command, named after its verb; TRL's ``trl/cli/co
 
   ``register`` must not import heavy modules (torch, ray, vllm) at module import time: ``genloop --help`` imports no
   command module at all, and ``genloop X`` imports only ``X``'s.
-- A stage command builds the stage's typed config with ``config_from_args(ConfigClass, "section", args)``, starts
-  Ray with ``start_ray(args)`` (``--address`` / ``RAY_ADDRESS``, else an embedded local Ray), then calls the
+- A stage command (one with a config section) also defines ``config(args) -> StageConfig``, which returns
+  ``config_from_args(ConfigClass, "section", args)``; ``run`` calls it, checks what it can before Ray starts,
+  starts Ray with ``start_ray(args)`` (``--address`` / ``RAY_ADDRESS``, else an embedded local Ray), then calls the
   stage's ``run(config)``. Stages take a ready Ray runtime: a stage's ``run(config)`` has no ``address`` parameter
-  and never calls ``ray.init`` / ``init_ray``.
+  and never calls ``ray.init`` / ``init_ray``. ``add_stage_command(..., examples="a.b=1 c=2")`` shows override
+  examples in ``--help``; tests/test_cli_examples.py builds ``config(args)`` from every example in ``--help`` and
+  README.md, so an example that stops working fails the tests.
 - Errors a user can fix are raised as ``ValueError`` / ``FileNotFoundError`` / ``ConfigError`` with a message that
   names the problem and what to do; ``cluster.cli.main`` prints them as one line (``GENLOOP_DEBUG=1``: traceback).
 - Add the command to ``COMMANDS`` below: (name, module, one-line help). The order is the order in ``--help``.

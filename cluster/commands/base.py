@@ -31,12 +31,14 @@ def add_overwrite(p: argparse.ArgumentParser, key: str | None = "overwrite",
 
 
 def add_stage_command(sub: argparse._SubParsersAction, name: str, help: str,
-                      flags: dict[str, tuple[str, dict[str, Any]]] | None = None, *, description: str | None = None,
-                      overwrite: bool = True, ray: bool = True) -> argparse.ArgumentParser:
+                      flags: dict[str, tuple[str, dict[str, Any]]] | None = None, *, examples: str,
+                      description: str | None = None, overwrite: bool = True,
+                      ray: bool = True) -> argparse.ArgumentParser:
     """A stage's parser: ``--config``, ``key=value`` overrides, ``--overwrite``, ``--address``, plus ``flags``.
 
     ``flags`` maps an option (``--out``) to (config key, argparse kwargs); a flag's value becomes that key's
-    override, applied before the positional ``key=value`` overrides.
+    override, applied before the positional ``key=value`` overrides. ``examples`` are overrides this stage accepts,
+    shown in its ``--help`` (tests/test_cli_examples.py builds the stage's config from them, so they stay true).
     """
     p = sub.add_parser(name, help=help, description=description or help,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -51,7 +53,7 @@ def add_stage_command(sub: argparse._SubParsersAction, name: str, help: str,
     if ray:
         add_address(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, applied last (dotted keys reach sections: train.lr=3e-4 model.dim=128)")
+                   help=f"config overrides, applied last; dotted keys reach sections (e.g. {examples})")
     return p
 
 

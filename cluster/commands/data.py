@@ -19,14 +19,20 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--out": ("out", {"help": "output folder (or s3:// gs:// URI)"}),
         "--seq-len": ("seq_len", {"type": int, "help": "block length; blocks hold seq_len + 1 ids"}),
         "--text-field": ("text_field", {"help": "JSONL/JSON/Parquet field with the text"}),
-    })
+    }, examples="seq_len=512 minhash.threshold=0.8 pii=false")
+
+
+def config(args: argparse.Namespace):
+    from pipelines.data import DataConfig
+
+    return config_from_args(DataConfig, "data", args)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines import data
 
-    cfg = config_from_args(data.DataConfig, "data", args)
-    data._check_config(cfg)
+    cfg = config(args)
+    data.check_config(cfg)
     if cfg.input:
         data.list_inputs(cfg.input)  # a path matching nothing fails here, before Ray starts
     start_ray(args)

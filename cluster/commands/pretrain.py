@@ -22,17 +22,24 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                         "help": "one GPU per worker (default: GPUs if the cluster has them)"}),
         "--steps": ("train.steps", {"type": int, "help": "optimizer steps"}),
         "--seq-len": ("seq_len", {"type": int, "help": "tokens per row (default: the dataset's)"}),
-    }, description="Pretraining and domain fine-tuning on Ray Train (DDP | FSDP2). Examples: "
-                   "genloop pretrain --config tiny --data runs/data --out runs/pt model.dim=128 train.lr=3e-4")
+    }, examples="train.lr=3e-4 model.dim=128 train.steps=200",
+        description="Pretraining and domain fine-tuning on Ray Train (DDP | FSDP2). Example: "
+                    "genloop pretrain --config tiny --data runs/data --out runs/pt model.dim=128 train.lr=3e-4")
+
+
+def config(args: argparse.Namespace):
+    from pipelines.pretrain import PretrainConfig
+
+    return config_from_args(PretrainConfig, "pretrain", args)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines import pretrain
 
-    config = config_from_args(pretrain.PretrainConfig, "pretrain", args)
-    pretrain.plan(config)  # bad inputs fail here, before Ray starts
+    cfg = config(args)
+    pretrain.plan(cfg)  # bad inputs fail here, before Ray starts
     start_ray(args)
-    result = pretrain.run(config)
+    result = pretrain.run(cfg)
     m = result.metrics
     print(f"pretrain: {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
           f"val_loss {m.get('val_loss', float('nan')):.4f} (ppl {m.get('val_ppl', float('nan')):.1f}), "

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--api-key-file": ("api_key_file", {"metavar": "F", "help": "one API key per line; keys then required"}),
         "--host": ("host", {"help": "HTTP host (preset default 127.0.0.1: loopback only)"}),
         "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
-    }, overwrite=False)
+    }, examples="rag_top_k=5 engine.max_num_seqs=8", overwrite=False)
     p.add_argument("--smoke", type=int, default=0, metavar="N",
                    help="start, answer N sample questions with the openai client, print them and exit")
     return p
@@ -76,12 +76,18 @@ def api_key(path: str | None) -> str | None:
                  if ln.strip() and not ln.lstrip().startswith("#")), None)
 
 
+def config(args: argparse.Namespace):
+    from serve.app import ServeConfig
+
+    return config_from_args(ServeConfig, "serve", args)
+
+
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from serve.app import ServeConfig, start
+    from serve.app import start
 
-    cfg: ServeConfig = config_from_args(ServeConfig, "serve", args)
+    cfg = config(args)
     url = start(cfg, address_of(args))
     print(f"genloop serve: {cfg.served_name()!r} at {url}/v1 (OpenAI-compatible); knowledge store "
           f"{cfg.state_paths()[0]}; Ctrl-C stops", flush=True)

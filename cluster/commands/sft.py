@@ -22,7 +22,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--lora-rank": ("lora.rank", {"metavar": "R", "type": int, "help": "LoRA rank (0 = full fine-tuning)"}),
         "--steps": ("train.steps", {"metavar": "N", "type": int, "help": "optimizer steps"}),
         "--num-workers": ("train.num_workers", {"metavar": "N", "type": int, "help": "Ray Train workers"}),
-    })
+    }, examples="train.lr=1e-4 lora.rank=8 train_on=all")
+
+
+def config(args: argparse.Namespace):
+    from pipelines.sft import SftConfig
+
+    return config_from_args(SftConfig, "sft", args)
 
 
 KEYS = ("out", "heldout_answer_loss_before", "heldout_answer_loss_after", "parse_rate_before", "parse_rate_after",
@@ -32,7 +38,7 @@ KEYS = ("out", "heldout_answer_loss_before", "heldout_answer_loss_after", "parse
 def run(args: argparse.Namespace) -> int:
     from pipelines import sft
 
-    cfg = config_from_args(sft.SftConfig, "sft", args)
+    cfg = config(args)
     start_ray(args)
     res = sft.run(cfg)
     print(json.dumps({k: res[k] for k in KEYS if k in res}))

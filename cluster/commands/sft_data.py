@@ -16,12 +16,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                       "help": "comma-separated Python files/folders (default: this Python's stdlib)"}),
         "--out": ("out", {"metavar": "FILE_OR_DIR",
                           "help": "output FILE.jsonl (held-out split: FILE.val.jsonl) or artifact folder DIR"}),
-    }, ray=False)
+    }, examples="max_code_lines=8 tasks=[write] val_fraction=0.1", ray=False)
+
+
+def config(args: argparse.Namespace):
+    from pipelines.sft_data import SftDataConfig
+
+    return config_from_args(SftDataConfig, "sft-data", args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.sft_data import SftDataConfig, run as build
+    from pipelines.sft_data import run as build
 
-    stats = build(config_from_args(SftDataConfig, "sft-data", args))
+    stats = build(config(args))
     print(json.dumps({"out": stats["out"], "val": stats["val"], **stats["counts"]}))
     return 0
