@@ -1,5 +1,8 @@
 """Training metrics: peak FLOP/s per device (for MFU), and the artifact's metrics.jsonl / metrics.csv / loss_curve.png.
 
+Public writers for every stage: ``write_metrics(out, rows)`` (jsonl + csv), ``plot_loss(out, rows)``,
+``plot_curves(out, rows, {label: key}, filename)`` (any metric over ``step``), ``mfu``, ``device_peak_flops``.
+
 MFU = achieved model FLOP/s / peak FLOP/s, with model FLOPs per token from ``ModelConfig.flops_per_token`` (6N plus
 attention). GPU peaks are dense bf16 tensor-core figures from the vendors' data sheets; a CPU has no data sheet
 figure we can trust, so its peak is *measured* once (a float32 matmul on the threads a worker uses) and cached in
@@ -113,11 +116,20 @@ def write_metrics(out: str, rows: Sequence[dict[str, Any]]) -> None:
     write_text(join(out, "metrics.csv"), to_csv(rows))
 
 
-def plot_loss(out: str, rows: Sequence[dict[str, Any]], title: str = "loss") -> str | None:
+def plot_loss(out: str, rows: Sequence[dict[str, Any]], title: str = "loss",
+              ylabel: str = "cross-entropy (nats/token)") -> str | None:
     """``<out>/loss_curve.png``: train loss per logged step, val loss where evaluated."""
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train and not val:
+    return plot_curves(out, rows, {"train": "loss", "val": "val_loss"}, "loss_curve.png", ylabel=ylabel, title=title)
+
+
+def plot_curves(out: str, rows: Sequence[dict[str, Any]], series: dict[str, str], filename: str,
+                ylabel: str = "", title: str = "") -> str | None:
+    """``<out>/<filename>``: one line per ``{label: metric key}`` over ``step`` (rows lacking the key are skipped;
+    a series with few points is drawn with markers). None when no row has any of the keys. Other stages use it
+    for their own curves (``reward_curve.png``...)."""
+    lines = {label: [(r["step"], r[key]) for r in rows if key in r and "step" in r] for label, key in series.items()}
+    lines = {label: pts for label, pts in lines.items() if pts}
+    if not lines:
         return None
     import matplotlib
 
@@ -125,19 +137,17 @@ def plot_loss(out: str, rows: Sequence[dict[str, Any]], title: str = "loss") -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val")
+    for label, pts in lines.items():
+        ax.plot(*zip(*pts), "o-" if len(pts) < 12 else "-", label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
-    path = join(out, "loss_curve.png")
+    path = join(out, filename)
     from pipelines.artifacts import filesystem
 
     fs, p = filesystem(path)

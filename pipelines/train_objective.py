@@ -42,6 +42,7 @@ class Objective:
     implement ``__call__``, ``row_counts`` and ``row_tokens``."""
 
     name = "objective"
+    loss_label = "loss"  # the y axis of loss_curve.png
     columns: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     dtypes: dict[str, Any] = {}  # column -> numpy dtype on the worker (default int64)
@@ -77,6 +78,7 @@ class LMObjective(Objective):
     """Token-mean cross-entropy over ``labels != IGNORE`` (pretraining, SFT). Validation adds perplexity."""
 
     name = "lm"
+    loss_label = "cross-entropy (nats/token)"
     columns = ("input_ids", "labels", "position_ids", "doc_ids")
     required = ("input_ids", "labels")
 

@@ -234,7 +234,7 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     _export(spec, model, base, rank)
     if rank == 0:
         write_metrics(spec.out, history)  # also when resumed at the last step (no new rows)
-        plot_loss(spec.out, history, title=cfg.name)
+        plot_loss(spec.out, history, title=cfg.name, ylabel=obj.loss_label)
 
 
 def _maybe_fail(out: str, step: int) -> None:

@@ -1,0 +1,179 @@
+"""``genloop dpo --init-from SFT_CKPT --data PREFS --out DIR``: offline DPO on the shared loop.
+
+Pairs are read and rendered as for the reward model (``pipelines/prefs.py``). The reference model is the
+``init_from`` checkpoint itself; its sequence log-probs of every chosen and rejected answer are computed ONCE before
+training, as dataset columns (``ref_chosen_logp`` / ``ref_rejected_logp``; TRL's precompute), by a Ray Data
+``map_batches`` actor, so no reference model stays resident while the policy trains. The loss is one of
+``pipelines.pairwise.DPO_LOSSES`` (``sigmoid`` with optional ``label_smoothing``, ``ipo``, ``hinge``), ``beta``
+configurable.
+
+Reported on held-out pairs (``val_data``, a ``pref-data`` folder's ``val.jsonl``, or ``val_fraction`` split by
+prompt), with the exported policy: preference accuracy (chosen implicit reward > rejected), mean implicit reward
+margin, mean chosen / rejected rewards; also how often the policy's own log-prob ranks the chosen answer first,
+before and after. Output ``DIR/model``: a Hugging Face causal-LM checkpoint (``genloop serve`` serves it as is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.train_config import MODEL_DIR, TrainLoopConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DpoConfig:
+    init_from: str = ""  # the SFT checkpoint: the policy's start and the reference
+    data: str = ""  # preference JSONL, or a folder with train.jsonl [+ val.jsonl] (genloop pref-data)
+    val_data: str = ""
+    val_fraction: float = 0.1
+    out: str = ""
+    seq_len: int = 0  # tokens per side; 0 = the checkpoint's max_seq_len; longer pairs dropped
+    beta: float = 0.1
+    loss: str = "sigmoid"  # a name in pipelines.pairwise.DPO_LOSSES: sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # sigmoid only: conservative DPO
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
+        name="dpo", lr=5e-5, min_lr=5e-6, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0))
+    in_process: bool = False
+    ref_batch_size: int = 16
+    seed: int = 0
+    overwrite: bool = False
+
+
+@torch.no_grad()
+def reference_logps(model: Any, rows: dict[str, np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) summed answer log-probs (N,) of a causal LM over pair rows."""
+    from pipelines.pairwise import sequence_logps
+
+    model.eval()
+    out_c, out_r = [], []
+    n = len(rows["chosen_ids"])
+    for lo in range(0, n, batch_size):
+        sl = slice(lo, lo + batch_size)
+        for side, out in (("chosen", out_c), ("rejected", out_r)):
+            ids = torch.from_numpy(np.asarray(rows[f"{side}_ids"][sl], dtype=np.int64))
+            labels = torch.from_numpy(np.asarray(rows[f"{side}_labels"][sl], dtype=np.int64))
+            out.append(sequence_logps(model(ids), labels).numpy())
+    return np.concatenate(out_c).astype(np.float32), np.concatenate(out_r).astype(np.float32)
+
+
+class ReferenceLogps:
+    """Ray Data ``map_batches`` actor: adds ``ref_chosen_logp`` / ``ref_rejected_logp`` columns to pair rows."""
+
+    def __init__(self, init_from: str, batch_size: int) -> None:
+        from models.checkpoint import load_checkpoint
+
+        torch.set_num_threads(1)
+        self.model, _ = load_checkpoint(init_from)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = {k: np.stack(v) if v.dtype == object else v for k, v in batch.items()}
+        rows["ref_chosen_logp"], rows["ref_rejected_logp"] = reference_logps(self.model, rows, self.batch_size)
+        return rows
+
+
+def with_reference(ds: Any, init_from: str, batch_size: int) -> Any:
+    """The dataset with reference log-prob columns, computed once by one actor and materialised."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(ReferenceLogps, fn_constructor_args=(init_from, batch_size), batch_size=64,
+                          batch_format="numpy", compute=ActorPoolStrategy(size=1), num_cpus=1).materialize()
+
+
+def preference_eval(policy: Any, rows: dict[str, np.ndarray], beta: float, batch_size: int = 16) -> dict[str, float]:
+    """Held-out DPO numbers of ``policy`` on rows holding reference log-probs."""
+    if not rows:
+        return {}
+    pc, pr = reference_logps(policy, rows, batch_size)
+    rc = beta * (pc - rows["ref_chosen_logp"])
+    rr = beta * (pr - rows["ref_rejected_logp"])
+    return {"preference_accuracy": float(np.mean(rc > rr)), "reward_margin": float(np.mean(rc - rr)),
+            "chosen_reward": float(np.mean(rc)), "rejected_reward": float(np.mean(rr)),
+            "logp_accuracy": float(np.mean(pc > pr)), "pairs": len(rc)}
+
+
+def build_policy(init_from: str) -> Any:
+    from models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(init_from)
+    return model
+
+
+def run(cfg: DpoConfig) -> dict[str, Any]:
+    """Train and export the DPO policy; needs a ready Ray runtime. Returns the metrics."""
+    from models.chat import ChatFormat
+    from models.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_checkpoint
+    from pipelines.artifacts import Manifest, absolute, join
+    from pipelines.pairwise import DPOObjective
+    from pipelines.prefs import load_pairs, pair_rows, to_dataset, write_quarantine
+    from pipelines.train_loop import fit
+    from pipelines.train_state import hf_export
+
+    for key in ("init_from", "data", "out"):
+        if not getattr(cfg, key):
+            raise ValueError(f"dpo needs --{key.replace('_', '-')} (see genloop dpo --help)")
+    objective = DPOObjective(cfg.beta, cfg.label_smoothing, cfg.loss)  # validates beta / loss / smoothing
+    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")},
+                              val_data=absolute(cfg.val_data) if cfg.val_data else "")
+    cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
+    cfg.train.validate()
+    mcfg = load_config(cfg.init_from)
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise ValueError(f"dpo.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
+    manifest = Manifest.begin("dpo", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
+        [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
+    tok = load_tokenizer(cfg.init_from)
+    fmt = ChatFormat.from_checkpoint(cfg.init_from)
+
+    counts: Counter = Counter()
+    quarantine: list[dict] = []
+    train_pairs, val_pairs = load_pairs(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, counts, quarantine)
+    rows = pair_rows(train_pairs, tok, fmt, seq_len, counts)
+    val_rows = pair_rows(val_pairs, tok, fmt, seq_len, counts, prefix="val_")
+    write_quarantine(cfg.out, quarantine)
+    counts.update(train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())),
+                  quarantined=len(quarantine))
+    loop = cfg.train
+    if cfg.in_process:
+        loop = dataclasses.replace(loop, strategy="none", num_workers=1)
+    if counts["train_pairs"] < loop.global_rows():
+        raise ValueError(f"{cfg.data}: {counts['train_pairs']} usable training pairs ({dict(counts)}), fewer than "
+                         f"one global batch ({loop.global_rows()}); add pairs or lower train.micro_batch_size")
+
+    t0 = time.perf_counter()
+    train_ds = with_reference(to_dataset(rows), cfg.init_from, cfg.ref_batch_size)
+    ref, _ = load_checkpoint(cfg.init_from)
+    if val_rows:
+        val_rows["ref_chosen_logp"], val_rows["ref_rejected_logp"] = reference_logps(ref, val_rows,
+                                                                                     cfg.ref_batch_size)
+    before = preference_eval(ref, val_rows, cfg.beta, cfg.ref_batch_size)
+    del ref
+    ref_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = fit(loop, partial(build_policy, cfg.init_from), train_ds, to_dataset(val_rows) if val_rows else None,
+                 cfg.out, export=hf_export(cfg.init_from), objective=objective, in_process=cfg.in_process)
+    train_s = time.perf_counter() - t0
+    policy, _ = load_checkpoint(join(cfg.out, MODEL_DIR))
+    after = preference_eval(policy, val_rows, cfg.beta, cfg.ref_batch_size)
+    metrics = {
+        **{f"heldout_{k}": v for k, v in after.items() if k != "pairs"},
+        "heldout_logp_accuracy_before": before.get("logp_accuracy"),
+        "reference_seconds": ref_s, "train_seconds": train_s, "steps": result.steps,
+        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"},
+    }
+    manifest.finish(counts=dict(counts), metrics=metrics)
+    log.info("dpo policy -> %s: held-out preference accuracy %s, reward margin %s", result.model_dir,
+             metrics.get("heldout_preference_accuracy"), metrics.get("heldout_reward_margin"))
+    return {"out": cfg.out, "model": join(cfg.out, MODEL_DIR), **metrics, "counts": dict(counts)}

@@ -1,0 +1,156 @@
+"""``genloop reward --init-from SFT_CKPT --data PREFS --out DIR``: a Bradley-Terry reward model on the shared loop.
+
+The model is the SFT checkpoint's trunk + a scalar head (``models/scalar_model.py``), trained with
+``-log sigmoid(r_chosen - r_rejected - margin)`` (``pipelines/pairwise.py``) on Ray Train (DDP | FSDP2, or in
+process). Pairs are rendered with the checkpoint's chat template (prompt as user turn, answer as assistant turn;
+``pipelines/prefs.py`` reads the accepted JSONL forms and quarantines bad lines).
+
+Held-out pairs (``val_data``, the ``val.jsonl`` of a ``pref-data`` folder, or ``val_fraction`` of the pairs split by
+prompt) give the reported pairwise accuracy and mean margin, measured on the exported model after training (and on
+the untrained head before, for comparison). Output ``DIR``: ``model/`` (loads with
+``transformers.AutoModelForSequenceClassification``), ``manifest.json`` (counts, metrics), ``metrics.jsonl/.csv``,
+``loss_curve.png``, ``quarantine.jsonl`` (bad input lines, when any).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.train_config import MODEL_DIR, TrainLoopConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardConfig:
+    init_from: str = ""  # the SFT checkpoint (HF causal LM folder or an artifact with model/)
+    data: str = ""  # preference JSONL, or a folder with train.jsonl [+ val.jsonl] (genloop pref-data)
+    val_data: str = ""  # held-out JSONL; "" = the folder's val.jsonl, else val_fraction of the pairs
+    val_fraction: float = 0.1
+    out: str = ""
+    seq_len: int = 0  # tokens per side (prompt + answer); 0 = the checkpoint's max_seq_len; longer pairs dropped
+    head_std: float = 0.0  # the score head's init std; 0 = the model's init_std
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
+        name="reward", lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0))
+    in_process: bool = False  # run the loop in this process (strategy none, one worker) instead of Ray Train
+    eval_batch_size: int = 16
+    seed: int = 0
+    overwrite: bool = False
+
+
+def build_reward_model(init_from: str, head_std: float) -> Any:
+    """The loop's model factory (every worker): the checkpoint's trunk + a fresh scalar head (seeded)."""
+    from models.scalar_model import from_causal_lm
+
+    torch.manual_seed(0)
+    model, _ = from_causal_lm(init_from, head_std=head_std or None)
+    return model
+
+
+def export_reward_model(model: Any, state_dict: dict, out: str, init_from: str) -> str:
+    """The loop's export (rank 0): ``<out>/model`` as a HF ``LlamaForSequenceClassification`` folder."""
+    from models.checkpoint import load_tokenizer
+    from models.scalar_model import save_scalar_model
+    from pipelines.artifacts import join
+    from pipelines.train_state import local_dir
+
+    target = join(out, MODEL_DIR)
+    with local_dir(target) as local:
+        save_scalar_model(model, load_tokenizer(init_from), local, state_dict=state_dict)
+    return target
+
+
+@torch.no_grad()
+def pairwise_eval(model: Any, rows: dict[str, np.ndarray], pad_id: int, batch_size: int = 16) -> dict[str, float]:
+    """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin (r_chosen - r_rejected) and BT loss of a
+    scalar model on pair rows; empty rows give {}."""
+    from pipelines.pairwise import BradleyTerryObjective
+
+    if not rows:
+        return {}
+    obj = BradleyTerryObjective(pad_id)
+    model.eval()
+    n = len(rows["chosen_ids"])
+    acc = margin = loss = 0.0
+    for lo in range(0, n, batch_size):
+        b = {k: torch.from_numpy(v[lo:lo + batch_size]) for k, v in rows.items()}
+        ls, _, m = obj(model, b)
+        acc, margin, loss = acc + float(m["accuracy"]), margin + float(m["margin"]), loss + float(ls)
+    return {"pairwise_accuracy": acc / n, "mean_margin": margin / n, "loss": loss / n, "pairs": n}
+
+
+def run(cfg: RewardConfig) -> dict[str, Any]:
+    """Train and export the reward model; needs a ready Ray runtime unless ``in_process``. Returns the metrics."""
+    from models.chat import ChatFormat
+    from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
+    from models.scalar_model import load_scalar_model
+    from pipelines.artifacts import Manifest, absolute, join
+    from pipelines.pairwise import BradleyTerryObjective
+    from pipelines.prefs import load_pairs, pair_rows, to_dataset, write_quarantine
+    from pipelines.train_loop import fit
+
+    for key in ("init_from", "data", "out"):
+        if not getattr(cfg, key):
+            raise ValueError(f"reward needs --{key.replace('_', '-')} (see genloop reward --help)")
+    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")},
+                              val_data=absolute(cfg.val_data) if cfg.val_data else "")
+    cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
+    cfg.train.validate()
+    mcfg = load_config(cfg.init_from)
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise ValueError(f"reward.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
+    manifest = Manifest.begin("reward", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
+        [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
+    tok = load_tokenizer(cfg.init_from)
+    fmt = ChatFormat.from_checkpoint(cfg.init_from)
+
+    counts: Counter = Counter()
+    quarantine: list[dict] = []
+    train_pairs, val_pairs = load_pairs(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, counts, quarantine)
+    rows = pair_rows(train_pairs, tok, fmt, seq_len, counts)
+    val_rows = pair_rows(val_pairs, tok, fmt, seq_len, counts, prefix="val_")
+    write_quarantine(cfg.out, quarantine)
+    counts.update(train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())),
+                  quarantined=len(quarantine))
+    loop = cfg.train
+    if cfg.in_process:
+        loop = dataclasses.replace(loop, strategy="none", num_workers=1)
+    need = loop.global_rows()
+    if len(rows.get("margin", ())) < need:
+        raise ValueError(f"{cfg.data}: {len(rows.get('margin', ()))} usable training pairs ({dict(counts)}), fewer "
+                         f"than one global batch ({need}); add pairs or lower train.micro_batch_size")
+    log.info("reward data: %d train pairs, %d held-out, %s", counts["train_pairs"], counts["val_pairs"],
+             {k: v for k, v in counts.items() if k.startswith(("bad_", "dropped_", "val_bad", "val_dropped"))})
+
+    build = partial(build_reward_model, cfg.init_from, cfg.head_std)
+    before = pairwise_eval(build(), val_rows, tok.pad_id, cfg.eval_batch_size)
+    t0 = time.perf_counter()
+    result = fit(loop, build, to_dataset(rows), to_dataset(val_rows) if val_rows else None, cfg.out,
+                 export=partial(export_reward_model, init_from=cfg.init_from),
+                 objective=BradleyTerryObjective(tok.pad_id), in_process=cfg.in_process)
+    train_s = time.perf_counter() - t0
+    model, _ = load_scalar_model(join(cfg.out, MODEL_DIR))
+    after = pairwise_eval(model, val_rows, tok.pad_id, cfg.eval_batch_size)
+    metrics = {
+        "heldout_pairwise_accuracy": after.get("pairwise_accuracy"), "heldout_mean_margin": after.get("mean_margin"),
+        "heldout_loss": after.get("loss"), "heldout_pairwise_accuracy_before": before.get("pairwise_accuracy"),
+        "train_seconds": train_s, "steps": result.steps,
+        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"},
+    }
+    if not val_rows:
+        log.warning("reward: no held-out pairs (val_fraction=%s): held-out accuracy is not measured", cfg.val_fraction)
+    manifest.finish(counts=dict(counts), metrics=metrics)
+    log.info("reward model -> %s: held-out pairwise accuracy %s (before %s), mean margin %s", result.model_dir,
+             metrics["heldout_pairwise_accuracy"], metrics["heldout_pairwise_accuracy_before"],
+             metrics["heldout_mean_margin"])
+    return {"out": cfg.out, "model": join(cfg.out, MODEL_DIR), **metrics, "counts": dict(counts)}
