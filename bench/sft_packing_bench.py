@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from models.chat import ChatFormat  # noqa: E402
 from models.tokenizer import train as train_bpe  # noqa: E402
 from models.transformer import Transformer, model_preset  # noqa: E402
-from pipelines.sft import IGNORE, encode_samples, fill_ratio, make_rows  # noqa: E402
+from pipelines.sft_rows import encode_samples, fill_ratio, make_rows  # noqa: E402
+from pipelines.train_loop import IGNORE  # noqa: E402
 from pipelines.sft_data import SftDataConfig, build  # noqa: E402
 
 

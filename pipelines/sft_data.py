@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from pipelines.artifacts import Manifest, exists, is_uri, join, list_files, read_text, write_text
+
 log = logging.getLogger(__name__)
 
 WRITE_PROMPTS = (
@@ -57,15 +59,21 @@ class SftDataConfig:
     overwrite: bool = False
 
 
-def corpus_files(paths: list[str], exclude: list[str]) -> Iterator[Path]:
-    """Every ``*.py`` under ``paths`` (sorted, deterministic), minus paths containing an ``exclude`` substring."""
-    roots = [Path(p) for p in paths] if paths else [Path(sysconfig.get_paths()["stdlib"])]
-    for root in roots:
-        if not root.exists():
-            raise FileNotFoundError(f"--from-code {root} does not exist; pass Python files or folders holding them")
-        files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+def corpus_files(paths: list[str], exclude: list[str]) -> Iterator[str]:
+    """Every ``*.py`` under ``paths`` (files, folders, ``s3://`` / ``gs://`` URIs; sorted, deterministic), minus paths
+    containing an ``exclude`` substring."""
+    for root in paths or [sysconfig.get_paths()["stdlib"]]:
+        if is_uri(root):
+            files = [f for f in list_files(root) if f.endswith(".py") or f == root]
+            if not files:
+                raise FileNotFoundError(f"--from-code {root} holds no Python files; pass Python files or folders")
+        else:
+            r = Path(root)
+            if not r.exists():
+                raise FileNotFoundError(f"--from-code {root} does not exist; pass Python files or folders holding them")
+            files = [str(r)] if r.is_file() else [str(f) for f in sorted(r.rglob("*.py"))]
         for f in files:
-            if not any(x in f.as_posix() for x in exclude):
+            if not any(x in f.replace("\\", "/") for x in exclude):
                 yield f
 
 
@@ -160,11 +168,11 @@ def build(cfg: SftDataConfig) -> tuple[list[dict], list[dict], Counter]:
     for path in corpus_files(cfg.from_code, cfg.exclude):
         counts["files"] += 1
         try:
-            source = path.read_text(encoding="utf-8")
+            source = read_text(path)
         except (OSError, UnicodeDecodeError):
             counts["files_unreadable"] += 1
             continue
-        for ex in examples_from_source(source, str(path), cfg, counts):
+        for ex in examples_from_source(source, path, cfg, counts):
             task, key = ex["meta"]["task"], ex["meta"]["key"]
             prompt = ex["messages"][0]["content"]
             if (task, key) in seen or (task, prompt) in seen:
@@ -187,34 +195,30 @@ TRAIN_FILE, VAL_FILE = "train.jsonl", "val.jsonl"
 
 
 def val_path(out: str) -> str:
-    """Where the held-out split lives: ``data.jsonl`` -> ``data.val.jsonl``; an artifact folder -> ``DIR/val.jsonl``."""
-    p = Path(out)
-    if not p.name.endswith(".jsonl"):
-        return str(p / VAL_FILE)
-    return str(p.with_name(p.name[: -len(".jsonl")] + ".val.jsonl"))
+    """Where the held-out split lives: ``data.jsonl`` -> ``data.val.jsonl``; an artifact folder -> ``DIR/val.jsonl``
+    (local paths or URIs)."""
+    if not out.endswith(".jsonl"):
+        return join(out, VAL_FILE)
+    return out[: -len(".jsonl")] + ".val.jsonl"
 
 
 def train_path(out: str) -> str:
     """The train file: ``data.jsonl`` itself, or ``DIR/train.jsonl`` for an artifact folder."""
-    return out if out.endswith(".jsonl") else str(Path(out) / TRAIN_FILE)
+    return out if out.endswith(".jsonl") else join(out, TRAIN_FILE)
 
 
 def stats_path(out: str) -> str:
-    p = Path(out)
-    return str(p.with_name(p.name[: -len(".jsonl")] + ".stats.json"))
+    return out[: -len(".jsonl")] + ".stats.json"
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def run(cfg: SftDataConfig) -> dict:
     """Build the set and write it. ``out`` ending in ``.jsonl``: that file, ``.val.jsonl`` and ``.stats.json`` next to
-    it; otherwise an artifact folder with ``train.jsonl``, ``val.jsonl`` and ``manifest.json``. Returns the stats."""
-    from pipelines.artifacts import Manifest
-
+    it; otherwise an artifact folder with ``train.jsonl``, ``val.jsonl`` and ``manifest.json`` (local or URI). Returns
+    the stats."""
     if not cfg.out:
         raise ValueError("sft-data needs --out FILE.jsonl or --out DIR (where to write the instruction set)")
     if not 0.0 <= cfg.val_fraction < 1.0:
@@ -222,7 +226,7 @@ def run(cfg: SftDataConfig) -> dict:
     as_file = cfg.out.endswith(".jsonl")
     manifest = None
     if as_file:
-        if Path(cfg.out).exists() and not cfg.overwrite:
+        if exists(cfg.out) and not cfg.overwrite:
             raise ValueError(f"{cfg.out} already exists; pass --overwrite (overwrite=true) or choose another --out")
     else:
         sources = cfg.from_code or [sysconfig.get_paths()["stdlib"]]
@@ -231,7 +235,6 @@ def run(cfg: SftDataConfig) -> dict:
     if not train:
         raise ValueError(f"no instruction examples found in {cfg.from_code or 'the stdlib'} "
                          f"({dict(counts)}); pass folders with documented Python functions")
-    Path(train_path(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, train_path(cfg.out))
     write_jsonl(val, val_path(cfg.out))
     stats = {"stage": "sft-data", "out": train_path(cfg.out), "val": val_path(cfg.out),
@@ -239,7 +242,7 @@ def run(cfg: SftDataConfig) -> dict:
     if manifest is not None:
         manifest.finish(counts=stats["counts"])
     else:
-        Path(stats_path(cfg.out)).write_text(json.dumps(stats, indent=2) + "\n")
+        write_text(stats_path(cfg.out), json.dumps(stats, indent=2) + "\n")
     log.info("sft-data: %d train + %d held-out examples from %d files -> %s (%s)", len(train), len(val),
              counts["files"], cfg.out, dict(counts))
     return stats

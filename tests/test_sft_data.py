@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from models.chat import ChatFormat, encode_chat
-from pipelines.sft import (IGNORE, Sample, encode_samples, heldout_answer_loss, pack_bins, packed_rows, padded_rows,
-                           parse_record, parses_as_python, read_conversations, to_sample,
-                           writes_function)
+from pipelines.judge import parses_as_python, writes_function
+from pipelines.sft_eval import heldout_answer_loss
+from pipelines.sft_rows import (Sample, encode_samples, pack_bins, packed_rows, padded_rows, parse_record,
+                                read_conversations, to_sample)
+from pipelines.train_loop import IGNORE
 from pipelines.sft_data import SftDataConfig, build, run, val_path
 
 MODULE = '''
