@@ -185,7 +185,8 @@ def main() -> int:
 
     from cluster.cli import setup_logging
     from models.engine import EngineConfig
-    from serve.app import DeploymentOptions, ServeConfig, start
+    from cluster.runtime import init_ray
+    from serve.app import DeploymentOptions, ServeConfig, ray_env, start
 
     setup_logging("WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench_"))
@@ -205,6 +206,8 @@ def main() -> int:
                           generator=DeploymentOptions(num_cpus=1, max_ongoing_requests=256),
                           retriever=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256),
                           ingress=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=512))
+        os.environ.update(ray_env(cfg, None))  # before the local Ray starts: direct ingress, throughput settings
+        init_ray()
         gbase = start(cfg)  # one server loads at a time: a 2-core machine times out starting both at once
         wait_http(gbase + "/health", 600)
         vllm = start_vllm(model, vport, args.max_num_seqs, tmp / "vllm.log")
