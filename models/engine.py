@@ -28,6 +28,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     seed: int = 0
     tensor_parallel_size: int = 1
+    # "processed_logprobs": sampled tokens' log-probs after temperature / top-k / top-p (what RL rollouts need);
+    # "" keeps vLLM's default (raw log-probs of the model's logits)
+    logprobs_mode: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,6 +50,8 @@ def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | Non
     )
     if cfg.max_model_len:
         kw["max_model_len"] = cfg.max_model_len
+    if cfg.logprobs_mode:
+        kw["logprobs_mode"] = cfg.logprobs_mode
     if on_gpu():
         kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if worker_extension_cls:
@@ -78,6 +83,42 @@ def generate_ids(llm, prompts: Sequence[Sequence[int]], params) -> list[list[lis
 
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
     return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+
+@dataclass
+class Completion:
+    """One sampled answer: its token ids and the engine's log-prob of each (same length)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+def sample_with_logprobs(llm, prompts: Sequence[Sequence[int]], params) -> list[list[Completion]]:
+    """Token ids and their sampled log-probs for token ids in: one list per prompt, ``params.n`` completions each
+    (``params``: one ``SamplingParams`` for all prompts or a list, one per prompt, e.g. each with its own seed).
+
+    ``params`` must ask for log-probs (``sampling_params(..., logprobs=0)``: the sampled token's only). Build the
+    engine with ``EngineConfig(logprobs_mode="processed_logprobs")`` so the log-probs are of the distribution the
+    tokens were drawn from (after temperature), which is what importance sampling needs.
+    """
+    from vllm.inputs import TokensPrompt
+
+    for p in (params if isinstance(params, (list, tuple)) else [params]):
+        if p.logprobs is None:
+            raise ValueError("sample_with_logprobs needs sampling params with logprobs=0 (or more)")
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+    result: list[list[Completion]] = []
+    for o in outs:
+        per_prompt = []
+        for c in o.outputs:
+            ids = list(c.token_ids)
+            lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [])]
+            if len(lps) != len(ids):
+                raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens")
+            per_prompt.append(Completion(ids, lps, c.finish_reason))
+        result.append(per_prompt)
+    return result
 
 
 def greedy(llm, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
@@ -113,12 +154,26 @@ def update_weights(llm, state_dict: dict[str, Any]) -> None:
     ``worker_extension_cls=WEIGHT_SYNC_EXTENSION``)."""
     import tempfile
 
-    from safetensors.torch import save_file
-
     tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.NamedTemporaryFile(suffix=".safetensors", dir=tmp_dir) as f:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, f.name)
-        llm.collective_rpc("genloop_reload_weights", args=(f.name,))
+        write_weights_file(state_dict, f.name)
+        update_weights_from_file(llm, f.name)
+
+
+def write_weights_file(state_dict: dict[str, Any], path: str) -> None:
+    """A state dict as one safetensors file (put it under /dev/shm: memory, not disk) for ``update_weights_from_file``;
+    written under a temporary name and renamed, so a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.part"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def update_weights_from_file(llm, path: str) -> None:
+    """Reload every worker of ``llm`` in place from a safetensors file on this node (``write_weights_file``): several
+    engines on one node share one file."""
+    llm.collective_rpc("genloop_reload_weights", args=(path,))
     llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
 

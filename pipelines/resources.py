@@ -35,6 +35,8 @@ ASKS: dict[str, ResourceAsk] = {
     "reward_worker": ResourceAsk("reward", "one Ray Train worker", cpus=4, gpus=1, node_type="gpu-1x"),
     "rollout_engine": ResourceAsk("rlhf", "one vLLM rollout actor", cpus=2, gpus=1, node_type="gpu-1x"),
     "learner_worker": ResourceAsk("rlhf", "one learner rank", cpus=4, gpus=1, node_type="gpu-8x"),
+    "reward_scorer": ResourceAsk("rlhf", "one reward-model actor scoring rollouts", cpus=1, gpus=1,
+                                 node_type="gpu-1x"),
     "serve_replica": ResourceAsk("serve", "one Ray Serve generator replica (vLLM engine)", cpus=2, gpus=1,
                                  node_type="gpu-1x"),
 }

@@ -61,19 +61,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
-             n_tokens: float | None = None) -> torch.Tensor:
+             n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
     """(B, T) per-token losses -> a scalar.
 
-    ``token-mean``: sum / ``n_tokens`` (default: this mask's tokens). Pass the *global* token count of the whole
-    minibatch (all ranks) so the loss is invariant to how samples are split over data-parallel ranks (verl's
-    ``agg_loss``). ``seq-mean-token-mean``: each sequence's token mean, averaged over sequences.
+    ``token-mean``: sum / ``n_tokens`` (default: this mask's tokens). A data-parallel learner passes the token
+    count of the whole minibatch over all ranks (divided by the world size, as DDP averages gradients), so the loss
+    does not depend on how samples are split over ranks (verl's ``agg_loss``).
+    ``seq-mean-token-mean``: each sequence's token mean, summed and divided by ``n_seqs`` (default: B).
     """
     if mode == "token-mean":
         denom = float(n_tokens) if n_tokens is not None else mask.sum().clamp(min=1.0)
         return (loss_mat * mask).sum() / denom
     if mode == "seq-mean-token-mean":
         per_seq = (loss_mat * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        return per_seq.mean()
+        return per_seq.sum() / (float(n_seqs) if n_seqs is not None else per_seq.shape[0])
     raise ValueError(f"unknown loss aggregation {mode!r}; use token-mean or seq-mean-token-mean")
 
 
@@ -177,7 +178,8 @@ def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
 @register_policy_loss("clip")
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                       eps_low: float = 0.2, eps_high: float = 0.2, is_weights: torch.Tensor | None = None,
-                      agg: str = "token-mean", n_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      agg: str = "token-mean", n_tokens: float | None = None,
+                      n_seqs: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate with asymmetric clipping (DAPO's clip-higher): per token
     -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp - old_logp), times the truncated IS weight.
 
@@ -189,7 +191,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     per_token = torch.maximum(unclipped, clipped)
     if is_weights is not None:
         per_token = per_token * is_weights
-    loss = agg_loss(per_token, mask, agg, n_tokens)
+    loss = agg_loss(per_token, mask, agg, n_tokens, n_seqs)
     with torch.no_grad():
         stats = {"clip_frac": float(masked_mean((clipped > unclipped).float(), mask)),
                  "approx_kl": float(masked_mean(kl_estimate(old_logp, logp.detach(), "k3"), mask))}
@@ -197,11 +199,12 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2, agg: str = "token-mean", n_tokens: float | None = None) -> torch.Tensor:
+               clip: float = 0.2, agg: str = "token-mean", n_tokens: float | None = None,
+               n_seqs: float | None = None) -> torch.Tensor:
     """PPO's clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2), aggregated."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
-    return agg_loss(per_token, mask, agg, n_tokens)
+    return agg_loss(per_token, mask, agg, n_tokens, n_seqs)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

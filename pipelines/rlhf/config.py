@@ -1,0 +1,126 @@
+"""Typed configuration of ``genloop rlhf`` (the ``rlhf:`` section of a preset, plus ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.engine import EngineConfig
+from pipelines.rlhf.rollout import SamplingConfig
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: ``engines`` vLLM actors; each iteration samples ``group_size`` answers to ``prompts_per_iter``
+    prompts (split over the engines)."""
+
+    engines: int = 1
+    prompts_per_iter: int = 8
+    group_size: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_num_seqs=64,
+                                                                      logprobs_mode="processed_logprobs"))
+    cpus_per_engine: float = 1.0
+    max_restarts: int = -1  # a dead engine actor is re-created by Ray (-1: always)
+    inject_failure_at: int = 0  # fault injection: one engine actor exits once at this iteration
+
+
+@dataclass
+class KLConfig:
+    """The pull towards the frozen reference (the starting policy). ``coef`` 0: no reference model at all."""
+
+    coef: float = 0.0
+    mode: Literal["loss", "reward"] = "loss"  # k3 as a loss term, or k1 subtracted from the token rewards
+    estimator: Literal["k1", "k3"] = "k3"  # used in "loss" mode; "reward" mode always uses k1
+
+
+@dataclass
+class AlgoConfig:
+    """Advantages and the policy loss (pipelines/rlhf/algos.py)."""
+
+    norm_std: bool = True  # grpo: divide by the group's std (False: Dr.GRPO)
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    epochs: int = 1  # passes over each iteration's batch
+    minibatches: int = 1  # optimizer steps per epoch
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    is_cap: float = 2.0  # truncated importance sampling cap on exp(learner - vLLM log-probs); 0 = off
+    entropy_coef: float = 0.0
+    gamma: float = 1.0  # ppo: GAE discount
+    lam: float = 0.95  # ppo: GAE lambda
+    value_clip: float = 0.2  # ppo
+    vf_lr: float = 0.0  # ppo: value model learning rate (0: learner.lr)
+    whiten_advantages: bool = True  # ppo: normalise GAE advantages over the batch
+
+
+@dataclass
+class LearnerConfig:
+    """The Ray Train learner group (DDP | FSDP2 as pretraining) and its optimizer."""
+
+    num_workers: int = 1
+    strategy: Literal["ddp", "fsdp", "none"] = "ddp"
+    cpus_per_worker: int = 1
+    use_gpu: bool | None = None  # None: GPUs if the cluster has them
+    micro_batch_size: int = 8  # samples per forward/backward on one rank
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ckpt_every: int = 10  # iterations between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # restarts from the last checkpoint (a dead learner rank or rollout engine)
+    inject_failure_at: int = 0  # fault injection: the last learner rank exits once at this iteration
+
+
+@dataclass
+class RlhfConfig:
+    policy: str = ""  # the starting policy: an SFT checkpoint (or an artifact folder holding model/)
+    reward: str = ""  # RM_DIR[,fn:NAME[:W]][,fn:file.py:func[:W]] (pipelines/rlhf/rewards.py)
+    prompts: str = ""  # sft-data output: a JSONL file or an artifact folder with train.jsonl
+    out: str = ""
+    algo: Literal["grpo", "ppo"] = "grpo"
+    value_init: str = ""  # ppo: the value model's starting backbone (default: a reward model part, else the policy)
+    iterations: int = 10
+    seed: int = 0
+    max_prompt_tokens: int = 0  # 0: the engine's context minus sampling.max_new_tokens; longer prompts are dropped
+    prompt_tasks: list[str] = field(default_factory=lambda: ["write"])  # sft-data meta.task kinds to use ([]: all)
+    reward_model_cpus: float = 1.0  # the reward-model actor's CPUs
+    overwrite: bool = False
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo_cfg: AlgoConfig = field(default_factory=AlgoConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    train: LearnerConfig = field(default_factory=LearnerConfig)
+
+    def batch_size(self) -> int:
+        return self.rollout.prompts_per_iter * self.rollout.group_size
+
+    def validate(self) -> None:
+        if not self.policy:
+            raise ValueError("no --policy: pass the SFT checkpoint to start from")
+        if not self.prompts:
+            raise ValueError("no --prompts: pass an sft-data JSONL file or artifact folder")
+        if not self.out:
+            raise ValueError("no --out: pass the folder to write the policy and metrics to")
+        if not self.reward:
+            raise ValueError("no --reward: pass a reward model folder and/or fn:NAME (e.g. fn:code_judge)")
+        if self.algo not in ("grpo", "ppo"):
+            raise ValueError(f"algo={self.algo!r}: use grpo or ppo")
+        r, a, t = self.rollout, self.algo_cfg, self.train
+        for key, v in (("iterations", self.iterations), ("rollout.engines", r.engines),
+                       ("rollout.prompts_per_iter", r.prompts_per_iter), ("rollout.group_size", r.group_size),
+                       ("algo_cfg.epochs", a.epochs), ("algo_cfg.minibatches", a.minibatches),
+                       ("train.num_workers", t.num_workers), ("train.micro_batch_size", t.micro_batch_size),
+                       ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens)):
+            if v < 1:
+                raise ValueError(f"{key}={v} must be >= 1")
+        if self.algo == "grpo" and r.group_size < 2:
+            raise ValueError("grpo compares answers within a group: rollout.group_size must be >= 2")
+        per = a.minibatches * t.num_workers
+        if self.batch_size() % per:
+            raise ValueError(f"a batch of {self.batch_size()} answers (prompts_per_iter x group_size) must split into "
+                             f"algo_cfg.minibatches={a.minibatches} x train.num_workers={t.num_workers} equal parts; "
+                             "change prompts_per_iter or group_size")
+        if t.strategy == "none" and t.num_workers != 1:
+            raise ValueError("train.strategy=none runs one process: set train.num_workers=1")
+        if r.sampling.temperature <= 0:
+            raise ValueError("rollout.sampling.temperature must be > 0: RL samples answers (greedy has no spread)")

@@ -1,0 +1,269 @@
+"""The learner's tensor work, one object per Ray Train rank: the policy (DDP | FSDP2, wrapped as pretraining), a
+frozen reference for the KL term, PPO's value model; one ``update`` per iteration. No Ray here: a test drives a
+``Learner`` in process (strategy none); ``loop.py`` is the Ray Train worker around it.
+
+Data layout: an iteration's ``Experience`` (B answers) is on every rank; rank r owns rows r, r + world, ... for the
+whole iteration (its old/reference log-probs and values are computed once, for its rows only). Each epoch shuffles the
+rank's rows and cuts them into ``minibatches`` optimizer steps; every rank has the same number of rows, so FSDP's
+collectives line up. Losses are token means over the *global* minibatch (all ranks' tokens), so the update does not
+depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipelines.rlhf import algos
+from pipelines.rlhf.config import RlhfConfig
+from pipelines.rlhf.experience import Experience
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (m, L) prompt + response, right-padded with pad_id
+    idx: torch.Tensor  # (m, T) the position whose logits predict response token j (prompt length - 1 + j)
+    targets: torch.Tensor  # (m, T) response token ids
+    mask: torch.Tensor  # (m, T) 1.0 on real response tokens
+
+
+def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+            device: torch.device) -> MicroBatch:
+    m = len(prompts)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(1, max(len(r) for r in responses))
+    input_ids = torch.full((m, L), pad_id, dtype=torch.long)
+    idx = torch.zeros(m, T, dtype=torch.long)
+    targets = torch.zeros(m, T, dtype=torch.long)
+    mask = torch.zeros(m, T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = list(p) + list(r)
+        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        n = len(r)
+        idx[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        targets[i, :n] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :n] = 1.0
+    return MicroBatch(input_ids.to(device), idx.to(device), targets.to(device), mask.to(device))
+
+
+def response_logits(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """(m, T, V) logits at the positions that predict each response token."""
+    logits = model(mb.input_ids)  # (m, L, V)
+    return logits.gather(1, mb.idx[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, T, V) logits, (m, T) targets -> log-prob of each target and the entropy of each position, both (m, T)."""
+    lsm = torch.log_softmax(logits.float(), -1)
+    logp = lsm.gather(-1, targets[..., None]).squeeze(-1)
+    return logp, -(lsm.exp() * lsm).sum(-1)
+
+
+def response_values(value_model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """(m, T) the value model's score at the positions before each response token (the state that emits it)."""
+    return value_model(mb.input_ids).gather(1, mb.idx).float()
+
+
+def pad_rows(rows: Sequence[Sequence[float]], T: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(list(r), dtype=torch.float32)
+    return out
+
+
+def all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # SUM, never AVG (gloo's AVG is a SUM)
+    return t.tolist()
+
+
+class Learner:
+    """Policy (+ optimizer), reference, value model (+ optimizer) on one rank."""
+
+    def __init__(self, cfg: RlhfConfig, policy_path: str, value_init: str | None, device: torch.device,
+                 rank: int = 0, world: int = 1, pad_id: int = 0) -> None:
+        from models.checkpoint import load_checkpoint
+        from models.parallel import wrap_model
+        from pipelines.train_state import build_optimizer
+
+        self.cfg, self.device, self.rank, self.world, self.pad_id = cfg, device, rank, world, pad_id
+        tc = cfg.train
+        torch.manual_seed(cfg.seed)
+        self.base, _ = load_checkpoint(policy_path)
+        self.policy = wrap_model(self.base, tc.strategy, device)
+        self.opt = build_optimizer(self.policy, tc)
+        self.ref = None
+        if cfg.kl.coef > 0:
+            self.ref = load_checkpoint(policy_path)[0].to(device).eval().requires_grad_(False)
+        self.value = self.vopt = None
+        if cfg.algo == "ppo":
+            from models.scalar_model import from_causal_lm, load_scalar_model
+
+            vbase = load_scalar_model(value_init)[0] if value_init else from_causal_lm(policy_path)[0]
+            self.value = wrap_model(vbase, tc.strategy, device)
+            self.vopt = build_optimizer(self.value, dataclasses.replace(tc, lr=cfg.algo_cfg.vf_lr or tc.lr))
+
+    # ---- no-grad passes over this rank's rows ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _precompute(self, P: list, R: list) -> dict[str, torch.Tensor]:
+        mb_size = self.cfg.train.micro_batch_size
+        T = max(1, max(len(r) for r in R))
+        out = {k: torch.zeros(len(P), T) for k in ("old_logp", "ref_logp", "values", "entropy")}
+        self.policy.eval()
+        for lo in range(0, len(P), mb_size):
+            sl = slice(lo, lo + mb_size)
+            mb = collate(P[sl], R[sl], self.pad_id, self.device)
+            t = mb.mask.shape[1]
+            logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets)
+            out["old_logp"][sl, :t], out["entropy"][sl, :t] = logp.cpu(), ent.cpu()
+            if self.ref is not None:
+                out["ref_logp"][sl, :t] = logp_and_entropy(response_logits(self.ref, mb), mb.targets)[0].cpu()
+            if self.value is not None:
+                out["values"][sl, :t] = response_values(self.value, mb).cpu()
+        return out
+
+    def _advantages(self, exp: Experience, rows: list[int], pre: dict[str, torch.Tensor],
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, kl = self.cfg.algo_cfg, self.cfg.kl
+        if self.cfg.algo == "grpo":
+            scores = torch.tensor(exp.scores, dtype=torch.float32)
+            seq_adv, _ = algos.get_adv_estimator("grpo")(scores, torch.ones(len(scores), 1),
+                                                         group_size=self.cfg.rollout.group_size, norm_std=a.norm_std)
+            adv = seq_adv[rows] * mask  # (n, 1) * (n, T)
+            return adv, adv
+        scores = torch.tensor([exp.scores[i] for i in rows], dtype=torch.float32)
+        kl_tok = torch.zeros_like(mask)
+        if self.ref is not None and kl.mode == "reward":
+            kl_tok = algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k1")
+        tok_r = algos.kl_in_reward(scores, kl_tok, mask, kl.coef if kl.mode == "reward" else 0.0)
+        adv, ret = algos.get_adv_estimator("gae")(tok_r, pre["values"], mask, gamma=a.gamma, lam=a.lam)
+        if a.whiten_advantages:  # over the whole batch (all ranks)
+            s, ss, n = all_sum([float((adv * mask).sum()), float((adv ** 2 * mask).sum()), float(mask.sum())],
+                               self.device, self.world)
+            mean = s / max(n, 1.0)
+            var = max(ss / max(n, 1.0) - mean ** 2, 0.0)
+            adv = (adv - mean) / (var + 1e-8) ** 0.5 * mask
+        return adv, ret
+
+    # ---- one iteration -------------------------------------------------------------------------------------------
+    def update(self, exp: Experience, iteration: int) -> dict[str, float]:
+        from models.parallel import set_gradient_sync
+
+        cfg, a, tc = self.cfg, self.cfg.algo_cfg, self.cfg.train
+        B = len(exp.scores)
+        rows = list(range(self.rank, B, self.world))
+        P = [exp.prompt_ids[i] for i in rows]
+        R = [exp.response_ids[i] for i in rows]
+        pre = self._precompute(P, R)
+        T = pre["old_logp"].shape[1]
+        mask = pad_rows([[1.0] * len(r) for r in R], T)
+        rollout_logp = pad_rows([exp.rollout_logp[i] for i in rows], T)
+        adv, ret = self._advantages(exp, rows, pre, mask)
+        is_w, mm = algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)
+        loss_fn = algos.get_policy_loss("clip")
+        n_local_tok = float(mask.sum())
+        sums = {"kl": float((algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k3") * mask).sum())
+                if self.ref is not None else 0.0,
+                "entropy": float((pre["entropy"] * mask).sum()),
+                "mismatch_kl": mm["mismatch_kl"] * n_local_tok, "is_clip_frac": mm["is_clip_frac"] * n_local_tok,
+                "clip_frac": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "grad_norm": 0.0, "tokens": n_local_tok,
+                "learner_tokens": 0.0}
+        steps = 0
+        rng = np.random.default_rng([cfg.seed, iteration, self.rank])
+        self.policy.train()
+        for _epoch in range(a.epochs):
+            for part in np.array_split(rng.permutation(len(rows)), a.minibatches):
+                part = part.tolist()
+                n_tok, = all_sum([float(mask[part].sum())], self.device, self.world)
+                denom_tok, denom_seq = max(n_tok, 1.0) / self.world, len(part)  # x world ranks / world
+                self.opt.zero_grad(set_to_none=True)
+                if self.vopt is not None:
+                    self.vopt.zero_grad(set_to_none=True)
+                micros = [part[i:i + tc.micro_batch_size] for i in range(0, len(part), tc.micro_batch_size)]
+                for k, micro in enumerate(micros):
+                    mb = collate([P[i] for i in micro], [R[i] for i in micro], self.pad_id, self.device)
+                    t = mb.mask.shape[1]
+                    sel = lambda x: x[micro, :t].to(self.device)  # noqa: E731  (n, T) -> this micro-batch
+                    last = k == len(micros) - 1
+                    with set_gradient_sync(self.policy, tc.strategy, last):
+                        logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets)
+                        loss, st = loss_fn(logp, sel(pre["old_logp"]), sel(adv), mb.mask, eps_low=a.eps_low,
+                                           eps_high=a.eps_high, is_weights=sel(is_w), agg=a.loss_agg,
+                                           n_tokens=denom_tok, n_seqs=denom_seq)
+                        if self.ref is not None and cfg.kl.mode == "loss":
+                            kl_t = algos.kl_estimate(logp, sel(pre["ref_logp"]), cfg.kl.estimator)
+                            loss = loss + cfg.kl.coef * algos.agg_loss(kl_t, mb.mask, a.loss_agg, denom_tok, denom_seq)
+                        if a.entropy_coef:
+                            loss = loss - a.entropy_coef * algos.agg_loss(ent, mb.mask, a.loss_agg, denom_tok,
+                                                                          denom_seq)
+                        loss.backward()
+                    mtok = float(mb.mask.sum())
+                    sums["clip_frac"] += st["clip_frac"] * mtok
+                    sums["policy_loss"] += float(loss) / self.world  # summed over ranks: the minibatch's loss
+                    sums["learner_tokens"] += float(mb.input_ids.numel())
+                    if self.value is not None:
+                        with set_gradient_sync(self.value, tc.strategy, last):
+                            v = response_values(self.value, mb)
+                            vl = algos.value_loss(v, sel(pre["values"]), sel(ret), mb.mask, a.value_clip,
+                                                  a.loss_agg, denom_tok, denom_seq)
+                            vl.backward()
+                        sums["value_loss"] += float(vl) / self.world
+                clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+                gn = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], clip)
+                self.opt.step()
+                if self.vopt is not None:
+                    torch.nn.utils.clip_grad_norm_([p for p in self.value.parameters() if p.requires_grad], clip)
+                    self.vopt.step()
+                sums["grad_norm"] += float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn) / self.world
+                steps += 1
+        keys = list(sums)
+        tot = dict(zip(keys, all_sum([sums[k] for k in keys], self.device, self.world)))
+        n = max(tot["tokens"], 1.0)
+        out = {"kl": tot["kl"] / n, "entropy": tot["entropy"] / n, "mismatch_kl": tot["mismatch_kl"] / n,
+               "is_clip_frac": tot["is_clip_frac"] / n, "clip_frac": tot["clip_frac"] / (n * a.epochs),
+               "policy_loss": tot["policy_loss"] / steps, "grad_norm": tot["grad_norm"] / steps,
+               "learner_tokens": tot["learner_tokens"]}
+        if self.value is not None:
+            out["value_loss"] = tot["value_loss"] / steps
+        return out
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's gathered CPU state dict (HF names); every rank must call it. A tied lm_head is left out (the
+        engine and the checkpoint re-tie it)."""
+        from pipelines.train_state import full_state_dict
+
+        sd = full_state_dict(self.policy)
+        if self.base.cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def save(self, ckpt_dir: str, state: dict) -> None:
+        import os
+
+        from pipelines.train_state import save_train_state
+
+        save_train_state(ckpt_dir, self.policy, self.opt, state, self.rank)
+        if self.value is not None:
+            save_train_state(os.path.join(ckpt_dir, "value"), self.value, self.vopt, {}, self.rank)
+
+    def load(self, ckpt_dir: str) -> dict:
+        import os
+
+        from pipelines.train_state import load_train_state
+
+        state = load_train_state(ckpt_dir, self.policy, self.opt)
+        if self.value is not None:
+            load_train_state(os.path.join(ckpt_dir, "value"), self.value, self.vopt)
+        return state

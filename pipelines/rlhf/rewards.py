@@ -1,0 +1,214 @@
+"""Reward functions for RLHF: built-ins by name, a user's own file, a reward model; weighted and combined.
+
+The ``--reward`` spec is a comma-separated list of parts, each with an optional weight (default 1)::
+
+    fn:code_judge                  a built-in (``BUILTINS``)
+    fn:code_judge:0.5              ... weighted
+    fn:path/to/file.py:func[:W]    a user's function (as OpenRLHF takes a reward-function file)
+    RM_DIR | rm:RM_DIR[:W]         a reward model folder (``genloop reward``'s output or its model/)
+
+A function is ``func(prompts: list[str], responses: list[str]) -> list[float]``: one score per pair (a prompt is
+repeated for each of its sampled answers). A function that raises, returns the wrong number of scores or a non-finite
+score stops the run with a ``RewardError`` naming the function and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+class RewardError(ValueError):
+    """A bad reward spec or a reward function that misbehaved; the message says which and what to do."""
+
+
+def _code_judge(prompts: list[str], responses: list[str]) -> list[float]:
+    from pipelines.judge import code_judge
+
+    return code_judge(prompts, responses)
+
+
+def _writes_function(prompts: list[str], responses: list[str]) -> list[float]:
+    from pipelines.judge import writes_function
+
+    return [1.0 if writes_function(r) else 0.0 for r in responses]
+
+
+BUILTINS: dict[str, RewardFn] = {
+    "code_judge": _code_judge,  # pipelines/judge.py: the requested function with the requested signature, 0..1
+    "writes_function": _writes_function,  # 1 when the answer parses and defines a function
+}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    def deco(fn: RewardFn) -> RewardFn:
+        BUILTINS[name] = fn
+        return fn
+    return deco
+
+
+@dataclass(frozen=True)
+class RewardPart:
+    """One term of the combined reward."""
+
+    name: str  # as logged: reward/<name>
+    kind: str  # "fn" (a function) | "rm" (a reward model)
+    target: str  # built-in name, "file.py:func", or the reward model folder
+    weight: float = 1.0
+
+
+def _split_weight(text: str) -> tuple[str, float]:
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def parse_reward_spec(spec: str) -> list[RewardPart]:
+    """``"RM_DIR,fn:code_judge:0.5,fn:my.py:f"`` -> parts (see the module docstring)."""
+    parts: list[RewardPart] = []
+    for raw in (s.strip() for s in spec.split(",")):
+        if not raw:
+            continue
+        if raw.startswith("fn:"):
+            body, weight = _split_weight(raw[3:])
+            if ".py:" in body:
+                path, _, func = body.rpartition(":")
+                name = f"{os.path.splitext(os.path.basename(path))[0]}.{func}"
+                parts.append(RewardPart(name, "fn", f"{path}:{func}", weight))
+            else:
+                if body not in BUILTINS:
+                    raise RewardError(f"unknown reward function {body!r} in --reward; built-ins: "
+                                      f"{', '.join(sorted(BUILTINS))}, or fn:path/to/file.py:func for your own")
+                parts.append(RewardPart(body, "fn", body, weight))
+        else:
+            body = raw[3:] if raw.startswith("rm:") else raw
+            path, weight = _split_weight(body) if raw.startswith("rm:") else (body, 1.0)
+            parts.append(RewardPart("rm", "rm", path, weight))
+    if not parts:
+        raise RewardError("--reward is empty: pass a reward model folder and/or fn:NAME (e.g. fn:code_judge)")
+    names = [p.name for p in parts]
+    if len(set(names)) != len(names):
+        raise RewardError(f"--reward names a part twice ({', '.join(names)}); give each once with its weight")
+    return parts
+
+
+def load_function(part: RewardPart) -> RewardFn:
+    """The callable behind a ``fn`` part: a built-in, or ``func`` imported from a user's Python file."""
+    if part.target in BUILTINS:
+        return BUILTINS[part.target]
+    path, _, func = part.target.rpartition(":")
+    if not os.path.isfile(path):
+        raise RewardError(f"reward function file {path} does not exist (from fn:{part.target}); pass an existing "
+                          "Python file: fn:path/to/file.py:func")
+    spec = importlib.util.spec_from_file_location(f"genloop_reward_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # a user's file: any error is theirs to see
+        raise RewardError(f"reward function file {path} failed to import: {type(e).__name__}: {e}") from e
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise RewardError(f"{path} has no function {func!r}; define def {func}(prompts, responses) -> list[float]")
+    return fn
+
+
+def call_reward(name: str, fn: Callable[..., Any], prompts: list[str], responses: list[str]) -> list[float]:
+    """``fn(prompts, responses)`` checked: one finite float per pair, else a ``RewardError`` naming ``name``."""
+    try:
+        out = fn(list(prompts), list(responses))
+    except Exception as e:
+        raise RewardError(f"reward function {name} raised {type(e).__name__}: {e} (on a batch of {len(prompts)} "
+                          "answers); fix the function or drop it from --reward") from e
+    try:
+        scores = [float(x) for x in out]
+    except (TypeError, ValueError) as e:
+        raise RewardError(f"reward function {name} must return a list of numbers, got {type(out).__name__} "
+                          f"({e})") from None
+    if len(scores) != len(prompts):
+        raise RewardError(f"reward function {name} returned {len(scores)} scores for {len(prompts)} answers; it must "
+                          "return one score per (prompt, response) pair")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise RewardError(f"reward function {name} returned a non-finite score ({scores[bad[0]]}) for answer "
+                          f"{bad[0]}; return finite floats")
+    return scores
+
+
+class RewardSet:
+    """The combined reward: sum of weight x part over the parts of a spec.
+
+    ``rm_score`` (given by the caller when a reward-model part exists) maps (prompts, responses, prompt_ids,
+    response_ids) to scores; it runs in the reward model's own actor(s).
+    """
+
+    def __init__(self, parts: Sequence[RewardPart]) -> None:
+        self.parts = list(parts)
+        self.fns = {p.name: load_function(p) for p in self.parts if p.kind == "fn"}
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "RewardSet":
+        return cls(parse_reward_spec(spec))
+
+    @property
+    def reward_model(self) -> RewardPart | None:
+        return next((p for p in self.parts if p.kind == "rm"), None)
+
+    def score(self, prompts: list[str], responses: list[str],
+              rm_score: Callable[[], list[float]] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+        """(total per answer, {part name: its unweighted scores})."""
+        parts: dict[str, list[float]] = {}
+        for p in self.parts:
+            if p.kind == "fn":
+                parts[p.name] = call_reward(p.name, self.fns[p.name], prompts, responses)
+            else:
+                if rm_score is None:
+                    raise RewardError("the reward spec has a reward model but no reward-model scorer was started")
+                parts[p.name] = call_reward("reward model", lambda _p, _r: rm_score(), prompts, responses)
+        total = [sum(p.weight * parts[p.name][i] for p in self.parts) for i in range(len(prompts))]
+        return total, parts
+
+
+class RewardModelWorker:
+    """A reward model (``models/scalar_model.py``, what ``genloop reward`` writes) scoring answers by token ids: the
+    score at the last token of prompt + answer. Plain class; ``stage.py`` runs it as Ray actor(s)."""
+
+    def __init__(self, path: str, pad_id: int, micro_batch_size: int = 16, threads: int = 1) -> None:
+        import torch
+
+        from models.scalar_model import load_scalar_model
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.model = load_scalar_model(path)[0].to(self.device).eval()
+        self.pad_id = pad_id
+        self.micro = micro_batch_size
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        import torch
+
+        from models.scalar_model import sequence_scores
+
+        out: list[float] = []
+        seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        with torch.no_grad():
+            for lo in range(0, len(seqs), self.micro):
+                chunk = seqs[lo:lo + self.micro]
+                ids = torch.full((len(chunk), max(len(s) for s in chunk)), self.pad_id, dtype=torch.long)
+                for i, s in enumerate(chunk):
+                    ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+                ids = ids.to(self.device)
+                out += sequence_scores(self.model(ids), ids, self.pad_id).float().cpu().tolist()
+        return out
