@@ -1,8 +1,13 @@
-"""``make demo``: every stage end to end on the embedded corpus (the stdlib), on one embedded local Ray.
+"""``genloop demo`` / ``make demo``: every stage end to end on the embedded corpus (the stdlib), on one local Ray.
 
-Each step is an ordinary ``genloop`` command, run in this process so that one local Ray serves them all. A step
-whose artifact is already finished is skipped, so re-running the demo resumes where it stopped. ``--fresh`` starts
-over. Outputs go to ``runs/demo/`` (``--out`` to change).
+The demo is a list of ``Step``s (``steps()``): each an ordinary ``genloop`` command run in this process, so one
+local Ray serves them all. A step whose artifact is already finished is skipped, so re-running resumes where it
+stopped; ``--fresh`` starts over. Adding a stage is adding a ``Step`` (and, for the closing summary, a function in
+``cluster/demo_summary.py``); ``POLICY`` names the artifact ``serve --smoke`` serves: the last training stage's.
+
+The terminal shows each step's command, its printed results and progress bars; Ray's and vLLM's chatter goes to
+``<out>/demo.log``. At the end, a summary of the numbers per stage is printed and written to ``<out>/summary.md``
+with the plots beside it, followed by how to start the server and query it.
 """
 
 from __future__ import annotations
@@ -13,23 +18,36 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from cluster.cli import main as genloop
+from cluster.console import Console
 from pipelines.artifacts import is_finished
 
 log = logging.getLogger("genloop.demo")
+
+SMOKE_QUESTIONS = 4  # held-out code-writing requests the served model answers
 
 
 @dataclass
 class Step:
     name: str
-    args: list[str]
+    args: list[str] | Callable[[], list[str]]  # the genloop command line (a callable: built when the step starts)
     artifact: str | None  # folder whose finished manifest means "done"; None = always run
+    summary: str | None = None  # the key in demo_summary.SUMMARIES that reads this step's numbers (default: name)
+
+    def argv(self) -> list[str]:
+        return self.args() if callable(self.args) else list(self.args)
+
+
+def policy_dir(out: Path) -> str:
+    """The model the demo serves: the last training stage's artifact (SFT today; RLHF when it is added)."""
+    return f"{out}/sft"
 
 
 def steps(out: Path, preset: str) -> list[Step]:
     d = str(out)
     stdlib = sysconfig.get_paths()["stdlib"]
+    policy = policy_dir(out)
     return [
         Step("data", ["data", "--config", preset, "--out", f"{d}/data"], f"{d}/data"),
         Step("pretrain", ["pretrain", "--config", preset, "--data", f"{d}/data", "--out", f"{d}/pretrain"],
@@ -37,36 +55,91 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
         Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
                      "--out", f"{d}/sft"], f"{d}/sft"),
-        Step("knowledge", ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http", "--store", f"{d}/serve"], None),
-        Step("serve", ["serve", "--config", preset, "--model", f"{d}/sft", "--knowledge", f"{d}/serve",
-                       "--smoke", "4"], None),
+        # the knowledge store: two stdlib packages plus the modules the smoke questions' functions come from
+        Step("knowledge", lambda: ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http",
+                                   *smoke_sources(f"{d}/sft-data", SMOKE_QUESTIONS), "--store", f"{d}/serve"], None),
+        Step("serve", ["serve", "--config", preset, "--model", policy, "--knowledge", f"{d}/serve",
+                       "--smoke", str(SMOKE_QUESTIONS), "--smoke-questions", f"{d}/sft-data",
+                       "--smoke-out", f"{d}/serve/smoke.json"], None),
         Step("feedback", ["feedback", "export", "--store", f"{d}/serve/feedback.db",
                           "--out", f"{d}/serve/prefs.jsonl"], None),
-        Step("lineage", ["lineage", f"{d}/sft"], None),
+        Step("lineage", ["lineage", policy], None),
     ]
 
 
-def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None) -> int:
+def smoke_sources(sft_data: str, n: int) -> list[str]:
+    """The source files of the first ``n`` held-out code-writing requests (what retrieval should find)."""
+    import json
+
+    from pipelines.sft_data import val_path
+
+    files: list[str] = []
+    path = Path(val_path(sft_data))
+    if not path.is_file():
+        return files
+    for line in path.read_text().splitlines():
+        meta = json.loads(line).get("meta", {})
+        if meta.get("task") != "write":
+            continue
+        src = meta.get("source", "").rsplit(":", 1)[0]
+        if src and Path(src).is_file() and src not in files:
+            files.append(src)
+        n -= 1
+        if n == 0:
+            break
+    return files
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # ok | skipped | failed (rc) | not run
+    seconds: float
+
+
+def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None,
+        verbose: bool = False) -> int:
+    from cluster.cli import main as genloop
+    from cluster.demo_summary import write_summary
+
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: list[tuple[str, str, float]] = []
+    all_steps = steps(out, preset)
+    todo = [s for s in all_steps if not only or s.name in only]
+    unknown = sorted(set(only or []) - {s.name for s in all_steps})
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: no such step; steps: {', '.join(s.name for s in all_steps)}")
+    outcomes: list[Outcome] = []
     t_all = time.perf_counter()
-    for step in steps(out, preset):
-        if only and step.name not in only:
-            continue
-        if step.artifact and is_finished(step.artifact):
-            log.info("== %s: already finished at %s, skipping", step.name, step.artifact)
-            timings.append((step.name, "skipped", 0.0))
-            continue
-        log.info("== %s: genloop %s", step.name, " ".join(step.args))
-        t = time.perf_counter()
-        rc = genloop(step.args)
-        timings.append((step.name, "ok" if rc == 0 else f"failed ({rc})", time.perf_counter() - t))
-        if rc != 0:
-            break
-    print("\n  step        status      seconds")
-    for name, status, secs in timings:
-        print(f"  {name:11s} {status:11s} {secs:7.1f}")
-    print(f"  total                   {time.perf_counter() - t_all:7.1f}")
-    return 0 if all(s in ("ok", "skipped") for _, s, _ in timings) else 1
+    with Console(out / "demo.log", verbose=verbose) as con:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        con.say(f"genloop demo: {len(todo)} steps on the {preset!r} preset into {out}/ "
+                f"(Ray's and vLLM's logs: {out}/demo.log)")
+        for i, step in enumerate(todo, 1):
+            con.quiet_loggers()
+            if step.artifact and is_finished(step.artifact):
+                con.say(f"\n== [{i}/{len(todo)}] {step.name}: already finished at {step.artifact}, skipped")
+                outcomes.append(Outcome(step.name, "skipped", 0.0))
+                continue
+            argv = step.argv()
+            con.say(f"\n== [{i}/{len(todo)}] {step.name}: genloop {' '.join(argv)}")
+            t = time.perf_counter()
+            try:
+                rc = genloop(argv)
+            except Exception:  # a bug, not a user error: keep the traceback in the log, say where it is
+                log.exception("step %s crashed", step.name)
+                rc = 1
+            con.quiet_loggers()
+            secs = time.perf_counter() - t
+            outcomes.append(Outcome(step.name, "ok" if rc == 0 else f"failed ({rc})", secs))
+            con.say(f"   {step.name}: {'ok' if rc == 0 else 'FAILED'} in {secs:.0f} s")
+            if rc != 0:
+                con.say(f"   the last lines of {out}/demo.log:\n{con.tail(30)}")
+                break
+        ran = {o.name for o in outcomes}
+        outcomes += [Outcome(s.name, "not run", 0.0) for s in todo if s.name not in ran]
+        text = write_summary(out, all_steps, outcomes, time.perf_counter() - t_all, preset)
+        con.say("\n" + text)
+    return 0 if all(o.status in ("ok", "skipped") for o in outcomes) else 1

@@ -14,10 +14,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo", metavar="PRESET", help="preset for every stage (tiny: a quick check)")
     p.add_argument("--fresh", action="store_true", help="delete --out first (else finished steps are skipped)")
     p.add_argument("--only", nargs="*", metavar="STEP", help="run only these steps")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and vLLM's logs on the terminal too")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from cluster import demo
 
-    return demo.run(Path(args.out), args.config, fresh=args.fresh, only=args.only)
+    return demo.run(Path(args.out), args.config, fresh=args.fresh, only=args.only, verbose=args.verbose)

@@ -7,6 +7,7 @@ and exits (``make demo`` ends this way).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from cluster.commands.base import add_stage_command, address_of, config_from_arg
 
 HELP = "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"
 
-SMOKE_QUESTIONS = [
-    "How do I parse a JSON string in Python?",
-    "What does the os.path module do?",
-    "Explain what a context manager is.",
-    "How can I read a CSV file?",
+# --smoke without --smoke-questions: code-writing requests in the instruction set's form (pipelines/sft_data.py
+# WRITE_PROMPTS) on small functions; with a `genloop sft-data` artifact, its held-out requests are asked instead.
+SMOKE_FUNCTIONS = [
+    ("def is_even(n)", "Return True if n is even."),
+    ("def reverse_words(text)", "Return the words of text in reverse order, joined by single spaces."),
+    ("def clamp(x, lo, hi)", "Limit x to the closed interval from lo to hi."),
+    ("def count_vowels(s)", "Return how many characters of s are vowels."),
 ]
 
 
@@ -33,39 +36,85 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
     }, examples="rag_top_k=5 engine.max_num_seqs=8", overwrite=False)
     p.add_argument("--smoke", type=int, default=0, metavar="N",
-                   help="start, answer N sample questions with the openai client, print them and exit")
+                   help="start, answer N code-writing requests with the openai client, print each answer, whether "
+                        "it parses as a function and which sources retrieval found, and exit")
+    p.add_argument("--smoke-questions", default=None, metavar="FILE_OR_DIR",
+                   help="the held-out requests to ask: a `genloop sft-data` folder (its val.jsonl) or a JSONL of "
+                        "{messages: [...]}; default: a few built-in ones")
+    p.add_argument("--smoke-out", default=None, metavar="FILE", help="also write the smoke answers as JSON here")
     return p
 
 
-def smoke(base_url: str, model: str, n: int, api_key: str | None = None) -> int:
-    """Answer ``n`` sample questions through the official ``openai`` client and print them (``--smoke``)."""
+def smoke_questions(source: str | None, n: int) -> list[str]:
+    """``n`` code-writing requests: the held-out ``write`` tasks of an instruction set (in file order), else the
+    built-in ones in the same form."""
+    import json
+
+    from pipelines.sft_data import WRITE_PROMPTS, val_path
+
+    if not source:
+        qs = [WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=sig, doc=doc)
+              for i, (sig, doc) in enumerate(SMOKE_FUNCTIONS)]
+        return [qs[i % len(qs)] for i in range(n)]
+    path = Path(val_path(source) if Path(source).is_dir() else source)
+    if not path.is_file():
+        raise FileNotFoundError(f"--smoke-questions {source}: no {path}; pass a `genloop sft-data` folder or a JSONL "
+                                "of {\"messages\": [...]} rows")
+    qs = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("meta", {}).get("task", "write") != "write":
+            continue
+        user = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
+        if user:
+            qs.append(user[0])
+        if len(qs) == n:
+            break
+    if not qs:
+        raise ValueError(f"--smoke-questions {path} holds no code-writing requests (rows with meta.task 'write' "
+                         "and a user message)")
+    return qs
+
+
+def smoke(base_url: str, model: str, questions: list[str], api_key: str | None = None) -> list[dict]:
+    """Ask each question through the official ``openai`` client (greedy, the server's default max_tokens; every
+    other one streamed), print the answer, whether it parses as a function and the sources retrieval found; rate
+    the first answer 'up'. Returns the answers as dicts."""
     import openai
+
+    from pipelines.judge import writes_function
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=120)
     print(f"models: {[m.id for m in client.models.list().data]}")
-    first_id = None
-    for i in range(n):
-        q = SMOKE_QUESTIONS[i % len(SMOKE_QUESTIONS)]
+    results = []
+    for i, q in enumerate(questions):
         t0 = time.perf_counter()
-        if i % 2 == 0:
-            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=48,
-                                               temperature=0.7, user="demo-user")
-            docs = (r.model_extra or {}).get("rag", {}).get("documents", [])
-            first_id = first_id or r.id
-            print(f"\n[{i}] Q: {q}\n    RAG docs: {[d['id'] for d in docs]}\n    A: {r.choices[0].message.content!r}"
-                  f"\n    ({r.usage.completion_tokens} tokens, {time.perf_counter() - t0:.2f}s)")
-        else:
-            pieces = []
-            for ch in client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
-                                                     max_tokens=48, temperature=0.7, stream=True):
+        msgs = [{"role": "user", "content": q}]
+        streamed = i % 2 == 1
+        if streamed:
+            pieces, rag = [], {}
+            for ch in client.chat.completions.create(model=model, messages=msgs, temperature=0.0, stream=True,
+                                                     user="demo-user"):
+                rag = rag or (ch.model_extra or {}).get("rag") or {}
                 if ch.choices and ch.choices[0].delta.content:
                     pieces.append(ch.choices[0].delta.content)
-            print(f"\n[{i}] Q (streamed): {q}\n    A: {''.join(pieces)!r}\n    ({len(pieces)} chunks, "
-                  f"{time.perf_counter() - t0:.2f}s)")
-    if first_id:
-        client.post("/feedback", body={"response_id": first_id, "rating": "up"}, cast_to=object)
-        print(f"\nfeedback 'up' recorded for {first_id}")
-    return 0
+            answer, rid, tokens = "".join(pieces), None, None
+        else:
+            r = client.chat.completions.create(model=model, messages=msgs, temperature=0.0, user="demo-user")
+            answer, rid, tokens = r.choices[0].message.content or "", r.id, r.usage.completion_tokens
+            rag = (r.model_extra or {}).get("rag") or {}
+        res = {"question": q, "answer": answer, "parses": writes_function(answer),
+               "sources": [d["id"] for d in rag.get("documents", [])], "streamed": streamed, "tokens": tokens,
+               "seconds": round(time.perf_counter() - t0, 2), "response_id": rid}
+        results.append(res)
+        print(f"\n[{i + 1}] {q}\n    answer{' (streamed)' if streamed else ''}: {answer!r}\n"
+              f"    parses as a function: {'yes' if res['parses'] else 'no'}; retrieval found: "
+              f"{', '.join(res['sources']) or 'nothing'}; {res['seconds']:.2f}s")
+    first = next((r["response_id"] for r in results if r["response_id"]), None)
+    if first:
+        client.post("/feedback", body={"response_id": first, "rating": "up"}, cast_to=object)
+        print(f"\nfeedback 'up' recorded for {first}")
+    return results
 
 
 def api_key(path: str | None) -> str | None:
@@ -93,7 +142,13 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.state_paths()[0]}; Ctrl-C stops", flush=True)
     try:
         if args.smoke:
-            return smoke(url, cfg.served_name(), args.smoke, api_key(cfg.api_key_file))
+            results = smoke(url, cfg.served_name(), smoke_questions(args.smoke_questions, args.smoke),
+                            api_key(cfg.api_key_file))
+            if args.smoke_out:
+                Path(args.smoke_out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.smoke_out).write_text(json.dumps({"model": cfg.served_name(), "url": url,
+                                                            "answers": results}, indent=2) + "\n")
+            return 0
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

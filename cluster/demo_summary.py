@@ -1,0 +1,262 @@
+"""The demo's closing summary: the numbers that matter per stage, read back from each step's artifact (so a resumed
+demo reports skipped steps too), printed and written to ``<out>/summary.md`` with the plots beside it.
+
+``SUMMARIES`` maps a demo step to a function ``(out, step) -> Section | None``; a new stage adds one here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("genloop.demo")
+
+
+@dataclass
+class Section:
+    title: str
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (what, value)
+    lines: list[str] = field(default_factory=list)  # free text after the table (markdown)
+    plots: list[tuple[str, str]] = field(default_factory=list)  # (caption, file name beside summary.md)
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    f = path / "manifest.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _num(x: Any, fmt: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _copy_plot(src: Path, out: Path, name: str) -> str | None:
+    if not src.is_file():
+        return None
+    shutil.copyfile(src, out / name)
+    return name
+
+
+# ---- per stage ----------------------------------------------------------------------------------------------------
+
+def data_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "data")
+    if not m:
+        return None
+    c = m["counts"]
+    dups = c.get("exact_duplicates", 0) + c.get("near_duplicates", 0)
+    s = Section("data: clean, deduplicate, tokenize")
+    s.rows = [("documents read", f"{c['read']:,}"), ("kept", f"{c['kept']:,}")]
+    s.rows += [(f"dropped by rule `{k}`", f"{v:,}") for k, v in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])]
+    s.rows += [("exact duplicates", f"{c.get('exact_duplicates', 0):,}"),
+               ("near duplicates (MinHash LSH)", f"{c.get('near_duplicates', 0):,}")]
+    s.rows += [(f"malformed: {k}", f"{v:,}") for k, v in c.get("malformed", {}).items()]
+    tok = c.get("tokens", {})
+    s.rows += [("tokens train / val", f"{tok.get('train', 0):,} / {tok.get('val', 0):,}"),
+               ("vocabulary", f"{c.get('n_vocab', '-')}"),
+               ("seconds", _num(m.get("metrics", {}).get("seconds"), ".0f"))]
+    accounted = c["kept"] + sum(c.get("dropped", {}).values()) + dups + sum(c.get("malformed", {}).values())
+    s.lines.append(f"Every document is accounted for: read {c['read']:,} = kept + dropped + duplicates + malformed "
+                   f"= {accounted:,}.")
+    plot = _accounting_plot(c, out / "data_accounting.png")
+    if plot:
+        s.plots.append(("what happened to the documents read", plot))
+    return s
+
+
+def _accounting_plot(c: dict[str, Any], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    items = [("kept", c["kept"])] + sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])
+    items += [("exact duplicates", c.get("exact_duplicates", 0)), ("near duplicates", c.get("near_duplicates", 0))]
+    items += list(c.get("malformed", {}).items())
+    items = [(k, v) for k, v in items if v]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(items) + 1.2))
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="tab:blue")
+    ax.set_xlabel("documents")
+    ax.set_title(f"data: {c['read']:,} documents read")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def pretrain_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "pretrain")
+    if not m:
+        return None
+    c, x = m.get("counts", {}), m.get("metrics", {})
+    s = Section("pretrain: the transformer on the tokens (Ray Train)")
+    s.rows = [("parameters", f"{c.get('params', 0) / 1e6:.2f} M"), ("steps", f"{c.get('steps', 0):,}"),
+              ("tokens seen", f"{c.get('tokens', 0):,}"), ("final train loss", _num(x.get("loss"))),
+              ("validation loss", _num(x.get("val_loss"))), ("validation perplexity", _num(x.get("val_ppl"), ".1f")),
+              ("tokens / s", _num(x.get("tokens_per_s"), ".0f"))]
+    plot = _copy_plot(out / "pretrain" / "loss_curve.png", out, "pretrain_loss.png")
+    if plot:
+        s.plots.append(("pretraining loss (train and validation)", plot))
+    return s
+
+
+def sft_data_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "sft-data")
+    if not m:
+        return None
+    c = m.get("counts", {})
+    s = Section("sft-data: an instruction set from the stdlib's documented functions")
+    s.rows = [("functions read", f"{c.get('functions', 0):,}"), ("train examples", f"{c.get('train', 0):,}"),
+              ("held-out examples", f"{c.get('val', 0):,}"),
+              ("tasks", ", ".join(f"{k[5:]} {v:,}" for k, v in c.items() if k.startswith("task_")))]
+    return s
+
+
+def sft_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "sft")
+    if not m:
+        return None
+    x = m.get("metrics", {})
+    s = Section("sft: instruction fine-tuning (loss on answers only)")
+    s.rows = [("held-out answer loss", f"{_num(x.get('heldout_answer_loss_before'))} -> "
+                                       f"{_num(x.get('heldout_answer_loss_after'))}"),
+              ("parse rate (answers that parse and define a function)",
+               f"{_pct(x.get('parse_rate_before'))} -> {_pct(x.get('parse_rate_after'))}"),
+              ("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
+    s.lines.append("Before -> after, on held-out functions the model never saw. Samples: `sft/samples.jsonl`.")
+    plot = _copy_plot(out / "sft" / "loss_curve.png", out, "sft_loss.png")
+    if plot:
+        s.plots.append(("SFT loss on answer tokens", plot))
+    return s
+
+
+def knowledge_section(out: Path, step: Any) -> Section | None:
+    db = out / "serve" / "knowledge.db"
+    if not db.is_file():
+        return None
+    from serve.knowledge import KnowledgeStore
+
+    return Section("knowledge: the store retrieval reads", rows=[("documents", f"{KnowledgeStore(db).count():,}")])
+
+
+def serve_section(out: Path, step: Any) -> Section | None:
+    f = out / "serve" / "smoke.json"
+    if not f.is_file():
+        return None
+    smoke = json.loads(f.read_text())
+    answers = smoke.get("answers", [])
+    ok = sum(a["parses"] for a in answers)
+    s = Section(f"serve: {smoke.get('model')} over OpenAI-compatible HTTP, with retrieval",
+                rows=[("held-out code-writing requests answered", str(len(answers))),
+                      ("answers that parse and define a function", f"{ok} of {len(answers)}")])
+    for i, a in enumerate(answers, 1):
+        q = " ".join(a["question"].split())
+        s.lines.append(f"{i}. **{q[:160]}{'...' if len(q) > 160 else ''}**  \n"
+                       f"   parses as a function: {'yes' if a['parses'] else 'no'}; retrieval found: "
+                       f"{', '.join(f'`{x}`' for x in a['sources']) or 'nothing'}\n\n"
+                       f"   ```\n{_indent(a['answer'].strip()[:400] or '(empty)', '   ')}\n   ```")
+    return s
+
+
+def _indent(text: str, pad: str) -> str:
+    return "\n".join(pad + ln for ln in text.splitlines())
+
+
+def feedback_section(out: Path, step: Any) -> Section | None:
+    prefs, ratings = out / "serve" / "prefs.jsonl", out / "serve" / "prefs.ratings.jsonl"
+    if not prefs.is_file():
+        return None
+    n = lambda p: sum(1 for ln in p.read_text().splitlines() if ln.strip()) if p.is_file() else 0  # noqa: E731
+    return Section("feedback: what users rated, as preference data",
+                   rows=[("preference pairs", str(n(prefs))), ("ratings", str(n(ratings)))])
+
+
+def lineage_section(out: Path, step: Any) -> Section | None:
+    from cluster.demo import policy_dir
+    from pipelines.artifacts import lineage
+
+    try:
+        chain = list(lineage(policy_dir(out)))
+    except (ValueError, FileNotFoundError):
+        return None
+    s = Section("lineage: the served model back to the raw corpus")
+    s.lines.append("```\n" + "\n".join(f"{'  ' * d}{e['stage']}: {e['path']}" for d, e in chain) + "\n```")
+    return s
+
+
+SUMMARIES: dict[str, Callable[[Path, Any], Section | None]] = {
+    "data": data_section, "pretrain": pretrain_section, "sft-data": sft_data_section, "sft": sft_section,
+    "knowledge": knowledge_section, "serve": serve_section, "feedback": feedback_section,
+    "lineage": lineage_section,
+}
+
+
+# ---- the page -------------------------------------------------------------------------------------------------------
+
+def render(sections: Sequence[Section], outcomes: Sequence[Any], total_s: float, preset: str) -> str:
+    md = [f"# genloop demo ({preset} preset)", "", "| step | status | seconds |", "| --- | --- | ---: |"]
+    md += [f"| {o.name} | {o.status} | {o.seconds:.0f} |" for o in outcomes]
+    md += [f"| total | | {total_s:.0f} |", ""]
+    for s in sections:
+        md += [f"## {s.title}", ""]
+        if s.rows:
+            md += ["| | |", "| --- | ---: |"] + [f"| {k} | {v} |" for k, v in s.rows] + [""]
+        md += [*s.lines, ""] if s.lines else []
+        md += [f"![{cap}]({name})" for cap, name in s.plots] + ([""] if s.plots else [])
+    return "\n".join(md)
+
+
+def next_steps(out: Path, preset: str) -> str:
+    from cluster.demo import policy_dir
+
+    smoke = out / "serve" / "smoke.json"
+    q = "Write a Python function `def is_even(n)` that does the following: Return True if n is even."
+    name = Path(policy_dir(out)).name
+    if smoke.is_file():
+        data = json.loads(smoke.read_text())
+        name = data.get("model", name)
+        q = next((a["question"] for a in data.get("answers", [])), q)
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": q}], "max_tokens": 64})
+    return "\n".join([
+        "## Serve it yourself", "",
+        "```bash",
+        ". .venv/bin/activate",
+        f"genloop serve --config {preset} --model {policy_dir(out)} --knowledge {out}/serve   # Ctrl-C stops",
+        "# in another terminal:",
+        "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"  -d '{body.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'",
+        "```", "",
+        "Any OpenAI client works too (`base_url=\"http://127.0.0.1:8000/v1\"`); `genloop serve --help` lists the "
+        "options.",
+    ])
+
+
+def write_summary(out: Path, steps: Sequence[Any], outcomes: Sequence[Any], total_s: float, preset: str) -> str:
+    """Build every section whose artifact exists, write ``out/summary.md`` (plots beside it); returns the text."""
+    sections = []
+    for step in steps:
+        fn = SUMMARIES.get(step.summary or step.name)
+        if fn is None:
+            continue
+        try:
+            sec = fn(out, step)
+        except Exception:  # a summary must never hide the demo's outcome
+            log.exception("summary of %s failed", step.name)
+            continue
+        if sec is not None:
+            sections.append(sec)
+    text = render(sections, outcomes, total_s, preset) + "\n" + next_steps(out, preset) + "\n"
+    (out / "summary.md").write_text(text)
+    return text + f"\n(written to {out}/summary.md, plots beside it)"
