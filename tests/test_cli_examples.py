@@ -98,7 +98,12 @@ def build(argv: list[str]):
     assert name in BY_NAME, f"unknown command {name!r} in an example"
     args = build_parser(name).parse_args(argv)
     module = BY_NAME[name].load()
-    return module.config(args) if hasattr(module, "config") else None
+    cfg = module.config(args) if hasattr(module, "config") else None
+    from pipelines.pretrain import PretrainConfig, model_config
+
+    if isinstance(cfg, PretrainConfig):  # the architecture the overrides describe must be buildable too
+        model_config(cfg, n_vocab=1024, seq_len=64).validate()
+    return cfg
 
 
 def build_overrides(name: str, overrides: list[str]):
@@ -214,4 +219,4 @@ def test_every_demo_step_builds_its_config(tmp_path, preset):
     from cluster.demo import steps
 
     for step in steps(tmp_path, preset):
-        build(step.args)
+        build(step.argv())
