@@ -43,6 +43,7 @@ def test_genloop_serve_smoke_answers_through_direct_ingress(tiny_checkpoint, tmp
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"at http://127.0.0.1:{port}/v1" in r.stdout
     assert "models: ['tiny']" in r.stdout
-    assert r.stdout.count("    A: ") == 2  # one plain, one streamed answer
+    assert r.stdout.count("    answer: ") == 1 and r.stdout.count("    answer (streamed): ") == 1
+    assert r.stdout.count("parses as a function: ") == 2 and "retrieval found: " in r.stdout
     assert "feedback 'up' recorded" in r.stdout
     assert f"direct ingress: the ingress replica serves 127.0.0.1:{port}" in r.stderr

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from cluster.commands.base import add_stage_command, address_of, config_from_args
+from cluster.commands.base import add_stage_command, address_of, config_from_args, start_ray
 
 HELP = "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"
 
@@ -132,12 +132,18 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from ray import serve
 
     from serve.app import start
+    from serve.config import check_config, ray_env
 
     cfg = config(args)
-    url = start(cfg, address_of(args))
+    check_config(cfg)  # a missing checkpoint fails here, before Ray starts
+    os.environ.update(ray_env(cfg, address_of(args)))  # read by the local Ray's Serve processes at start
+    start_ray(args)
+    url = start(cfg)
     print(f"genloop serve: {cfg.served_name()!r} at {url}/v1 (OpenAI-compatible); knowledge store "
           f"{cfg.state_paths()[0]}; Ctrl-C stops", flush=True)
     try:
