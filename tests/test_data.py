@@ -19,7 +19,7 @@ from pipelines.data_inputs import list_inputs, split_documents, stdlib_files
 from pipelines.data_text import CodeRules, ProseRules, c4_clean, code_filter, dup_ngram_char_frac, gopher_quality, \
     gopher_repetition, normalise, redact_pii, top_ngram_char_frac
 from tests.conftest import STDLIB
-from tests.test_data_dedup import edit, jaccard, prose_words, render, vocabulary
+from tests.conftest import edit, jaccard, prose_words, render, vocabulary
 
 # ---- plain functions ---------------------------------------------------------------------------------------------
 

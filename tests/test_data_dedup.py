@@ -12,49 +12,9 @@ import pytest
 
 from pipelines.data_dedup import (MinHashConfig, band_keys, bucket_edges, content_hash, survivors,
                                   permutations, shingle_hashes, signature, splitmix64, text_signature, word_hashes)
+from tests.conftest import edit, jaccard, prose_words, render, vocabulary
 
 # ---- planted corpus ---------------------------------------------------------------------------------------------
-
-_STOP = ["the", "and", "of", "to", "with", "that", "have", "be"]
-
-
-def vocabulary(n: int = 3000, seed: int = 0) -> list[str]:
-    """Pronounceable pseudo-words of 3..9 letters (unique), so Gopher's word-length and alpha rules pass."""
-    rng = np.random.default_rng(seed)
-    cons, vows = "bcdfghklmnprstvz", "aeiou"
-    out: set[str] = set()
-    while len(out) < n:
-        k = int(rng.integers(2, 5))
-        out.add("".join(cons[rng.integers(len(cons))] + vows[rng.integers(len(vows))] for _ in range(k)))
-    return sorted(out)
-
-
-def prose_words(rng: np.random.Generator, vocab: list[str], n: int) -> list[str]:
-    """Random words with a stop word every ~4 words (natural enough for Gopher's and C4's rules)."""
-    return [_STOP[rng.integers(len(_STOP))] if rng.random() < 0.25 else vocab[rng.integers(len(vocab))]
-            for _ in range(n)]
-
-
-def render(words: list[str], per_line: int = 12) -> str:
-    """Lines of ``per_line`` words, each a sentence ending with a period."""
-    lines = [" ".join(words[i:i + per_line]).capitalize() + "." for i in range(0, len(words), per_line)]
-    return "\n".join(lines) + "\n"
-
-
-def edit(words: list[str], k: int, rng: np.random.Generator, vocab: list[str]) -> list[str]:
-    """Replace ``k`` words at evenly spread positions (at least 5 apart) by fresh words."""
-    out = list(words)
-    n = len(out)
-    for p in np.linspace(3, n - 4, k).astype(int):
-        out[p] = "zq" + vocab[rng.integers(len(vocab))]
-    return out
-
-
-def jaccard(a: list[str], b: list[str], n: int = 5) -> float:
-    """True Jaccard of the word n-gram sets, computed without hashing."""
-    sa = {tuple(w.lower() for w in a[i:i + n]) for i in range(len(a) - n + 1)}
-    sb = {tuple(w.lower() for w in b[i:i + n]) for i in range(len(b) - n + 1)}
-    return len(sa & sb) / len(sa | sb)
 
 
 def planted_pairs(n_high: int, n_low: int, n_words: int = 300, seed: int = 0):

@@ -14,8 +14,7 @@ from models.checkpoint import CheckpointError, resolve_checkpoint
 from models.transformer import model_preset
 from pipelines.config import ConfigError, build_config
 from pipelines.pretrain import ModelSection, PretrainConfig, lm_rows, model_config, plan
-from tests.conftest import stdlib_texts
-from tests.test_train_loop import make_dataset
+from tests.conftest import make_dataset, stdlib_texts
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,16 @@ official openai client. The app starts once for the module (engine load ~40 s) a
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 KEY_A, KEY_B = "key-alpha-123", "key-bravo-456"
 PREFIX = "/genloop-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

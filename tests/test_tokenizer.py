@@ -4,14 +4,7 @@ import pytest
 
 from models.tokenizer import CHAT_SPECIALS, Tokenizer, TokenizerError, onig_pattern, to_hf_tokenizer_json, train
 
-VARIED = [
-    "def f(x):\n    return x ** 2  # square\n\n\tif x:\r\n        pass\n",
-    "Ünïcödé façade — naïve café; 日本語のテキスト, emoji 🙂🚀 and Ελληνικά.",
-    "numbers 1234567 3.14159 0x1F and   multiple   spaces   \n\n\n trailing   ",
-    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n<|endoftext|>",
-    "it's we're they'll I'd you've DON'T",
-    "",
-]
+from tests.conftest import VARIED
 
 
 def test_trained_tokenizer_round_trips_and_has_chat_specials(tiny_tokenizer, tiny_tokenizer_dir):

@@ -15,29 +15,7 @@ from pipelines.train_loop import (TrainLoopConfig, batch_order, fit, hf_export, 
                                   token_loss_sum)
 
 
-# ---- helpers shared with test_pretrain.py --------------------------------------------------------------------------
-def make_dataset(out: Path, tok, texts: list[str], seq_len: int, val_blocks: int = 4) -> Path:
-    """A genloop tokenized dataset folder (blocks.py contract): documents joined by <|endoftext|>, cut into
-    seq_len + 1 blocks, the last ``val_blocks`` held out."""
-    from pipelines.artifacts import Manifest
-    from pipelines.blocks import write_shard
-
-    ids: list[int] = []
-    for doc in tok.encode_batch(texts):
-        ids += doc + [tok.eot_id]
-    n = len(ids) // (seq_len + 1)
-    blocks = np.asarray(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
-    train, val = blocks[: n - val_blocks], blocks[n - val_blocks:]
-    m = Manifest.begin("data", str(out), {"seq_len": seq_len})
-    half = len(train) // 2
-    write_shard(train[:half], str(out / "train"), 0)
-    write_shard(train[half:], str(out / "train"), 1)
-    write_shard(val, str(out / "val"), 0)
-    tok.save(out / "tokenizer")
-    m.finish(counts={"train_blocks": len(train), "val_blocks": len(val)})
-    return out
-
-
+# ---- helpers --------------------------------------------------------------------------------------------------------
 def lm_dataset(blocks: np.ndarray):
     import ray.data
 
