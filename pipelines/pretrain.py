@@ -138,8 +138,6 @@ class Plan:
 
 def plan(config: PretrainConfig) -> Plan:
     """Validate the inputs (clear one-line errors) and settle the model config."""
-    from models.tokenizer import Tokenizer
-
     if not config.data:
         raise ValueError("no --data: pass a tokenized dataset folder made by `genloop data`")
     if not config.out:
@@ -150,17 +148,18 @@ def plan(config: PretrainConfig) -> Plan:
         raise ValueError(f"--data {info.path} has {info.train_blocks} training blocks, fewer than one global batch "
                          f"({config.train.global_rows()} = micro_batch_size x grad_accum x num_workers); lower them")
     seq_len = resolve_seq_len(config.seq_len, info)
-    data_tok = Tokenizer.load(info.tokenizer)
+    data_tok = info.load_tokenizer()  # downloaded once into the local cache when --data is remote
     if config.init_from:
-        from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
+        from models.checkpoint import load_config, load_tokenizer
+        from pipelines.artifacts import checkpoint_dir, resolve_checkpoint
 
-        ckpt = resolve_checkpoint(config.init_from)
-        ckpt_tok = load_tokenizer(ckpt)
+        ckpt = resolve_checkpoint(config.init_from)  # local or URI; workers fetch their own copy (_builder)
+        ckpt_tok = load_tokenizer(checkpoint_dir(ckpt))
         if not tokenizers_match(ckpt_tok, data_tok):
             raise ValueError(f"--init-from {ckpt} uses tokenizer {ckpt_tok.name!r} ({ckpt_tok.n_vocab} tokens) but "
                              f"--data {info.path} was tokenized with {data_tok.name!r} ({data_tok.n_vocab} tokens); "
                              "re-tokenize the data with the checkpoint's tokenizer")
-        mcfg = load_config(ckpt)
+        mcfg = load_config(checkpoint_dir(ckpt))
         if seq_len > mcfg.max_seq_len:
             raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}; "
                              f"set seq_len={mcfg.max_seq_len} or lower")
@@ -175,8 +174,9 @@ def _builder(p: Plan):
     def build() -> Transformer:
         if init_from:
             from models.checkpoint import load_checkpoint
+            from pipelines.artifacts import checkpoint_dir
 
-            return load_checkpoint(init_from)[0]
+            return load_checkpoint(checkpoint_dir(init_from))[0]
         return Transformer(mcfg)
 
     return build

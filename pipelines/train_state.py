@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from pipelines.artifacts import filesystem, join
+from pipelines.artifacts import filesystem, join, local_copy
 from pipelines.train_config import LOOP_STATE, MODEL_DIR, TrainLoopConfig
 
 
@@ -108,7 +108,7 @@ def hf_export(tokenizer: str) -> Callable[[nn.Module, dict, str], str]:
         from models.checkpoint import save_checkpoint
         from models.tokenizer import Tokenizer
 
-        tok = Tokenizer.load(tokenizer)
+        tok = Tokenizer.load(local_copy(tokenizer))  # a URI (s3:// dataset) is downloaded once per node
         target = join(out, MODEL_DIR)
         with local_dir(target) as local:
             save_checkpoint(model, tok, local, state_dict=state_dict)
