@@ -9,6 +9,7 @@ document as soon as ``add`` returns. Another ranking (e.g. vectors) can be put b
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from pipelines.artifacts import is_uri, list_files, name, read_bytes, write_text
 from serve.sqlite import open_db
 
 log = logging.getLogger(__name__)
@@ -180,3 +182,49 @@ def iter_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUF
                 if f.is_file() and f.suffix.lower() in suffixes and not any(part.startswith(".") for part in
                                                                             f.relative_to(p).parts):
                     yield f, p
+
+
+def source_files(paths: Iterable[str]) -> Iterable[tuple[str, str]]:
+    """(file path or URI, document id) for every text file under ``paths``: local files/folders (``iter_files``) or
+    ``s3://`` / ``gs://`` URIs; the id is the path relative to the folder given (a file given alone: its name)."""
+    for p in paths:
+        p = str(p)
+        if not is_uri(p):
+            for f, root in iter_files([p]):
+                yield str(f), (f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name)
+            continue
+        files = list_files(p)
+        if not files:
+            raise FileNotFoundError(f"{p} does not exist; pass files or folders of text documents")
+        if files == [p]:
+            yield p, name(p)
+            continue
+        base = p.rstrip("/") + "/"
+        for f in files:
+            rel = f[len(base):]
+            if rel.lower().endswith(TEXT_SUFFIXES) and not any(part.startswith(".") for part in rel.split("/")):
+                yield f, rel
+
+
+def add_paths(store: KnowledgeStore, paths: list[str], quarantine: str | None = None) -> dict:
+    """Load every text file under ``paths`` (local or URIs) into ``store``: one document per file, id = its path
+    relative to the folder given, title = its name; re-adding replaces. Empty, binary or oversized files are skipped,
+    counted and listed in ``quarantine`` (JSONL) when given. Returns ``{"added", "replaced", "chunks", "skipped"}``."""
+    counts = {"added": 0, "replaced": 0, "chunks": 0, "skipped": 0}
+    skipped: list[dict] = []
+    for f, doc_id in source_files(paths):
+        try:
+            text = read_bytes(f).decode("utf-8")
+            if "\x00" in text:
+                raise KnowledgeError("binary file (NUL bytes)")
+            r = store.add(doc_id, text, title=name(f))
+        except (UnicodeDecodeError, KnowledgeError) as e:
+            counts["skipped"] += 1
+            skipped.append({"path": f, "reason": str(e).split(";")[0]})
+            log.warning("skipped %s: %s", f, e)
+            continue
+        counts["replaced" if r["replaced"] else "added"] += 1
+        counts["chunks"] += r["chunks"]
+    if quarantine and skipped:
+        write_text(quarantine, "".join(json.dumps(s) + "\n" for s in skipped))
+    return counts
