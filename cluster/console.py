@@ -33,6 +33,7 @@ class Console:
         self.verbose = verbose  # everything to the terminal as well (no filtering)
         self._lock = threading.Lock()
         self._bar_open = False
+        self.closed = False
 
     # ---- setup / teardown
     def __enter__(self) -> "Console":
@@ -62,6 +63,7 @@ class Console:
         for h in _stream_handlers():
             if h.stream in (self.log, self.term) or isinstance(h.stream, _Router):
                 h.setStream(sys.stderr)
+        self.closed = True
         self.term.close()
         self.log.close()
 
@@ -122,13 +124,22 @@ class _Router(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def _after(self) -> TextIO | None:
+        """After the console closed (atexit hooks of Ray / colorama still hold this stream): the real stream."""
+        return (sys.__stderr__ if self.err else sys.__stdout__) if self.console.closed else None
+
     def isatty(self) -> bool:  # tqdm draws bars with \r only on a tty-like stream
-        return self.console.term.isatty()
+        real = self._after()
+        return real.isatty() if real else self.console.term.isatty()
 
     def fileno(self) -> int:
-        return self.console.log.fileno()
+        real = self._after()
+        return real.fileno() if real else self.console.log.fileno()
 
     def write(self, s: str) -> int:
+        real = self._after()
+        if real:
+            return real.write(s)
         c = self.console
         bar = BAR.search(s)
         if not bar:  # bar redraws stay out of the log (hundreds per run)
@@ -150,6 +161,10 @@ class _Router(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
+        real = self._after()
+        if real:
+            real.flush()
+            return
         self.console.log.flush()
         self.console.term.flush()
 

@@ -3,7 +3,7 @@
 The demo is a list of ``Step``s (``steps()``): each an ordinary ``genloop`` command run in this process, so one
 local Ray serves them all. A step whose artifact is already finished is skipped, so re-running resumes where it
 stopped; ``--fresh`` starts over. Adding a stage is adding a ``Step`` (and, for the closing summary, a function in
-``cluster/demo_summary.py``); ``POLICY`` names the artifact ``serve --smoke`` serves: the last training stage's.
+``cluster/demo_summary.py``); ``policy_dir`` names the artifact ``serve --smoke`` serves: the last training stage's.
 
 The terminal shows each step's command, its printed results and progress bars; Ray's and vLLM's chatter goes to
 ``<out>/demo.log``. At the end, a summary of the numbers per stage is printed and written to ``<out>/summary.md``
@@ -93,7 +93,7 @@ def smoke_sources(sft_data: str, n: int) -> list[str]:
 @dataclass
 class Outcome:
     name: str
-    status: str  # ok | skipped | failed (rc) | not run
+    status: str  # ok | skipped | failed (rc) | interrupted | not run
     seconds: float
 
 
@@ -128,6 +128,10 @@ def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | 
             t = time.perf_counter()
             try:
                 rc = genloop(argv)
+            except KeyboardInterrupt:
+                outcomes.append(Outcome(step.name, "interrupted", time.perf_counter() - t))
+                con.say(f"   {step.name}: interrupted")
+                break
             except Exception:  # a bug, not a user error: keep the traceback in the log, say where it is
                 log.exception("step %s crashed", step.name)
                 rc = 1
