@@ -50,6 +50,8 @@ class PrefPair:
     rejected: str
     margin: float = 0.0
     source: str = ""
+    chosen_score: float | None = None  # the judge's scores, when a judge made the pair
+    rejected_score: float | None = None
 
     def key(self) -> tuple[str, str, str]:
         return (json.dumps(self.prompt, sort_keys=True), self.chosen, self.rejected)
@@ -67,6 +69,8 @@ class PrefPair:
             out["margin"] = self.margin
         if self.source:
             out["source"] = self.source
+        if self.chosen_score is not None:
+            out["chosen_score"], out["rejected_score"] = self.chosen_score, self.rejected_score
         return out
 
 
