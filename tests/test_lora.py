@@ -111,3 +111,30 @@ def test_lora_bad_targets(tiny_checkpoint):
     model, _ = load_checkpoint(tiny_checkpoint)
     with pytest.raises(ValueError, match="match no Linear layer; choose from"):
         apply_lora(model, LoraConfig(rank=2, target_modules=["qkv"]))
+
+
+def test_peft_loads_the_adapter_and_matches_the_merged_checkpoint(tiny_checkpoint, tmp_path):
+    """The adapter folder is a real PEFT adapter: ``PeftModel.from_pretrained`` on the base checkpoint (loaded by
+    transformers) computes the logits of genloop's merged checkpoint."""
+    peft = pytest.importorskip("peft", reason="peft (test extra) checks the adapter format")
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_checkpoint(tiny_checkpoint)
+    cfg = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    apply_lora(model, cfg)
+    torch.manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+    save_peft_adapter(model, cfg, tmp_path / "adapter", base_model=str(tiny_checkpoint))
+    save_checkpoint(model, tok, tmp_path / "merged", state_dict=merged_state_dict(model))
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), torch_dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), torch_dtype=torch.float32).eval()
+    x = _batch(tok.n_vocab, 4)
+    with torch.no_grad():
+        got, want = with_adapter(x).logits, merged(x).logits
+        plain = load_checkpoint(tiny_checkpoint)[0](x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the adapter changes the model: the check has teeth
