@@ -149,10 +149,19 @@ def validate_stage_args(argv: list[str]) -> argparse.Namespace:
         raise ValueError(f"the {stage} stage rejects these options (see its usage above); nothing was submitted") \
             from None
     config = getattr(ns, "config", None)
-    if config and "/" not in config and not config.endswith((".yaml", ".yml")):
+    named = not config or ("/" not in config and not config.endswith((".yaml", ".yml")))
+    if config and named:
         preset_path(config)  # a named preset must exist in configs/ (ConfigError names the known ones)
     for text in getattr(ns, "overrides", None) or []:
         parse_override(text)
+    module = BY_NAME[stage].load()
+    if hasattr(module, "config") and named:
+        # the stage's typed config from its preset, flags and overrides: an unknown key or a wrong type is refused
+        # here (a YAML path is the cluster's, so it is checked there)
+        try:
+            module.config(ns)
+        except ValueError as e:
+            raise type(e)(f"{e}; nothing was submitted") from None
     return ns
 
 

@@ -93,6 +93,8 @@ def test_bad_submissions_are_one_clear_line_and_submit_nothing(tmp_path):
         (["submit", "pretrian", "--config", "tiny"], "unknown stage 'pretrian'"),
         (["submit", "data", "--config", "tiny", "--bogus", "1"], "the data stage rejects these options"),
         (["submit", "data", "--config", "nosuch"], "unknown preset 'nosuch'"),
+        (["submit", "pretrain", "--config", "tiny", "lr=3e-4"], "did you mean train.lr?; nothing was submitted"),
+        (["submit", "pretrain", "--config", "tiny", "model.dim=wide"], "must be an integer"),
         (["submit", "data", "--config", "tiny"], "no job server address"),
         (["submit", "data", "--config", "tiny", "--address", "http://127.0.0.1:9"], "cannot reach the Ray job server"),
         (["jobs", "list", "--address", "http://127.0.0.1:9"], "cannot reach the Ray job server"),
