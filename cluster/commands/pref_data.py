@@ -1,0 +1,39 @@
+"""``genloop pref-data``: preference pairs from a policy's own samples and the code judge (the stage:
+``pipelines.pref_data``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.commands.base import add_stage_command, config_from_args, start_ray
+
+HELP = "preference pairs without humans: sample a policy with vLLM, score with the code judge, keep clear margins"
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    return add_stage_command(sub, "pref-data", HELP, flags={
+        "--policy": ("policy", {"metavar": "CKPT", "help": "the checkpoint that samples (an SFT model)"}),
+        "--prompts": ("prompts", {"metavar": "SFT_DATA", "help": "a `genloop sft-data` file or folder (its "
+                                                                 "code-writing prompts and reference answers)"}),
+        "--out": ("out", {"metavar": "DIR", "help": "artifact folder (train.jsonl, val.jsonl, samples.jsonl)"}),
+        "--human": ("human", {"metavar": "FILE", "help": "human preferences to merge (genloop feedback export)"}),
+        "--samples": ("samples", {"metavar": "K", "type": int, "help": "answers sampled per prompt"}),
+    }, examples="samples=8 temperature=1.0 min_margin=0.5 max_prompts=200")
+
+
+def config(args: argparse.Namespace):
+    from pipelines.pref_data import PrefDataConfig
+
+    return config_from_args(PrefDataConfig, "pref-data", args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import pref_data
+
+    cfg = config(args)
+    start_ray(args)
+    res = pref_data.run(cfg)
+    print(json.dumps({k: res[k] for k in ("out", "policy_judge_pass_rate", "policy_judge_mean_score") if k in res}
+                     | {"train_pairs": res["counts"].get("train_pairs"), "val_pairs": res["counts"].get("val_pairs")}))
+    return 0
