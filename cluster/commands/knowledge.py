@@ -9,39 +9,8 @@ lists them in a JSONL file).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 HELP = "add documents to a knowledge store in bulk, or search it"
-
-
-def add_paths(store, paths: list[str], quarantine: str | None = None) -> dict:
-    """Load every text file under ``paths`` into ``store`` (a ``KnowledgeStore``); returns counts
-    ``{"added", "replaced", "chunks", "skipped"}``."""
-    from serve.knowledge import KnowledgeError, iter_files
-
-    counts = {"added": 0, "replaced": 0, "chunks": 0, "skipped": 0}
-    skipped: list[dict] = []
-    for f, root in iter_files(paths):
-        doc_id = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
-        try:
-            text = f.read_bytes().decode("utf-8")
-            if "\x00" in text:
-                raise KnowledgeError("binary file (NUL bytes)")
-            r = store.add(doc_id, text, title=f.name)
-        except (UnicodeDecodeError, KnowledgeError) as e:
-            counts["skipped"] += 1
-            skipped.append({"path": str(f), "reason": str(e).split(";")[0]})
-            log.warning("skipped %s: %s", f, e)
-            continue
-        counts["replaced" if r["replaced"] else "added"] += 1
-        counts["chunks"] += r["chunks"]
-    if quarantine and skipped:
-        Path(quarantine).write_text("".join(json.dumps(s) + "\n" for s in skipped))
-    return counts
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ks = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = ks.add_parser("add", help="add or replace text files (folders are walked) in the store",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("paths", nargs="+", help="files or folders (folders: text and source files)")
+    a.add_argument("paths", nargs="+", help="files or folders (folders: text and source files), or s3:// gs:// URIs")
     a.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
     a.add_argument("--chunk-chars", type=int, default=600)
     a.add_argument("--chunk-overlap", type=int, default=80)
@@ -68,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from serve.knowledge import KnowledgeStore
+    from serve.knowledge import KnowledgeStore, add_paths
 
     store = KnowledgeStore(args.store, args.chunk_chars, args.chunk_overlap, args.max_document_chars)
     counts = add_paths(store, args.paths, args.quarantine)
