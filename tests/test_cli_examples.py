@@ -196,7 +196,7 @@ def test_top_level_help_examples_build_a_stage_config():
     parser = build_parser(None)
     strays = [kv for text in help_texts(parser) for kv in stray_overrides(text)]
     assert "train.lr=3e-4" in strays and "model.dim=128" in strays
-    assert accepted_by_some_stage(strays) == ["pretrain"]
+    assert "pretrain" in accepted_by_some_stage(strays)
 
 
 def test_a_wrong_example_is_caught():
