@@ -41,5 +41,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = config(args)
     start_ray(args)
     res = sft.run(cfg)
-    print(json.dumps({k: res[k] for k in KEYS if k in res}))
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    print(f"sft: held-out answer loss {res['heldout_answer_loss_before']:.4f} -> "
+          f"{res['heldout_answer_loss_after']:.4f}; parse rate {pct(res['parse_rate_before'])} -> "
+          f"{pct(res['parse_rate_after'])}; {res.get('steps', '?')} steps in {res['train_seconds']:.0f} s; "
+          f"model: {res.get('model', res['out'])}")
+    print(json.dumps({k: res[k] for k in KEYS if k in res}))  # the last line: machine-readable
     return 0

@@ -29,5 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.sft_data import run as build
 
     stats = build(config(args))
-    print(json.dumps({"out": stats["out"], "val": stats["val"], **stats["counts"]}))
+    c = stats["counts"]
+    print(f"sft-data: {c.get('train', 0):,} train + {c.get('val', 0):,} held-out examples from "
+          f"{c.get('functions', 0):,} functions -> {stats['out']}, {stats['val']}")
+    print(json.dumps({**c, "out": stats["out"], "val_out": stats["val"]}))  # the last line: machine-readable
     return 0
