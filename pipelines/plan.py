@@ -239,20 +239,37 @@ def _vocab_from_data(tokenizer: str, vocab_size: int) -> int:
 
 def run_shape(config: str, overrides: Mapping[str, Any] | None = None) -> RunShape:
     """The run ``genloop pretrain --config CONFIG key=value ...`` would start: its typed, validated pretrain section
-    (``overrides`` applied), the model ``pipelines.pretrain.model_config`` builds from it for the vocabulary the
-    preset's data stage produces, and seq_len defaulting to the data stage's block length."""
+    (``overrides`` applied), the model ``pipelines.pretrain.model_config`` builds from it (or ``init_from``'s
+    checkpoint's) for the vocabulary of ``data`` when given, else of what the preset's data stage produces, and
+    seq_len defaulting to the dataset's (the data stage's) block length."""
     from pipelines.config import build_config
     from pipelines.data import DataConfig
     from pipelines.pretrain import PretrainConfig, model_config
 
     pcfg = build_config(PretrainConfig, "pretrain", config, dict(overrides or {}))
-    dcfg = build_config(DataConfig, "data", config)
-    seq_len = pcfg.seq_len or dcfg.seq_len
-    n_vocab = pcfg.model.vocab_size or _vocab_from_data(dcfg.tokenizer, dcfg.vocab_size)
-    mcfg = model_config(pcfg, n_vocab, seq_len)
+    if pcfg.data:  # a tokenized dataset given: its block length and tokenizer, as pretrain would use them
+        from pipelines.blocks import open_dataset
+
+        info = open_dataset(pcfg.data)
+        seq_len = pcfg.seq_len or info.seq_len
+        n_vocab = info.load_tokenizer().n_vocab
+    else:
+        dcfg = build_config(DataConfig, "data", config)
+        seq_len = pcfg.seq_len or dcfg.seq_len
+        n_vocab = pcfg.model.vocab_size or _vocab_from_data(dcfg.tokenizer, dcfg.vocab_size)
+    if pcfg.init_from:  # domain fine-tuning: the checkpoint's architecture
+        from models.checkpoint import load_config
+        from pipelines.artifacts import checkpoint_dir, resolve_checkpoint
+
+        mcfg = load_config(checkpoint_dir(resolve_checkpoint(pcfg.init_from)))
+        if seq_len > mcfg.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
+    else:
+        mcfg = model_config(pcfg, n_vocab, seq_len)
     tc = pcfg.train
     tc.validate()
-    return RunShape(model=mcfg, model_name=pcfg.model.preset, seq_len=seq_len, micro_batch_size=tc.micro_batch_size,
+    name = f"checkpoint {pcfg.init_from}" if pcfg.init_from else pcfg.model.preset
+    return RunShape(model=mcfg, model_name=name, seq_len=seq_len, micro_batch_size=tc.micro_batch_size,
                     grad_accum=tc.grad_accum, num_workers=tc.num_workers, cpus_per_worker=tc.cpus_per_worker,
                     strategy="fsdp" if tc.strategy == "fsdp" else "ddp",
                     activation_checkpointing=tc.activation_checkpointing)
@@ -414,7 +431,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"{_num(pr['embedding'])} embedding",
         f"run: seq_len {r['seq_len']}, micro-batch {r['micro_batch_size']}, grad_accum {r['grad_accum']}, "
         f"{r['strategy']}{' + activation checkpointing' if r['activation_checkpointing'] else ''}, "
-        f"{p['gpus']} x {g['name']} ({g['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense, {_gb(g['memory_bytes'])})",
+        f"{p['gpus']} x {g['name']} ({_num(g['peak_flops'])}FLOP/s {'fp32 measured' if g['key'] == CPU else 'bf16 dense'}"
+        f", {_gb(g['memory_bytes'])})",
         f"tokens: {_num(p['tokens'])} ({p['tokens_per_param']:.1f} per parameter; compute-optimal "
         f"~{_num(p['compute_optimal_tokens'])} at {CHINCHILLA_TOKENS_PER_PARAM:.0f}/param)",
         f"training FLOPs: {p['training_flops']['total']:.3e} = 6ND {p['training_flops']['dense_6nd']:.3e} + "

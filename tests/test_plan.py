@@ -203,3 +203,13 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     assert saved["gpus"] == 1024 and saved["run"]["micro_batch_size"] == 1 and saved["tokens"] == 15e12
     with pytest.raises(ConfigError, match="--config"):
         command.run(parser.parse_args(["plan"]))
+
+
+def test_plan_from_a_checkpoint_uses_its_architecture(tiny_checkpoint):
+    from models.checkpoint import load_config
+
+    shape = plan.run_shape("domain", {"init_from": str(tiny_checkpoint), "seq_len": 64})
+    assert shape.model == load_config(tiny_checkpoint) and shape.model_name.startswith("checkpoint ")
+    assert (shape.micro_batch_size, shape.num_workers, shape.strategy) == (8, 2, "ddp")  # domain's train section
+    with pytest.raises(ValueError, match="max_seq_len"):
+        plan.run_shape("domain", {"init_from": str(tiny_checkpoint), "seq_len": 100_000})

@@ -25,7 +25,7 @@ FLAGS = {
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = add_stage_command(sub, "plan", HELP, FLAGS, overwrite=False, ray=False,
                           examples="train.micro_batch_size=1 seq_len=8192 model.n_layers=40", description=(
-        "Size the run `genloop pretrain --config PRESET` would start (the preset's pretrain: section: model, "
+        "Size the run that pretrain would start with the same --config (the preset's pretrain: section: model, "
         "seq_len, micro-batch, strategy, activation checkpointing) at a token budget on a GPU type: parameters, "
         "training FLOPs (6ND + attention), memory per GPU under DDP and FSDP2 with and without activation "
         "checkpointing, the fewest GPUs that fit, tokens/s and days at an MFU, GPU-hours and cost. key=value "
@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--gpus 1024 --price-per-gpu-hour 2.5"))
     p.add_argument("--model", default=None, metavar="PRESET",
                    help="model preset instead of the pretrain section's (tiny, demo, gpt2-124m, llama-1b, llama-8b)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="a tokenized dataset: plan with its block length and tokenizer (as pretrain would)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="a checkpoint to continue from (domain fine-tuning): plan with its architecture")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
     return p
 
@@ -46,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     flags = {k[len(FLAG_PREFIX):]: v for k, v in vars(args).items() if k.startswith(FLAG_PREFIX) and v is not None}
     plan_cfg = build_config(PlanConfig, "plan", args.config, flags)
     section = dict(parse_override(o) for o in args.overrides or [])
-    if args.model:
-        section["model"] = args.model
+    for key in ("model", "data", "init_from"):
+        if getattr(args, key):
+            section[key] = getattr(args, key)
     result = make_plan(run_shape(args.config, section), plan_cfg)
     print(format_plan(result))
     if args.json:
