@@ -166,8 +166,13 @@ def test_feedback_round_trip_to_export(server, tmp_path):
     assert post(server, "/v1/feedback", {"response_id": a.id, "rating": "up"}).status_code == 200
     assert post(server, "/v1/feedback", {"response_id": b.id, "rating": 2}).status_code == 200
     assert post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": b.id}).status_code == 200
-    assert_error(post(server, "/v1/feedback", {"response_id": "chatcmpl-nope", "rating": "up"}), 404)
+    # the feedback deployment's errors cross a Ray handle and still answer as what they are (not 500)
+    assert_error(post(server, "/v1/feedback", {"response_id": "chatcmpl-nope", "rating": "up"}), 404,
+                 "response_not_found")
+    assert_error(post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": "chatcmpl-nope"}), 404,
+                 "response_not_found")
     assert_error(post(server, "/v1/feedback", {"response_id": a.id, "rating": 9}), 400)
+    assert_error(post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": a.id}), 400)
     import argparse
 
     out = tmp_path / "prefs.jsonl"
