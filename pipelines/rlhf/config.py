@@ -18,8 +18,7 @@ class RolloutConfig:
     prompts_per_iter: int = 8
     group_size: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_num_seqs=64,
-                                                                      logprobs_mode="processed_logprobs"))
+    engine: EngineConfig = field(default_factory=EngineConfig)  # rollouts always use processed log-probs
     cpus_per_engine: float = 1.0
     max_restarts: int = -1  # a dead engine actor is re-created by Ray (-1: always)
     inject_failure_at: int = 0  # fault injection: one engine actor exits once at this iteration
@@ -35,8 +34,8 @@ class KLConfig:
 
 
 @dataclass
-class AlgoConfig:
-    """Advantages and the policy loss (pipelines/rlhf/algos.py)."""
+class UpdateConfig:
+    """How one iteration updates the policy: advantages, the clipped loss, epochs x minibatches (pipelines/rlhf/algos.py)."""
 
     norm_std: bool = True  # grpo: divide by the group's std (False: Dr.GRPO)
     eps_low: float = 0.2
@@ -87,7 +86,7 @@ class RlhfConfig:
     reward_model_cpus: float = 1.0  # the reward-model actor's CPUs
     overwrite: bool = False
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algo_cfg: AlgoConfig = field(default_factory=AlgoConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     train: LearnerConfig = field(default_factory=LearnerConfig)
 
@@ -105,10 +104,10 @@ class RlhfConfig:
             raise ValueError("no --reward: pass a reward model folder and/or fn:NAME (e.g. fn:code_judge)")
         if self.algo not in ("grpo", "ppo"):
             raise ValueError(f"algo={self.algo!r}: use grpo or ppo")
-        r, a, t = self.rollout, self.algo_cfg, self.train
+        r, a, t = self.rollout, self.update, self.train
         for key, v in (("iterations", self.iterations), ("rollout.engines", r.engines),
                        ("rollout.prompts_per_iter", r.prompts_per_iter), ("rollout.group_size", r.group_size),
-                       ("algo_cfg.epochs", a.epochs), ("algo_cfg.minibatches", a.minibatches),
+                       ("update.epochs", a.epochs), ("update.minibatches", a.minibatches),
                        ("train.num_workers", t.num_workers), ("train.micro_batch_size", t.micro_batch_size),
                        ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens)):
             if v < 1:
@@ -118,9 +117,13 @@ class RlhfConfig:
         per = a.minibatches * t.num_workers
         if self.batch_size() % per:
             raise ValueError(f"a batch of {self.batch_size()} answers (prompts_per_iter x group_size) must split into "
-                             f"algo_cfg.minibatches={a.minibatches} x train.num_workers={t.num_workers} equal parts; "
+                             f"update.minibatches={a.minibatches} x train.num_workers={t.num_workers} equal parts; "
                              "change prompts_per_iter or group_size")
         if t.strategy == "none" and t.num_workers != 1:
             raise ValueError("train.strategy=none runs one process: set train.num_workers=1")
+        if self.algo == "grpo" and self.kl.coef > 0 and self.kl.mode == "reward":
+            raise ValueError("grpo takes the KL term as a loss (kl.mode=loss); kl.mode=reward is for ppo")
+        if self.kl.mode not in ("loss", "reward") or self.kl.estimator not in ("k1", "k3"):
+            raise ValueError(f"kl.mode={self.kl.mode!r} / kl.estimator={self.kl.estimator!r}: use loss|reward, k1|k3")
         if r.sampling.temperature <= 0:
             raise ValueError("rollout.sampling.temperature must be > 0: RL samples answers (greedy has no spread)")

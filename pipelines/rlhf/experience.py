@@ -130,19 +130,21 @@ class Driver:
         self.node = ray.get_runtime_context().get_node_id()
         self.engine_nodes = ray.get([e.node_id.remote() for e in engines])
 
-    def generate(self, iteration: int, per_iter: int) -> tuple[list[int], list[list[Any]]]:
-        """(prompt indices, completions per prompt): the prompts split over the engines, sampled in parallel."""
+    def generate(self, iteration: int, per_iter: int, fail_marker: str = "") -> tuple[list[int], list[list[Any]]]:
+        """(prompt indices, completions per prompt): the prompts split over the engines, sampled in parallel.
+        ``fail_marker``: fault injection, the first engine exits (once) instead of generating."""
         import ray
 
         idx = prompt_order(len(self.prompts), iteration, per_iter, self.seed)
         parts = np.array_split(np.arange(len(idx)), len(self.engines))
         refs = []
-        for eng, part in zip(self.engines, parts):
+        for k, (eng, part) in enumerate(zip(self.engines, parts)):
             if len(part) == 0:
                 continue
             sel = [idx[i] for i in part]
             refs.append(eng.generate.remote([self.prompts.ids[i] for i in sel], self.group_size, self.sampling,
-                                            [sample_seed(self.seed, iteration, i) for i in sel], iteration))
+                                            [sample_seed(self.seed, iteration, i) for i in sel],
+                                            fail_marker if k == 0 else ""))
         completions = [c for chunk in ray.get(refs) for c in chunk]
         return idx, completions
 

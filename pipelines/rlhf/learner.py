@@ -112,7 +112,7 @@ class Learner:
 
             vbase = load_scalar_model(value_init)[0] if value_init else from_causal_lm(policy_path)[0]
             self.value = wrap_model(vbase, tc.strategy, device)
-            self.vopt = build_optimizer(self.value, dataclasses.replace(tc, lr=cfg.algo_cfg.vf_lr or tc.lr))
+            self.vopt = build_optimizer(self.value, dataclasses.replace(tc, lr=cfg.update.vf_lr or tc.lr))
 
     # ---- no-grad passes over this rank's rows ----------------------------------------------------------------------
     @torch.no_grad()
@@ -135,7 +135,7 @@ class Learner:
 
     def _advantages(self, exp: Experience, rows: list[int], pre: dict[str, torch.Tensor],
                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, kl = self.cfg.algo_cfg, self.cfg.kl
+        a, kl = self.cfg.update, self.cfg.kl
         if self.cfg.algo == "grpo":
             scores = torch.tensor(exp.scores, dtype=torch.float32)
             seq_adv, _ = algos.get_adv_estimator("grpo")(scores, torch.ones(len(scores), 1),
@@ -160,7 +160,7 @@ class Learner:
     def update(self, exp: Experience, iteration: int) -> dict[str, float]:
         from models.parallel import set_gradient_sync
 
-        cfg, a, tc = self.cfg, self.cfg.algo_cfg, self.cfg.train
+        cfg, a, tc = self.cfg, self.cfg.update, self.cfg.train
         B = len(exp.scores)
         rows = list(range(self.rank, B, self.world))
         P = [exp.prompt_ids[i] for i in rows]
@@ -210,7 +210,7 @@ class Learner:
                         loss.backward()
                     mtok = float(mb.mask.sum())
                     sums["clip_frac"] += st["clip_frac"] * mtok
-                    sums["policy_loss"] += float(loss) / self.world  # summed over ranks: the minibatch's loss
+                    sums["policy_loss"] += float(loss.detach()) / self.world  # summed over ranks: the minibatch's loss
                     sums["learner_tokens"] += float(mb.input_ids.numel())
                     if self.value is not None:
                         with set_gradient_sync(self.value, tc.strategy, last):
@@ -218,7 +218,7 @@ class Learner:
                             vl = algos.value_loss(v, sel(pre["values"]), sel(ret), mb.mask, a.value_clip,
                                                   a.loss_agg, denom_tok, denom_seq)
                             vl.backward()
-                        sums["value_loss"] += float(vl) / self.world
+                        sums["value_loss"] += float(vl.detach()) / self.world
                 clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
                 gn = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], clip)
                 self.opt.step()

@@ -111,7 +111,10 @@ def learner_loop(args: dict) -> None:
         t0 = time.perf_counter()
         exp = None
         if driver is not None:
-            idx, completions = driver.generate(it, cfg.rollout.prompts_per_iter)
+            marker = ""
+            if cfg.rollout.inject_failure_at and it == cfg.rollout.inject_failure_at:
+                marker = os.path.join(args["out"], MARKER_DIR, f".injected_rollout_failure_{it}")
+            idx, completions = driver.generate(it, cfg.rollout.prompts_per_iter, marker)
             t1 = time.perf_counter()
             exp = driver.score(idx, completions)
             t2 = time.perf_counter()

@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -65,13 +66,14 @@ class RewardPart:
     weight: float = 1.0
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _split_weight(text: str) -> tuple[str, float]:
+    """``"name:0.5"`` -> ("name", 0.5); no numeric tail -> weight 1 (a function named ``nan`` stays a name)."""
     head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
+    if sep and _NUMBER.fullmatch(tail):
+        return head, float(tail)
     return text, 1.0
 
 

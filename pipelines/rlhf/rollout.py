@@ -7,6 +7,7 @@ actors (one engine each, restartable) the way OpenRLHF's ``RolloutRayActor`` doe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -31,17 +32,16 @@ class SamplingConfig:
 class RolloutWorker:
     """One vLLM engine over a checkpoint folder, built with the weight-sync worker extension.
 
-    ``inject_failure_at`` (fault injection for the restart path, like ``train.inject_failure_at``): the process exits
-    once when asked to generate for that iteration; a marker file in ``marker_dir`` makes it happen only once.
+    Fault injection for the restart path (``rollout.inject_failure_at``, like ``train.inject_failure_at``): a generate
+    call given a ``fail_marker`` path that does not exist yet writes it and exits the process.
     """
 
-    def __init__(self, model_path: str, engine_cfg: engine.EngineConfig, stop_ids: Sequence[int] = (),
-                 inject_failure_at: int = 0, marker_dir: str = "") -> None:
+    def __init__(self, model_path: str, engine_cfg: engine.EngineConfig, stop_ids: Sequence[int] = ()) -> None:
         t0 = time.perf_counter()
+        # log-probs of the distribution the tokens were drawn from (after temperature): what importance sampling needs
+        engine_cfg = dataclasses.replace(engine_cfg, logprobs_mode="processed_logprobs")
         self.llm = engine.make_llm(model_path, engine_cfg, worker_extension_cls=engine.WEIGHT_SYNC_EXTENSION)
         self.stop_ids = list(stop_ids)
-        self.inject_failure_at = inject_failure_at
-        self.marker_dir = marker_dir
         self.version = -1  # the learner iteration whose weights the engine holds (-1: the checkpoint's)
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, model_path)
 
@@ -51,9 +51,10 @@ class RolloutWorker:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seeds: list[int],
-                 iteration: int = -1) -> list[list[engine.Completion]]:
+                 fail_marker: str = "") -> list[list[engine.Completion]]:
         """``n`` answers per prompt; prompt i samples with ``seeds[i]`` (same seeds, same answers: resumable)."""
-        self._maybe_fail(iteration)
+        if fail_marker:
+            _fail_once(fail_marker)
         params = [engine.sampling_params(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                                          stop_token_ids=self.stop_ids, seed=s, n=n, logprobs=0) for s in seeds]
         return engine.sample_with_logprobs(self.llm, prompts, params)
@@ -78,22 +79,19 @@ class RolloutWorker:
     def weights_version(self) -> int:
         return self.version
 
-    def _maybe_fail(self, iteration: int) -> None:
-        if not self.inject_failure_at or iteration != self.inject_failure_at or not self.marker_dir:
-            return
-        marker = os.path.join(self.marker_dir, f".injected_rollout_failure_{iteration}")
-        if os.path.exists(marker):
-            return
-        os.makedirs(self.marker_dir, exist_ok=True)
-        with open(marker, "w") as f:
-            f.write("rollout actor killed here by rollout.inject_failure_at\n")
-        log.warning("rollout.inject_failure_at=%d: this rollout actor exits now (fault injection)", iteration)
-        os._exit(1)
+
+def _fail_once(marker: str) -> None:
+    if os.path.exists(marker):
+        return
+    os.makedirs(os.path.dirname(marker) or ".", exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("rollout actor killed here by rollout.inject_failure_at\n")
+    log.warning("rollout.inject_failure_at: this rollout actor exits now (fault injection, %s)", marker)
+    os._exit(1)
 
 
 def make_rollout_actors(n: int, model_path: str, engine_cfg: engine.EngineConfig, stop_ids: Sequence[int],
-                        options: dict[str, float], inject_failure_at: int = 0, marker_dir: str = "",
-                        max_restarts: int = -1) -> list:
+                        options: dict[str, float], max_restarts: int = -1) -> list:
     """``n`` Ray actors, one engine each, asking ``options`` (``cluster/resources.py``: rollout_engine) each.
 
     ``max_restarts``: Ray re-creates a dead actor (its engine starts from ``model_path``, and the learner pushes its
@@ -104,6 +102,6 @@ def make_rollout_actors(n: int, model_path: str, engine_cfg: engine.EngineConfig
 
     cls = ray.remote(RolloutWorker)
     actors = [cls.options(max_restarts=max_restarts, max_concurrency=1, **options).remote(
-        model_path, engine_cfg, list(stop_ids), inject_failure_at, marker_dir) for _ in range(n)]
+        model_path, engine_cfg, list(stop_ids)) for _ in range(n)]
     ray.get([a.weights_version.remote() for a in actors])  # wait until every engine is up (clear errors here)
     return actors

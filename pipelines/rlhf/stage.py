@@ -134,7 +134,6 @@ def start_engines(cfg: RlhfConfig, p: Plan, use_gpu: bool) -> list:
 
     opts = {**ray_options("rollout_engine", use_gpu), "num_cpus": cfg.rollout.cpus_per_engine}
     return make_rollout_actors(cfg.rollout.engines, p.policy, cfg.rollout.engine, p.stop_ids, opts,
-                               cfg.rollout.inject_failure_at, os.path.join(cfg.out, ".faults"),
                                cfg.rollout.max_restarts)
 
 

@@ -1,0 +1,158 @@
+"""Rollout throughput and weight sync: genloop's rollout path (a vLLM engine in ``RolloutWorker``: sampled tokens plus
+their log-probs) vs Hugging Face ``transformers`` ``generate`` on the same checkpoint, prompts and sampling settings;
+then the seconds to push a learner's weights into a running engine, per 100M parameters.
+
+    python bench/rollout_bench.py [--preset demo] [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2]
+                                  [--sync-layers 16] [--sync-dim 768]
+
+Both sides sample ``--n`` answers to each of ``--prompts`` prompts (temperature 1, no top-k/top-p) from a randomly
+initialised model of ``--preset`` with a BPE trained on this Python's stdlib, each after one warm-up call, with
+``--threads`` CPU threads; tokens/s counts generated tokens (up to and including a stop token). Weight sync: a model of
+about 100M parameters (``--sync-layers`` x ``--sync-dim``) in an engine, ``update_weights`` (safetensors file in
+/dev/shm + ``reload_weights`` in place), median of 3. The LAST line is the ratio vLLM / HF tokens/s (goal >= 5) and
+the sync seconds per 100M parameters (goal <= 1 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def stdlib_texts(n: int = 80) -> list[str]:
+    files = sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")))[:n]
+    return [Path(f).read_text(errors="replace") for f in files]
+
+
+def build_checkpoint(out: Path, cfg, tok) -> Path:
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.transformer import Transformer
+
+    torch.manual_seed(0)
+    save_checkpoint(Transformer(cfg.for_tokenizer(tok.n_vocab)), tok, out)
+    return out
+
+
+def hf_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int,
+                threads: int) -> tuple[float, int]:
+    """(seconds, generated tokens) of one batched ``generate`` call (after a warm-up call)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: decoder-only generation
+        ids[i, width - len(p):] = torch.tensor(p)
+        att[i, width - len(p):] = 1
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, eos_token_id=stop,
+              pad_token_id=pad)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:2], attention_mask=att[:2], max_new_tokens=4, **kw)  # warm-up
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, **kw)
+        dt = time.perf_counter() - t0
+    tokens = 0
+    for row in out[:, width:].tolist():
+        k = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        tokens += k
+    return dt, tokens
+
+
+def vllm_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int],
+                  max_len: int) -> tuple[float, int]:
+    from models.engine import EngineConfig
+    from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
+
+    worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=max_len, max_num_seqs=len(prompts) * n), stop)
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=1.0)
+    worker.generate(prompts[:2], 1, dataclasses.replace(sampling, max_new_tokens=4), [0, 1])  # warm-up
+    t0 = time.perf_counter()
+    outs = worker.generate(prompts, n, sampling, list(range(len(prompts))))
+    dt = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o)
+    del worker
+    return dt, tokens
+
+
+def sync_seconds(ckpt: Path, repeats: int = 3) -> tuple[float, int]:
+    """(median seconds of update_weights, parameters) for the model at ``ckpt`` in a running engine."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.engine import EngineConfig
+    from pipelines.rlhf.rollout import RolloutWorker
+
+    model, _ = load_checkpoint(ckpt)
+    sd = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    n_params = sum(v.numel() for v in sd.values())
+    worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=128, max_num_seqs=4), [])
+    times = []
+    for i in range(repeats):
+        with torch.no_grad():
+            sd = {k: v + 1e-3 * (i + 1) for k, v in sd.items()}  # new weights each time
+        t0 = time.perf_counter()
+        worker.update_from_state(sd, i)
+        times.append(time.perf_counter() - t0)
+    del worker
+    return statistics.median(times), n_params
+
+
+def main() -> None:
+    from models.tokenizer import train
+    from models.transformer import ModelConfig, model_preset
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sync-layers", type=int, default=16)
+    ap.add_argument("--sync-dim", type=int, default=768)
+    ap.add_argument("--skip-sync", action="store_true")
+    a = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="genloop-rollout-bench-"))
+    texts = stdlib_texts()
+    tok = train(texts, vocab_size=2048)
+    ckpt = build_checkpoint(work / "policy", model_preset(a.preset), tok)
+    prompts = [tok.encode(t)[:a.prompt_tokens] for t in texts[:a.prompts]]
+    stop = [tok.eot_id, tok.im_end_id]
+    max_len = model_preset(a.preset).max_seq_len
+    hf_s, hf_tok = hf_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads)
+    print(f"HF generate:   {hf_tok} tokens in {hf_s:.2f} s = {hf_tok / hf_s:.1f} tokens/s")
+    v_s, v_tok = vllm_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len)
+    print(f"vLLM rollout:  {v_tok} tokens in {v_s:.2f} s = {v_tok / v_s:.1f} tokens/s (with log-probs)")
+    ratio = (v_tok / v_s) / (hf_tok / hf_s)
+    per_100m = float("nan")
+    if not a.skip_sync:
+        big = ModelConfig(dim=a.sync_dim, n_layers=a.sync_layers, n_heads=a.sync_dim // 64, n_kv_heads=4,
+                          ffn_hidden=int(a.sync_dim * 8 / 3) // 64 * 64, max_seq_len=128)
+        big_ckpt = build_checkpoint(work / "sync", big, tok)
+        s, n_params = sync_seconds(big_ckpt)
+        per_100m = s * 1e8 / n_params
+        print(f"weight sync:   {n_params / 1e6:.1f}M parameters in {s:.2f} s (median of 3) = {per_100m:.2f} s per 100M")
+    print(f"ratio vLLM/HF rollout tokens/s = {ratio:.1f}x (goal >= 5); weight sync {per_100m:.2f} s per 100M params "
+          "(goal <= 1)")
+
+
+if __name__ == "__main__":
+    main()
