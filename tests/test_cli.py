@@ -51,3 +51,28 @@ def test_input_matching_nothing_is_a_clear_error(tmp_path):
 def test_lineage_of_a_non_artifact_is_a_clear_error(tmp_path):
     r = genloop("lineage", str(tmp_path))
     assert r.returncode == 1 and "is not a genloop artifact" in r.stderr
+
+
+def test_shared_options_come_from_one_helper_and_address_goes_either_side(monkeypatch):
+    """Every stage command gets --config, --overwrite (when it writes an artifact), --address and key=value from
+    cluster.commands.base; --address works before or after the command name, else $RAY_ADDRESS."""
+    import argparse
+
+    from cluster.cli import build_parser
+    from cluster.commands import COMMANDS
+    from cluster.commands.base import address_of
+
+    for c in COMMANDS:
+        if not hasattr(c.load(), "config"):
+            continue
+        sub = next(a for a in build_parser(c.name)._actions if isinstance(a, argparse._SubParsersAction))
+        opts = {o for a in sub.choices[c.name]._actions for o in a.option_strings}
+        dests = {a.dest for a in sub.choices[c.name]._actions}
+        assert {"--config", "--help"} <= opts and "overrides" in dests, c.name
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    after = build_parser("data").parse_args(["data", "--address", "ray://h:10001", "seq_len=32"])
+    before = build_parser("data").parse_args(["--address", "ray://h:10001", "data", "seq_len=32"])
+    neither = build_parser("data").parse_args(["data"])
+    assert address_of(after) == address_of(before) == "ray://h:10001" and address_of(neither) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert address_of(build_parser("data").parse_args(["data"])) == "10.0.0.1:6379"
