@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines.artifacts import Manifest, filesystem, is_uri, join, upload_dir
+from pipelines.artifacts import Manifest, filesystem, is_uri, join, local_copy, upload_dir
 from pipelines.blocks import TOKENIZER_DIR, TRAIN, VAL, BlockPacker, Tokenize, pack_batch, write_empty_split
 from pipelines.data_accounting import account, dup_bytes, summary_table, write_dup_samples, write_samples
 from pipelines.data_dedup import EXACT_KIND, MinHashConfig, group_edges, group_rows, select_kept, survivors
@@ -260,10 +260,8 @@ def _blocks(docs: Any) -> Iterator[pa.Table]:
 def _tokenizer(cfg: DataConfig, docs: Any, removed: frozenset[str]) -> Any:
     from models.tokenizer import Tokenizer, train
 
-    if cfg.tokenizer:
-        from pipelines.artifacts import local_copy
-
-        return Tokenizer.load(local_copy(cfg.tokenizer) if is_uri(cfg.tokenizer) else cfg.tokenizer)
+    if cfg.tokenizer:  # a folder / spec (local or URI, fetched once) or a named encoding
+        return Tokenizer.load(local_copy(cfg.tokenizer))
 
     def sample() -> Iterator[str]:
         total = 0
