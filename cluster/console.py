@@ -62,7 +62,10 @@ class Console:
             os.close(fd)
         for h in _stream_handlers():
             if h.stream in (self.log, self.term) or isinstance(h.stream, _Router):
-                h.setStream(sys.stderr)
+                try:
+                    h.setStream(sys.stderr)
+                except AttributeError:
+                    pass
         self.closed = True
         self.term.close()
         self.log.close()
@@ -75,7 +78,10 @@ class Console:
         for h in _stream_handlers():
             s = h.stream
             if isinstance(s, _Router) or s in self._saved_streams or s in (sys.__stdout__, sys.__stderr__):
-                h.setStream(self.log)
+                try:
+                    h.setStream(self.log)
+                except AttributeError:  # a handler whose stream is a read-only property (follows sys.stderr)
+                    pass
 
     # ---- output
     def say(self, text: str = "") -> None:

@@ -99,7 +99,6 @@ class Outcome:
 
 def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None,
         verbose: bool = False) -> int:
-    from cluster.cli import main as genloop
     from cluster.demo_summary import write_summary
 
     if fresh and out.exists():
@@ -117,33 +116,41 @@ def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | 
                             datefmt="%H:%M:%S")
         con.say(f"genloop demo: {len(todo)} steps on the {preset!r} preset into {out}/ "
                 f"(Ray's and vLLM's logs: {out}/demo.log)")
-        for i, step in enumerate(todo, 1):
-            con.quiet_loggers()
-            if step.artifact and is_finished(step.artifact):
-                con.say(f"\n== [{i}/{len(todo)}] {step.name}: already finished at {step.artifact}, skipped")
-                outcomes.append(Outcome(step.name, "skipped", 0.0))
-                continue
-            argv = step.argv()
-            con.say(f"\n== [{i}/{len(todo)}] {step.name}: genloop {' '.join(argv)}")
-            t = time.perf_counter()
-            try:
-                rc = genloop(argv)
-            except KeyboardInterrupt:
-                outcomes.append(Outcome(step.name, "interrupted", time.perf_counter() - t))
-                con.say(f"   {step.name}: interrupted")
-                break
-            except Exception:  # a bug, not a user error: keep the traceback in the log, say where it is
-                log.exception("step %s crashed", step.name)
-                rc = 1
-            con.quiet_loggers()
-            secs = time.perf_counter() - t
-            outcomes.append(Outcome(step.name, "ok" if rc == 0 else f"failed ({rc})", secs))
-            con.say(f"   {step.name}: {'ok' if rc == 0 else 'FAILED'} in {secs:.0f} s")
-            if rc != 0:
-                con.say(f"   the last lines of {out}/demo.log:\n{con.tail(30)}")
-                break
-        ran = {o.name for o in outcomes}
-        outcomes += [Outcome(s.name, "not run", 0.0) for s in todo if s.name not in ran]
-        text = write_summary(out, all_steps, outcomes, time.perf_counter() - t_all, preset)
-        con.say("\n" + text)
+        try:
+            _run_steps(con, todo, outcomes, out)
+        finally:  # the summary of what ran, whatever happened
+            ran = {o.name for o in outcomes}
+            outcomes += [Outcome(s.name, "not run", 0.0) for s in todo if s.name not in ran]
+            text = write_summary(out, all_steps, outcomes, time.perf_counter() - t_all, preset)
+            con.say("\n" + text)
     return 0 if all(o.status in ("ok", "skipped") for o in outcomes) else 1
+
+
+def _run_steps(con: Console, todo: list[Step], outcomes: list[Outcome], out: Path) -> None:
+    from cluster.cli import main as genloop
+
+    for i, step in enumerate(todo, 1):
+        con.quiet_loggers()
+        if step.artifact and is_finished(step.artifact):
+            con.say(f"\n== [{i}/{len(todo)}] {step.name}: already finished at {step.artifact}, skipped")
+            outcomes.append(Outcome(step.name, "skipped", 0.0))
+            continue
+        argv = step.argv()
+        con.say(f"\n== [{i}/{len(todo)}] {step.name}: genloop {' '.join(argv)}")
+        t = time.perf_counter()
+        try:
+            rc = genloop(argv)
+        except KeyboardInterrupt:
+            outcomes.append(Outcome(step.name, "interrupted", time.perf_counter() - t))
+            con.say(f"   {step.name}: interrupted")
+            break
+        except Exception:  # a bug, not a user error: keep the traceback in the log, say where it is
+            log.exception("step %s crashed", step.name)
+            rc = 1
+        con.quiet_loggers()
+        secs = time.perf_counter() - t
+        outcomes.append(Outcome(step.name, "ok" if rc == 0 else f"failed ({rc})", secs))
+        con.say(f"   {step.name}: {'ok' if rc == 0 else 'FAILED'} in {secs:.0f} s")
+        if rc != 0:
+            con.say(f"   the last lines of {out}/demo.log:\n{con.tail(30)}")
+            break

@@ -21,6 +21,7 @@ def test_console_routes_chatter_to_the_log_and_results_to_the_terminal(tmp_path)
         from cluster.console import Console
         with Console({str(log_path)!r}) as con:
             logging.basicConfig(level=logging.INFO)
+            logging.getLogger("lib").addHandler(logging._StderrHandler())  # its stream is a read-only property
             con.quiet_loggers()
             con.say("== step one")
             print("result", 42)
