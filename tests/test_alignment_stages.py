@@ -1,0 +1,143 @@
+"""The alignment stages end to end on the tiny preset, real Ray (Train, Data, tasks) and real vLLM, no mocks:
+reward (FSDP2 x2 on Ray Train) ranks planted preferences and transformers loads it with the same scores; DPO's
+held-out preference accuracy rises; pref-data makes valid judge pairs from a policy's samples and merges human ones."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import build_config
+from pipelines.judge import judge
+from pipelines.sft_data import WRITE_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+
+def planted_prefs(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """Code answers that differ by one operator: ``+`` is always preferred to ``*`` (a planted preference)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            name = rng.choice(["add", "scale", "shift", "clip", "mix", "join", "merge"]) + "_" + rng.choice("abcdefgh")
+            a, b = rng.sample(["x", "y", "z", "n"], 2)
+            prompt = f"Write a Python function `def {name}({a}, {b})` that combines them."
+            f.write(json.dumps({"prompt": prompt, "chosen": f"def {name}({a}, {b}):\n    return {a} + {b}",
+                                "rejected": f"def {name}({a}, {b}):\n    return {a} * {b}"}) + "\n")
+        f.write("{broken json\n")  # counted and quarantined, not fatal
+        f.write(json.dumps({"prompt": "no answers"}) + "\n")
+    return path
+
+
+def test_reward_model_learns_planted_preferences_under_fsdp(ray_session, tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from models.scalar_model import load_scalar_model, sequence_scores
+    from pipelines.reward import RewardConfig, run
+
+    data = planted_prefs(tmp_path / "prefs.jsonl")
+    cfg = build_config(RewardConfig, "reward", "tiny", {
+        "init_from": str(tiny_checkpoint), "data": str(data), "out": str(tmp_path / "rm"),
+        "train.strategy": "fsdp", "train.num_workers": 2, "train.micro_batch_size": 4})
+    res = run(cfg)
+    # a fresh small head scores both sides alike (loss ~ log 2); after training the planted order is learnt
+    assert res["heldout_pairwise_accuracy"] >= 0.9 and res["counts"]["val_pairs"] >= 10
+    assert res["heldout_loss"] < 0.5 * math.log(2) and res["heldout_mean_margin"] > 0.5
+    assert res["counts"]["bad_not_json"] == 1 and res["counts"]["bad_missing_fields"] == 1
+    assert len((tmp_path / "rm" / "quarantine.jsonl").read_text().splitlines()) == 2
+    manifest = json.loads((tmp_path / "rm" / "manifest.json").read_text())
+    assert manifest["metrics"]["heldout_pairwise_accuracy"] == res["heldout_pairwise_accuracy"]
+    assert any("val_accuracy" in json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").open())
+
+    # transformers loads the exported folder and gives the same scores as genloop's own loader
+    model_dir = tmp_path / "rm" / "model"
+    ours, tok = load_scalar_model(model_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode("def f(x, y):\n    return x + y") + [tok.pad_id] * 3,
+                        tok.encode("def f(x, y):\n    return x * y") + [tok.pad_id] * 3])
+    with torch.no_grad():
+        mine = sequence_scores(ours.eval()(ids), ids, tok.pad_id)
+        theirs = hf(input_ids=ids).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
+
+
+def test_dpo_preference_accuracy_rises(ray_session, tiny_checkpoint, tmp_path):
+    from pipelines.dpo import DpoConfig, run
+
+    data = planted_prefs(tmp_path / "prefs.jsonl")
+    cfg = build_config(DpoConfig, "dpo", "tiny", {"init_from": str(tiny_checkpoint), "data": str(data),
+                                                  "out": str(tmp_path / "dpo")})
+    res = run(cfg)
+    # at the start the policy IS the reference: every implicit reward is 0, so no pair counts as preferred
+    hist = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").open()]
+    val_acc = [h["val_accuracy"] for h in hist if "val_accuracy" in h]
+    assert val_acc[-1] >= 0.9 and res["heldout_preference_accuracy"] >= 0.9
+    assert res["heldout_reward_margin"] > 0 and res["heldout_chosen_reward"] > res["heldout_rejected_reward"]
+    assert res["heldout_logp_accuracy"] > res["heldout_logp_accuracy_before"]
+    assert (tmp_path / "dpo" / "model" / "config.json").exists()  # an HF causal LM: serve / vLLM load it
+
+
+def _sft_data(folder: Path) -> Path:
+    """A tiny sft-data artifact (its line format): short code-writing prompts with reference answers, plus an
+    explain line (not code-writing: skipped) and a malformed line."""
+    folder.mkdir()
+    rows = []
+    for i, (name, args, body) in enumerate([("inc", "x", "x + 1"), ("neg", "x", "-x"), ("dbl", "x", "2 * x"),
+                                            ("sq", "x", "x * x"), ("half", "x", "x / 2"), ("add", "a, b", "a + b"),
+                                            ("sub", "a, b", "a - b"), ("mul", "a, b", "a * b")]):
+        prompt = WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=f"def {name}({args})", doc="Compute it.")
+        rows.append({"messages": [{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": f"def {name}({args}):\n    return {body}"}],
+                     "meta": {"task": "write"}})
+    rows.append({"messages": [{"role": "user", "content": "What does this do?\n```python\nx = 1\n```"},
+                              {"role": "assistant", "content": "Sets x."}], "meta": {"task": "explain"}})
+    lines = [json.dumps(r) for r in rows] + ["not json"]
+    (folder / "train.jsonl").write_text("\n".join(lines[:6] + lines[8:]) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines[6:8]) + "\n")
+    return folder
+
+
+def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, tiny_checkpoint, tmp_path):
+    from pipelines.pref_data import PrefDataConfig, run
+    from pipelines.prefs import read_pairs
+
+    sft = _sft_data(tmp_path / "sftd")
+    first = json.loads((sft / "train.jsonl").read_text().splitlines()[0])
+    user, ref = first["messages"][0]["content"], first["messages"][1]["content"]
+    human = tmp_path / "human.jsonl"
+    human.write_text("\n".join([
+        json.dumps({"prompt": user, "chosen": ref, "rejected": "pass", "messages": [{"role": "user", "content": user}],
+                    "source": "user"}),
+        json.dumps({"prompt": "Say hi", "chosen": "hi", "rejected": "bye", "messages": None, "source": "ratings"}),
+        "{oops"]) + "\n")
+    cfg = build_config(PrefDataConfig, "pref-data", "tiny", {
+        "policy": str(tiny_checkpoint), "prompts": str(sft), "out": str(tmp_path / "pd"), "human": str(human)})
+    res = run(cfg)
+    c = res["counts"]
+    assert c["prompts"] == 8 and c["skipped_not_code_writing"] == 1 and c["bad_prompt_not_json"] == 1
+    assert c["samples"] == 8 * cfg.samples and c["pairs_human"] == 2 and c["bad_not_json"] == 1
+    samples = [json.loads(line) for line in (tmp_path / "pd" / "samples.jsonl").open()]
+    assert len(samples) == 8 and all(len(s["candidates"]) == cfg.samples + 1 for s in samples)
+    for side, n in (("train", c["train_pairs"]), ("val", c["val_pairs"])):
+        lines = [json.loads(line) for line in (tmp_path / "pd" / f"{side}.jsonl").open()]
+        assert len(lines) == n
+        for p in lines:
+            if p["source"] == "judge":  # the judge's scores are real and the margin clear
+                assert p["chosen_score"] == judge(p["prompt"], p["chosen"])
+                assert p["rejected_score"] == judge(p["prompt"], p["rejected"])
+                assert p["chosen_score"] - p["rejected_score"] >= cfg.min_margin
+    judge_val = [json.loads(line) for line in (tmp_path / "pd" / "val.jsonl").open()]
+    val_prompts = {json.loads(line)["messages"][0]["content"] for line in (sft / "val.jsonl").open()}
+    assert {p["prompt"] for p in judge_val if p["source"] == "judge"} <= val_prompts  # held-out prompts stay out
+    # what pref-data writes is what reward / dpo read, with nothing to quarantine
+    from collections import Counter
+
+    counts, quarantine = Counter(), []
+    assert len(read_pairs(str(tmp_path / "pd" / "train.jsonl"), counts, quarantine)) == c["train_pairs"]
+    assert not quarantine
+    assert 0.0 <= res["policy_judge_mean_score"] <= 1.0 and c["pairs_judge"] > 0
