@@ -166,8 +166,17 @@ def serve_section(out: Path, step: Any) -> Section | None:
         s.lines.append(f"{i}. **{q[:160]}{'...' if len(q) > 160 else ''}**  \n"
                        f"   parses as a function: {'yes' if a['parses'] else 'no'}; retrieval found: "
                        f"{', '.join(f'`{x}`' for x in a['sources']) or 'nothing'}\n\n"
-                       f"   ```\n{_indent(a['answer'].strip()[:400] or '(empty)', '   ')}\n   ```")
+                       f"   ```\n{_indent(_shown(a['answer']), '   ')}\n   ```")
     return s
+
+
+def _shown(answer: str, limit: int = 400) -> str:
+    """An answer as a code block shows it: cut at ``limit`` characters; empty or blank answers say so."""
+    if not answer:
+        return "(empty answer)"
+    if not answer.strip():
+        return f"({len(answer)} whitespace characters)"
+    return answer.strip("\n")[:limit] + (" ..." if len(answer.strip("\n")) > limit else "")
 
 
 def _indent(text: str, pad: str) -> str:
