@@ -82,14 +82,22 @@ def _accounting_plot(c: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    items = [("kept", c["kept"])] + sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])
-    items += [("exact duplicates", c.get("exact_duplicates", 0)), ("near duplicates", c.get("near_duplicates", 0))]
-    items += list(c.get("malformed", {}).items())
-    items = [(k, v) for k, v in items if v]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(items) + 1.2))
-    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="tab:blue")
-    ax.set_xlabel("documents")
-    ax.set_title(f"data: {c['read']:,} documents read")
+    # (label, count, colour): kept, then each drop rule, the duplicates, the malformed inputs
+    items = [("kept", c["kept"], "tab:green")]
+    items += [(f"dropped: {k}", v, "tab:orange") for k, v in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])]
+    items += [("exact duplicates", c.get("exact_duplicates", 0), "tab:purple"),
+              ("near duplicates", c.get("near_duplicates", 0), "tab:purple")]
+    items += [(f"malformed: {k}", v, "tab:red") for k, v in c.get("malformed", {}).items()]
+    items = [it for it in items if it[1]][::-1]  # top to bottom as listed
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(items) + 1.3))
+    ax.barh([k for k, _, _ in items], [v for _, v, _ in items], color=[col for _, _, col in items])
+    ax.set_xscale("log")  # kept dwarfs every rule otherwise
+    for y, (_, v, _) in enumerate(items):
+        ax.text(v * 1.1, y, f"{v:,}", va="center", fontsize=8)
+    ax.set_xlim(right=max(v for _, v, _ in items) * 8)
+    ax.set_xlabel("documents (log scale)")
+    whole = sum(v for _, v, _ in items) == c["read"]
+    ax.set_title(f"data: {c['read']:,} documents read" + (", every one accounted for" if whole else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
