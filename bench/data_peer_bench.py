@@ -166,15 +166,21 @@ def build_stdlib_copies(out: Path, copies: int, seed: int) -> int:
 
 
 # ---- the two systems -----------------------------------------------------------------------------------------------
-def genloop_config(corpus: Path, out: Path) -> DataConfig:
+def prose_rules(alpha_rule: bool) -> ProseRules:
+    """Gopher quality + repetition with the published thresholds (C4 line rules off); ``alpha_rule=False`` drops the
+    alpha-words rule, the one whose word definition differs most between the two libraries."""
+    return ProseRules(c4_lines=False, min_alpha_words=0.8 if alpha_rule else 0.0)
+
+
+def genloop_config(corpus: Path, out: Path, alpha_rule: bool = True) -> DataConfig:
     return DataConfig(input=[str(corpus)], out=str(out), tokenizer=TOKENIZER, seq_len=2048, val_fraction=0.0,
                       normalise=False, pii=False, exact_dedup=False, minhash=MinHashConfig(),
-                      prose=ProseRules(c4_lines=False))
+                      prose=prose_rules(alpha_rule))
 
 
-def run_genloop(corpus: Path, out: Path, n_bytes: int) -> dict:
+def run_genloop(corpus: Path, out: Path, n_bytes: int, alpha_rule: bool = True) -> dict:
     t = time.perf_counter()
-    counts = run(genloop_config(corpus, out))
+    counts = run(genloop_config(corpus, out, alpha_rule))
     secs = time.perf_counter() - t
     return {"seconds": secs, "mb_per_s": n_bytes / 1e6 / secs, "read": counts["read"],
             "after_filters": counts["read"] - sum(counts["dropped"].values()),
@@ -191,7 +197,8 @@ def _stat(step: dict, key: str) -> int:
     return int(v["total"] if isinstance(v, dict) else v)
 
 
-def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: int, hf_tokenizer: Path) -> dict:
+def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: int, hf_tokenizer: Path,
+                  alpha_rule: bool = True) -> dict:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                           MinhashDedupFilter, MinhashDedupSignature)
@@ -208,7 +215,8 @@ def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: in
                                      logging_dir=str(logs / name), skip_completed=False)
 
     t = time.perf_counter()
-    stage("1_filter", [JsonlReader(str(corpus), glob_pattern="*.jsonl"), GopherQualityFilter(),
+    quality = GopherQualityFilter() if alpha_rule else GopherQualityFilter(max_non_alpha_words_ratio=None)
+    stage("1_filter", [JsonlReader(str(corpus), glob_pattern="*.jsonl"), quality,
                        GopherRepetitionFilter(), JsonlWriter(str(filtered), compression=None)], shards).run()
     stage("2_signatures", [JsonlReader(str(filtered)), MinhashDedupSignature(str(work / "sigs"), config=mh)],
           shards).run()
@@ -237,13 +245,14 @@ def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: in
 
 
 # ---- where the filters disagree (outside the clock) ----------------------------------------------------------------
-def filter_disagreements(texts: list[str]) -> dict:
+def filter_disagreements(texts: list[str], alpha_rule: bool = True) -> dict:
     """Both libraries' Gopher filters on every text: counts of (genloop rule, datatrove rule) where they disagree."""
     from datatrove.data import Document
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 
-    q, r = GopherQualityFilter(), GopherRepetitionFilter()
-    rules = ProseRules(c4_lines=False)
+    q = GopherQualityFilter() if alpha_rule else GopherQualityFilter(max_non_alpha_words_ratio=None)
+    r = GopherRepetitionFilter()
+    rules = prose_rules(alpha_rule)
     both_keep = both_drop = 0
     only_genloop: Counter[str] = Counter()
     only_datatrove: Counter[str] = Counter()
@@ -325,11 +334,9 @@ class PeakTreeMemory:
 def stream_row(copies: int, object_store_mb: int, cores: int, tmp: Path) -> dict:
     import ray
 
-    from cluster.runtime import init_ray
-
     corpus = tmp / f"stdlib_x{copies}"
     n_bytes = build_stdlib_copies(corpus, copies, seed=copies)
-    init_ray(num_cpus=cores, object_store_memory=object_store_mb * 1024 * 1024)
+    start_ray(cores, object_store_memory=object_store_mb * 1024 * 1024)
     try:
         with PeakTreeMemory() as mem:
             base = mem.sample()
@@ -344,6 +351,23 @@ def stream_row(copies: int, object_store_mb: int, cores: int, tmp: Path) -> dict
             "near_duplicates": counts["near_duplicates"], "exact_duplicates": counts["exact_duplicates"]}
 
 
+def start_ray(cores: int, **kwargs) -> None:
+    """An embedded Ray with ``cores`` CPUs; on a loaded machine the raylet can miss Ray's fixed 30 s start-up
+    window, so try three times."""
+    import ray
+
+    from cluster.runtime import init_ray
+
+    for attempt in range(3):
+        try:
+            init_ray(num_cpus=cores, **kwargs)
+            return
+        except Exception as e:  # ray raises a bare Exception for a start-up timeout
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -355,6 +379,9 @@ def main() -> None:
     ap.add_argument("--stream-copies", type=int, default=4, help="stdlib copies for the streaming check (0 = skip)")
     ap.add_argument("--object-store-mb", type=int, default=100, help="Ray object store cap for the streaming check")
     ap.add_argument("--skip-peer", action="store_true", help="only the streaming check")
+    ap.add_argument("--no-alpha-rule", action="store_true",
+                    help="both sides without the Gopher alpha-words rule (its word definition differs most): the "
+                         "same documents survive, so both do the same dedup and tokenize work")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="genloop_peer_"))
@@ -382,7 +409,6 @@ def main() -> None:
 def peer(args: argparse.Namespace, tmp: Path) -> float:
     import ray
 
-    from cluster.runtime import init_ray
     from models.tokenizer import Tokenizer, to_hf_tokenizer_json
 
     corpus = build_prose_corpus(tmp / "corpus", args.mb, args.shards, args.dup_frac, 0, args.input)
@@ -393,12 +419,13 @@ def peer(args: argparse.Namespace, tmp: Path) -> float:
     hf.write_text(to_hf_tokenizer_json(Tokenizer.load(TOKENIZER)))
 
     load = [os.getloadavg()[0]]
-    dt = run_datatrove(tmp / "corpus", tmp / "datatrove", n_bytes, args.cores, args.shards, hf)
+    alpha = not args.no_alpha_rule
+    dt = run_datatrove(tmp / "corpus", tmp / "datatrove", n_bytes, args.cores, args.shards, hf, alpha)
     load.append(os.getloadavg()[0])
-    init_ray(num_cpus=args.cores)
+    start_ray(args.cores)
     try:
         load.append(os.getloadavg()[0])
-        gl = run_genloop(tmp / "corpus", tmp / "genloop", n_bytes)
+        gl = run_genloop(tmp / "corpus", tmp / "genloop", n_bytes, alpha)
         load.append(os.getloadavg()[0])
     finally:
         ray.shutdown()
@@ -413,7 +440,7 @@ def peer(args: argparse.Namespace, tmp: Path) -> float:
     print(f"dropped by rule, genloop:   {gl['dropped']}")
     print(f"dropped by rule, datatrove: {dt['dropped']}")
     print(f"genloop stage timings (s): {gl['timings_s']}")
-    dis = filter_disagreements(corpus["texts"])
+    dis = filter_disagreements(corpus["texts"], alpha)
     print(f"\nfilters on the same {corpus['docs']} texts: both keep {dis['both_keep']}, both drop {dis['both_drop']}")
     print(f"  dropped only by genloop (its rule):     {dis['dropped_only_by_genloop']}")
     print(f"  dropped only by datatrove (its reason): {dis['dropped_only_by_datatrove']}")
