@@ -27,9 +27,15 @@ def _clean(tok: str) -> str:
 
 
 def _split(line: str) -> list[str]:
+    """Shell words of an example; in prose ("... (from genloop feedback export), or ...") it ends at the first word
+    that closes a clause."""
     for k, v in ENV.items():
         line = line.replace(k, v)
-    return [t for t in shlex.split(line)]
+    words = shlex.split(line)
+    for i, w in enumerate(words):
+        if w.endswith((")", ",", ";")) and "(" not in w:
+            return words[:i] + [w.rstrip("),;")]
+    return words
 
 
 def readme_text() -> str:
@@ -89,6 +95,18 @@ def build(argv: list[str]):
 
     if "--help" in argv or "-h" in argv:  # `genloop X --help`: X must exist; nothing to build
         assert argv[0] in BY_NAME, f"unknown command {argv[0]!r} in an example"
+        return None
+    if len(argv) <= 2 and not any(w.startswith("-") or "=" in w for w in argv):
+        # a reference to a command in prose ("from genloop feedback export"): the command and action must exist
+        assert argv[0] in BY_NAME, f"unknown command {argv[0]!r} in an example"
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                build_parser(argv[0]).parse_args([*argv, "--help"])
+            except SystemExit as e:
+                assert e.code == 0, f"`genloop {' '.join(argv)}` names no command"
         return None
     if argv[0] == "submit":
         argv, _ = jobs.split_submit_args(argv[1:])
@@ -209,6 +227,8 @@ def test_a_wrong_example_is_caught():
     assert accepted_by_some_stage(["lr=3e-4"]) == []  # the old README example
     with pytest.raises(SystemExit):
         build(["sft", "--no-such-option", "x"])
+    with pytest.raises(AssertionError, match="names no command"):
+        build(["feedback", "exprot"])
     assert stray_overrides("e.g. train.lr=3e-4 model.dim=128)") == ["train.lr=3e-4", "model.dim=128"]
 
 
