@@ -72,9 +72,10 @@ class ReferenceLogps:
 
     def __init__(self, init_from: str, batch_size: int) -> None:
         from models.checkpoint import load_checkpoint
+        from pipelines.artifacts import local_copy
 
         torch.set_num_threads(1)
-        self.model, _ = load_checkpoint(init_from)
+        self.model, _ = load_checkpoint(local_copy(init_from))
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,16 +106,17 @@ def preference_eval(policy: Any, rows: dict[str, np.ndarray], beta: float, batch
 
 def build_policy(init_from: str) -> Any:
     from models.checkpoint import load_checkpoint
+    from pipelines.artifacts import local_copy
 
-    model, _ = load_checkpoint(init_from)
+    model, _ = load_checkpoint(local_copy(init_from))
     return model
 
 
 def run(cfg: DpoConfig) -> dict[str, Any]:
     """Train and export the DPO policy; needs a ready Ray runtime. Returns the metrics."""
     from models.chat import ChatFormat
-    from models.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_checkpoint
-    from pipelines.artifacts import Manifest, absolute, join
+    from models.checkpoint import load_checkpoint, load_config, load_tokenizer
+    from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint
     from pipelines.pairwise import DPOObjective
     from pipelines.prefs import load_pairs, pair_rows, to_dataset, write_quarantine
     from pipelines.train_loop import fit
@@ -128,14 +130,15 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
                               val_data=absolute(cfg.val_data) if cfg.val_data else "")
     cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
     cfg.train.validate()
-    mcfg = load_config(cfg.init_from)
+    init_local = local_copy(cfg.init_from)  # a checkpoint on s3:// is read through the local cache
+    mcfg = load_config(init_local)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"dpo.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
     manifest = Manifest.begin("dpo", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
         [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
-    tok = load_tokenizer(cfg.init_from)
-    fmt = ChatFormat.from_checkpoint(cfg.init_from)
+    tok = load_tokenizer(init_local)
+    fmt = ChatFormat.from_checkpoint(init_local)
 
     counts: Counter = Counter()
     quarantine: list[dict] = []
@@ -154,7 +157,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     train_ds = with_reference(to_dataset(rows), cfg.init_from, cfg.ref_batch_size)
-    ref, _ = load_checkpoint(cfg.init_from)
+    ref, _ = load_checkpoint(init_local)
     if val_rows:
         val_rows["ref_chosen_logp"], val_rows["ref_rejected_logp"] = reference_logps(ref, val_rows,
                                                                                      cfg.ref_batch_size)
@@ -165,7 +168,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     result = fit(loop, partial(build_policy, cfg.init_from), train_ds, to_dataset(val_rows) if val_rows else None,
                  cfg.out, export=hf_export(cfg.init_from), objective=objective, in_process=cfg.in_process)
     train_s = time.perf_counter() - t0
-    policy, _ = load_checkpoint(join(cfg.out, MODEL_DIR))
+    policy, _ = load_checkpoint(local_copy(join(cfg.out, MODEL_DIR)))
     after = preference_eval(policy, val_rows, cfg.beta, cfg.ref_batch_size)
     metrics = {
         **{f"heldout_{k}": v for k, v in after.items() if k != "pairs"},

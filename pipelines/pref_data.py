@@ -148,8 +148,9 @@ def sample_answers(policy: str, prompt_ids: list[list[int]], n: int, max_new_tok
                    top_p: float, stop_ids: list[int], seed: int, engine_cfg: EngineConfig) -> list[list[list[int]]]:
     """``n`` sampled answers (token ids, stop token removed) per prompt from a vLLM engine over ``policy``."""
     from models import engine
+    from pipelines.artifacts import local_copy
 
-    llm = engine.make_llm(policy, engine_cfg)
+    llm = engine.make_llm(local_copy(policy), engine_cfg)
     params = engine.sampling_params(max_new_tokens, temperature, top_p, stop_token_ids=stop_ids, seed=seed, n=n)
     outs = engine.generate_ids(llm, prompt_ids, params)
     return [[[t for t in ids if t not in stop_ids] for ids in per_prompt] for per_prompt in outs]
@@ -170,8 +171,8 @@ def _sample_remote(cfg: PrefDataConfig, prompt_ids: list[list[int]], stop_ids: l
 def run(cfg: PrefDataConfig) -> dict[str, Any]:
     """Sample, judge, pair, merge, split, write. Needs a ready Ray runtime. Returns counts and metrics."""
     from models.chat import ChatFormat, encode_prompt
-    from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
-    from pipelines.artifacts import Manifest, absolute, join, write_text
+    from models.checkpoint import load_config, load_tokenizer
+    from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint, write_text
     from pipelines.prefs import read_pairs, split_pairs, write_pairs, write_quarantine
 
     for key in ("policy", "prompts", "out"):
@@ -187,8 +188,9 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     train_file, val_file = prompt_files(cfg.prompts)
     manifest = Manifest.begin("pref-data", cfg.out, cfg, inputs=[cfg.policy, cfg.prompts] + (
         [cfg.human] if cfg.human else []), overwrite=cfg.overwrite)
-    tok = load_tokenizer(cfg.policy)
-    fmt = ChatFormat.from_checkpoint(cfg.policy)
+    policy_local = local_copy(cfg.policy)  # a checkpoint on s3:// is read through the local cache
+    tok = load_tokenizer(policy_local)
+    fmt = ChatFormat.from_checkpoint(policy_local)
 
     counts: Counter = Counter()
     quarantine: list[dict] = []
@@ -202,7 +204,7 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
                          '{"messages": [{"role": "user", "content": "... `def name(args)` ..."}, ...]}')
     counts["prompts_read"] = len(prompts)
 
-    limit = cfg.engine.max_model_len or load_config(cfg.policy).max_seq_len
+    limit = cfg.engine.max_model_len or load_config(policy_local).max_seq_len
     encoded = [(encode_prompt(tok, fmt, m), p) for p in prompts for m in [p[0]]]
     kept = [(ids, p) for ids, p in encoded if len(ids) + cfg.max_new_tokens <= limit]
     counts["dropped_prompt_too_long"] = len(encoded) - len(kept)

@@ -50,9 +50,10 @@ class RewardConfig:
 def build_reward_model(init_from: str, head_std: float) -> Any:
     """The loop's model factory (every worker): the checkpoint's trunk + a fresh scalar head (seeded)."""
     from models.scalar_model import from_causal_lm
+    from pipelines.artifacts import local_copy
 
     torch.manual_seed(0)
-    model, _ = from_causal_lm(init_from, head_std=head_std or None)
+    model, _ = from_causal_lm(local_copy(init_from), head_std=head_std or None)
     return model
 
 
@@ -60,12 +61,12 @@ def export_reward_model(model: Any, state_dict: dict, out: str, init_from: str) 
     """The loop's export (rank 0): ``<out>/model`` as a HF ``LlamaForSequenceClassification`` folder."""
     from models.checkpoint import load_tokenizer
     from models.scalar_model import save_scalar_model
-    from pipelines.artifacts import join
+    from pipelines.artifacts import join, local_copy
     from pipelines.train_state import local_dir
 
     target = join(out, MODEL_DIR)
     with local_dir(target) as local:
-        save_scalar_model(model, load_tokenizer(init_from), local, state_dict=state_dict)
+        save_scalar_model(model, load_tokenizer(local_copy(init_from)), local, state_dict=state_dict)
     return target
 
 
@@ -91,9 +92,9 @@ def pairwise_eval(model: Any, rows: dict[str, np.ndarray], pad_id: int, batch_si
 def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train and export the reward model; needs a ready Ray runtime unless ``in_process``. Returns the metrics."""
     from models.chat import ChatFormat
-    from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
+    from models.checkpoint import load_config, load_tokenizer
     from models.scalar_model import load_scalar_model
-    from pipelines.artifacts import Manifest, absolute, join
+    from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint
     from pipelines.pairwise import BradleyTerryObjective
     from pipelines.prefs import load_pairs, pair_rows, to_dataset, write_quarantine
     from pipelines.train_loop import fit
@@ -105,14 +106,15 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
                               val_data=absolute(cfg.val_data) if cfg.val_data else "")
     cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
     cfg.train.validate()
-    mcfg = load_config(cfg.init_from)
+    init_local = local_copy(cfg.init_from)  # a checkpoint on s3:// is read through the local cache
+    mcfg = load_config(init_local)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"reward.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
     manifest = Manifest.begin("reward", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
         [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
-    tok = load_tokenizer(cfg.init_from)
-    fmt = ChatFormat.from_checkpoint(cfg.init_from)
+    tok = load_tokenizer(init_local)
+    fmt = ChatFormat.from_checkpoint(init_local)
 
     counts: Counter = Counter()
     quarantine: list[dict] = []
@@ -139,7 +141,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
                  export=partial(export_reward_model, init_from=cfg.init_from),
                  objective=BradleyTerryObjective(tok.pad_id), in_process=cfg.in_process)
     train_s = time.perf_counter() - t0
-    model, _ = load_scalar_model(join(cfg.out, MODEL_DIR))
+    model, _ = load_scalar_model(local_copy(join(cfg.out, MODEL_DIR)))
     after = pairwise_eval(model, val_rows, tok.pad_id, cfg.eval_batch_size)
     metrics = {
         "heldout_pairwise_accuracy": after.get("pairwise_accuracy"), "heldout_mean_margin": after.get("mean_margin"),
