@@ -40,8 +40,8 @@ class Step:
 
 
 def policy_dir(out: Path) -> str:
-    """The model the demo serves: the last training stage's artifact (SFT today; RLHF when it is added)."""
-    return f"{out}/sft"
+    """The model the demo serves: the last training stage's artifact (the RLHF policy)."""
+    return f"{out}/rlhf"
 
 
 def steps(out: Path, preset: str) -> list[Step]:
@@ -55,6 +55,18 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
         Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
                      "--out", f"{d}/sft"], f"{d}/sft"),
+        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO against it + the judge
+        Step("pref-data", ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data",
+                           "--out", f"{d}/pref-data"], f"{d}/pref-data"),
+        Step("reward", ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data",
+                        "--out", f"{d}/reward"], f"{d}/reward"),
+        Step("rlhf", ["rlhf", "--config", preset, "--policy", f"{d}/sft", "--reward",
+                      f"rm:{d}/reward,fn:code_judge", "--prompts", f"{d}/sft-data", "--algo", "grpo",
+                      "--out", f"{d}/rlhf"], f"{d}/rlhf"),
+        # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
+        Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
+                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "48",
+                      "--max-new-tokens", "96", "--out", f"{d}/eval.json"], None),
         # the knowledge store: two stdlib packages plus the modules the smoke questions' functions come from
         Step("knowledge", lambda: ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http",
                                    *smoke_sources(f"{d}/sft-data", SMOKE_QUESTIONS), "--store", f"{d}/serve"], None),

@@ -213,8 +213,66 @@ def lineage_section(out: Path, step: Any) -> Section | None:
     return s
 
 
+def pref_data_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "pref-data")
+    if not m:
+        return None
+    c, x = m.get("counts", {}), m.get("metrics", {})
+    return Section("pref-data: the SFT model's own answers, judged into preference pairs", rows=[
+        ("prompts x answers sampled", f"{c.get('prompts', 0):,} prompts, {c.get('samples', 0):,} answers"),
+        ("SFT answers the judge passes", _pct(x.get("policy_judge_pass_rate"))),
+        ("pairs (train / held-out)", f"{c.get('train_pairs', 0):,} / {c.get('val_pairs', 0):,}")])
+
+
+def reward_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "reward")
+    if not m:
+        return None
+    x = m.get("metrics", {})
+    return Section("reward: a Bradley-Terry reward model (the SFT trunk + a scalar head)", rows=[
+        ("held-out pairwise accuracy", f"{_pct(x.get('heldout_pairwise_accuracy_before'))} -> "
+                                       f"{_pct(x.get('heldout_pairwise_accuracy'))}"),
+        ("held-out mean margin (chosen - rejected)", _num(x.get("heldout_mean_margin"))),
+        ("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))])
+
+
+def rlhf_section(out: Path, step: Any) -> Section | None:
+    m = _manifest(out / "rlhf")
+    if not m:
+        return None
+    x, c = m.get("metrics", {}), m.get("counts", {})
+    s = Section("rlhf: GRPO with vLLM rollout actors and a Ray Train learner (reward model + code judge)", rows=[
+        ("iterations", _num(c.get("iterations"), "d")),
+        ("mean reward, first -> last iteration", f"{_num(x.get('reward_first'))} -> {_num(x.get('reward_last'))}"),
+        ("KL to the SFT model (last iteration)", _num(x.get("kl_last"))),
+        ("weight sync into the engines, seconds", _num(x.get("sync_s_last"), ".2f"))])
+    plot = _copy_plot(out / "rlhf" / "reward_curve.png", out, "rlhf_reward.png")
+    if plot:
+        s.plots.append(("RLHF reward per iteration", plot))
+    return s
+
+
+def eval_section(out: Path, step: Any) -> Section | None:
+    f = out / "eval.json"
+    if not f.is_file():
+        return None
+    rows = json.loads(f.read_text()).get("policies", [])
+    if not rows:
+        return None
+    s = Section(f"SFT vs RLHF on {rows[0]['prompts']} held-out code-writing prompts ({rows[0]['decoding']})")
+    names = [Path(r["policy"]).parent.name if Path(r["policy"]).name == "model" else Path(r["policy"]).name
+             for r in rows]
+    s.rows = [("policy", " | ".join(names)),
+              ("judge pass rate (requested function and signature)", " | ".join(_pct(r["judge_pass_rate"]) for r in rows)),
+              ("judge mean score", " | ".join(_num(r["judge_mean"], ".3f") for r in rows)),
+              ("mean reward-model score", " | ".join(_num(r["rm_score_mean"], ".3f") for r in rows)),
+              ("KL to the SFT model, per answer token", " | ".join(_num(r["kl_to_reference"]) for r in rows))]
+    return s
+
+
 SUMMARIES: dict[str, Callable[[Path, Any], Section | None]] = {
     "data": data_section, "pretrain": pretrain_section, "sft-data": sft_data_section, "sft": sft_section,
+    "pref-data": pref_data_section, "reward": reward_section, "rlhf": rlhf_section, "eval": eval_section,
     "knowledge": knowledge_section, "serve": serve_section, "feedback": feedback_section,
     "lineage": lineage_section,
 }

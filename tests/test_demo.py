@@ -74,6 +74,14 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
          "answer": "def f(x):\n    return x", "parses": True, "sources": ["json/__init__.py"]},
         {"question": "Implement `def g()` in Python. Do nothing.", "answer": "g g g", "parses": False,
          "sources": []}]}))
+    _write_manifest(out / "reward", {}, {"heldout_pairwise_accuracy_before": 0.5, "heldout_pairwise_accuracy": 0.875,
+                                         "heldout_mean_margin": 1.25, "steps": 40})
+    _write_manifest(out / "rlhf", {"iterations": 12}, {"reward_first": 0.41, "reward_last": 0.77, "kl_last": 0.0123})
+    (out / "eval.json").write_text(json.dumps({"policies": [
+        {"policy": str(out / "sft" / "model"), "prompts": 48, "decoding": "greedy", "judge_pass_rate": 0.25,
+         "judge_mean": 0.5, "rm_score_mean": -0.5, "kl_to_reference": 0.0, "answer_tokens_mean": 30.0},
+        {"policy": str(out / "rlhf" / "model"), "prompts": 48, "decoding": "greedy", "judge_pass_rate": 0.5,
+         "judge_mean": 0.75, "rm_score_mean": 0.25, "kl_to_reference": 0.031, "answer_tokens_mean": 28.0}]}))
     outcomes = [Outcome("data", "ok", 12.0), Outcome("pretrain", "skipped", 0.0), Outcome("sft", "failed (1)", 3.0)]
     text = write_summary(out, steps(out, "demo"), outcomes, 15.0, "demo")
     md = (out / "summary.md").read_text()
@@ -91,8 +99,14 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
     assert "parses as a function: yes; retrieval found: `json/__init__.py`" in md
     assert "parses as a function: no; retrieval found: nothing" in md
     # how to serve it and query it, with a real question and the served name
-    assert f"genloop serve --config demo --model {out}/sft --knowledge {out}/serve" in md
+    assert f"genloop serve --config demo --model {out}/rlhf --knowledge {out}/serve" in md
     assert '"model": "sft"' in md and "def f(x)" in md.split("## Serve it yourself")[1]
+    # alignment: reward model accuracy, reward curve ends, SFT vs RLHF side by side on held-out prompts
+    assert "| held-out pairwise accuracy | 50% -> 88% |" in md
+    assert "| mean reward, first -> last iteration | 0.4100 -> 0.7700 |" in md
+    assert "SFT vs RLHF on 48 held-out code-writing prompts (greedy)" in md and "| policy | sft | rlhf |" in md
+    assert "| judge pass rate (requested function and signature) | 25% | 50% |" in md
+    assert "| KL to the SFT model, per answer token | 0.0000 | 0.0310 |" in md
     # a stage without an artifact is left out, not reported with made-up numbers
     assert "sft-data:" not in md and "## feedback" not in md
 
@@ -119,7 +133,9 @@ def test_demo_steps_are_a_list_to_extend_and_serve_the_policy(tmp_path):
     from cluster.demo import policy_dir, steps
 
     names = [s.name for s in steps(tmp_path, "demo")]
-    assert names == ["data", "pretrain", "sft-data", "sft", "knowledge", "serve", "feedback", "lineage"]
+    assert names == ["data", "pretrain", "sft-data", "sft", "pref-data", "reward", "rlhf", "eval", "knowledge",
+                     "serve", "feedback", "lineage"]
+    assert policy_dir(tmp_path).endswith("/rlhf"), "the demo serves the RLHF policy"
     serve = next(s for s in steps(tmp_path, "demo") if s.name == "serve").argv()
     assert serve[serve.index("--model") + 1] == policy_dir(tmp_path)
     lineage = next(s for s in steps(tmp_path, "demo") if s.name == "lineage").argv()

@@ -60,6 +60,8 @@ COMMANDS: list[Command] = [
     Command("reward", "cluster.commands.reward", "train a Bradley-Terry reward model from preference pairs"),
     Command("rlhf", "cluster.commands.rlhf", "align a policy with GRPO or PPO (vLLM rollout actors + Ray Train learner)"),
     Command("dpo", "cluster.commands.dpo", "offline DPO of a checkpoint on preference pairs"),
+    Command("eval", "cluster.commands.evaluate",
+            "compare policies on held-out code-writing prompts: judge pass rate, reward-model score, KL"),
     Command("serve", "cluster.commands.serve",
             "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"),
     Command("knowledge", "cluster.commands.knowledge", "add documents to a knowledge store in bulk, or search it"),
