@@ -77,12 +77,20 @@ def test_after_one_update_every_engine_decodes_the_learners_new_weights(ray_sess
     stop = [tok.eot_id, tok.im_end_id]
     prompts = [tok.encode("def hello(name):\n"), tok.encode("import os\nimport sys\n"), tok.encode("class A:")]
     before = learner_greedy(tiny_checkpoint, prompts, stop)
-    cfg = tiny_config(tiny_checkpoint, toy_inputs, tmp_path / "one", "rollout.engines=2", "iterations=1")
+    # the reward: a reward model (in its own actor) weighted with the toy function
+    from models.scalar_model import from_causal_lm, save_scalar_model
+
+    rm, rm_tok = from_causal_lm(tiny_checkpoint)
+    save_scalar_model(rm, rm_tok, tmp_path / "rm")
+    cfg = tiny_config(tiny_checkpoint, toy_inputs, tmp_path / "one", "rollout.engines=2", "iterations=1",
+                      f"reward=rm:{tmp_path / 'rm'}:0.5,fn:{toy_inputs / 'toy_reward.py'}:whitespace")
     res = run(cfg, engines=engines)
     after = learner_greedy(res.model_dir, prompts, stop)
     assert after != before, "one update did not change the policy's greedy answers"
     assert engine_greedy(ray_session, engines, prompts) == [after, after]
     row = res.history[0]
+    assert {"reward/rm", "reward/toy_reward.whitespace"} <= set(row)
+    assert row["reward_mean"] == pytest.approx(0.5 * row["reward/rm"] + row["reward/toy_reward.whitespace"])
     assert row["sync_s"] > 0 and row["rollout_tokens_per_s"] > 0 and row["mismatch_kl"] < 1e-3
 
 

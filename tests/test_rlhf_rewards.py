@@ -99,3 +99,23 @@ def test_bad_prompt_lines_are_counted_and_none_usable_is_one_clear_error(tmp_pat
     # the order is a seeded permutation per epoch, the same for a resumed run
     order = [prompt_order(5, it, 3, seed=1) for it in range(4)]
     assert sorted(order[0] + order[1][:2]) == list(range(5)) and order == [prompt_order(5, it, 3, 1) for it in range(4)]
+
+
+def test_reward_model_worker_scores_the_last_token_and_combines_with_functions(tmp_path, tiny_checkpoint):
+    import torch
+
+    from models.scalar_model import from_causal_lm, save_scalar_model
+    from pipelines.rlhf.rewards import RewardModelWorker
+
+    rm, tok = from_causal_lm(tiny_checkpoint)
+    save_scalar_model(rm, tok, tmp_path / "rm")
+    worker = RewardModelWorker(str(tmp_path / "rm"), tok.pad_id, micro_batch_size=1)
+    scores = worker.score([[5, 6, 7], [5, 6]], [[8, 9], [10, 11, 12]])
+    with torch.no_grad():
+        want = [float(rm(torch.tensor([s]))[0, -1]) for s in ([5, 6, 7, 8, 9], [5, 6, 10, 11, 12])]
+    assert scores == pytest.approx(want, abs=1e-5)
+    rs = RewardSet.from_spec(f"rm:{tmp_path / 'rm'}:0.5,fn:writes_function")
+    total, parts = rs.score(["p", "p"], [GOOD, "x"], lambda: scores)
+    assert parts["rm"] == scores and total == pytest.approx([0.5 * scores[0] + 1.0, 0.5 * scores[1]])
+    with pytest.raises(RewardError, match="no reward-model scorer"):
+        rs.score(["p"], ["x"])
