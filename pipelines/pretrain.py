@@ -203,7 +203,8 @@ def run(config: PretrainConfig) -> FitResult:
                                  init_from=absolute(config.init_from))
     p = plan(config)
     tc = config.train
-    check_placement(tc, use_gpu_default() if tc.use_gpu is None else tc.use_gpu)
+    use_gpu = use_gpu_default() if tc.use_gpu is None else tc.use_gpu
+    check_placement(tc, use_gpu)
     if config.overwrite and is_finished(config.out):
         _clear_previous(config.out)
     inputs = [config.data] + ([p.init_from] if p.init_from else [])
@@ -212,8 +213,14 @@ def run(config: PretrainConfig) -> FitResult:
     log.info("pretrain: %.2fM params (dim %d, %d layers), seq_len %d, global batch %d rows, %d steps, %s x %d",
              mc.num_params() / 1e6, mc.dim, mc.n_layers, p.seq_len, tc.global_rows(), tc.steps, tc.strategy,
              tc.num_workers)
+    from pipelines.plan import predict_run, prediction_summary
+
+    pred = predict_run(mc, p.seq_len, tc, use_gpu)  # `genloop plan`'s model of this run, checked against the run
+    log.info("plan: %s", prediction_summary(pred))
     train_ds, val_ds = datasets(p)
     result = fit(tc, _builder(p), train_ds, val_ds, config.out, export=hf_export(p.info.tokenizer))
+    log.info("plan vs measured: %s", prediction_summary(pred, result.metrics.get("tokens_per_s"),
+                                                        result.metrics.get("peak_memory_bytes")))
     tokens = result.steps * tc.global_rows() * p.seq_len
     keep = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "grad_norm")
     manifest.finish(counts={"steps": result.steps, "tokens": tokens, "train_blocks": p.info.train_blocks,
