@@ -45,7 +45,18 @@ class TrainSpec:
     resume_dir: str | None = None  # a checkpoint to start from when Ray Train has none (re-run of a dead job)
 
 
+def peak_memory_bytes(device: torch.device) -> float:
+    """This rank's peak memory so far: allocated tensors on a GPU, the process's peak RSS on CPU (what `genloop
+    plan` predicts per rank)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 # ---- data on a worker ----------------------------------------------------------------------------------------------
+
 def load_rank_rows(source: Any, global_rows: int, rank: int, rows_per_rank: int,
                    limit: int | None = None, positions: np.ndarray | None = None,
                    objective: Objective | None = None) -> dict[str, np.ndarray]:
@@ -211,7 +222,8 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
             tps = tok_window / dt
             row.update(step=done, **obj.summarize(sums[0] / global_units,
                                                   {n: s / global_units for n, s in zip(names, sums[1:])}))
-            row.update(lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu(tps / world, flops_tok, peak), epoch=epoch)
+            row.update(lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu(tps / world, flops_tok, peak), epoch=epoch,
+                       peak_memory_bytes=peak_memory_bytes(device))
             t_window, tok_window = time.perf_counter(), 0
         if val_rows and cfg.due(cfg.eval_every, done):
             row.update(step=done, **evaluate(model, obj, val_rows, cfg.micro_batch_size, device, world))
