@@ -15,10 +15,8 @@ before and after. Output ``DIR/model``: a Hugging Face causal-LM checkpoint (``g
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -114,50 +112,20 @@ def build_policy(init_from: str) -> Any:
 
 def run(cfg: DpoConfig) -> dict[str, Any]:
     """Train and export the DPO policy; needs a ready Ray runtime. Returns the metrics."""
-    from models.chat import ChatFormat
-    from models.checkpoint import load_checkpoint, load_config, load_tokenizer
-    from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint
+    from models.checkpoint import load_checkpoint
+    from pipelines.artifacts import join, local_copy
     from pipelines.pairwise import DPOObjective
-    from pipelines.prefs import load_pairs, pair_rows, to_dataset, write_quarantine
+    from pipelines.prefs import begin_pair_stage, to_dataset
     from pipelines.train_loop import fit
     from pipelines.train_state import hf_export
 
-    for key in ("init_from", "data", "out"):
-        if not getattr(cfg, key):
-            raise ValueError(f"dpo needs --{key.replace('_', '-')} (see genloop dpo --help)")
     objective = DPOObjective(cfg.beta, cfg.label_smoothing, cfg.loss)  # validates beta / loss / smoothing
-    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")},
-                              val_data=absolute(cfg.val_data) if cfg.val_data else "")
-    cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
-    cfg.train.validate()
-    init_local = local_copy(cfg.init_from)  # a checkpoint on s3:// is read through the local cache
-    mcfg = load_config(init_local)
-    seq_len = cfg.seq_len or mcfg.max_seq_len
-    if seq_len > mcfg.max_seq_len:
-        raise ValueError(f"dpo.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
-    manifest = Manifest.begin("dpo", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
-        [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
-    tok = load_tokenizer(init_local)
-    fmt = ChatFormat.from_checkpoint(init_local)
-
-    counts: Counter = Counter()
-    quarantine: list[dict] = []
-    train_pairs, val_pairs = load_pairs(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, counts, quarantine)
-    rows = pair_rows(train_pairs, tok, fmt, seq_len, counts)
-    val_rows = pair_rows(val_pairs, tok, fmt, seq_len, counts, prefix="val_")
-    write_quarantine(cfg.out, quarantine)
-    counts.update(train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())),
-                  quarantined=len(quarantine))
-    loop = cfg.train
-    if cfg.in_process:
-        loop = dataclasses.replace(loop, strategy="none", num_workers=1)
-    if counts["train_pairs"] < loop.global_rows():
-        raise ValueError(f"{cfg.data}: {counts['train_pairs']} usable training pairs ({dict(counts)}), fewer than "
-                         f"one global batch ({loop.global_rows()}); add pairs or lower train.micro_batch_size")
+    st = begin_pair_stage("dpo", cfg)
+    cfg, rows, val_rows, counts = st.cfg, st.rows, st.val_rows, st.counts
 
     t0 = time.perf_counter()
     train_ds = with_reference(to_dataset(rows), cfg.init_from, cfg.ref_batch_size)
-    ref, _ = load_checkpoint(init_local)
+    ref, _ = load_checkpoint(st.init_local)
     if val_rows:
         val_rows["ref_chosen_logp"], val_rows["ref_rejected_logp"] = reference_logps(ref, val_rows,
                                                                                      cfg.ref_batch_size)
@@ -165,7 +133,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     del ref
     ref_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = fit(loop, partial(build_policy, cfg.init_from), train_ds, to_dataset(val_rows) if val_rows else None,
+    result = fit(st.loop, partial(build_policy, cfg.init_from), train_ds, to_dataset(val_rows) if val_rows else None,
                  cfg.out, export=hf_export(cfg.init_from), objective=objective, in_process=cfg.in_process)
     train_s = time.perf_counter() - t0
     policy, _ = load_checkpoint(local_copy(join(cfg.out, MODEL_DIR)))
@@ -176,7 +144,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         "reference_seconds": ref_s, "train_seconds": train_s, "steps": result.steps,
         **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"},
     }
-    manifest.finish(counts=dict(counts), metrics=metrics)
+    st.manifest.finish(counts=dict(counts), metrics=metrics)
     log.info("dpo policy -> %s: held-out preference accuracy %s, reward margin %s", result.model_dir,
              metrics.get("heldout_preference_accuracy"), metrics.get("heldout_reward_margin"))
     return {"out": cfg.out, "model": join(cfg.out, MODEL_DIR), **metrics, "counts": dict(counts)}

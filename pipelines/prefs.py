@@ -273,3 +273,66 @@ def to_dataset(rows: dict[str, np.ndarray]) -> Any:
 
     n = len(next(iter(rows.values())))
     return ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(n)])
+
+
+@dataclass
+class PairStage:
+    """What the reward and DPO stages share before training: the config with absolute paths and a resolved
+    checkpoint, its local copy, tokenizer and chat format, the pair rows (train / held-out), the counts, the loop
+    config, and the begun manifest."""
+
+    cfg: Any
+    init_local: str  # the checkpoint folder on this node (an s3:// checkpoint is read through the local cache)
+    tok: Any
+    fmt: ChatFormat
+    seq_len: int
+    rows: dict[str, np.ndarray]
+    val_rows: dict[str, np.ndarray]
+    counts: Counter
+    loop: Any  # TrainLoopConfig (in_process: one process, strategy none)
+    manifest: Any
+
+
+def begin_pair_stage(stage: str, cfg: Any) -> PairStage:
+    """Validate ``cfg`` (a reward / dpo config: init_from, data, val_data, val_fraction, out, seq_len, seed, train,
+    in_process, overwrite), begin the stage's manifest, and read the pairs into rows; bad lines are counted and
+    quarantined, too few pairs for one global batch is a clear error."""
+    import dataclasses
+
+    from models.checkpoint import load_config, load_tokenizer
+    from pipelines.artifacts import Manifest, absolute, local_copy, resolve_checkpoint
+
+    for key in ("init_from", "data", "out"):
+        if not getattr(cfg, key):
+            raise ValueError(f"{stage} needs --{key.replace('_', '-')} (see genloop {stage} --help)")
+    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")},
+                              val_data=absolute(cfg.val_data) if cfg.val_data else "")
+    cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
+    cfg.train.validate()
+    init_local = local_copy(cfg.init_from)
+    mcfg = load_config(init_local)
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise ValueError(f"{stage}.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
+    manifest = Manifest.begin(stage, cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
+        [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
+    tok = load_tokenizer(init_local)
+    fmt = ChatFormat.from_checkpoint(init_local)
+
+    counts: Counter = Counter()
+    quarantine: list[dict] = []
+    train_pairs, val_pairs = load_pairs(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, counts, quarantine)
+    rows = pair_rows(train_pairs, tok, fmt, seq_len, counts)
+    val_rows = pair_rows(val_pairs, tok, fmt, seq_len, counts, prefix="val_")
+    write_quarantine(cfg.out, quarantine)
+    counts.update(train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())),
+                  quarantined=len(quarantine))
+    loop = cfg.train
+    if cfg.in_process:
+        loop = dataclasses.replace(loop, strategy="none", num_workers=1)
+    if counts["train_pairs"] < loop.global_rows():
+        raise ValueError(f"{cfg.data}: {counts['train_pairs']} usable training pairs ({dict(counts)}), fewer than "
+                         f"one global batch ({loop.global_rows()}); add pairs or lower train.micro_batch_size")
+    log.info("%s data: %d train pairs, %d held-out, %s", stage, counts["train_pairs"], counts["val_pairs"],
+             {k: v for k, v in counts.items() if k.startswith(("bad_", "dropped_", "val_bad", "val_dropped"))})
+    return PairStage(cfg, init_local, tok, fmt, seq_len, rows, val_rows, counts, loop, manifest)

@@ -14,10 +14,8 @@ the untrained head before, for comparison). Output ``DIR``: ``model/`` (loads wi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -91,53 +89,19 @@ def pairwise_eval(model: Any, rows: dict[str, np.ndarray], pad_id: int, batch_si
 
 def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train and export the reward model; needs a ready Ray runtime unless ``in_process``. Returns the metrics."""
-    from models.chat import ChatFormat
-    from models.checkpoint import load_config, load_tokenizer
     from models.scalar_model import load_scalar_model
-    from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint
+    from pipelines.artifacts import join, local_copy
     from pipelines.pairwise import BradleyTerryObjective
-    from pipelines.prefs import load_pairs, pair_rows, to_dataset, write_quarantine
+    from pipelines.prefs import begin_pair_stage, to_dataset
     from pipelines.train_loop import fit
 
-    for key in ("init_from", "data", "out"):
-        if not getattr(cfg, key):
-            raise ValueError(f"reward needs --{key.replace('_', '-')} (see genloop reward --help)")
-    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")},
-                              val_data=absolute(cfg.val_data) if cfg.val_data else "")
-    cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
-    cfg.train.validate()
-    init_local = local_copy(cfg.init_from)  # a checkpoint on s3:// is read through the local cache
-    mcfg = load_config(init_local)
-    seq_len = cfg.seq_len or mcfg.max_seq_len
-    if seq_len > mcfg.max_seq_len:
-        raise ValueError(f"reward.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
-    manifest = Manifest.begin("reward", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
-        [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
-    tok = load_tokenizer(init_local)
-    fmt = ChatFormat.from_checkpoint(init_local)
-
-    counts: Counter = Counter()
-    quarantine: list[dict] = []
-    train_pairs, val_pairs = load_pairs(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, counts, quarantine)
-    rows = pair_rows(train_pairs, tok, fmt, seq_len, counts)
-    val_rows = pair_rows(val_pairs, tok, fmt, seq_len, counts, prefix="val_")
-    write_quarantine(cfg.out, quarantine)
-    counts.update(train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())),
-                  quarantined=len(quarantine))
-    loop = cfg.train
-    if cfg.in_process:
-        loop = dataclasses.replace(loop, strategy="none", num_workers=1)
-    need = loop.global_rows()
-    if len(rows.get("margin", ())) < need:
-        raise ValueError(f"{cfg.data}: {len(rows.get('margin', ()))} usable training pairs ({dict(counts)}), fewer "
-                         f"than one global batch ({need}); add pairs or lower train.micro_batch_size")
-    log.info("reward data: %d train pairs, %d held-out, %s", counts["train_pairs"], counts["val_pairs"],
-             {k: v for k, v in counts.items() if k.startswith(("bad_", "dropped_", "val_bad", "val_dropped"))})
+    st = begin_pair_stage("reward", cfg)
+    cfg, tok, rows, val_rows, counts = st.cfg, st.tok, st.rows, st.val_rows, st.counts
 
     build = partial(build_reward_model, cfg.init_from, cfg.head_std)
     before = pairwise_eval(build(), val_rows, tok.pad_id, cfg.eval_batch_size)
     t0 = time.perf_counter()
-    result = fit(loop, build, to_dataset(rows), to_dataset(val_rows) if val_rows else None, cfg.out,
+    result = fit(st.loop, build, to_dataset(rows), to_dataset(val_rows) if val_rows else None, cfg.out,
                  export=partial(export_reward_model, init_from=cfg.init_from),
                  objective=BradleyTerryObjective(tok.pad_id), in_process=cfg.in_process)
     train_s = time.perf_counter() - t0
@@ -151,7 +115,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     }
     if not val_rows:
         log.warning("reward: no held-out pairs (val_fraction=%s): held-out accuracy is not measured", cfg.val_fraction)
-    manifest.finish(counts=dict(counts), metrics=metrics)
+    st.manifest.finish(counts=dict(counts), metrics=metrics)
     log.info("reward model -> %s: held-out pairwise accuracy %s (before %s), mean margin %s", result.model_dir,
              metrics["heldout_pairwise_accuracy"], metrics["heldout_pairwise_accuracy_before"],
              metrics["heldout_mean_margin"])
