@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class PrefDataConfig:
     min_margin: float = 0.25  # judge-score difference a pair needs
     pairs_per_prompt: int = 2
     include_reference: bool = True  # the sft-data answer is a candidate
-    val_fraction: float = 0.1  # used when the prompt set has no held-out file
+    val_fraction: float = 0.1  # the held-out share: of the prompts (no held-out file), or of max_prompts
     num_cpus: float = 1.0  # the sampling task's CPU ask (it asks one GPU when the cluster has GPUs)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_num_seqs=64))
     seed: int = 0
@@ -195,10 +196,13 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     counts: Counter = Counter()
     quarantine: list[dict] = []
     prompts = [(m, r, "train") for m, r in read_prompts(train_file, counts, quarantine)]
-    if val_file:
-        prompts += [(m, r, "val") for m, r in read_prompts(val_file, counts, quarantine)]
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
+    if val_file:  # held-out prompts give the held-out pairs, in proportion to the train prompts kept
+        val = [(m, r, "val") for m, r in read_prompts(val_file, counts, quarantine)]
+        if cfg.max_prompts:
+            val = val[: max(1, math.ceil(len(prompts) * cfg.val_fraction / max(1e-9, 1 - cfg.val_fraction)))]
+        prompts += val
     if not prompts:
         raise ValueError(f"--prompts {cfg.prompts}: no code-writing prompt ({dict(counts)}); expected sft-data lines "
                          '{"messages": [{"role": "user", "content": "... `def name(args)` ..."}, ...]}')

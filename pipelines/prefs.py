@@ -209,7 +209,10 @@ def load_pairs(data: str, val_data: str, val_fraction: float, seed: int, counts:
         vc: Counter = Counter()
         val = read_pairs(val_file, vc, quarantine)
         counts.update({f"val_{k}": v for k, v in vc.items()})
-        return pairs, val
+        if val:
+            return pairs, val
+        log.warning("%s holds no usable pair: holding out %.0f%% of %s's prompts instead", val_file,
+                    100 * val_fraction, train_file)
     return split_pairs(pairs, val_fraction, seed)
 
 
