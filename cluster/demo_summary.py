@@ -262,11 +262,12 @@ def eval_section(out: Path, step: Any) -> Section | None:
     s = Section(f"SFT vs RLHF on {rows[0]['prompts']} held-out code-writing prompts ({rows[0]['decoding']})")
     names = [Path(r["policy"]).parent.name if Path(r["policy"]).name == "model" else Path(r["policy"]).name
              for r in rows]
-    s.rows = [("policy", " | ".join(names)),
-              ("judge pass rate (requested function and signature)", " | ".join(_pct(r["judge_pass_rate"]) for r in rows)),
-              ("judge mean score", " | ".join(_num(r["judge_mean"], ".3f") for r in rows)),
-              ("mean reward-model score", " | ".join(_num(r["rm_score_mean"], ".3f") for r in rows)),
-              ("KL to the SFT model, per answer token", " | ".join(_num(r["kl_to_reference"]) for r in rows))]
+    table = [("judge pass rate (requested function and signature)", [_pct(r["judge_pass_rate"]) for r in rows]),
+             ("judge mean score", [_num(r["judge_mean"], ".3f") for r in rows]),
+             ("mean reward-model score", [_num(r["rm_score_mean"], ".3f") for r in rows]),
+             ("KL to the SFT model, per answer token", [_num(r["kl_to_reference"]) for r in rows])]
+    s.lines.append("\n".join([f"| | {' | '.join(names)} |", f"| --- |{' ---: |' * len(names)}",
+                               *(f"| {what} | {' | '.join(vals)} |" for what, vals in table)]))
     return s
 
 

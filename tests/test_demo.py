@@ -104,7 +104,7 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
     # alignment: reward model accuracy, reward curve ends, SFT vs RLHF side by side on held-out prompts
     assert "| held-out pairwise accuracy | 50% -> 88% |" in md
     assert "| mean reward, first -> last iteration | 0.4100 -> 0.7700 |" in md
-    assert "SFT vs RLHF on 48 held-out code-writing prompts (greedy)" in md and "| policy | sft | rlhf |" in md
+    assert "SFT vs RLHF on 48 held-out code-writing prompts (greedy)" in md and "| | sft | rlhf |\n| --- | ---: | ---: |" in md
     assert "| judge pass rate (requested function and signature) | 25% | 50% |" in md
     assert "| KL to the SFT model, per answer token | 0.0000 | 0.0310 |" in md
     # a stage without an artifact is left out, not reported with made-up numbers
