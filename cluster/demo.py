@@ -55,13 +55,14 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
         Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
                      "--out", f"{d}/sft"], f"{d}/sft"),
-        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO against it + the judge
+        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO against the judge, with
+        # the reward model at a small weight (at full weight GRPO games it: its score rises while the judge's falls)
         Step("pref-data", ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data",
                            "--out", f"{d}/pref-data"], f"{d}/pref-data"),
         Step("reward", ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data",
                         "--out", f"{d}/reward"], f"{d}/reward"),
         Step("rlhf", ["rlhf", "--config", preset, "--policy", f"{d}/sft", "--reward",
-                      f"rm:{d}/reward,fn:code_judge", "--prompts", f"{d}/sft-data", "--algo", "grpo",
+                      f"rm:{d}/reward:0.1,fn:code_judge", "--prompts", f"{d}/sft-data", "--algo", "grpo",
                       "--out", f"{d}/rlhf"], f"{d}/rlhf"),
         # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
         Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
