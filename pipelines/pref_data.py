@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -196,13 +195,12 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     counts: Counter = Counter()
     quarantine: list[dict] = []
     prompts = [(m, r, "train") for m, r in read_prompts(train_file, counts, quarantine)]
-    if cfg.max_prompts:
-        prompts = prompts[: cfg.max_prompts]
-    if val_file:  # held-out prompts give the held-out pairs, in proportion to the train prompts kept
-        val = [(m, r, "val") for m, r in read_prompts(val_file, counts, quarantine)]
-        if cfg.max_prompts:
-            val = val[: max(1, math.ceil(len(prompts) * cfg.val_fraction / max(1e-9, 1 - cfg.val_fraction)))]
-        prompts += val
+    val = [(m, r, "val") for m, r in read_prompts(val_file, counts, quarantine)] if val_file else []
+    if cfg.max_prompts:  # at most max_prompts in all; the held-out prompts keep at least their share (val_fraction)
+        n_val = min(len(val), max(1, round(cfg.max_prompts * cfg.val_fraction)))
+        n_train = min(len(prompts), cfg.max_prompts - n_val)
+        prompts, val = prompts[:n_train], val[: cfg.max_prompts - n_train]
+    prompts += val
     if not prompts:
         raise ValueError(f"--prompts {cfg.prompts}: no code-writing prompt ({dict(counts)}); expected sft-data lines "
                          '{"messages": [{"role": "user", "content": "... `def name(args)` ..."}, ...]}')
