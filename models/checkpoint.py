@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -134,6 +135,28 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
 
 
+def load_weights(path: Path, model_cls: type[nn.Module], cfg: ModelConfig, device: str | torch.device = "cpu",
+                 skip: set[str] | frozenset[str] = frozenset()) -> nn.Module:
+    """``model_cls(cfg)`` built on ``device`` without initialising it, filled from ``path/model.safetensors``; names in
+    ``skip`` (a tied lm_head) are neither loaded nor required. A missing or corrupt file, or names that do not match
+    the config, are CheckpointErrors."""
+    try:
+        sd = load_file(str(path / WEIGHTS))
+    except (SafetensorError, FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"{path / WEIGHTS} is missing or corrupt ({e}); re-export the model") from None
+    for k in skip:
+        sd.pop(k, None)
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in skip]
+    if missing or unexpected:
+        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return model
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from a folder written by ``save_checkpoint`` (or any matching Llama HF folder)."""
@@ -147,20 +170,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
             f"{path}: tokenizer has {tok.n_vocab} tokens but config.json says vocab_size={cfg.vocab_size}; "
             "the tokenizer files do not belong to these weights"
         )
-    try:
-        sd = load_file(str(path / WEIGHTS))
-    except (SafetensorError, FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"{path / WEIGHTS} is missing or corrupt ({e}); re-export the checkpoint") from None
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device)
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    model = load_weights(path, Transformer, cfg, device, skip=tied)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if dtype is not None:

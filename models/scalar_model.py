@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from models.checkpoint import (WEIGHTS, CheckpointError, hf_config, load_checkpoint, load_config, load_tokenizer,
-                               save_tokenizer_files)
+                               load_weights, save_tokenizer_files)
 from models.tokenizer import Tokenizer
 from models.transformer import ModelConfig, Transformer
 
@@ -118,15 +117,5 @@ def load_scalar_model(path: str | Path, device: str | torch.device = "cpu") -> t
                               f"{ARCHITECTURE}); pass the model folder `genloop reward` wrote")
     cfg = load_config(path)
     tok = load_tokenizer(path)
-    try:
-        sd = load_file(str(path / WEIGHTS))
-    except (SafetensorError, FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"{path / WEIGHTS} is missing or corrupt ({e}); re-export the model") from None
-    with torch.device("meta"):
-        model = ScalarModel(cfg)
-    model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    model = load_weights(path, ScalarModel, cfg, device)
     return model, tok
