@@ -136,6 +136,21 @@ def read_text(uri: str | Path, errors: str = "strict") -> str:
     return read_bytes(uri).decode("utf-8", errors=errors)
 
 
+NOT_JSON = object()  # what ``jsonl_lines`` yields for a line that is not valid JSON
+
+
+def jsonl_lines(uri: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, line, parsed object or ``NOT_JSON``) for every non-blank line of a JSONL file (local or URI);
+    undecodable bytes are replaced, so a bad line is the caller's to count, never an exception."""
+    for i, line in enumerate(read_text(uri, errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, line, json.loads(line)
+        except json.JSONDecodeError:
+            yield i, line, NOT_JSON
+
+
 def write_bytes(uri: str | Path, data: bytes) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -84,16 +84,12 @@ def code_prompt(obj: Any) -> tuple[list[dict] | None, str, str]:
 
 def read_prompts(path: str, counts: Counter, quarantine: list[dict]) -> list[tuple[list[dict], str]]:
     """Code-writing prompts of an sft-data JSONL file; other lines counted (non-code ones are not errors)."""
-    from pipelines.artifacts import read_text
+    from pipelines.artifacts import NOT_JSON, jsonl_lines
 
     out = []
-    for i, line in enumerate(read_text(path, errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, line, obj in jsonl_lines(path):
         counts["prompt_lines"] += 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
+        if obj is NOT_JSON:
             counts["bad_prompt_not_json"] += 1
             quarantine.append({"file": path, "line": i, "reason": "not_json", "text": line[:500]})
             continue

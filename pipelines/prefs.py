@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from models.chat import ChatError, ChatFormat, Message, encode_chat
-from pipelines.artifacts import exists, is_dir, join, read_text, write_text
+from pipelines.artifacts import NOT_JSON, exists, is_dir, join, jsonl_lines, write_text
 from pipelines.train_objective import IGNORE
 
 log = logging.getLogger(__name__)
@@ -136,16 +136,9 @@ def read_pairs(path: str, counts: Counter, quarantine: list[dict], default_sourc
         raise FileNotFoundError(f"preference file {path} does not exist; pass a JSONL file of {EXPECTED}")
     pairs: list[PrefPair] = []
     seen: set[tuple[str, str, str]] = set()
-    for i, line in enumerate(read_text(path, errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, line, obj in jsonl_lines(path):
         counts["lines"] += 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj, reason = None, "not_json"
-        else:
-            pair, reason = parse_pair(obj, default_source)
+        pair, reason = (None, "not_json") if obj is NOT_JSON else parse_pair(obj, default_source)
         if reason:
             counts[f"bad_{reason}"] += 1
             quarantine.append({"file": path, "line": i, "reason": reason, "text": line[:500]})

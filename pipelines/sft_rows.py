@@ -15,7 +15,6 @@ A sample longer than ``seq_len + 1`` tokens is cut to its first ``seq_len + 1`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
@@ -25,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from models.chat import ROLES, ChatError, ChatFormat, Message, encode_chat
-from pipelines.artifacts import exists, read_text
+from pipelines.artifacts import NOT_JSON, exists, jsonl_lines
 from pipelines.train_loop import IGNORE
 
 log = logging.getLogger(__name__)
@@ -66,13 +65,9 @@ def read_conversations(path: str, counts: Counter) -> list[tuple[list[Message], 
     if not exists(path):
         raise FileNotFoundError(f"SFT data {path} does not exist; make one with `genloop sft-data --out {path}`")
     rows = []
-    for n, line in enumerate(read_text(path, errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, _, obj in jsonl_lines(path):
         counts["lines"] += 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
+        if obj is NOT_JSON:
             counts["bad_json"] += 1
             continue
         msgs, reason = parse_record(obj)
