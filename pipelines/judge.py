@@ -21,11 +21,17 @@ A trivial body is one with nothing but a docstring, ``pass``, ``...``, ``return`
 
 Two forms: ``judge(prompt, response) -> float`` and the reward-function form used by RLHF and ``pref-data``,
 ``code_judge(prompts, responses) -> list[float]``. Pure Python (``ast``), no torch, no Ray.
+
+``signature_match`` is a dense companion for RL (``fn:signature_match``): how close the first ``def`` line of the
+answer is to the requested signature, character by character (``difflib``), whether or not the rest parses. The
+judge's steps give a policy that copies only part of a name the same score as one that copies none of it; this
+shaping term tells GRPO's groups apart there. It is a reward, not a measure: evaluation reports the judge.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -147,6 +153,41 @@ def judge_code(sig: Signature | None, response: str) -> float:
         if sig is not None:
             best = RIGHT_NAME
     return best
+
+
+_DEF_LINE = re.compile(r"^\s*(?:async\s+)?def\s+([A-Za-z_]\w*)\s*\(([^)\n]*)\)?", re.M)
+
+
+def _param_names(text: str) -> tuple[str, ...]:
+    """``"a, b=1, *args, c: int"`` -> ("a", "b", "*args", "c"): names only, as ``_params`` gives them."""
+    names = []
+    for part in text.split(","):
+        m = re.match(r"\s*(\*{0,2}\s*[A-Za-z_]\w*)", part)
+        if m:
+            names.append(m.group(1).replace(" ", ""))
+    return tuple(names)
+
+
+def signature_similarity(sig: Signature | None, response: str) -> float:
+    """In [0, 1]: 1 when the answer's first ``def`` line names the requested function with the requested parameters;
+    otherwise the ``difflib`` ratio of ``name(p1, p2)`` written vs requested. 0 without a ``def`` line. A prompt that
+    requests no signature: 1 for any ``def`` line."""
+    m = _DEF_LINE.search(extract_code(response))
+    if m is None:
+        return 0.0
+    if sig is None:
+        return 1.0
+    written = f"{m.group(1)}({', '.join(_param_names(m.group(2)))})"
+    wanted = f"{sig.name}({', '.join(sig.params)})"
+    return difflib.SequenceMatcher(None, written, wanted, autojunk=False).ratio()
+
+
+def signature_match(prompts: list[str], responses: list[str]) -> list[float]:
+    """The reward-function form of ``signature_similarity`` (``fn:signature_match`` in RLHF)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"signature_match got {len(prompts)} prompts but {len(responses)} responses; pass one "
+                         "response per prompt (repeat a prompt for each of its samples)")
+    return [signature_similarity(requested_signature(p), r) for p, r in zip(prompts, responses)]
 
 
 def judge(prompt: str, response: str) -> float:

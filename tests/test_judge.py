@@ -66,3 +66,22 @@ def test_code_judge_is_the_batched_form_and_checks_lengths():
     assert code_judge([prompt, prompt], [GOOD, "nope("]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="one response per prompt"):
         code_judge([prompt], [])
+
+
+def test_signature_match_is_dense_and_exact_at_the_top():
+    from pipelines.judge import signature_match, signature_similarity
+
+    sig = requested_signature("Implement `def push_token(self, tok)` in Python. Push a token.")
+    assert signature_similarity(sig, "def push_token(self, tok):\n    return 1") == 1.0
+    # parameters with defaults and annotations count by name; a body that does not parse still counts its def line
+    assert signature_similarity(sig, "```python\ndef push_token(self, tok: str = '')\n    x = (") == 1.0
+    # "push_tok(self, tok)" vs "push_token(self, tok)": 2 * 19 matched / (19 + 21) characters
+    assert signature_similarity(sig, "def push_tok(self, tok):\n    pass") == pytest.approx(38 / 40)
+    closer = signature_similarity(sig, "def push_thing(self):\n    pass")
+    farther = signature_similarity(sig, "def getate(x):\n    pass")
+    assert 0.0 < farther < closer < 1.0
+    assert signature_similarity(sig, "x = 1") == 0.0
+    assert signature_similarity(None, "def anything(a):\n    pass") == 1.0
+    assert signature_match(["Implement `def f(a)`."] * 2, ["def f(a): return a", "no code"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="1 prompts but 0 responses"):
+        signature_match(["p"], [])

@@ -37,6 +37,12 @@ def _code_judge(prompts: list[str], responses: list[str]) -> list[float]:
     return code_judge(prompts, responses)
 
 
+def _signature_match(prompts: list[str], responses: list[str]) -> list[float]:
+    from pipelines.judge import signature_match
+
+    return signature_match(prompts, responses)
+
+
 def _writes_function(prompts: list[str], responses: list[str]) -> list[float]:
     from pipelines.judge import writes_function
 
@@ -46,6 +52,7 @@ def _writes_function(prompts: list[str], responses: list[str]) -> list[float]:
 BUILTINS: dict[str, RewardFn] = {
     "code_judge": _code_judge,  # pipelines/judge.py: the requested function with the requested signature, 0..1
     "writes_function": _writes_function,  # 1 when the answer parses and defines a function
+    "signature_match": _signature_match,  # dense shaping: how close the first def line is to the requested one, 0..1
 }
 
 
