@@ -113,7 +113,7 @@ def test_knowledge_cli_bulk_add_counts_and_quarantines(tmp_path, capsys):
     run_add(args)
     assert "0 added, 2 replaced" in capsys.readouterr().out
     s = KnowledgeStore(store)
-    assert s.count() == 2 and s.search("dictionaries", 1)[0].doc_id == "sub/b.txt"
+    assert s.count() == 2 and s.search("dictionaries", 1)[0].doc_id == "docs/sub/b.txt"
     with sqlite3.connect(s.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(FileNotFoundError):

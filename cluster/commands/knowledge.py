@@ -1,16 +1,29 @@
-"""``genloop knowledge add PATHS --store DB`` / ``genloop knowledge search QUERY``: bulk-load text files into a
-knowledge store, or show what retrieval finds (no Ray needed).
+"""``genloop knowledge add PATHS --store DB`` / ``genloop knowledge sync DIR --store DB [--watch]`` /
+``genloop knowledge search QUERY``: load text files into a knowledge store, make it follow a folder, or show what
+retrieval finds (no Ray needed; a running server sees the changes on its next query).
 
-Each file becomes one document: id = its path relative to the folder given (or its name), title = the file name.
-Re-adding a file replaces it. Files that are empty, binary or too large are skipped and counted (``--quarantine``
-lists them in a JSONL file).
+Each file becomes one document: id = the folder's name + the path below it (``docs/guide/intro.md``; a file given
+alone: its folder's name + its name), title = the file name. Re-adding a file replaces it. Files that are empty,
+binary, too large or unreadable are skipped and counted (``--quarantine`` lists them in a JSONL file).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+from typing import Any
 
-HELP = "add documents to a knowledge store in bulk, or search it"
+HELP = "add documents to a knowledge store in bulk, sync it with a folder, or search it"
+SHOW_SKIPPED = 20  # skipped files listed on the terminal (all of them go to --quarantine)
+
+
+def _store_options(p: argparse.ArgumentParser, max_document_chars: int = 1_000_000) -> None:
+    p.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
+    p.add_argument("--chunk-chars", type=int, default=600)
+    p.add_argument("--chunk-overlap", type=int, default=80)
+    p.add_argument("--max-document-chars", type=int, default=max_document_chars)
+    p.add_argument("--quarantine", default=None, help="write skipped files and why to this JSONL file")
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,11 +32,23 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     a = ks.add_parser("add", help="add or replace text files (folders are walked) in the store",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a.add_argument("paths", nargs="+", help="files or folders (folders: text and source files), or s3:// gs:// URIs")
-    a.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
-    a.add_argument("--chunk-chars", type=int, default=600)
-    a.add_argument("--chunk-overlap", type=int, default=80)
-    a.add_argument("--max-document-chars", type=int, default=1_000_000)
-    a.add_argument("--quarantine", default=None, help="write skipped files and why to this JSONL file")
+    _store_options(a)
+    y = ks.add_parser("sync", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="make the store follow a folder: add new files, replace changed ones (content hash), "
+                           "remove deleted ones; one transaction per batch",
+                      description="Make the store follow DIR: new files are added, changed ones (content hash) "
+                                  "replaced, deleted ones removed, in one SQLite transaction per batch. Only the "
+                                  "documents this folder owns are ever removed. Every non-hidden file is looked at; "
+                                  "binary, empty, too large and unreadable files are skipped, counted and listed.")
+    y.add_argument("folder", metavar="DIR", help="the folder to follow (local, or an s3:// gs:// URI)")
+    _store_options(y)
+    y.add_argument("--prefix", default=None,
+                   help="document ids are PREFIX/<relative path> (default: DIR's name, as `knowledge add DIR`)")
+    y.add_argument("--suffixes", default=None,
+                   help="only files ending with one of these, comma-separated (e.g. .md,.txt); default: every file")
+    y.add_argument("--batch-files", type=int, default=64, help="files written per transaction")
+    y.add_argument("--watch", action="store_true", help="keep syncing every --interval seconds until Ctrl-C")
+    y.add_argument("--interval", type=float, default=2.0, help="seconds between passes with --watch")
     s = ks.add_parser("search", help="show the best passages for a query (BM25)",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("query")
@@ -33,16 +58,66 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_add(args) if args.action == "add" else run_search(args)
+    return {"add": run_add, "sync": run_sync, "search": run_search}[args.action](args)
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from serve.knowledge import KnowledgeStore
+
+    return KnowledgeStore(args.store, args.chunk_chars, args.chunk_overlap, args.max_document_chars)
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from serve.knowledge import KnowledgeStore, add_paths
+    from serve.knowledge import add_paths
 
-    store = KnowledgeStore(args.store, args.chunk_chars, args.chunk_overlap, args.max_document_chars)
+    store = _open_store(args)
     counts = add_paths(store, args.paths, args.quarantine)
     print(f"knowledge store {store.path}: {counts['added']} added, {counts['replaced']} replaced, "
           f"{counts['chunks']} chunks, {counts['skipped']} skipped; {store.count()} documents in all")
+    return 0
+
+
+def _show_skipped(skipped: list[dict], quarantine: str | None) -> None:
+    from pipelines.artifacts import write_text
+
+    for s in skipped[:SHOW_SKIPPED]:
+        print(f"  skipped {s['path']}: {s['reason']} ({s['message']})")
+    if len(skipped) > SHOW_SKIPPED:
+        print(f"  ... and {len(skipped) - SHOW_SKIPPED} more" + (f" (all in {quarantine})" if quarantine else
+                                                                   " (--quarantine FILE lists them all)"))
+    if quarantine:
+        write_text(quarantine, "".join(json.dumps(s) + "\n" for s in skipped))
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    from serve.knowledge_sync import FolderSync, watch
+
+    store = _open_store(args)
+    suffixes = tuple(x.strip() for x in args.suffixes.split(",") if x.strip()) if args.suffixes else None
+    syncer = FolderSync(store, args.folder, prefix=args.prefix, suffixes=suffixes, batch_files=args.batch_files)
+    head = f"knowledge sync {syncer.root} -> {store.path} (ids {syncer.prefix or '<relative path>'}/...)"
+    if not args.watch:
+        r = syncer.sync()
+        print(f"{head}: {r.line()}; {r.chunks} chunks in {r.batches} transaction(s), {r.seconds:.2f} s; "
+              f"{store.count()} documents in all")
+        _show_skipped(r.skipped, args.quarantine)
+        return 0
+
+    def on_pass(n: int, r: Any) -> None:
+        if n == 1 or r.changed:
+            print(f"pass {n}: {r.line()}", flush=True)
+
+    print(f"{head}: watching every {args.interval:g} s, Ctrl-C stops", flush=True)
+    # `kill` (SIGTERM) ends the watch as cleanly as Ctrl-C
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        passes, totals, last = watch(syncer, args.interval, on_pass=on_pass)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(f"knowledge sync stopped after {passes} pass(es): {totals.added} added, {totals.replaced} replaced, "
+          f"{totals.removed} removed in all; now {last.unchanged + last.added + last.replaced} files synced, "
+          f"{len(last.skipped)} skipped; {store.count()} documents in the store", flush=True)
+    _show_skipped(last.skipped, args.quarantine)
     return 0
 
 
