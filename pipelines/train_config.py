@@ -12,7 +12,9 @@ RUNS_DIR = "train_runs"  # <out>/train_runs/<name>: Ray Train's run folder (chec
 
 @dataclass
 class TrainLoopConfig:
-    """What the loop needs; the global batch is micro_batch_size x grad_accum x num_workers rows.
+    """What the loop needs; the global batch is micro_batch_size x grad_accum x num_workers rows, or
+    ``global_batch_size`` rows when set (then grad_accum follows from it: global / (micro x workers), so a run resumed
+    at another worker count trains on the same global batches).
 
     ``log_every`` / ``eval_every`` / ``ckpt_every``: 0 = no periodic logging / evaluation / checkpoints; the last step
     still logs, evaluates (when there is a validation split and ``eval_batches > 0``) and checkpoints, because the
@@ -21,6 +23,7 @@ class TrainLoopConfig:
     steps: int = 100
     micro_batch_size: int = 8
     grad_accum: int = 1
+    global_batch_size: int = 0  # rows per optimizer step; 0 = micro_batch_size x grad_accum x num_workers
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 10
@@ -29,6 +32,7 @@ class TrainLoopConfig:
     grad_clip: float = 1.0
     seed: int = 0
     shuffle: bool = True
+    prefetch_batches: int = 2  # global batches each worker reads ahead (bounded read-ahead; 0 = on demand)
     log_every: int = 10  # 0 = only the last step
     eval_every: int = 50  # 0 = only the last step
     eval_batches: int = 8  # validation rows = eval_batches x micro_batch_size (split over workers); 0 = no validation
@@ -47,14 +51,24 @@ class TrainLoopConfig:
     inject_failure_at: int = 0  # fault injection for the restart path: the last rank exits once at this step
 
     def global_rows(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.num_workers
+        return self.global_batch_size or self.micro_batch_size * self.grad_accum * self.num_workers
+
+    def accum_steps(self, world: int) -> int:
+        """Micro-batches per rank per step at ``world`` workers."""
+        if not self.global_batch_size:
+            return self.grad_accum
+        per = self.micro_batch_size * world
+        if self.global_batch_size % per:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size} x {world} workers; pick a multiple of {per}")
+        return self.global_batch_size // per
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
         for key in ("log_every", "eval_every", "ckpt_every", "eval_batches", "warmup_steps", "max_failures",
-                    "inject_failure_at"):
+                    "inject_failure_at", "global_batch_size", "prefetch_batches"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0 = never / only at the end)")
         if self.keep_checkpoints < 1:
@@ -64,6 +78,7 @@ class TrainLoopConfig:
         if self.strategy == "none" and self.num_workers != 1:
             raise ValueError(f"train.strategy=none runs one process but train.num_workers={self.num_workers}; "
                              "use strategy=ddp or fsdp for several workers")
+        self.accum_steps(self.num_workers)  # global_batch_size must split into micro-batches on every worker
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")
 

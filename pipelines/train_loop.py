@@ -5,7 +5,8 @@ Interface (stable; every training stage calls it)::
 
     result = fit(cfg: TrainLoopConfig,
                  build_model: Callable[[], nn.Module],        # runs on every worker: fresh model or load_checkpoint
-                 train_ds: ray.data.Dataset, val_ds: ray.data.Dataset | None,
+                 train_ds: ray.data.Dataset | dict[str, np.ndarray],   # rows, in a fixed order
+                 val_ds: ray.data.Dataset | dict[str, np.ndarray] | None,
                  out: str,                                    # artifact folder (local path or s3:// / gs://)
                  export: Callable[[nn.Module, dict, str], str] | None = None,
                  eval_hook: Callable[[nn.Module, int], dict] | None = None,
@@ -19,16 +20,18 @@ samples; both go to ``Transformer.forward``). Preference objectives (``pipelines
 
 * Loss: the objective returns ``(loss_sum, count, metric_sums)`` per micro-batch (``pipelines/train_objective.py``);
   the loop divides by the global unit count of the WHOLE global batch (micro-batches x accumulation x workers: tokens
-  for LM, pairs for preferences; every global batch's count is summed over ranks once, at the start: one all-reduce
-  SUM, none per step), and multiplies by the world size because DDP/FSDP2 average gradients. So 2 workers == 1
+  for LM, pairs for preferences; the row store holds every row's units, so each rank sums its global batch's count
+  itself: no all-reduce for it), and multiplies by the world size because DDP/FSDP2 average gradients. So 2 workers == 1
   process.
-* Data order: with ``shuffle``, the rows are first put in a fixed order that is a seeded permutation of the
-  dataset (``row_positions``: consecutive blocks of one document land in different global batches); global batch
-  ``g`` is positions ``[g*B, (g+1)*B)`` of that order (B = micro x accum x workers); each epoch visits the global
-  batches in an order that is a function of ``seed + epoch``; rank r takes positions ``g*B + r*A + [0, A)`` (A =
-  micro x accum). Every rank runs the same number of steps, the order does not depend on the number of workers, and
-  a resumed run continues at the checkpoint's step with nothing repeated or skipped. Each worker reads the dataset
-  in order (``preserve_order``) and keeps only its own rows in memory (1/workers of the split).
+* Data: the driver writes the rows once, streaming, into the run's row stores ``<out>/train_runs/<name>-rows/
+  {train,val}`` (``pipelines/loader_store.py``: one fixed-width file per column, plus each row's loss units); the
+  workers read them by random access (``pipelines/loader.py``, Megatron's global sample index): each epoch is a
+  seeded permutation of the rows (with ``shuffle``), global batch ``g`` is the next B samples of that stream (B =
+  ``global_rows()``: micro x accum x workers, or ``global_batch_size``), rank r reads only its places ``r*A + [0, A)``
+  of it (A = B / workers) with ``prefetch_batches`` batches of read-ahead. Worker memory does not grow with the
+  corpus; the order does not depend on the number of workers; a checkpoint records ``consumed_samples`` and a
+  resumed run continues there with nothing repeated or skipped, also at another ``num_workers`` (set
+  ``global_batch_size`` to keep B when the worker count changes).
 * Only parameters with ``requires_grad`` are optimised (AdamW, fused on CUDA; weight decay on matrices only),
   warmup + cosine to ``min_lr``, clipping, accumulation, fixed seed.
 * Checkpoints every ``ckpt_every`` steps and at the end via ``ray.train.report(checkpoint=...)``: a torch distributed
@@ -61,18 +64,19 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from pipelines.artifacts import exists, join, read_text
+from pipelines.loader_store import RowStore, array_batches, dataset_batches, store_path, write_rows
 from pipelines.train_config import LOOP_STATE, MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig
 from pipelines.train_objective import IGNORE, LMObjective, Objective, token_loss_sum
-from pipelines.train_schedule import batch_order, lr_at, rank_row_mask, row_positions
+from pipelines.train_schedule import lr_at
 from pipelines.train_session import LocalSession, latest_checkpoint_dir
 from pipelines.train_state import (build_optimizer, full_state_dict, hf_export, load_train_state, local_dir,
                                    save_train_state)
-from pipelines.train_worker import COLUMNS, TrainSpec, load_rank_rows, train_worker
+from pipelines.train_worker import COLUMNS, TrainSpec, train_worker
 
 __all__ = ["COLUMNS", "IGNORE", "LOOP_STATE", "MODEL_DIR", "RUNS_DIR", "FitResult", "LMObjective", "Objective",
-           "TrainLoopConfig", "TrainSpec", "batch_order", "build_optimizer", "check_placement", "config_dict", "fit",
-           "full_state_dict", "hf_export", "latest_checkpoint_dir", "load_rank_rows", "load_train_state", "local_dir",
-           "lr_at", "rank_row_mask", "row_positions", "save_train_state", "token_loss_sum", "train_worker"]
+           "TrainLoopConfig", "TrainSpec", "build_optimizer", "check_placement", "config_dict", "fit",
+           "full_state_dict", "hf_export", "latest_checkpoint_dir", "load_train_state", "local_dir", "lr_at",
+           "save_train_state", "stage_rows", "token_loss_sum", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +93,22 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, va
     single-process reference; otherwise a ``TorchTrainer`` runs ``num_workers`` workers.
     """
     cfg.validate()
+    if in_process and (cfg.num_workers != 1 or cfg.strategy != "none"):
+        raise ValueError("in_process=True runs one process: set train.num_workers=1 and train.strategy=none")
     run_dir = join(out, RUNS_DIR)
-    spec = TrainSpec(cfg=cfg, build_model=build_model, out=out, n_train_rows=train_ds.count(),
-                     objective=objective or LMObjective(), export=export, eval_hook=eval_hook, tokenizer=tokenizer,
-                     has_val=val_ds is not None)
+    objective = objective or LMObjective()
+    train_store = stage_rows(train_ds, store_path(run_dir, cfg.name, "train"), objective, "training rows")
+    val_store = stage_rows(val_ds, store_path(run_dir, cfg.name, "val"), objective, "validation rows") \
+        if val_ds is not None else None
+    spec = TrainSpec(cfg=cfg, build_model=build_model, out=out, train_store=train_store, objective=objective,
+                     export=export, eval_hook=eval_hook, tokenizer=tokenizer, val_store=val_store)
     if in_process:
-        if cfg.num_workers != 1 or cfg.strategy != "none":
-            raise ValueError("in_process=True runs one process: set train.num_workers=1 and train.strategy=none")
         local_run = os.path.join(run_dir, cfg.name)
         os.makedirs(local_run, exist_ok=True)
-        train_worker({"spec": spec, "session": LocalSession(train_ds, val_ds, local_run)})
+        train_worker({"spec": spec, "session": LocalSession(local_run)})
         ckpt = latest_checkpoint_dir(local_run)
     else:
-        ckpt = _fit_ray(spec, train_ds, val_ds, run_dir)
+        ckpt = _fit_ray(spec, run_dir)
     history = _read_history(out)
     last: dict[str, Any] = {}
     for r in history:
@@ -125,9 +132,19 @@ def check_placement(cfg: TrainLoopConfig, use_gpu: bool) -> None:
                          f"{res.get('GPU', 0):g} GPUs; lower --num-workers or drop --use-gpu")
 
 
-def _fit_ray(spec: TrainSpec, train_ds, val_ds, run_dir: str) -> str | None:
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+def stage_rows(rows: Any, path: str, objective: Objective, what: str) -> RowStore:
+    """Write a Ray Dataset (streamed in its fixed order, bounded memory) or in-memory rows ``{column: (N, ...)}``
+    into the row store at ``path`` that the workers read (the objective's columns + each row's loss units)."""
+    if isinstance(rows, RowStore):
+        return rows
+    batches = array_batches(rows) if isinstance(rows, dict) else dataset_batches(rows)
+    store = write_rows(batches, path, objective, what)
+    log.info("%s: %d rows (%.1f MB) staged in %s", what, len(store), store.nbytes() / 1e6, path)
+    return store
+
+
+def _fit_ray(spec: TrainSpec, run_dir: str) -> str | None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.runtime import use_gpu_default
@@ -135,22 +152,11 @@ def _fit_ray(spec: TrainSpec, train_ds, val_ds, run_dir: str) -> str | None:
     cfg = spec.cfg
     use_gpu = use_gpu_default() if cfg.use_gpu is None else cfg.use_gpu
     check_placement(cfg, use_gpu)
-    datasets = {"train": train_ds}
-    if val_ds is not None:
-        datasets["val"] = val_ds
     resources = {"CPU": cfg.cpus_per_worker}
     if "://" not in run_dir and (latest := latest_checkpoint_dir(os.path.join(run_dir, cfg.name))):
         # a re-run after the whole job died: workers start from here unless Ray Train hands them a newer one
         log.info("resuming from %s (re-run of %s)", latest, cfg.name)
         spec = replace(spec, resume_dir=latest)
-    from ray.data import DataContext
-
-    # the workers' reads would each draw bars for minutes; the loop has its own. A dataset carries the context it was
-    # made under (to the workers too), so its own context is switched as well as the current one
-    contexts = [DataContext.get_current(), *(d.context for d in datasets.values())]
-    bars = [c.enable_progress_bars for c in contexts]
-    for c in contexts:
-        c.enable_progress_bars = False
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},
@@ -159,15 +165,8 @@ def _fit_ray(spec: TrainSpec, train_ds, val_ds, run_dir: str) -> str | None:
         run_config=RunConfig(name=cfg.name, storage_path=_storage_path(run_dir),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints))),
-        datasets=datasets,
-        # every worker reads the whole split in order and keeps its own rows (see the module docstring)
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    try:
-        result = trainer.fit()
-    finally:
-        for c, b in zip(contexts, bars):
-            c.enable_progress_bars = b
+    result = trainer.fit()
     if result.error:
         raise result.error
     return result.checkpoint.path if result.checkpoint else None

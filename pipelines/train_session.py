@@ -1,43 +1,33 @@
 """Where a training worker runs: a Ray Train worker (``RaySession``) or this process (``LocalSession``, the
-single-process reference). The worker loop asks its session for rank/world, its datasets, the checkpoint to resume
-from, and hands it metrics + checkpoints."""
+single-process reference). The worker loop asks its session for rank/world and the checkpoint to resume from, and
+hands it metrics + checkpoints. (Its rows come from the run's row stores through ``pipelines/loader.py``.)"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
 
 from pipelines.train_config import LOOP_STATE
 
 
 class Session:
-    """What the worker loop needs from its runner: rank/world, datasets, checkpoints, report."""
+    """What the worker loop needs from its runner: rank/world, checkpoints, report."""
 
     rank = 0
     world = 1
 
-    def train_rows(self) -> Any: ...
-    def val_rows(self) -> Any: ...
     def latest_checkpoint(self) -> str | None: ...
     def report(self, metrics: dict, ckpt_dir: str | None, step: int) -> None: ...
 
 
 class RaySession(Session):
-    def __init__(self, has_val: bool, resume_dir: str | None = None) -> None:
+    def __init__(self, resume_dir: str | None = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self._train = ray.train
-        self.has_val = has_val
         self.resume_dir = resume_dir
-
-    def train_rows(self):
-        return self._train.get_dataset_shard("train")
-
-    def val_rows(self):
-        return self._train.get_dataset_shard("val") if self.has_val else None
 
     def latest_checkpoint(self):
         ckpt = self._train.get_checkpoint()
@@ -57,14 +47,8 @@ class RaySession(Session):
 class LocalSession(Session):
     """In-process run (strategy none, one worker): the reference the distributed runs are checked against."""
 
-    def __init__(self, train_ds, val_ds, run_dir: str) -> None:
-        self._train, self._val, self.run_dir = train_ds, val_ds, run_dir
-
-    def train_rows(self):
-        return ordered(self._train)
-
-    def val_rows(self):
-        return ordered(self._val) if self._val is not None else None
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
 
     def latest_checkpoint(self):
         return latest_checkpoint_dir(self.run_dir)
@@ -74,14 +58,6 @@ class LocalSession(Session):
             target = os.path.join(self.run_dir, f"step_{step:08d}")
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(ckpt_dir, target)
-
-
-def ordered(ds):
-    """Ray Data may reorder blocks unless told otherwise; the loop's data order must be deterministic."""
-    from ray.data import DataContext
-
-    DataContext.get_current().execution_options.preserve_order = True
-    return ds
 
 
 def latest_checkpoint_dir(run_dir: str) -> str | None:

@@ -1,6 +1,7 @@
 """The per-worker training loop (Ray Train's ``train_loop_per_worker``, or in-process with a ``LocalSession``), fed a
 typed ``TrainSpec``. The loop's contract (data order, loss normalisation, checkpoints) is in
-``pipelines/train_loop.py``'s docstring."""
+``pipelines/train_loop.py``'s docstring; its rows come from ``pipelines/loader.py`` (this rank's rows of each global
+batch, read ahead a bounded number of steps)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pipelines.artifacts import exists, join
+from pipelines.loader import RankLoader, val_rows
+from pipelines.loader_store import RowStore
 from pipelines.train_config import TrainLoopConfig
 from pipelines.train_objective import LMObjective, Objective
-from pipelines.train_schedule import batch_order, lr_at, rank_row_mask, row_positions
+from pipelines.train_schedule import lr_at
 from pipelines.train_session import RaySession, Session
 from pipelines.train_state import build_optimizer, full_state_dict, hf_export, load_train_state, save_train_state
 
@@ -36,12 +39,12 @@ class TrainSpec:
     cfg: TrainLoopConfig
     build_model: Callable[[], nn.Module]  # runs on every worker: a fresh model or a loaded checkpoint
     out: str  # artifact folder (metrics, export)
-    n_train_rows: int
+    train_store: RowStore  # the run's rows (``pipelines/loader_store.py``), pickled as path + index
     objective: Objective
     export: Callable[[nn.Module, dict, str], str] | None = None
     eval_hook: Callable[[nn.Module, int], dict] | None = None
     tokenizer: str | None = None  # for the default export (hf_export) when ``export`` is None
-    has_val: bool = False
+    val_store: RowStore | None = None
     resume_dir: str | None = None  # a checkpoint to start from when Ray Train has none (re-run of a dead job)
 
 
@@ -53,56 +56,6 @@ def peak_memory_bytes(device: torch.device) -> float:
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-# ---- data on a worker ----------------------------------------------------------------------------------------------
-
-def load_rank_rows(source: Any, global_rows: int, rank: int, rows_per_rank: int,
-                   limit: int | None = None, positions: np.ndarray | None = None,
-                   objective: Objective | None = None) -> dict[str, np.ndarray]:
-    """Read ``source`` (Dataset or DataIterator) in order, keeping this rank's rows in the order of their places
-    (``positions``, see ``row_positions``; without them: the first ``limit`` rows in dataset order):
-    {column: (N_rank, ...)} for the objective's columns (ints as int64, float columns as the objective says)."""
-    objective = objective or LMObjective()
-    kept: dict[str, list[np.ndarray]] = {}
-    places: list[np.ndarray] = []
-    seen = 0
-    if positions is None:
-        if limit is None:
-            raise ValueError("load_rank_rows needs the rows' positions (row_positions) or a row limit")
-        positions = np.arange(limit)
-    n_all = len(positions)
-    # complete global batches are judged against the whole count, not the rows seen so far
-    full_mask = rank_row_mask(n_all, global_rows, rank, rows_per_rank, positions)
-    for batch in source.iter_batches(batch_size=1024, batch_format="numpy"):
-        objective.check_columns(set(batch), "training rows")
-        cols = {k: _stack(v) for k, v in batch.items() if k in objective.columns}
-        n = len(cols[objective.required[0]])
-        if limit is not None:
-            n = min(n, max(0, limit - seen))
-        if seen + n > n_all:
-            raise ValueError(f"the dataset yielded more rows than the {n_all} it counted; was it changed while "
-                             "training started?")
-        mask = full_mask[seen:seen + n]
-        places.append(positions[seen:seen + n][mask])
-        for k, v in cols.items():
-            kept.setdefault(k, []).append(v[:n][mask])
-        seen += n
-        if limit is not None and seen >= limit:
-            break
-    if not kept:
-        return {}
-    order = np.argsort(np.concatenate(places), kind="stable")
-    return {k: np.concatenate(v).astype(objective.dtypes.get(k, np.int64))[order] for k, v in kept.items()}
-
-
-def _stack(col: np.ndarray) -> np.ndarray:
-    if col.dtype == object:
-        lengths = {len(x) for x in col}
-        if len(lengths) > 1:
-            raise ValueError(f"training rows must all have the same length; got lengths {sorted(lengths)[:5]}")
-        return np.stack(col)
-    return col
 
 
 def tensors(rows: dict[str, np.ndarray], sl: slice, device: torch.device) -> dict[str, torch.Tensor]:
@@ -130,7 +83,7 @@ def worker_device(cfg: TrainLoopConfig) -> torch.device:
 def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: ``config = {"spec": TrainSpec}`` (+ ``"session"`` in process)."""
     spec: TrainSpec = config["spec"]
-    session: Session = config.get("session") or RaySession(spec.has_val, spec.resume_dir)
+    session: Session = config.get("session") or RaySession(spec.resume_dir)
     run_worker(spec, session)
 
 
@@ -143,24 +96,24 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     device = worker_device(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False  # the loop has its own bar
-
-    A = cfg.micro_batch_size * cfg.grad_accum
-    B = A * world
-    positions = row_positions(spec.n_train_rows, cfg.seed, cfg.shuffle)
-    rows = load_rank_rows(session.train_rows(), B, rank, A, positions=positions, objective=obj)
-    n_batches = len(rows[obj.required[0]]) // A if rows else 0
-    if n_batches == 0:
-        raise ValueError(f"the training split has fewer rows than one global batch ({B} = micro_batch_size "
-                         f"{cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x workers {world}); lower them")
-    val_rows = _load_val(session, cfg, rank, world, obj)
-    seq_len = obj.seq_len(rows)
-    row_tokens = obj.row_tokens(rows)
-    # loss units of every global batch, summed over ranks once here instead of a blocking all-reduce per step
-    local_counts = obj.row_counts({k: v[:n_batches * A] for k, v in rows.items()}).reshape(n_batches, -1).sum(axis=1)
-    batch_units = all_sum(local_counts.astype(np.float64).tolist(), device, world)
+    B = cfg.global_rows()
+    accum = cfg.accum_steps(world)
+    A = cfg.micro_batch_size * accum  # this rank's rows per step
+    if A * world != B:
+        raise ValueError(f"the global batch of {B} rows does not split into {world} workers x micro_batch_size "
+                         f"{cfg.micro_batch_size} x grad_accum {accum}; set train.global_batch_size to a multiple "
+                         f"of micro_batch_size x workers")
+    store = spec.train_store
+    if len(store) < B:
+        raise ValueError(f"the training split has {len(store)} rows, fewer than one global batch ({B} = "
+                         f"micro_batch_size {cfg.micro_batch_size} x grad_accum {accum} x workers {world}); lower them")
+    loader = RankLoader(store, B, rank, world, cfg.seed, cfg.shuffle, obj.dtypes, cfg.prefetch_batches)
+    vrows = val_rows(spec.val_store, cfg.eval_batches * cfg.micro_batch_size, rank, world, obj.dtypes)
+    probe = {k: v.astype(obj.dtypes.get(k, np.int64)) for k, v in store.read(np.arange(1)).items()}
+    store.bytes_read = store.rows_read = 0  # count the training reads only
+    seq_len = obj.seq_len(probe)
+    row_tokens = obj.row_tokens(probe)
 
     base = spec.build_model()
     model = wrap_model(base, cfg.strategy, device, cfg.activation_checkpointing, cfg.compile,
@@ -168,12 +121,15 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     opt = build_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    start, history = 0, []
+    start, history, consumed = 0, [], 0
     ckpt_dir = session.latest_checkpoint()
     if ckpt_dir:
         state = load_train_state(ckpt_dir, model, opt)
         start, history = int(state["step"]), list(state["history"])
-        log.info("rank %d: resumed from %s at step %d", rank, ckpt_dir, start)
+        # the one number the data position needs, at any worker count (a checkpoint from before it: step x batch)
+        consumed = int(state.get("consumed_samples", start * int(state.get("global_rows", B))))
+        log.info("rank %d: resumed from %s at step %d, %d samples consumed (saved by %s workers, now %d)", rank,
+                 ckpt_dir, start, consumed, state.get("world"), world)
 
     flops_tok = base.cfg.flops_per_token(seq_len) if hasattr(base, "cfg") else 0.0
     peak = device_peak_flops(device)
@@ -185,22 +141,21 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
 
     last: dict[str, Any] = dict(history[-1]) if history else {}
     t_window, tok_window = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
+    batches = loader.batches(consumed, max(0, cfg.steps - start))
+    for step, (consumed, rows, units) in zip(range(start, cfg.steps), batches):
         if cfg.inject_failure_at and step == cfg.inject_failure_at and rank == world - 1:
             _maybe_fail(spec.out, step)
-        epoch, j = divmod(step, n_batches)
-        g = int(batch_order(n_batches, cfg.seed, epoch, cfg.shuffle)[j])
+        epoch = loader.epoch_of(consumed)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        global_units = max(1.0, batch_units[g])
+        global_units = max(1.0, units)  # the whole global batch's loss units (every rank computes the same)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         metric_sums: dict[str, torch.Tensor] = {}
-        for k in range(cfg.grad_accum):
-            lo = g * A + k * cfg.micro_batch_size
-            b = tensors(rows, slice(lo, lo + cfg.micro_batch_size), device)
-            with set_gradient_sync(model, cfg.strategy, k == cfg.grad_accum - 1):
+        for k in range(accum):
+            b = tensors(rows, slice(k * cfg.micro_batch_size, (k + 1) * cfg.micro_batch_size), device)
+            with set_gradient_sync(model, cfg.strategy, k == accum - 1):
                 loss, _, metrics = obj(model, b)
                 # DDP/FSDP2 average gradients over ranks: x world makes it the global-batch unit mean
                 (loss * (world / global_units)).backward()
@@ -213,6 +168,7 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         opt.zero_grad(set_to_none=True)
         tok_window += B * row_tokens
         done = step + 1
+        consumed += B
 
         row: dict[str, Any] = {}
         if cfg.due(cfg.log_every, done):  # the global loss: one all-reduce per log step only
@@ -223,10 +179,11 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
             row.update(step=done, **obj.summarize(sums[0] / global_units,
                                                   {n: s / global_units for n, s in zip(names, sums[1:])}))
             row.update(lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu(tps / world, flops_tok, peak), epoch=epoch,
-                       peak_memory_bytes=peak_memory_bytes(device))
+                       consumed_samples=consumed, peak_memory_bytes=peak_memory_bytes(device),
+                       data_bytes_read=loader.bytes_read, data_rows_read=loader.rows_read)
             t_window, tok_window = time.perf_counter(), 0
-        if val_rows and cfg.due(cfg.eval_every, done):
-            row.update(step=done, **evaluate(model, obj, val_rows, cfg.micro_batch_size, device, world))
+        if vrows and cfg.due(cfg.eval_every, done):
+            row.update(step=done, **evaluate(model, obj, vrows, cfg.micro_batch_size, device, world))
         if spec.eval_hook is not None and cfg.due(cfg.eval_every, done):
             row.update(step=done, **spec.eval_hook(model, done))
         if row:
@@ -239,7 +196,9 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
         if cfg.due(cfg.ckpt_every, done):
-            _save_and_report(session, model, opt, done, history, last)
+            _save_and_report(session, model, opt, {"step": done, "consumed_samples": consumed, "global_rows": B,
+                                                   "world": world, "history": history}, last)
+    batches.close()
     if bar is not None:
         bar.close()
 
@@ -257,29 +216,6 @@ def _maybe_fail(out: str, step: int) -> None:
         write_text(marker, "worker killed here by train.inject_failure_at\n")
         log.warning("inject_failure_at=%d: this worker exits now (fault injection)", step)
         os._exit(1)
-
-
-def _load_val(session: Session, cfg: TrainLoopConfig, rank: int, world: int,
-              obj: Objective) -> dict[str, np.ndarray]:
-    """This rank's validation rows: the first ``eval_batches x micro_batch_size`` rows of the split (fewer if it is
-    smaller), cut into ``world`` equal contiguous parts — the same rows whatever the worker count, and the same
-    count on every rank (FSDP needs every rank in every forward)."""
-    src = session.val_rows()
-    if src is None or cfg.eval_batches <= 0:
-        return {}
-    wanted = cfg.eval_batches * cfg.micro_batch_size
-    total = 0
-    for b in src.iter_batches(batch_size=1024, batch_format="numpy"):
-        obj.check_columns(set(b), "validation rows")
-        total += len(b[obj.required[0]])
-        if total >= wanted:
-            break
-    total = min(total, wanted)
-    per_rank = total // world
-    if per_rank == 0:
-        log.warning("validation split has %d rows (< %d workers): no validation loss", total, world)
-        return {}
-    return load_rank_rows(src, per_rank * world, rank, per_rank, limit=per_rank * world, objective=obj)
 
 
 @torch.no_grad()
@@ -303,10 +239,12 @@ def evaluate(model: nn.Module, obj: Objective, rows: dict[str, np.ndarray], micr
     return obj.summarize(sums[0] / total, {k: s / total for k, s in zip(names, sums[2:])}, prefix="val_")
 
 
-def _save_and_report(session: Session, model: nn.Module, opt, step: int, history: list, last: dict) -> None:
-    """A torch distributed checkpoint (each rank writes its shards) + loop_state.json from rank 0, then report."""
+def _save_and_report(session: Session, model: nn.Module, opt, state: dict[str, Any], last: dict) -> None:
+    """A torch distributed checkpoint (each rank writes its shards) + loop_state.json from rank 0 (``state``: step,
+    consumed_samples, global_rows, world, history), then report."""
+    step = state["step"]
     tmp = tempfile.mkdtemp(prefix=f"genloop-ckpt-{step}-")
-    save_train_state(tmp, model, opt, {"step": step, "world": session.world, "history": history}, session.rank)
+    save_train_state(tmp, model, opt, state, session.rank)
     metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
     metrics["step"] = step
     session.report(metrics, tmp, step)

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.train_loop import (TrainLoopConfig, batch_order, fit, hf_export, load_rank_rows, lr_at, rank_row_mask,
-                                  row_positions,
-                                  token_loss_sum)
+from pipelines.train_loop import TrainLoopConfig, fit, hf_export, lr_at, token_loss_sum
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -44,50 +42,6 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(12, cfg) == pytest.approx(0.1)
 
 
-def test_batch_order_is_a_function_of_seed_and_epoch():
-    a, b = batch_order(10, 3, 0, True), batch_order(10, 3, 0, True)
-    assert (a == b).all() and sorted(a) == list(range(10))
-    assert not (batch_order(10, 3, 1, True) == a).all()
-    assert list(batch_order(4, 3, 0, False)) == [0, 1, 2, 3]
-
-
-def test_rank_rows_partition_each_global_batch():
-    # global batch 4 rows = 2 ranks x 2 rows; 10 rows -> 2 complete global batches, rows 8-9 dropped
-    r0 = np.flatnonzero(rank_row_mask(10, 4, 0, 2))
-    r1 = np.flatnonzero(rank_row_mask(10, 4, 1, 2))
-    assert list(r0) == [0, 1, 4, 5] and list(r1) == [2, 3, 6, 7]
-
-
-class _Rows:
-    """A stand-in for a Ray DataIterator: rows 0..n-1 in chunks (the loop only calls iter_batches)."""
-
-    def __init__(self, n: int, chunk: int = 7) -> None:
-        self.n, self.chunk = n, chunk
-
-    def iter_batches(self, batch_size, batch_format):
-        for lo in range(0, self.n, self.chunk):
-            ids = np.arange(lo, min(self.n, lo + self.chunk))
-            yield {"input_ids": ids[:, None].repeat(3, 1), "labels": ids[:, None].repeat(3, 1)}
-
-
-def test_shuffled_rows_make_the_same_global_batches_whatever_the_worker_count():
-    n, seed = 50, 4
-    pos = row_positions(n, seed, shuffle=True)
-    assert sorted(pos) == list(range(n)) and (pos == row_positions(n, seed, True)).all()
-    assert (row_positions(n, seed, shuffle=False) == np.arange(n)).all()
-    # one process taking 4-row global batches vs two ranks taking 2 rows each: the same rows per global batch
-    one = load_rank_rows(_Rows(n), 4, 0, 4, positions=pos)["input_ids"][:, 0]
-    r0 = load_rank_rows(_Rows(n), 4, 0, 2, positions=pos)["input_ids"][:, 0]
-    r1 = load_rank_rows(_Rows(n), 4, 1, 2, positions=pos)["input_ids"][:, 0]
-    assert len(one) == 48 and len(r0) == len(r1) == 24
-    for g in range(12):
-        assert list(one[4 * g:4 * g + 4]) == list(r0[2 * g:2 * g + 2]) + list(r1[2 * g:2 * g + 2])
-    # shuffled: a global batch is not a run of consecutive rows (consecutive blocks of one document)
-    assert sum(list(one[4 * g:4 * g + 4]) == list(range(one[4 * g], one[4 * g] + 4)) for g in range(12)) < 2
-    with pytest.raises(ValueError, match="more rows"):
-        load_rank_rows(_Rows(n + 1), 4, 0, 4, positions=pos)
-
-
 def test_token_loss_sum_ignores_masked_labels():
     logits = torch.zeros(1, 3, 4)  # uniform: each counted token costs log(4)
     labels = torch.tensor([[1, -100, 2]])
@@ -100,9 +54,13 @@ def test_config_rejects_inconsistent_values():
         TrainLoopConfig(strategy="none", num_workers=2).validate()
     with pytest.raises(ValueError, match="min_lr"):
         TrainLoopConfig(lr=1e-4, min_lr=1e-3).validate()
-    for key in ("log_every", "eval_every", "ckpt_every"):
+    for key in ("log_every", "eval_every", "ckpt_every", "global_batch_size", "prefetch_batches"):
         with pytest.raises(ValueError, match=f"train.{key}=-1 must be >= 0"):
             TrainLoopConfig(**{key: -1}).validate()
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size 2 x 2 workers"):
+        TrainLoopConfig(micro_batch_size=2, global_batch_size=6, num_workers=2).validate()
+    cfg = TrainLoopConfig(micro_batch_size=2, global_batch_size=8, num_workers=2)
+    assert cfg.global_rows() == 8 and cfg.accum_steps(2) == 2 and cfg.accum_steps(1) == 4 and cfg.accum_steps(4) == 1
 
 
 def test_zero_periods_mean_only_the_last_step(tmp_path):
