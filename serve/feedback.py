@@ -3,8 +3,11 @@
 ``export`` writes what the reward-model stage reads (JSONL):
 - preferences: ``{"prompt", "chosen", "rejected", "messages", "source"}``: explicit preferences, plus pairs made from
   an up-rated and a down-rated response to the same prompt (``source: "ratings"``);
-- ratings: ``{"prompt", "response", "rating", "score", "messages"}`` with ``score`` in [-1, 1] (up = 1, down = -1,
-  stars 1..5 -> (n - 3) / 2).
+- ratings: ``{"prompt", "response", "rating", "score", "messages", "model_version"}`` with ``score`` in [-1, 1]
+  (up = 1, down = -1, stars 1..5 -> (n - 3) / 2).
+Every response is stored with the ``model_version`` that produced it (the checkpoint digest the server names), so
+``export(..., model_version=V)`` writes one version's ratings and pairs: the next reward round's input. Pair rows
+carry ``chosen_model_version``, ``rejected_model_version`` and ``model_version`` (theirs when they agree, else null).
 ``prompt`` is the conversation as the model saw it without retrieved context (ChatML text ending with the assistant
 turn's header), ``messages`` the conversation as a list (null for plain completions).
 """
@@ -22,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 from ray import serve
 
-from serve.sqlite import open_db
+from serve.sqlite import add_columns, open_db
 
 log = logging.getLogger(__name__)
 
@@ -47,42 +50,62 @@ def rating_score(rating: Any) -> float:
     raise FeedbackError(f"rating must be 'up', 'down' or an integer 1..5, got {rating!r}")
 
 
+_RESPONSE_COLUMNS = "id, model, prompt, messages, response, created, model_version"
+
+
 class FeedbackStore:
+    """Responses (with the model version that produced each), ratings and preferences in one SQLite file."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._db = open_db(
             self.path,
             "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, messages TEXT, "
-            "response TEXT, created REAL)",
+            "response TEXT, created REAL, model_version TEXT)",
             "CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, rejected_id TEXT, "
             "rating TEXT, score REAL, who TEXT, created REAL)")
+        # a store written before responses named their model version: its old responses have none (NULL)
+        add_columns(self._db, "responses", {"model_version": "TEXT"})
+        with self._db:
+            self._db.execute("CREATE INDEX IF NOT EXISTS responses_version ON responses (model_version)")
+
+    @staticmethod
+    def _row(r: dict, now: float) -> tuple:
+        return (r["response_id"], r["model"], r["prompt"],
+                json.dumps(r["messages"]) if r.get("messages") is not None else None, r["response"], now,
+                r.get("model_version"))
 
     def record_response(self, response_id: str, model: str, prompt: str, response: str,
-                        messages: list[dict] | None = None) -> None:
-        with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                             (response_id, model, prompt, json.dumps(messages) if messages is not None else None,
-                              response, time.time()))
+                        messages: list[dict] | None = None, model_version: str | None = None) -> None:
+        """``model_version``: the digest of the checkpoint that answered (what the response itself names)."""
+        self.record_responses([{"response_id": response_id, "model": model, "prompt": prompt, "response": response,
+                                "messages": messages, "model_version": model_version}])
 
     def record_responses(self, records: list[dict]) -> int:
-        """Several ``record_response`` keyword dicts in one transaction; returns how many."""
+        """Several ``record_response`` keyword dicts (``model_version`` optional in each) in one transaction;
+        returns how many."""
         now = time.time()
         with self._lock, self._db:
-            self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", [
-                (r["response_id"], r["model"], r["prompt"],
-                 json.dumps(r["messages"]) if r.get("messages") is not None else None, r["response"], now)
-                for r in records])
+            self._db.executemany(f"INSERT OR REPLACE INTO responses ({_RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [self._row(r, now) for r in records])
         return len(records)
 
     def response(self, response_id: str) -> dict | None:
         with self._lock:
-            row = self._db.execute("SELECT id, model, prompt, messages, response FROM responses WHERE id = ?",
-                                   (response_id,)).fetchone()
+            row = self._db.execute("SELECT id, model, prompt, messages, response, model_version FROM responses "
+                                   "WHERE id = ?", (response_id,)).fetchone()
         if row is None:
             return None
         return {"id": row[0], "model": row[1], "prompt": row[2],
-                "messages": json.loads(row[3]) if row[3] else None, "response": row[4]}
+                "messages": json.loads(row[3]) if row[3] else None, "response": row[4], "model_version": row[5]}
+
+    def versions(self) -> dict[str | None, int]:
+        """``{model_version: responses recorded}`` (None: responses recorded without a version), most first."""
+        with self._lock:
+            rows = self._db.execute("SELECT model_version, COUNT(*) AS n FROM responses GROUP BY model_version "
+                                    "ORDER BY n DESC, model_version").fetchall()
+        return {v: int(n) for v, n in rows}
 
     def _need(self, response_id: Any, field: str) -> dict:
         if not isinstance(response_id, str) or not response_id:
@@ -115,48 +138,72 @@ class FeedbackStore:
                              (fid, chosen_id, rejected_id, who, time.time()))
         return {"id": fid, "kind": "preference", "chosen_id": chosen_id, "rejected_id": rejected_id}
 
-    def preference_rows(self) -> list[dict]:
+    def preference_rows(self, model_version: str | None = None) -> list[dict]:
+        """Explicit preferences, then pairs derived from ratings. With ``model_version``: only pairs whose two
+        answers both came from that version. Each row names ``chosen_model_version``, ``rejected_model_version``
+        and ``model_version`` (theirs when they agree, else null)."""
+        only = "" if model_version is None else " AND c.model_version = :v AND r.model_version = :v"
+        both = "" if model_version is None else " AND g.model_version = :v AND b.model_version = :v"
         with self._lock:
             explicit = self._db.execute(
-                "SELECT c.prompt, c.response, r.response, c.messages FROM feedback f "
+                "SELECT c.prompt, c.response, r.response, c.messages, c.model_version, r.model_version FROM feedback f "
                 "JOIN responses c ON c.id = f.response_id JOIN responses r ON r.id = f.rejected_id "
-                "WHERE f.kind = 'preference' ORDER BY f.created").fetchall()
+                "WHERE f.kind = 'preference'" + only + " ORDER BY f.created", {"v": model_version}).fetchall()
             # pairs from ratings: an up-rated (score > 0) and a down-rated (score < 0) response to the same prompt
             derived = self._db.execute(
-                "SELECT g.prompt, g.response, b.response, g.messages FROM "
+                "SELECT g.prompt, g.response, b.response, g.messages, g.model_version, b.model_version FROM "
                 "(SELECT r.* FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.kind='rating' "
                 " AND f.score > 0) g JOIN "
                 "(SELECT r.* FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.kind='rating' "
-                " AND f.score < 0) b ON g.prompt = b.prompt AND g.id != b.id ORDER BY g.created, b.created").fetchall()
-        out = [{"prompt": p, "chosen": c, "rejected": r, "messages": json.loads(m) if m else None, "source": "user"}
-               for p, c, r, m in explicit]
+                " AND f.score < 0) b ON g.prompt = b.prompt AND g.id != b.id" + both +
+                " ORDER BY g.created, b.created", {"v": model_version}).fetchall()
+
+        def row(p: str, c: str, r: str, m: str | None, vc: str | None, vr: str | None, source: str) -> dict:
+            return {"prompt": p, "chosen": c, "rejected": r, "messages": json.loads(m) if m else None,
+                    "source": source, "model_version": vc if vc == vr else None, "chosen_model_version": vc,
+                    "rejected_model_version": vr}
+
+        out = [row(*x, "user") for x in explicit]
         seen = {(o["prompt"], o["chosen"], o["rejected"]) for o in out}
-        for p, c, r, m in derived:
+        for x in derived:
+            p, c, r = x[:3]
             if (p, c, r) not in seen and c != r:
                 seen.add((p, c, r))
-                out.append({"prompt": p, "chosen": c, "rejected": r, "messages": json.loads(m) if m else None,
-                            "source": "ratings"})
+                out.append(row(*x, "ratings"))
         return out
 
-    def rating_rows(self) -> list[dict]:
+    def rating_rows(self, model_version: str | None = None) -> list[dict]:
+        """Every rating with the rated response (and its ``model_version``); only that version's when given."""
+        only = "" if model_version is None else " AND r.model_version = :v"
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.prompt, r.response, f.rating, f.score, r.messages FROM feedback f "
-                "JOIN responses r ON r.id = f.response_id WHERE f.kind = 'rating' ORDER BY f.created").fetchall()
+                "SELECT r.prompt, r.response, f.rating, f.score, r.messages, r.model_version FROM feedback f "
+                "JOIN responses r ON r.id = f.response_id WHERE f.kind = 'rating'" + only + " ORDER BY f.created",
+                {"v": model_version}).fetchall()
         return [{"prompt": p, "response": resp, "rating": json.loads(rt), "score": s,
-                 "messages": json.loads(m) if m else None} for p, resp, rt, s, m in rows]
+                 "messages": json.loads(m) if m else None, "model_version": v} for p, resp, rt, s, m, v in rows]
 
-    def export(self, out: str | Path, ratings_out: str | Path | None = None) -> dict:
-        """Write preferences to ``out`` and ratings to ``ratings_out`` (default ``<out stem>.ratings.jsonl``)."""
+    def export(self, out: str | Path, ratings_out: str | Path | None = None, model_version: str | None = None) -> dict:
+        """Write preferences to ``out`` and ratings to ``ratings_out`` (default ``<out stem>.ratings.jsonl``); with
+        ``model_version``, only that version's (a FeedbackError names the versions there are when no response of
+        it was recorded)."""
+        if model_version is not None:
+            known = self.versions()
+            if model_version not in known:
+                have = ", ".join(f"{v} ({n} responses)" for v, n in known.items() if v is not None) or "none"
+                raise FeedbackError(f"no response of model version {model_version!r} is in {self.path}; versions "
+                                    f"recorded: {have}. Pass one of them (every response names its model_version)")
         out = Path(out)
         ratings_out = Path(ratings_out) if ratings_out else out.with_name(out.stem + ".ratings.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
-        prefs, ratings = self.preference_rows(), self.rating_rows()
+        ratings_out.parent.mkdir(parents=True, exist_ok=True)
+        prefs, ratings = self.preference_rows(model_version), self.rating_rows(model_version)
         for path, rows in ((out, prefs), (ratings_out, ratings)):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             tmp.replace(path)
-        return {"preferences": len(prefs), "ratings": len(ratings), "out": str(out), "ratings_out": str(ratings_out)}
+        return {"preferences": len(prefs), "ratings": len(ratings), "out": str(out), "ratings_out": str(ratings_out),
+                "model_version": model_version}
 
 
 class ResponseBatcher:

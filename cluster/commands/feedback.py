@@ -1,4 +1,6 @@
-"""``genloop feedback export --out prefs.jsonl``: what users rated, as the reward-model stage's input."""
+"""``genloop feedback export --out prefs.jsonl [--model-version V]``: what users rated, as the reward-model stage's
+input (``genloop reward --data prefs.jsonl``); with ``--model-version`` only the ratings and pairs of the answers one
+model version gave (the version every response names)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--store", default="runs/serve/feedback.db", help="the server's feedback.db")
     e.add_argument("--out", required=True, help="preference pairs JSONL")
     e.add_argument("--ratings-out", default=None, help="ratings JSONL (default: <out stem>.ratings.jsonl)")
+    e.add_argument("--model-version", default=None, metavar="V",
+                   help="only this model version's ratings and pairs (both answers of a pair from it); "
+                        "default: every version")
     return p
 
 
@@ -25,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.store).is_file():
         raise FileNotFoundError(f"feedback store {args.store} does not exist; pass --store (the server writes "
                                 "feedback.db next to its knowledge store)")
-    out = FeedbackStore(args.store).export(args.out, args.ratings_out)
+    version = getattr(args, "model_version", None)
+    out = FeedbackStore(args.store).export(args.out, args.ratings_out, model_version=version)
     print(f"wrote {out['preferences']} preference pairs to {out['out']} and {out['ratings']} ratings to "
-          f"{out['ratings_out']}")
+          f"{out['ratings_out']}" + (f" (model version {version})" if version is not None else ""))
     return 0
