@@ -3,14 +3,18 @@ their log-probs) vs Hugging Face ``transformers`` ``generate`` on the same check
 then the seconds to push a learner's weights into a running engine, per 100M parameters.
 
     python bench/rollout_bench.py [--preset demo] [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2]
-                                  [--sync-layers 16] [--sync-dim 768]
+                                  [--repeats 3] [--vllm-bind threads|auto] [--sync-layers 16] [--sync-dim 768]
 
-Both sides sample ``--n`` answers to each of ``--prompts`` prompts (temperature 1, no top-k/top-p) from a randomly
-initialised model of ``--preset`` with a BPE trained on this Python's stdlib, each after one warm-up call, with
-``--threads`` CPU threads; tokens/s counts generated tokens (up to and including a stop token). Weight sync: a model of
-about 100M parameters (``--sync-layers`` x ``--sync-dim``) in an engine, ``update_weights`` (safetensors file in
-/dev/shm + ``reload_weights`` in place), median of 3. The LAST line is the ratio vLLM / HF tokens/s (goal >= 5) and
-the sync seconds per 100M parameters (goal <= 1 on CPU).
+Both sides sample ``--n`` answers to each of ``--prompts`` prompts (temperature 1, no top-k/top-p, the same stop
+tokens, the same ``--max-new-tokens``) from a randomly initialised fp32 model of ``--preset`` with a BPE trained on
+this Python's stdlib, each after one warm-up call, with ``--threads`` CPU threads: HF ``generate`` as one batch of
+prompts x n rows (left-padded, ``num_return_sequences``) under ``torch.set_num_threads``; vLLM's worker pinned to the
+first ``--threads`` CPUs (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two
+for its scheduler and computes on the other). Tokens/s counts generated tokens (up to and including a stop token);
+each side's time is the median of ``--repeats`` calls. Weight sync: a model of about 100M parameters
+(``--sync-layers`` x ``--sync-dim``) in an engine, pushed the way the RLHF driver pushes it into an engine on its node
+(``write_weights_file`` into /dev/shm, then ``reload_weights`` in place), median of 3. The LAST line is the ratio
+vLLM / HF tokens/s (goal >= 5) and the sync seconds per 100M parameters (goal <= 1 on CPU).
 """
 
 from __future__ import annotations
@@ -46,11 +50,22 @@ def build_checkpoint(out: Path, cfg, tok) -> Path:
     return out
 
 
+def count_generated(rows: list[list[int]], stop: list[int]) -> tuple[int, int]:
+    """(tokens up to and including the first stop token, rows that stopped early) over generated rows."""
+    tokens = stopped = 0
+    for row in rows:
+        k = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        tokens += k
+        stopped += k < len(row) or (bool(row) and row[-1] in stop)
+    return tokens, stopped
+
+
 def hf_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int,
-                threads: int) -> tuple[float, int]:
-    """(seconds, generated tokens) of one batched ``generate`` call (after a warm-up call)."""
+                threads: int, repeats: int) -> tuple[float, int, int]:
+    """(median seconds, generated tokens, rows stopped early) of one batched ``generate`` call over all prompts x n
+    (after a warm-up call)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
@@ -60,58 +75,78 @@ def hf_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop
     for i, p in enumerate(prompts):  # left padding: decoder-only generation
         ids[i, width - len(p):] = torch.tensor(p)
         att[i, width - len(p):] = 1
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, eos_token_id=stop,
-              pad_token_id=pad)
+    # an explicit config: nothing from the checkpoint's generation_config.json (its eos, top-k) changes the settings
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+                           eos_token_id=stop or None, pad_token_id=pad, max_new_tokens=max_new)
     with torch.no_grad():
-        model.generate(input_ids=ids[:2], attention_mask=att[:2], max_new_tokens=4, **kw)  # warm-up
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, **kw)
-        dt = time.perf_counter() - t0
-    tokens = 0
-    for row in out[:, width:].tolist():
-        k = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
-        tokens += k
-    return dt, tokens
+        model.generate(input_ids=ids[:2], attention_mask=att[:2],
+                       generation_config=GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4}))  # warm-up
+        times = []
+        for r in range(repeats):
+            torch.manual_seed(r)
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=att, generation_config=gen)
+            times.append(time.perf_counter() - t0)
+    assert out.shape[0] == len(prompts) * n, out.shape
+    tokens, stopped = count_generated(out[:, width:].tolist(), stop)
+    return statistics.median(times), tokens, stopped
 
 
 def vllm_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int],
-                  max_len: int) -> tuple[float, int]:
+                  max_len: int, repeats: int) -> tuple[float, int, int]:
+    """(median seconds, generated tokens, rows stopped early) of one ``RolloutWorker.generate`` call over all prompts
+    x n (token ids and their log-probs, what a rollout needs), after a warm-up call."""
     from models.engine import EngineConfig
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
 
     worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=max_len, max_num_seqs=len(prompts) * n), stop)
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=1.0)
     worker.generate(prompts[:2], 1, dataclasses.replace(sampling, max_new_tokens=4), [0, 1])  # warm-up
-    t0 = time.perf_counter()
-    outs = worker.generate(prompts, n, sampling, list(range(len(prompts))))
-    dt = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for o in outs for c in o)
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        outs = worker.generate(prompts, n, sampling, [r * len(prompts) + i for i in range(len(prompts))])
+        times.append(time.perf_counter() - t0)
+    rows = [c.token_ids for o in outs for c in o]
+    assert len(rows) == len(prompts) * n and all(len(c.logprobs) == len(c.token_ids) for o in outs for c in o)
+    tokens = sum(len(r) for r in rows)
+    stopped = sum(bool(r) and r[-1] in stop for r in rows)
     del worker
-    return dt, tokens
+    return statistics.median(times), tokens, stopped
 
 
-def sync_seconds(ckpt: Path, repeats: int = 3) -> tuple[float, int]:
-    """(median seconds of update_weights, parameters) for the model at ``ckpt`` in a running engine."""
+def sync_seconds(ckpt: Path, repeats: int = 3) -> tuple[float, float, int]:
+    """(median seconds writing the /dev/shm file, median seconds reloading it in place, parameters) for the model at
+    ``ckpt`` in a running engine: the RLHF driver's path for an engine on its own node."""
     import torch
 
     from models.checkpoint import load_checkpoint
-    from models.engine import EngineConfig
+    from models.engine import EngineConfig, write_weights_file
     from pipelines.rlhf.rollout import RolloutWorker
 
     model, _ = load_checkpoint(ckpt)
     sd = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     n_params = sum(v.numel() for v in sd.values())
     worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=128, max_num_seqs=4), [])
-    times = []
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    write_t, reload_t = [], []
     for i in range(repeats):
         with torch.no_grad():
             sd = {k: v + 1e-3 * (i + 1) for k, v in sd.items()}  # new weights each time
-        t0 = time.perf_counter()
-        worker.update_from_state(sd, i)
-        times.append(time.perf_counter() - t0)
+        fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="genloop-rollout-bench-", dir=shm)
+        os.close(fd)
+        try:
+            t0 = time.perf_counter()
+            write_weights_file(sd, path)
+            t1 = time.perf_counter()
+            worker.update_from_file(path, i)
+            t2 = time.perf_counter()
+        finally:
+            os.unlink(path)
+        write_t.append(t1 - t0)
+        reload_t.append(t2 - t1)
     del worker
-    return statistics.median(times), n_params
+    return statistics.median(write_t), statistics.median(reload_t), n_params
 
 
 def main() -> None:
@@ -125,10 +160,20 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vllm-bind", choices=["threads", "auto"], default="threads",
+                    help="threads: vLLM's worker computes on the first --threads CPUs, as HF does; auto: vLLM's default")
     ap.add_argument("--sync-layers", type=int, default=16)
     ap.add_argument("--sync-dim", type=int, default=768)
     ap.add_argument("--skip-sync", action="store_true")
     a = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.threads > len(cpus):
+        ap.error(f"--threads {a.threads}: this process may use only {len(cpus)} CPUs ({cpus})")
+    if a.vllm_bind == "threads":  # read by vLLM's engine process when it starts its worker
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus[:a.threads])
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
+          f"threads {a.threads}, vLLM binding {os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}")
 
     work = Path(tempfile.mkdtemp(prefix="genloop-rollout-bench-"))
     texts = stdlib_texts()
@@ -137,19 +182,24 @@ def main() -> None:
     prompts = [tok.encode(t)[:a.prompt_tokens] for t in texts[:a.prompts]]
     stop = [tok.eot_id, tok.im_end_id]
     max_len = model_preset(a.preset).max_seq_len
-    hf_s, hf_tok = hf_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads)
-    print(f"HF generate:   {hf_tok} tokens in {hf_s:.2f} s = {hf_tok / hf_s:.1f} tokens/s")
-    v_s, v_tok = vllm_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len)
-    print(f"vLLM rollout:  {v_tok} tokens in {v_s:.2f} s = {v_tok / v_s:.1f} tokens/s (with log-probs)")
+    rows = len(prompts) * a.n
+    hf_s, hf_tok, hf_stop = hf_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads, a.repeats)
+    print(f"HF generate:   {hf_tok} tokens ({rows} rows, {hf_stop} stopped early) in {hf_s:.2f} s "
+          f"(median of {a.repeats}) = {hf_tok / hf_s:.1f} tokens/s")
+    v_s, v_tok, v_stop = vllm_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len, a.repeats)
+    print(f"vLLM rollout:  {v_tok} tokens ({rows} rows, {v_stop} stopped early) in {v_s:.2f} s "
+          f"(median of {a.repeats}) = {v_tok / v_s:.1f} tokens/s (with log-probs)")
     ratio = (v_tok / v_s) / (hf_tok / hf_s)
     per_100m = float("nan")
     if not a.skip_sync:
         big = ModelConfig(dim=a.sync_dim, n_layers=a.sync_layers, n_heads=a.sync_dim // 64, n_kv_heads=4,
                           ffn_hidden=int(a.sync_dim * 8 / 3) // 64 * 64, max_seq_len=128)
         big_ckpt = build_checkpoint(work / "sync", big, tok)
-        s, n_params = sync_seconds(big_ckpt)
-        per_100m = s * 1e8 / n_params
-        print(f"weight sync:   {n_params / 1e6:.1f}M parameters in {s:.2f} s (median of 3) = {per_100m:.2f} s per 100M")
+        w, r, n_params = sync_seconds(big_ckpt)
+        per_100m = (w + r) * 1e8 / n_params
+        print(f"weight sync:   {n_params / 1e6:.1f}M parameters in {w + r:.2f} s (write /dev/shm {w:.2f} s + reload "
+              f"in place {r:.2f} s, medians of 3) = {per_100m:.2f} s per 100M")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"ratio vLLM/HF rollout tokens/s = {ratio:.1f}x (goal >= 5); weight sync {per_100m:.2f} s per 100M params "
           "(goal <= 1)")
 
