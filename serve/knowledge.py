@@ -1,8 +1,10 @@
 """The knowledge store RAG reads: documents chunked into passages, ranked by BM25 (SQLite FTS5), durable on disk.
 
-One SQLite file (WAL mode, so the retriever replica and ``genloop knowledge add`` may use it at once). ``add``
-replaces a document with the same id in one transaction, so a crash never leaves half a document; searches see a
-document as soon as ``add`` returns. Another ranking (e.g. vectors) can be put behind the same three methods:
+One SQLite file (WAL mode, so the retriever replica and ``genloop knowledge add`` / ``sync`` may use it at once).
+``add`` replaces a document with the same id in one transaction, so a crash never leaves half a document; ``apply``
+writes and removes a whole batch in one transaction (what ``knowledge sync``, in ``serve.knowledge_sync``, uses).
+Searches read the tables afresh on every call, so a reader in another process sees a write once it commits. Each
+document records its content hash and the synced folder that owns it (``source``; NULL when added by hand). Another ranking (e.g. vectors) can be put behind the same three methods:
 ``add(doc_id, text, title)``, ``delete(doc_id)``, ``search(query, k) -> [Passage]``.
 """
 
@@ -241,7 +243,7 @@ class Unusable(KnowledgeError):
         self.reason = reason
 
 
-SKIP_REASONS = ("binary", "too_large", "empty", "unreadable", "id_conflict")
+SKIP_REASONS = ("binary", "too_large", "empty", "unreadable", "id_conflict", "invalid")
 
 
 def read_document(uri: str, max_chars: int, size: int | None = None) -> str:

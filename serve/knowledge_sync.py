@@ -11,7 +11,7 @@ One pass (``FolderSync.sync``) lists the folder and compares it with the documen
 - files that cannot be documents are skipped, counted by reason and listed, never fatal: ``binary``, ``too_large``,
   ``empty`` (their old document, if any, is removed: the file no longer holds usable text), ``unreadable`` (the old
   document is kept: a permission or I/O error says nothing about the content), ``id_conflict`` (the id belongs to a
-  document another synced folder owns: give one of them ``--prefix``);
+  document another synced folder owns: give one of them ``--prefix``), ``invalid`` (e.g. a path too long for an id);
 - the store records which folder owns each document (``source``), so a sync never removes documents added by hand,
   over HTTP or by another synced folder.
 
@@ -35,7 +35,7 @@ from typing import Callable
 import pyarrow.fs as pafs
 
 from pipelines.artifacts import filesystem, is_uri, join, name
-from serve.knowledge import Doc, KnowledgeStore, Unusable, content_hash, document_id, read_document
+from serve.knowledge import Doc, KnowledgeError, KnowledgeStore, Unusable, content_hash, document_id, read_document
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,13 @@ class FolderSync:
                 else:
                     claims.append((rel, st, h, doc_id))
             else:
-                puts.append((rel, st, self.store.check(doc_id, text, name(st.uri), self.source)))
+                try:
+                    doc = self.store.check(doc_id, text, name(st.uri), self.source)
+                except KnowledgeError as e:  # e.g. a path too long for an id
+                    report.skipped.append({"path": st.uri, "reason": "invalid", "message": str(e)})
+                    keep.discard(doc_id)
+                    continue
+                puts.append((rel, st, doc))
                 pending_chars += len(text)
             if len(puts) + len(claims) >= self.batch_files or pending_chars >= self.batch_chars:
                 flush()

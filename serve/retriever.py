@@ -35,7 +35,9 @@ class Retriever:
         log.info("retriever: %d documents in %s, memory in %s", self.knowledge.count(), self.knowledge.path, memory_db)
 
     def context(self, query: str, ns: str | None, k_docs: int, k_facts: int) -> dict[str, Any]:
-        """``{"passages": [Passage as dict], "facts": [str]}``; facts only for namespace ``ns`` (None: no user)."""
+        """``{"passages": [Passage as dict], "facts": [str]}``; facts only for namespace ``ns`` (None: no user).
+        Both stores are queried afresh (no index cached here), so a ``knowledge sync`` or ``knowledge add`` run by
+        another process shows on the next request."""
         passages = [asdict(p) for p in self.knowledge.search(query, k_docs)] if k_docs > 0 else []
         facts = self.memory.search(ns, query, k_facts) if ns and k_facts > 0 else []
         return {"passages": passages, "facts": facts}

@@ -158,6 +158,17 @@ def test_batches_are_transactions_and_an_older_store_is_migrated(tmp_path):
     assert (r.removed, r.batches) == (7, 3) and store.count() == 0
 
 
+def test_a_path_too_long_for_an_id_is_skipped_not_fatal(tmp_path):
+    docs = tmp_path / "d"
+    deep = docs.joinpath(*(["n" * 100] * 6))  # a relative path of over 600 characters: over the 512 of an id
+    write(deep / "deep.md", "a deep note about lemurs")
+    write(docs / "ok.md", "a shallow note about otters")
+    store = KnowledgeStore(tmp_path / "kb")
+    r = FolderSync(store, docs).sync()
+    assert r.added == 1 and r.skipped_by_reason() == {"invalid": 1} and "512" in r.skipped[0]["message"]
+    assert ids(store) == ["d/ok.md"]
+
+
 def test_watch_in_a_thread_picks_up_a_change_and_stops(tmp_path):
     docs = tmp_path / "docs"
     write(docs / "a.md", "armadillo facts")
@@ -261,3 +272,41 @@ def test_running_retriever_sees_each_sync_on_its_next_query(ray_session, tmp_pat
         assert found("zebras") == [("docs/zebra.md", "Plains zebras live in large herds on the savanna.")]
     finally:
         serve.delete("ksync-test")
+
+
+def test_sync_follows_a_folder_on_object_storage(tmp_path, monkeypatch):
+    """The same passes over an s3:// folder (moto's S3 on loopback; the endpoint set for this test only)."""
+    pytest.importorskip("moto.server", reason="moto[server] (test extra) runs the local S3")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipelines.artifacts import write_bytes
+    from tests.conftest import free_port
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="genloop-kb")
+        write_bytes("s3://genloop-kb/wiki/a.md", b"ocelots are small wild cats")
+        write_bytes("s3://genloop-kb/wiki/sub/b.md", b"lynxes have tufted ears")
+        write_bytes("s3://genloop-kb/wiki/c.bin", b"\x00\xff")
+        store = KnowledgeStore(tmp_path / "kb")
+        sync = FolderSync(store, "s3://genloop-kb/wiki")
+        r = sync.sync()
+        assert (r.added, r.skipped_by_reason()) == (2, {"binary": 1})
+        assert ids(store) == ["wiki/a.md", "wiki/sub/b.md"] and top(store, "lynxes") == "wiki/sub/b.md"
+        write_bytes("s3://genloop-kb/wiki/a.md", b"servals have long legs")
+        s3.delete_object(Bucket="genloop-kb", Key="wiki/sub/b.md")
+        r = sync.sync()
+        assert (r.added, r.replaced, r.removed, r.unchanged) == (0, 1, 1, 0)
+        assert ids(store) == ["wiki/a.md"] and top(store, "servals") == "wiki/a.md" and top(store, "ocelots") is None
+        assert sync.sync().unchanged == 1
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import threading
 from typing import Any
 
 HELP = "add documents to a knowledge store in bulk, sync it with a folder, or search it"
@@ -108,12 +109,14 @@ def run_sync(args: argparse.Namespace) -> int:
             print(f"pass {n}: {r.line()}", flush=True)
 
     print(f"{head}: watching every {args.interval:g} s, Ctrl-C stops", flush=True)
-    # `kill` (SIGTERM) ends the watch as cleanly as Ctrl-C
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # `kill` (SIGTERM) ends the watch as cleanly as Ctrl-C (signal handlers belong to the main thread)
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         passes, totals, last = watch(syncer, args.interval, on_pass=on_pass)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if main:
+            signal.signal(signal.SIGTERM, old)
     print(f"knowledge sync stopped after {passes} pass(es): {totals.added} added, {totals.replaced} replaced, "
           f"{totals.removed} removed in all; now {last.unchanged + last.added + last.replaced} files synced, "
           f"{len(last.skipped)} skipped; {store.count()} documents in the store", flush=True)
