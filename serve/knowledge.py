@@ -4,8 +4,9 @@ One SQLite file (WAL mode, so the retriever replica and ``genloop knowledge add`
 ``add`` replaces a document with the same id in one transaction, so a crash never leaves half a document; ``apply``
 writes and removes a whole batch in one transaction (what ``knowledge sync``, in ``serve.knowledge_sync``, uses).
 Searches read the tables afresh on every call, so a reader in another process sees a write once it commits. Each
-document records its content hash and the synced folder that owns it (``source``; NULL when added by hand). Another ranking (e.g. vectors) can be put behind the same three methods:
-``add(doc_id, text, title)``, ``delete(doc_id)``, ``search(query, k) -> [Passage]``.
+document records its content hash and the synced folder that owns it (``source``; NULL when added by hand).
+Another ranking (e.g. vectors) can be put behind the same methods: ``add(doc_id, text, title)``, ``apply(puts,
+removes)``, ``delete(doc_id)``, ``search(query, k) -> [Passage]``.
 """
 
 from __future__ import annotations

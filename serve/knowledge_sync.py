@@ -164,7 +164,8 @@ class FolderSync:
         mine = {i for i, (src, _) in known.items() if src == self.source}
         keep: set[str] = set()  # ids of this pass's files whose document stays (or is written)
         puts: list[tuple[str, FileStat, Doc]] = []
-        claims: list[tuple[str, FileStat, str, str]] = []  # (rel, stat, hash, id): unchanged documents added by hand, taken over
+        # (rel, stat, hash, id) of unchanged documents added by hand that this folder takes over
+        claims: list[tuple[str, FileStat, str, str]] = []
         pending_chars = 0
 
         def flush(removes: list[str] = ()) -> None:
