@@ -86,3 +86,113 @@ def test_kl_to_reference_is_zero_for_itself_and_positive_for_another_model(tiny_
     prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
     assert kl_to_reference(str(tiny_checkpoint), str(tiny_checkpoint), prompts, answers, 0) == pytest.approx(0, abs=1e-6)
     assert kl_to_reference(str(tmp_path / "other"), str(tiny_checkpoint), prompts, answers, 0) > 1e-4
+
+
+# ---- one update on 2 ranks (gloo, torch.distributed without Ray) equals one process -------------------------------
+PARITY_PROMPTS = [[5, 6, 7], [20, 21], [9, 8, 7, 6], [30]]
+PARITY_ANSWERS = [[30, 31, 32], [40, 41], [50, 51, 52, 53], [60], [61, 62], [70, 71, 72, 73, 74], [80, 81], [90]]
+
+
+def parity_cfg(policy, algo, strategy, world):
+    """8 answers (4 prompts x 2), 2 epochs x 2 minibatches, 1 row per micro-batch: optimizer steps, gradient
+    accumulation under no-sync, grad clipping, truncated IS, and the KL term (k3 loss for GRPO, k1 in the reward and
+    whitened GAE for PPO) all take part."""
+    from pipelines.config import from_dict
+
+    kl = {"coef": 0.1, "mode": "loss", "estimator": "k3"} if algo == "grpo" else {"coef": 0.1, "mode": "reward"}
+    cfg = from_dict(RlhfConfig, {
+        "policy": str(policy), "prompts": "x", "out": "x", "reward": "fn:code_judge", "algo": algo,
+        "rollout": {"prompts_per_iter": 4, "group_size": 2},
+        "update": {"epochs": 2, "minibatches": 2, "is_cap": 1.5},
+        "kl": kl,
+        "train": {"strategy": strategy, "num_workers": world, "micro_batch_size": 1, "lr": 1e-3, "grad_clip": 0.5}})
+    cfg.validate()
+    return cfg
+
+
+def parity_experience(policy) -> Experience:
+    """The parity batch: engine log-probs a little off the learner's (so IS weights are not all 1, some capped)."""
+    learner = Learner(parity_cfg(policy, "grpo", "none", 1), str(policy), None, torch.device("cpu"))
+    prompts = [PARITY_PROMPTS[i // 2] for i in range(8)]
+    pre = learner._precompute(prompts, PARITY_ANSWERS)
+    g = torch.Generator().manual_seed(1)
+    rollout = [(pre["old_logp"][i, :len(a)] + 0.3 * torch.randn(len(a), generator=g)).tolist()
+               for i, a in enumerate(PARITY_ANSWERS)]
+    scores = [1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 0.7]
+    return Experience(prompts, PARITY_ANSWERS, rollout, scores, {"r": scores}, [False] * 8, ["p"] * 8, ["a"] * 8)
+
+
+def one_update(policy, algo, strategy, rank, world, exp):
+    """(policy state dict, value state dict or None, stats) after one ``Learner.update`` on this rank."""
+    from pipelines.train_state import full_state_dict
+
+    learner = Learner(parity_cfg(policy, algo, strategy, world), str(policy), None, torch.device("cpu"), rank, world)
+    stats = learner.update(exp, iteration=0)
+    sd = learner.full_state_dict()
+    vsd = full_state_dict(learner.value) if learner.value is not None else None
+    return sd, vsd, stats
+
+
+def update_on_ranks(rank, world, port, strategy, policy, exp, out):
+    """torch.multiprocessing.spawn target: one gloo rank; rank 0 saves every algo's result to ``out``."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {algo: one_update(policy, algo, strategy, rank, world, exp) for algo in ("grpo", "ppo")}
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_weights(got, want, what):
+    """fp32 tolerance after 4 AdamW steps of lr 1e-3: an element whose gradient is float noise (near 0) can move a few
+    percent of one step differently (the summation order differs between 1 and 2 ranks); a wrong minibatch, scale
+    or sync moves whole tensors by a step or more (and the stats, grad_norm among them, are compared too)."""
+    assert got.keys() == want.keys(), what
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{what} {k}: {m}")
+
+
+@pytest.mark.slow
+def test_one_update_on_fsdp2_and_ddp_with_two_ranks_equals_one_process(tiny_checkpoint, tmp_path):
+    """The same batch, one update (2 epochs x 2 minibatches): FSDP2 x 2 ranks, DDP x 2 ranks and one process give the
+    same new policy (and PPO value model) weights, and the same stats, within fp32 tolerance; the weights moved."""
+    import torch.multiprocessing as mp
+
+    from models.checkpoint import load_checkpoint
+
+    exp = parity_experience(tiny_checkpoint)
+    want = {algo: one_update(tiny_checkpoint, algo, "none", 0, 1, exp) for algo in ("grpo", "ppo")}
+    start = load_checkpoint(tiny_checkpoint)[0].state_dict()
+    for algo in ("grpo", "ppo"):
+        moved = max(float((want[algo][0][k] - start[k]).abs().max()) for k in want[algo][0])
+        assert moved > 1e-4, f"{algo}: the update did not change the weights"
+        assert 0 < want[algo][2]["is_clip_frac"] < 1 and want[algo][2]["kl"] == pytest.approx(0.0, abs=1e-9)
+    for strategy in ("fsdp", "ddp"):
+        out = tmp_path / f"{strategy}.pt"
+        mp.spawn(update_on_ranks, args=(2, free_port(), strategy, str(tiny_checkpoint), exp, str(out)), nprocs=2)
+        got = torch.load(out, weights_only=False)
+        for algo in ("grpo", "ppo"):
+            sd, vsd, stats = got[algo]
+            assert_same_weights(sd, want[algo][0], f"{strategy} x2 {algo} policy")
+            if algo == "ppo":
+                assert_same_weights(vsd, want[algo][1], f"{strategy} x2 ppo value model")
+            for key in ("kl", "entropy", "mismatch_kl", "is_clip_frac", "clip_frac", "policy_loss", "grad_norm",
+                        "value_loss"):
+                if key in want[algo][2]:
+                    assert stats[key] == pytest.approx(want[algo][2][key], rel=1e-4, abs=1e-7), \
+                        f"{strategy} x2 {algo} {key}"

@@ -2,11 +2,13 @@
 frozen reference for the KL term, PPO's value model; one ``update`` per iteration. No Ray here: a test drives a
 ``Learner`` in process (strategy none); ``loop.py`` is the Ray Train worker around it.
 
-Data layout: an iteration's ``Experience`` (B answers) is on every rank; rank r owns rows r, r + world, ... for the
-whole iteration (its old/reference log-probs and values are computed once, for its rows only). Each epoch shuffles the
-rank's rows and cuts them into ``minibatches`` optimizer steps; every rank has the same number of rows, so FSDP's
-collectives line up. Losses are token means over the *global* minibatch (all ranks' tokens), so the update does not
-depend on the number of ranks.
+Data layout: an iteration's ``Experience`` (B answers) is on every rank. The no-grad passes (old / reference
+log-probs, values, entropy) are split: rank r computes rows r, r + world, ... and one all-reduce gives every rank the
+whole (B, T) tables, so advantages (and PPO's whitening) are computed over the whole batch on every rank. Each epoch
+is one seeded permutation of the B rows, the same on every rank and for any world size, cut into ``minibatches``
+optimizer steps; of each minibatch rank r trains positions r, r + world, ... (the config makes every share the same
+size, so FSDP's collectives line up). Losses are token means over the *global* minibatch (all ranks' tokens), so one
+update gives the same weights on 1 process, DDP x N and FSDP2 x N, up to float summation order.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ def pad_rows(rows: Sequence[Sequence[float]], T: int) -> torch.Tensor:
     return out
 
 
+PRE_KEYS = ("old_logp", "ref_logp", "values", "entropy")
+
+
 def all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
     import torch.distributed as dist
 
@@ -114,12 +119,14 @@ class Learner:
             self.value = wrap_model(vbase, tc.strategy, device)
             self.vopt = build_optimizer(self.value, dataclasses.replace(tc, lr=cfg.update.vf_lr or tc.lr))
 
-    # ---- no-grad passes over this rank's rows ----------------------------------------------------------------------
+    # ---- no-grad passes, split over the ranks ----------------------------------------------------------------------
     @torch.no_grad()
-    def _precompute(self, P: list, R: list) -> dict[str, torch.Tensor]:
+    def _precompute(self, P: list, R: list, T: int | None = None) -> dict[str, torch.Tensor]:
+        """(len(P), T) tables for the given rows: old_logp, ref_logp, values, entropy (0 past each answer's end);
+        ``T`` defaults to the longest answer given."""
         mb_size = self.cfg.train.micro_batch_size
-        T = max(1, max(len(r) for r in R))
-        out = {k: torch.zeros(len(P), T) for k in ("old_logp", "ref_logp", "values", "entropy")}
+        T = T or max(1, max(len(r) for r in R))
+        out = {k: torch.zeros(len(P), T) for k in PRE_KEYS}
         self.policy.eval()
         for lo in range(0, len(P), mb_size):
             sl = slice(lo, lo + mb_size)
@@ -133,68 +140,86 @@ class Learner:
                 out["values"][sl, :t] = response_values(self.value, mb).cpu()
         return out
 
-    def _advantages(self, exp: Experience, rows: list[int], pre: dict[str, torch.Tensor],
+    def _precompute_all(self, exp: Experience, T: int) -> dict[str, torch.Tensor]:
+        """(B, T) tables for the whole batch on every rank: rank r computes rows r, r + world, ...; one all-reduce
+        (SUM of disjoint rows) fills in the others'."""
+        B = len(exp.scores)
+        own = list(range(self.rank, B, self.world))
+        part = self._precompute([exp.prompt_ids[i] for i in own], [exp.response_ids[i] for i in own], T)
+        if self.world == 1:
+            return part
+        full = torch.zeros(len(PRE_KEYS), B, T, dtype=torch.float32)
+        full[:, own] = torch.stack([part[k] for k in PRE_KEYS])
+        full = full.to(self.device)
+        import torch.distributed as dist
+
+        dist.all_reduce(full, op=dist.ReduceOp.SUM)
+        full = full.cpu()
+        return {k: full[j] for j, k in enumerate(PRE_KEYS)}
+
+    def _advantages(self, exp: Experience, pre: dict[str, torch.Tensor],
                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) advantages and returns for the whole batch (the same on every rank)."""
         a, kl = self.cfg.update, self.cfg.kl
+        scores = torch.tensor(exp.scores, dtype=torch.float32)
         if self.cfg.algo == "grpo":
-            scores = torch.tensor(exp.scores, dtype=torch.float32)
             seq_adv, _ = algos.get_adv_estimator("grpo")(scores, torch.ones(len(scores), 1),
                                                          group_size=self.cfg.rollout.group_size, norm_std=a.norm_std)
-            adv = seq_adv[rows] * mask  # (n, 1) * (n, T)
+            adv = seq_adv * mask  # (B, 1) * (B, T)
             return adv, adv
-        scores = torch.tensor([exp.scores[i] for i in rows], dtype=torch.float32)
         kl_tok = torch.zeros_like(mask)
         if self.ref is not None and kl.mode == "reward":
             kl_tok = algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k1")
         tok_r = algos.kl_in_reward(scores, kl_tok, mask, kl.coef if kl.mode == "reward" else 0.0)
         adv, ret = algos.get_adv_estimator("gae")(tok_r, pre["values"], mask, gamma=a.gamma, lam=a.lam)
-        if a.whiten_advantages:  # over the whole batch (all ranks)
-            s, ss, n = all_sum([float((adv * mask).sum()), float((adv ** 2 * mask).sum()), float(mask.sum())],
-                               self.device, self.world)
-            mean = s / max(n, 1.0)
-            var = max(ss / max(n, 1.0) - mean ** 2, 0.0)
-            adv = (adv - mean) / (var + 1e-8) ** 0.5 * mask
+        if a.whiten_advantages:  # over the whole batch
+            adv = algos.whiten(adv, mask)
         return adv, ret
 
     # ---- one iteration -------------------------------------------------------------------------------------------
     def update(self, exp: Experience, iteration: int) -> dict[str, float]:
+        """One iteration's ``epochs x minibatches`` optimizer steps on the whole batch; every rank calls it with the
+        same ``exp``. Returns the iteration's stats (token means over the batch), the same on every rank."""
         from models.parallel import set_gradient_sync
 
         cfg, a, tc = self.cfg, self.cfg.update, self.cfg.train
         B = len(exp.scores)
-        rows = list(range(self.rank, B, self.world))
-        P = [exp.prompt_ids[i] for i in rows]
-        R = [exp.response_ids[i] for i in rows]
-        pre = self._precompute(P, R)
-        T = pre["old_logp"].shape[1]
-        mask = pad_rows([[1.0] * len(r) for r in R], T)
-        rollout_logp = pad_rows([exp.rollout_logp[i] for i in rows], T)
-        adv, ret = self._advantages(exp, rows, pre, mask)
+        if B % (a.minibatches * self.world):
+            raise ValueError(f"a batch of {B} answers does not split into update.minibatches={a.minibatches} x "
+                             f"{self.world} ranks equal parts")
+        P, R = exp.prompt_ids, exp.response_ids
+        T = max(1, max(len(r) for r in R))
+        pre = self._precompute_all(exp, T)
+        mask = pad_rows([[1.0] * len(r) for r in R], T)  # (B, T)
+        rollout_logp = pad_rows(exp.rollout_logp, T)
+        adv, ret = self._advantages(exp, pre, mask)
         is_w, mm = algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)
         loss_fn = algos.get_policy_loss("clip")
-        n_local_tok = float(mask.sum())
-        sums = {"kl": float((algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k3") * mask).sum())
-                if self.ref is not None else 0.0,
-                "entropy": float((pre["entropy"] * mask).sum()),
-                "mismatch_kl": mm["mismatch_kl"] * n_local_tok, "is_clip_frac": mm["is_clip_frac"] * n_local_tok,
-                "clip_frac": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "grad_norm": 0.0, "tokens": n_local_tok,
-                "learner_tokens": 0.0}
+        n_batch_tok = max(float(mask.sum()), 1.0)
+        out = {"kl": float((algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k3") * mask).sum()) / n_batch_tok
+               if self.ref is not None else 0.0,
+               "entropy": float((pre["entropy"] * mask).sum()) / n_batch_tok,
+               "mismatch_kl": mm["mismatch_kl"], "is_clip_frac": mm["is_clip_frac"]}
+        # summed over this rank's micro-batches, then over the ranks
+        sums = {"clip_frac": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "grad_norm": 0.0, "learner_tokens": 0.0}
         steps = 0
-        rng = np.random.default_rng([cfg.seed, iteration, self.rank])
         self.policy.train()
-        for _epoch in range(a.epochs):
-            for part in np.array_split(rng.permutation(len(rows)), a.minibatches):
-                part = part.tolist()
-                n_tok, = all_sum([float(mask[part].sum())], self.device, self.world)
-                denom_tok, denom_seq = max(n_tok, 1.0) / self.world, len(part)  # x world ranks / world
+        for epoch in range(a.epochs):
+            # the same global permutation on every rank and at any world size: a minibatch is the same rows always
+            perm = np.random.default_rng([cfg.seed, iteration, epoch]).permutation(B)
+            for part in np.array_split(perm, a.minibatches):
+                mine = part[self.rank::self.world].tolist()  # this rank's share of the minibatch
+                n_tok = float(mask[part].sum())  # the whole minibatch's tokens (all ranks)
+                # DDP / FSDP2 average gradients over ranks: divide the local sums by the global count / world
+                denom_tok, denom_seq = max(n_tok, 1.0) / self.world, len(part) / self.world
                 self.opt.zero_grad(set_to_none=True)
                 if self.vopt is not None:
                     self.vopt.zero_grad(set_to_none=True)
-                micros = [part[i:i + tc.micro_batch_size] for i in range(0, len(part), tc.micro_batch_size)]
+                micros = [mine[i:i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
                 for k, micro in enumerate(micros):
                     mb = collate([P[i] for i in micro], [R[i] for i in micro], self.pad_id, self.device)
                     t = mb.mask.shape[1]
-                    sel = lambda x: x[micro, :t].to(self.device)  # noqa: E731  (n, T) -> this micro-batch
+                    sel = lambda x: x[micro, :t].to(self.device)  # noqa: E731  (B, T) -> this micro-batch
                     last = k == len(micros) - 1
                     with set_gradient_sync(self.policy, tc.strategy, last):
                         logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets)
@@ -229,11 +254,8 @@ class Learner:
                 steps += 1
         keys = list(sums)
         tot = dict(zip(keys, all_sum([sums[k] for k in keys], self.device, self.world)))
-        n = max(tot["tokens"], 1.0)
-        out = {"kl": tot["kl"] / n, "entropy": tot["entropy"] / n, "mismatch_kl": tot["mismatch_kl"] / n,
-               "is_clip_frac": tot["is_clip_frac"] / n, "clip_frac": tot["clip_frac"] / (n * a.epochs),
-               "policy_loss": tot["policy_loss"] / steps, "grad_norm": tot["grad_norm"] / steps,
-               "learner_tokens": tot["learner_tokens"]}
+        out.update(clip_frac=tot["clip_frac"] / (n_batch_tok * a.epochs), policy_loss=tot["policy_loss"] / steps,
+                   grad_norm=tot["grad_norm"] / steps, learner_tokens=tot["learner_tokens"])
         if self.value is not None:
             out["value_loss"] = tot["value_loss"] / steps
         return out
