@@ -25,13 +25,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pipelines.artifacts import filesystem, join
+from pipelines.artifacts import filesystem, is_uri, join
 
 log = logging.getLogger(__name__)
 
 FORMAT = "genloop-rows/1"
 INDEX = "index.json"
 UNITS = "_units"  # per-row loss units (float32), written by write_rows for the loop's global divisor
+REMOTE_READERS = 16  # ranged reads in flight at once on object storage (one at a time on a local disk)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class RowStore:
         self.n_rows = int(index["n_rows"])
         self.columns = {k: ColumnSpec(v["dtype"], tuple(v["shape"])) for k, v in index["columns"].items()}
         self._files: dict[str, Any] = {}
+        self._pool: Any = None  # threads for concurrent ranged reads (object storage only)
         self.bytes_read = 0  # what this process asked the storage for (ranged reads), for the loader's accounting
         self.rows_read = 0
 
@@ -202,21 +204,35 @@ class RowStore:
         cuts = np.flatnonzero(np.diff(s) != 1) + 1  # runs of consecutive ids
         starts = np.concatenate([[0], cuts]).astype(np.int64)
         ends = np.concatenate([cuts, [len(s)]]).astype(np.int64)
+        runs = [(int(a), int(b)) for a, b in zip(starts, ends) if b > a]
         out: dict[str, np.ndarray] = {}
         for c in names:
             spec = self.columns[c]
             rb = spec.row_bytes
             dst = np.empty((len(ids), *spec.shape), dtype=np.dtype(spec.dtype))
             f = self._file(c)
-            for a, b in zip(starts, ends):
-                if a == b:
-                    continue
-                buf = f.read_at(int(b - a) * rb, int(s[a]) * rb)
-                dst[order[a:b]] = np.frombuffer(buf, dtype=dst.dtype).reshape(int(b - a), *spec.shape)
-                self.bytes_read += int(b - a) * rb
+
+            def fetch(run: tuple[int, int], f: Any = f, rb: int = rb, dst: np.ndarray = dst) -> None:
+                a, b = run
+                buf = f.read_at((b - a) * rb, int(s[a]) * rb)  # one ranged read: rows s[a] .. s[a] + (b - a) - 1
+                dst[order[a:b]] = np.frombuffer(buf, dtype=dst.dtype).reshape(b - a, *dst.shape[1:])
+
+            if is_uri(self.path) and len(runs) > 1:  # object storage: latency-bound, keep several GETs in flight
+                list(self._readers().map(fetch, runs))
+            else:
+                for run in runs:
+                    fetch(run)
+            self.bytes_read += len(ids) * rb
             out[c] = dst
         self.rows_read += len(ids)
         return out
+
+    def _readers(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(REMOTE_READERS, thread_name_prefix="genloop-rows")
+        return self._pool
 
     def read_column(self, col: str) -> np.ndarray:
         """A whole column (for ``_units``: 4 bytes a row, like the sample index); not counted as rows read."""

@@ -98,6 +98,10 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, va
     run_dir = join(out, RUNS_DIR)
     objective = objective or LMObjective()
     train_store = stage_rows(train_ds, store_path(run_dir, cfg.name, "train"), objective, "training rows")
+    if len(train_store) < cfg.global_rows():
+        raise ValueError(f"the training split has {len(train_store)} rows, fewer than one global batch "
+                         f"({cfg.global_rows()} rows: micro_batch_size x grad_accum x num_workers, or "
+                         "global_batch_size); lower them or add data")
     val_store = stage_rows(val_ds, store_path(run_dir, cfg.name, "val"), objective, "validation rows") \
         if val_ds is not None else None
     spec = TrainSpec(cfg=cfg, build_model=build_model, out=out, train_store=train_store, objective=objective,
