@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--n-prompts", type=int, default=32, metavar="N")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="answers per prompt when sampling (--temperature > 0); rates are over all answers")
     p.add_argument("--out", default=None, metavar="FILE", help="write the rows as JSON here")
     add_address(p)
     return p
@@ -58,14 +60,16 @@ def run(args: argparse.Namespace) -> int:
     for policy in args.policy:
         r = evaluate_policy(policy, prompts, reference=args.reference, reward_model=args.reward_model,
                             n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature).as_dict()
+                            temperature=args.temperature, samples=args.samples).as_dict()
         rows.append(r)
         rm = "-" if r["rm_score_mean"] is None else f"{r['rm_score_mean']:.3f}"
         kl = "-" if r["kl_to_reference"] is None else f"{r['kl_to_reference']:.4f}"
         print(f"{policy}: judge pass {r['judge_pass_rate']:.1%} (mean {r['judge_mean']:.3f}), reward model {rm}, "
               f"KL to reference {kl}, {r['prompts']} prompts, {r['decoding']}")
+        for a in r["answers"][:2]:
+            print(f"  judge {a['judge']:.2f}: {a['answer'][:100]!r}")
     if args.out:
         write_text(args.out, json.dumps({"prompts": prompts, "reference": args.reference,
                                          "reward_model": args.reward_model, "policies": rows}, indent=1))
-    print(json.dumps(rows))  # the last line: machine-readable
+    print(json.dumps([{k: v for k, v in r.items() if k != "answers"} for r in rows]))  # the last line: machine-readable
     return 0

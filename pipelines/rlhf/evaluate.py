@@ -6,8 +6,10 @@
 - KL to a reference checkpoint (e.g. the SFT model): the exact per-token KL(policy || reference) over the full
   vocabulary at every answer position, averaged over answer tokens (the answers are the policy's own).
 
-Answers are decoded greedily by default (``temperature=0``; the result says which), with the policy in a vLLM engine
-in its own Ray actor (freed afterwards).
+Answers are decoded greedily by default (``temperature=0``; the result says which), or sampled, ``samples`` answers
+per prompt at ``temperature`` (rates are then over every answer: a finer measure than one greedy answer per prompt),
+with the policy in a vLLM engine in its own Ray actor (freed afterwards). The answers and their scores come back in
+``answers`` (the first ``keep_answers``) for a person to read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class PolicyEval:
     answer_tokens_mean: float
     rm_score_mean: float | None = None
     kl_to_reference: float | None = None
+    samples_per_prompt: int = 1
+    answers: list[dict[str, Any]] | None = None  # [{prompt, answer, judge}], the first keep_answers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,10 +70,10 @@ def kl_to_reference(policy: str, reference: str, prompt_ids: list[list[int]], an
 
 def evaluate_policy(policy: str, prompts: str, reference: str | None = None, reward_model: str | None = None,
                     n_prompts: int = 32, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                    engine_cfg=None, num_cpus: float = 1.0) -> PolicyEval:
+                    engine_cfg=None, num_cpus: float = 1.0, samples: int = 1, keep_answers: int = 16) -> PolicyEval:
     """Judge pass rate, mean reward-model score and KL to ``reference`` of ``policy``'s answers to the first
-    ``n_prompts`` code-writing prompts of ``prompts`` (an sft-data file or folder; use its held-out split). Needs a
-    running Ray (the engine runs in an actor)."""
+    ``n_prompts`` code-writing prompts of ``prompts`` (an sft-data file or folder; use its held-out split); with
+    ``temperature > 0``, ``samples`` answers per prompt. Needs a running Ray (the engine runs in an actor)."""
     import ray
 
     from models.chat import ChatFormat
@@ -86,6 +90,9 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
     context = load_config(policy).max_seq_len
     ps = load_prompts(prompts, tok, ChatFormat.from_checkpoint(policy), context - max_new_tokens, tasks=["write"])
     order = prompt_order(len(ps), 0, min(n_prompts, len(ps)), seed)
+    if samples < 1 or (temperature <= 0 and samples != 1):
+        raise ValueError(f"samples={samples}: greedy decoding gives one answer per prompt; pass samples >= 1 with "
+                         "temperature > 0")
     ids = [ps.ids[i] for i in order]
     texts = [ps.texts[i] for i in order]
     stop = [tok.eot_id, tok.im_end_id]
@@ -97,25 +104,29 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
             decoding = "greedy"
         else:
             sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-            outs = ray.get(actor.generate.remote(ids, 1, sampling, [seed + i for i in range(len(ids))]))
-            answers = [o[0].token_ids for o in outs]
-            decoding = f"sampled (temperature {temperature}, seed {seed})"
+            outs = ray.get(actor.generate.remote(ids, samples, sampling, [seed + i for i in range(len(ids))]))
+            answers = [o.token_ids for group in outs for o in group]  # prompt-major: samples per prompt
+            ids = [p for p in ids for _ in range(samples)]
+            texts = [t for t in texts for _ in range(samples)]
+            decoding = f"sampled ({samples} per prompt, temperature {temperature}, seed {seed})"
     finally:
         ray.kill(actor)
     specials = set(tok.special_tokens.values())
     answer_texts = [tok.decode([t for t in a if t not in specials]) for a in answers]
     scores = [judge(p, a) for p, a in zip(texts, answer_texts)]
     n = max(len(scores), 1)
-    result = PolicyEval(policy=policy, prompts=len(scores), decoding=decoding,
+    result = PolicyEval(policy=policy, prompts=len(scores) // samples, decoding=decoding,
                         judge_pass_rate=sum(s == 1.0 for s in scores) / n, judge_mean=sum(scores) / n,
-                        answer_tokens_mean=sum(len(a) for a in answers) / n)
+                        answer_tokens_mean=sum(len(a) for a in answers) / n, samples_per_prompt=samples,
+                        answers=[{"prompt": p, "answer": a, "judge": s} for p, a, s in
+                                 list(zip(texts, answer_texts, scores))[:keep_answers]])
     if reward_model:
         rm = RewardModelWorker(checkpoint_dir(reward_model), tok.pad_id)
         rm_scores = rm.score(ids, answers)
         result.rm_score_mean = sum(rm_scores) / max(len(rm_scores), 1)
     if reference:
         result.kl_to_reference = kl_to_reference(policy, checkpoint_dir(reference), ids, answers, tok.pad_id)
-    log.info("evaluate_policy %s: judge pass %.3f (mean %.3f), rm %s, KL %s over %d prompts (%s)", policy,
+    log.info("evaluate_policy %s: judge pass %.3f (mean %.3f), rm %s, KL %s over %d answers (%s)", policy,
              result.judge_pass_rate, result.judge_mean, result.rm_score_mean, result.kl_to_reference, result.prompts,
              decoding)
     return result
