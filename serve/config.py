@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from models.engine import EngineConfig
@@ -72,6 +73,11 @@ class ServeConfig:
     memory_db: str = ""  # default: memory.db next to the knowledge store
     feedback_db: str = ""  # default: feedback.db next to the knowledge store
     api_key_file: str = ""  # one key per line; empty: no authentication (loopback use)
+    admin_key_file: str = ""  # admin keys (one per line) for POST /admin/models; empty: admin routes answer 403
+    switch_drain_timeout_s: float = 120.0  # a version switch waits this long for in-flight requests, else 503
+    structured_outputs: bool = True  # response_format json_object/json_schema (the engine loads the HF tokenizer)
+    embedding_pooling: str = "mean"  # /v1/embeddings: "mean" of the final hidden states, or the "last" token's
+    max_embedding_inputs: int = 256  # inputs per /v1/embeddings request
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "genloop"
@@ -124,6 +130,15 @@ def check_config(cfg: ServeConfig) -> None:
         if is_uri(getattr(cfg, key)):
             raise ValueError(f"serve.{key}={getattr(cfg, key)}: the stores are SQLite files on a local disk; give a "
                              "local path (load documents from object storage with `genloop knowledge add s3://...`)")
+    if cfg.admin_key_file and not Path(cfg.admin_key_file).is_file():
+        raise FileNotFoundError(f"serve.admin_key_file={cfg.admin_key_file} does not exist; write one admin key per "
+                                "line or leave it empty (admin routes off)")
+    from serve.embeddings import POOLINGS
+
+    if cfg.embedding_pooling not in POOLINGS:
+        raise ValueError(f"serve.embedding_pooling={cfg.embedding_pooling!r}: use one of {POOLINGS}")
+    if cfg.switch_drain_timeout_s <= 0 or cfg.max_embedding_inputs < 1:
+        raise ValueError("serve: switch_drain_timeout_s must be > 0 and max_embedding_inputs >= 1")
     if cfg.default_max_tokens < 1 or cfg.max_tokens_cap < cfg.default_max_tokens:
         raise ValueError(f"serve: need 1 <= default_max_tokens ({cfg.default_max_tokens}) <= max_tokens_cap "
                          f"({cfg.max_tokens_cap})")

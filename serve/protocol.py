@@ -25,8 +25,9 @@ from models.tokenizer import Tokenizer
 class APIError(Exception):
     """An error the client caused (or 5xx); rendered as OpenAI's error body with ``status``."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str | None = None) -> None:
@@ -72,7 +73,8 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (e.g. frequency_penalty)
+    # unknown fields are kept (not an error at parse time) so that ``check_options`` can answer 400 naming them
+    model_config = ConfigDict(extra="allow")
 
 
 class ChatMessage(BaseModel):
@@ -96,12 +98,58 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``
+    (``{"json_schema": {"name", "schema", "strict"}}``), honoured through vLLM's structured outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    def schema(self) -> dict | None:
+        if self.type != "json_schema":
+            return None
+        js = self.json_schema or {}
+        schema = js.get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                           param="response_format")
+        return schema
+
+
+# options a vLLM client may send that this server does not honour: 400 naming them, never silently ignored (the
+# value in the second column is the one harmless value still accepted)
+UNSUPPORTED = {
+    "tools": "tool calling needs a tool parser, and this model has none",
+    "tool_choice": "tool calling needs a tool parser, and this model has none",
+    "functions": "function calling needs a tool parser, and this model has none",
+    "function_call": "function calling needs a tool parser, and this model has none",
+    "parallel_tool_calls": "tool calling needs a tool parser, and this model has none",
+    "echo": "echoing the prompt is not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "best_of": "best_of is not supported (use n)",
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
+    "web_search_options": "web search is not supported", "store": "stored completions are not supported",
+    "metadata": "stored completions are not supported", "service_tier": "service tiers are not supported",
+}
+HARMLESS = {"echo": False, "store": False, "parallel_tool_calls": None, "tool_choice": "none"}
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
 class _Sampling(_Req):
     model: str
     max_tokens: int | None = Field(default=None)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
+    top_k: int | None = None  # vLLM's extension; None or <= 0: off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # vLLM's extension
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)  # vLLM's extension
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -115,15 +163,62 @@ class _Sampling(_Req):
             raise APIError(400, "'stop' takes up to 4 non-empty strings", param="stop")
         return s
 
+    def check_options(self) -> None:
+        """400 naming the first option sent that this server does not honour (unknown fields included)."""
+        for key, value in (self.model_extra or {}).items():
+            if key in HARMLESS and value == HARMLESS[key]:
+                continue
+            if key == "best_of" and value in (None, self.n):
+                continue
+            why = UNSUPPORTED.get(key, "this server does not know this option")
+            raise APIError(400, f"option '{key}' is not supported: {why}; remove it from the request", param=key,
+                           code="unsupported_option")
+
+    def bias(self, n_vocab: int) -> dict[int, float] | None:
+        """``logit_bias`` as token id -> bias, checked against the vocabulary."""
+        if not self.logit_bias:
+            return None
+        out: dict[int, float] = {}
+        for k, v in self.logit_bias.items():
+            if not k.lstrip("-").isdigit() or not 0 <= int(k) < n_vocab:
+                raise APIError(400, f"logit_bias key {k!r} is not a token id of this model (0..{n_vocab - 1})",
+                               param="logit_bias")
+            if not -100.0 <= v <= 100.0:
+                raise APIError(400, f"logit_bias value {v} for token {k} is outside [-100, 100]", param="logit_bias")
+            out[int(k)] = float(v)
+        return out
+
+    def top_logprobs_k(self) -> int | None:
+        """How many alternatives per token to return (None: no log-probs); each endpoint reads its own fields."""
+        raise NotImplementedError
+
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
     rag: bool = True  # genloop extension: retrieve documents and memory into the prompt (per request)
+
+    def top_logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not self.logprobs:
+            return None
+        k = self.top_logprobs or 0
+        if not 0 <= k <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be 0..{MAX_LOGPROBS}, got {k}", param="top_logprobs")
+        return k
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
+    logprobs: int | None = None
+
+    def top_logprobs_k(self) -> int | None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be 0..{MAX_LOGPROBS}, got {self.logprobs}", param="logprobs")
+        return self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         p = self.prompt
@@ -134,6 +229,29 @@ class CompletionRequest(_Sampling):
         if isinstance(p, list) and not p:
             raise APIError(400, "prompt is empty", param="prompt")
         return p
+
+
+class EmbeddingRequest(_Req):
+    """OpenAI's embeddings request: ``input`` a string, a list of strings, a list of token ids or a list of those."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def check_options(self) -> None:
+        for key in (self.model_extra or {}):
+            why = "the embedding's size is the model's hidden size" if key == "dimensions" else \
+                "this server does not know this option"
+            raise APIError(400, f"option '{key}' is not supported: {why}; remove it from the request", param=key,
+                           code="unsupported_option")
+
+
+class AdminModelRequest(BaseModel):
+    """``POST /admin/models``: the checkpoint to serve (a folder or URI the server can read)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
 
 
 class DocumentIn(BaseModel):
@@ -213,6 +331,18 @@ def authorize(header: str | None, key_hashes: frozenset[str]) -> str:
     return key_id(key)
 
 
+def authorize_admin(header: str | None, admin_hashes: frozenset[str]) -> None:
+    """An admin route's guard: 403 when no admin key is configured (the routes are off) or the key is not an admin
+    key, 401 when no key is sent."""
+    if not admin_hashes:
+        raise APIError(403, "admin routes are off on this server; start it with serve.admin_key_file=FILE (one "
+                            "admin key per line)", code="admin_disabled")
+    if not header or not header.lower().startswith("bearer ") or not header[7:].strip():
+        raise APIError(401, "missing admin key: send 'Authorization: Bearer ADMIN_KEY'", code="invalid_admin_key")
+    if hashlib.sha256(header[7:].strip().encode()).hexdigest() not in admin_hashes:
+        raise APIError(403, "this key is not an admin key", code="invalid_admin_key")
+
+
 class RateLimiter:
     """Token bucket per caller: ``per_minute`` requests, bursts up to ``per_minute``; 0 disables it.
 
@@ -257,11 +387,20 @@ class TextStream:
         self.sent = 0
         self.text = ""
         self.stopped = False  # a stop string was found: the caller should end the request
+        self.lp_ids: list[int] = []  # tokens whose log-probs are not yet taken (take_logprobs), and those log-probs
+        self.lps: list = []
 
-    def push(self, new_ids: list[int]) -> str:
+    def push(self, new_ids: list[int], logprobs: list | None = None) -> str:
+        """The text safe to send after ``new_ids``; ``logprobs`` (one per id, ``models.engine.stream_outputs``) are
+        kept for the ids that become text (not stop ids, nothing after a stop string) until ``take_logprobs``."""
         self.n_generated += len(new_ids)
         if self.stopped:
             return ""
+        if logprobs is not None:
+            for i, lp in zip(new_ids, logprobs):
+                if i not in self.stop_ids:
+                    self.lp_ids.append(i)
+                    self.lps.append(lp)
         self.ids += [i for i in new_ids if i not in self.stop_ids]
         text = self.tok.decode(self.ids)
         for s in self.stops:
@@ -276,8 +415,54 @@ class TextStream:
         self.sent = max(self.sent, safe)
         return delta
 
+    def take_logprobs(self) -> tuple[list[int], list]:
+        """(token ids, their log-probs) pushed since the last call."""
+        out = (self.lp_ids, self.lps)
+        self.lp_ids, self.lps = [], []
+        return out
+
     def flush(self) -> str:
         """What is left to send once generation ended."""
         delta = self.text[self.sent:]
         self.sent = len(self.text)
         return delta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log-probs in OpenAI's shapes
+
+
+def token_piece(tok: Tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token's text (undecodable bytes of a partial character as U+FFFD, as OpenAI shows them) and its bytes."""
+    try:
+        raw = tok.enc.decode_single_token_bytes(token_id)
+    except KeyError:
+        raw = b""
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tok: Tokenizer, ids: list[int], lps: list) -> list[dict[str, Any]]:
+    """``choices[i].logprobs.content`` entries: one per token (``models.engine.stream_outputs`` log-probs)."""
+    out = []
+    for tid, (lp, top) in zip(ids, lps):
+        text, raw = token_piece(tok, tid)
+        alts = []
+        for t, alp in top:
+            at, ab = token_piece(tok, t)
+            alts.append({"token": at, "logprob": alp, "bytes": ab})
+        out.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": alts})
+    return out
+
+
+def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, offset: int = 0) -> dict[str, list]:
+    """``choices[i].logprobs`` of the legacy completions API: tokens, token_logprobs, top_logprobs, text_offset
+    (``offset``: the characters already sent before these tokens)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, (lp, top) in zip(ids, lps):
+        text, _ = token_piece(tok, tid)
+        tokens.append(text)
+        token_lps.append(lp)
+        tops.append({token_piece(tok, t)[0]: alp for t, alp in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

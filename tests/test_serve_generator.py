@@ -8,7 +8,8 @@ import pytest
 
 from serve.api import as_api_error, unwrap
 from serve.feedback import FeedbackError, NotFound
-from serve.generator import coalesce
+from serve.generator import coalesce, merge
+from serve.versions import SwitchError
 
 
 async def _source(n: int, every: float, log: list, fail_at: int | None = None):
@@ -17,13 +18,14 @@ async def _source(n: int, every: float, log: list, fail_at: int | None = None):
             await asyncio.sleep(every)
             if i == fail_at:
                 raise RuntimeError("engine died")
-            yield [i], ("stop" if i == n - 1 else None)
+            yield {0: ([i], ("stop" if i == n - 1 else None), None)}
     finally:
         log.append("closed")
 
 
 async def _collect(gen) -> list:
-    return [p async for p in gen]
+    """Sample 0's (ids, finish) per coalesced piece."""
+    return [(p[0][0], p[0][1]) async for p in gen]
 
 
 def test_no_interval_passes_every_piece():
@@ -49,7 +51,7 @@ def test_error_in_source_is_raised_and_early_stop_cancels_source():
 
     async def first_two():
         gen = coalesce(_source(1000, 0.001, log), lambda: 0.0)
-        got = [await gen.__anext__(), await gen.__anext__()]
+        got = [(p[0][0], p[0][1]) for p in (await gen.__anext__(), await gen.__anext__())]
         await gen.aclose()
         await asyncio.sleep(0.01)                    # let the cancelled source task run its finally
         return got
@@ -70,3 +72,21 @@ def test_wrapped_deployment_errors_map_to_http_answers():
     assert as_api_error(nf).status == 404
     assert as_api_error(unwrap(Wrapper(FeedbackError("rating 9 is out of range")))).status == 400
     assert as_api_error(unwrap(Wrapper(RuntimeError("boom")))) is None  # a real failure stays a 500
+
+
+def test_merge_keeps_samples_apart_and_logprobs_aligned():
+    a = {0: ([1, 2], None, [[-0.1, []], [-0.2, []]]), 1: ([7], None, [[-0.7, []]])}
+    b = {1: ([8], "length", [[-0.8, [[8, -0.8]]]]), 0: ([3], "stop", [[-0.3, []]])}
+    m = merge(a, b)
+    assert m[0] == ([1, 2, 3], "stop", [[-0.1, []], [-0.2, []], [-0.3, []]])
+    assert m[1] == ([7, 8], "length", [[-0.7, []], [-0.8, [[8, -0.8]]]])
+    assert merge({}, {0: ([5], None, None)}) == {0: ([5], None, None)}  # no log-probs asked: stays None
+
+
+def test_switch_error_crosses_ray_as_itself():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(SwitchError("weights differ", 409, "incompatible_checkpoint")))
+    assert (e.status, e.code, str(e)) == (409, "incompatible_checkpoint", "weights differ")
+    err = as_api_error(e)
+    assert err.status == 409 and err.code == "incompatible_checkpoint" and err.param == "model"

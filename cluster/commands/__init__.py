@@ -64,6 +64,8 @@ COMMANDS: list[Command] = [
             "compare policies on held-out code-writing prompts: judge pass rate, reward-model score, KL"),
     Command("serve", "cluster.commands.serve",
             "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"),
+    Command("deploy", "cluster.commands.deploy",
+            "switch a running server to another checkpoint, in place, without a failed request"),
     Command("knowledge", "cluster.commands.knowledge", "add documents to a knowledge store in bulk, or search it"),
     Command("feedback", "cluster.commands.feedback", "export collected user feedback as preference data"),
     Command("lineage", "cluster.commands.lineage", "walk an artifact's inputs back to the raw corpus"),

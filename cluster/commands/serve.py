@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--knowledge": ("knowledge", {"metavar": "DIR_OR_DB",
                                       "help": "knowledge store: a .db file or a folder holding knowledge.db"}),
         "--api-key-file": ("api_key_file", {"metavar": "F", "help": "one API key per line; keys then required"}),
+        "--admin-key-file": ("admin_key_file", {"metavar": "F", "help": "admin keys (one per line) for POST "
+                                                "/admin/models and `genloop deploy`; none: admin routes off"}),
         "--host": ("host", {"help": "HTTP host (preset default 127.0.0.1: loopback only)"}),
         "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
     }, examples="rag_top_k=5 engine.max_num_seqs=8", overwrite=False)

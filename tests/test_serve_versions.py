@@ -1,0 +1,274 @@
+"""Live model versions: a running application switches checkpoints in place under a load of concurrent streaming
+requests, with no failed or truncated answer; every answer names the version that produced it and equals that
+checkpoint's own greedy decode (models/transformer.py generate); bad checkpoints are refused and the old version keeps
+serving; `genloop deploy` switches over HTTP and over Ray. Real Ray Serve, real vLLM CPU engine, one app."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
+
+KEY, ADMIN = "user-key-123", "admin-key-456"
+PREFIX = "/versions-test"
+APP = "genloop-versions-test"
+MAX_TOKENS = 12
+PROMPTS = ["count to three", "write a haiku", "def main():", "what is ray?"]
+
+
+def perturbed(src, out, seed: int):
+    """Another checkpoint of the same architecture and tokenizer: re-drawn weights (as conftest's, scaled so greedy
+    decoding has no near-ties), saved with the existing save path."""
+    import torch
+
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.transformer import Transformer
+
+    model, tok = load_checkpoint(src)
+    torch.manual_seed(seed)
+    other = Transformer(model.cfg)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.dim() > 1:
+                p.mul_(5)
+    return save_checkpoint(other, tok, out)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_checkpoint, tmp_path_factory):
+    """A: the live checkpoint (bare folder: version = weights hash); B: a finished artifact (manifest digest);
+    C: another architecture; D: corrupt weights."""
+    import shutil
+
+    import torch
+
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.transformer import Transformer
+    from pipelines.artifacts import Manifest
+
+    root = tmp_path_factory.mktemp("versions")
+    art = root / "rlhf-b"
+    m = Manifest.begin("rlhf", str(art), {"note": "test"})
+    perturbed(tiny_checkpoint, art / "model", seed=1)
+    m.finish(counts={"steps": 0})
+    model, tok = load_checkpoint(tiny_checkpoint)
+    torch.manual_seed(2)
+    from dataclasses import replace
+
+    wide = Transformer(replace(model.cfg, n_layers=model.cfg.n_layers + 1))
+    save_checkpoint(wide, tok, root / "deeper")
+    shutil.copytree(tiny_checkpoint, root / "corrupt")
+    w = root / "corrupt" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return {"A": tiny_checkpoint, "B_artifact": art, "B": art / "model", "C": root / "deeper", "D": root / "corrupt"}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_checkpoint, tmp_path_factory):
+    from ray import serve
+
+    from models.engine import EngineConfig
+    from serve.app import DeploymentOptions, ServeConfig, build_app
+
+    state = tmp_path_factory.mktemp("versions_state")
+    (state / "keys.txt").write_text(KEY + "\n")
+    (state / "admin.txt").write_text(ADMIN + "\n")
+    port = free_port()
+    cfg = ServeConfig(model=str(tiny_checkpoint), model_name="tiny", knowledge=str(state),
+                      api_key_file=str(state / "keys.txt"), admin_key_file=str(state / "admin.txt"),
+                      host="127.0.0.1", port=port, app_name=APP, route_prefix=PREFIX, max_tokens_cap=64,
+                      default_max_tokens=16, rate_limit_per_minute=0,
+                      engine=EngineConfig(max_num_seqs=8, kv_cache_gib=1), generator=DeploymentOptions(num_cpus=1),
+                      retriever=DeploymentOptions(num_cpus=0.1), ingress=DeploymentOptions(num_cpus=0.1))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
+    yield {"base": f"http://127.0.0.1:{port}{PREFIX}", "cfg": cfg, "state": state}
+    serve.shutdown()
+
+
+def expected_texts(ckpt) -> dict[str, str]:
+    """Each prompt's greedy answer by the checkpoint's own torch model (the text the server shows: end-of-turn ids
+    are not text)."""
+    from models.chat import ChatFormat
+    from models.checkpoint import load_checkpoint
+    from models.transformer import generate
+
+    model, tok = load_checkpoint(ckpt)
+    fmt = ChatFormat.from_checkpoint(ckpt)
+    out = {}
+    for p in PROMPTS:
+        ids = tok.encode(fmt.render([{"role": "user", "content": p}], add_generation_prompt=True), allow_special=True)
+        new = generate(model, ids, MAX_TOKENS, temperature=0.0)
+        out[p] = tok.decode([t for t in new if t not in (tok.eot_id, tok.im_end_id)])
+    return out
+
+
+def switch(server, model, key=ADMIN) -> httpx.Response:
+    return httpx.post(server["base"] + "/admin/models", json={"model": str(model)},
+                      headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300)
+
+
+def live_version(server) -> str:
+    r = httpx.get(server["base"] + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    return r.json()["data"][0]["model_version"]
+
+
+def stream_one(client, prompt: str) -> dict:
+    """One streamed chat answer: its text, the versions its chunks named, finish reasons, usage, timing."""
+    t0 = time.perf_counter()
+    versions, pieces, finals, usage = set(), [], [], None
+    for ch in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                             max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"rag": False, "ignore_eos": True}):
+        versions.add(ch.model_extra["model_version"])
+        if ch.usage:
+            usage = ch.usage.completion_tokens
+        if ch.choices:
+            pieces.append(ch.choices[0].delta.content or "")
+            if ch.choices[0].finish_reason:
+                finals.append(ch.choices[0].finish_reason)
+    return {"prompt": prompt, "text": "".join(pieces), "versions": versions, "finals": finals, "tokens": usage,
+            "start": t0, "end": time.perf_counter()}
+
+
+def p99(xs: list[float]) -> float:
+    return float(np.percentile(xs, 99)) if xs else float("nan")
+
+
+def test_admin_route_needs_an_admin_key(server, ckpts):
+    assert switch(server, ckpts["B"], key=None).status_code == 401
+    r = switch(server, ckpts["B"], key=KEY)  # an API key is not an admin key
+    assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_admin_key"
+    assert live_version(server).startswith("w-")  # a bare checkpoint folder: the weights' hash
+
+
+def test_bad_checkpoints_are_refused_and_the_old_version_keeps_serving(server, ckpts):
+    import openai
+
+    before = live_version(server)
+    for model, status, code in [(ckpts["A"].parent / "nowhere", 404, "checkpoint_not_found"),
+                                ("relative/ckpt", 400, "checkpoint_invalid"),
+                                (ckpts["C"], 409, "incompatible_checkpoint"),
+                                (ckpts["D"], 400, "checkpoint_invalid")]:
+        r = switch(server, model)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["code"] == code and err["param"] == "model" and err["message"]
+    assert "num_hidden_layers" in switch(server, ckpts["C"]).json()["error"]["message"]  # names what differs
+    assert live_version(server) == before
+    c = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                  extra_body={"rag": False})
+    assert r.model_extra["model_version"] == before
+
+
+def test_switch_under_streaming_load_fails_nothing(server, ckpts):
+    import openai
+
+    from pipelines.artifacts import manifest_digest
+
+    want = {"A": expected_texts(ckpts["A"]), "B": expected_texts(ckpts["B"])}
+    v_a = live_version(server)
+    v_b = manifest_digest(str(ckpts["B_artifact"]))[:16]
+    results, errors = [], []
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        client = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        k = i
+        while not stop.is_set():
+            try:
+                results.append(stream_one(client, PROMPTS[k % len(PROMPTS)]))
+            except Exception as e:  # noqa: BLE001  (every failure is counted, the test asserts there are none)
+                errors.append(repr(e))
+            k += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(8)  # steady state on A
+    t_switch0 = time.perf_counter()
+    r = switch(server, ckpts["B_artifact"])  # an artifact folder: its model/ is served
+    t_switch1 = time.perf_counter()
+    time.sleep(8)  # steady state on B
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == v_b and body["previous_version"] == v_a and body["mode"] == "in_place"
+    assert errors == []
+    assert all(len(x["versions"]) == 1 for x in results)  # no answer mixes versions
+    truncated = [x for x in results if x["finals"] != ["length"] or x["tokens"] != MAX_TOKENS]
+    assert truncated == []
+    for x in results:
+        (v,) = x["versions"]
+        assert v in (v_a, v_b)
+        assert x["text"] == want["A" if v == v_a else "B"][x["prompt"]], (v, x["prompt"])
+    before = [x for x in results if x["end"] < t_switch0]
+    after = [x for x in results if x["start"] > t_switch1]
+    assert before and after
+    assert all(x["versions"] == {v_a} for x in before) and all(x["versions"] == {v_b} for x in after)
+    assert live_version(server) == v_b
+
+    steady = [x["end"] - x["start"] for x in before] + [x["end"] - x["start"] for x in after]
+    during = [x["end"] - x["start"] for x in results if x["start"] <= t_switch1 and x["end"] >= t_switch0]
+    report = {"requests": len(results), "failed": len(errors), "truncated": len(truncated),
+              "switch_s": round(t_switch1 - t_switch0, 3), "drain_s": body["drain_s"], "reload_s": body["reload_s"],
+              "p99_steady_s": round(p99(steady), 3), "p99_during_switch_s": round(p99(during), 3),
+              "n_steady": len(steady), "n_during": len(during)}
+    log.warning("version switch under load: %s", json.dumps(report))
+    print(f"\nversion switch under load: {json.dumps(report)}")
+
+    # the feedback store recorded which version produced each response
+    import openai as _openai
+
+    c = _openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    resp = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "rate me"}], max_tokens=3,
+                                     extra_body={"rag": False})
+    assert resp.model_extra["model_version"] == v_b
+    rated = httpx.post(server["base"] + "/v1/feedback", json={"response_id": resp.id, "rating": "up"},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert rated.status_code == 200, rated.text
+    from serve.feedback import FeedbackStore
+
+    assert FeedbackStore(server["state"] / "feedback.db").response(resp.id)["model_version"] == v_b
+
+
+def test_genloop_deploy_over_http_and_over_ray(server, ckpts, capsys):
+    import ray
+
+    from cluster.commands.deploy import run
+
+    v_b = live_version(server)
+    args = argparse.Namespace(model=str(ckpts["A"]), url=server["base"], admin_key=None, admin_key_file=None,
+                              app_name=APP, timeout=300.0)
+    with pytest.raises(ValueError, match="401"):  # no admin key
+        run(args)
+    args.admin_key = ADMIN
+    assert run(args) == 0
+    v_a = live_version(server)
+    assert v_a != v_b and v_a.startswith("w-")
+    assert f"as version {v_a}" in capsys.readouterr().out
+    # through the Ray cluster the app runs on (no admin key: holding the cluster is holding the server)
+    ray_args = argparse.Namespace(model=str(ckpts["B"]), url=None, admin_key=None, admin_key_file=None,
+                                  app_name=APP, timeout=300.0, address=ray.get_runtime_context().gcs_address)
+    assert run(ray_args) == 0
+    assert live_version(server) == v_b
+    ray_args.model = str(ckpts["C"])
+    with pytest.raises(ValueError, match="409"):
+        run(ray_args)
+    assert live_version(server) == v_b
