@@ -127,6 +127,6 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
     if reference:
         result.kl_to_reference = kl_to_reference(policy, checkpoint_dir(reference), ids, answers, tok.pad_id)
     log.info("evaluate_policy %s: judge pass %.3f (mean %.3f), rm %s, KL %s over %d answers (%s)", policy,
-             result.judge_pass_rate, result.judge_mean, result.rm_score_mean, result.kl_to_reference, result.prompts,
+             result.judge_pass_rate, result.judge_mean, result.rm_score_mean, result.kl_to_reference, len(scores),
              decoding)
     return result
