@@ -142,7 +142,11 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     last: dict[str, Any] = dict(history[-1]) if history else {}
     t_window, tok_window = time.perf_counter(), 0
     batches = loader.batches(consumed, max(0, cfg.steps - start))
-    for step, (consumed, rows, units) in zip(range(start, cfg.steps), batches):
+    wait_window = 0.0  # seconds this window's steps waited for their rows (0 when the read-ahead keeps up)
+    for step in range(start, cfg.steps):
+        t_wait = time.perf_counter()
+        consumed, rows, units = next(batches)
+        wait_window += time.perf_counter() - t_wait
         if cfg.inject_failure_at and step == cfg.inject_failure_at and rank == world - 1:
             _maybe_fail(spec.out, step)
         epoch = loader.epoch_of(consumed)
@@ -180,8 +184,9 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
                                                   {n: s / global_units for n, s in zip(names, sums[1:])}))
             row.update(lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu(tps / world, flops_tok, peak), epoch=epoch,
                        consumed_samples=consumed, peak_memory_bytes=peak_memory_bytes(device),
-                       data_bytes_read=loader.bytes_read, data_rows_read=loader.rows_read)
-            t_window, tok_window = time.perf_counter(), 0
+                       data_bytes_read=loader.bytes_read, data_rows_read=loader.rows_read,
+                       data_wait_frac=wait_window / dt)
+            t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
         if vrows and cfg.due(cfg.eval_every, done):
             row.update(step=done, **evaluate(model, obj, vrows, cfg.micro_batch_size, device, world))
         if spec.eval_hook is not None and cfg.due(cfg.eval_every, done):
