@@ -170,7 +170,8 @@ def test_checkpoint_at_2_workers_resumes_at_1_and_matches_an_uninterrupted_run(r
     assert [h["step"] for h in got.history] == [1, 2, 3, 4]
     np.testing.assert_allclose([h["loss"] for h in got.history], [h["loss"] for h in ref.history], rtol=1e-4)
     assert got.metrics["consumed_samples"] == 16
-    a, b = load_file(str(Path(ref.model_dir) / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    a = load_file(str(Path(ref.model_dir) / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
