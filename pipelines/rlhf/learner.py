@@ -148,11 +148,11 @@ class Learner:
         part = self._precompute([exp.prompt_ids[i] for i in own], [exp.response_ids[i] for i in own], T)
         if self.world == 1:
             return part
-        full = torch.zeros(len(PRE_KEYS), B, T, dtype=torch.float32)
-        full[:, own] = torch.stack([part[k] for k in PRE_KEYS])
-        full = full.to(self.device)
         import torch.distributed as dist
 
+        full = torch.zeros(len(PRE_KEYS), B, T, dtype=torch.float32)  # (4, B, T): this rank's rows, zeros elsewhere
+        full[:, own] = torch.stack([part[k] for k in PRE_KEYS])
+        full = full.to(self.device)
         dist.all_reduce(full, op=dist.ReduceOp.SUM)
         full = full.cpu()
         return {k: full[j] for j, k in enumerate(PRE_KEYS)}
