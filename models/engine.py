@@ -197,10 +197,11 @@ def update_weights_from_file(llm, path: str) -> None:
 
 
 def make_async_engine(model: str, cfg: EngineConfig | None = None, worker_extension_cls: str | None = None,
-                      tokenizer: bool = True):
+                      tokenizer: bool = True, json_any_whitespace: bool = True):
     """vLLM's ``AsyncLLM`` over a checkpoint folder: token ids in, token ids out (never detokenized). ``tokenizer``:
-    load the checkpoint's HF tokenizer so structured outputs work; ``worker_extension_cls=WEIGHT_SYNC_EXTENSION``
-    gives it the in-place weight reload (``reload_async_engine``).
+    load the checkpoint's HF tokenizer so structured outputs work; ``json_any_whitespace=False``: structured JSON has
+    no whitespace between its tokens (xgrammar; a small model otherwise may pad with whitespace until max_tokens);
+    ``worker_extension_cls=WEIGHT_SYNC_EXTENSION`` gives it the in-place weight reload (``reload_async_engine``).
 
     Its engine core runs in a child process; the output loop starts lazily on the first ``stream_outputs`` call, so
     this may be called outside an event loop (e.g. in a Ray Serve replica's constructor).
@@ -210,6 +211,11 @@ def make_async_engine(model: str, cfg: EngineConfig | None = None, worker_extens
 
     kw = engine_kwargs(model, cfg or EngineConfig(), worker_extension_cls, tokenizer=tokenizer)
     kw.setdefault("disable_log_stats", True)
+    if tokenizer and not json_any_whitespace:
+        from vllm.config import StructuredOutputsConfig
+
+        kw.setdefault("structured_outputs_config", StructuredOutputsConfig(backend="xgrammar",
+                                                                           disable_any_whitespace=True))
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
 

@@ -15,8 +15,9 @@ Step = tuple[int, str, "str | None", list[int], list]
 
 class Answer:
     def __init__(self, tok: Tokenizer, stop_ids: list[int], stops: list[str], n: int, chat: bool,
-                 logprobs: bool) -> None:
-        self.tok, self.chat, self.want_logprobs = tok, chat, logprobs
+                 logprobs: bool, copies: bool = False) -> None:
+        """``copies``: the engine makes one sample and every choice is a copy of it (greedy decoding with n > 1)."""
+        self.tok, self.chat, self.want_logprobs, self.copies = tok, chat, logprobs, copies
         self.streams = [TextStream(tok, set(stop_ids), stops) for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.lp_ids: list[list[int]] = [[] for _ in range(n)]  # every choice's tokens with log-probs (whole answer)
@@ -35,6 +36,8 @@ class Answer:
     def push(self, piece: dict[int, tuple[list[int], str | None, list | None]]) -> list[Step]:
         """A generator piece (``serve.generator.Piece``) -> the steps of the choices it moved."""
         steps: list[Step] = []
+        if self.copies and 0 in piece:
+            piece = {i: piece[0] for i in range(len(self.streams))}
         for i, (ids, fin, lps) in sorted(piece.items()):
             if i >= len(self.streams) or self.finish[i] is not None:
                 continue

@@ -49,7 +49,7 @@ def _sse(obj: dict) -> bytes:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, generator, retriever, feedback, cfg: ServeConfig, key_hashes: frozenset[str] = frozenset(),
-                 admin_hashes: frozenset[str] = frozenset()) -> None:
+                 admin_hashes: frozenset[str] = frozenset(), deployment_id: str = "") -> None:
         from models.chat import ChatFormat
         from models.checkpoint import load_tokenizer
         from pipelines.artifacts import checkpoint_dir
@@ -61,6 +61,7 @@ class Ingress:
         self.cfg, self.key_hashes, self.admin_hashes = cfg, key_hashes, admin_hashes
         self.local = local  # the checkpoint the app started with: a switch keeps its tokenizer and architecture
         self.switch_lock = asyncio.Lock()
+        self.app_name, self.deployment_id = serve.get_replica_context().app_name, deployment_id
         self.tok = load_tokenizer(local)
         self.fmt = ChatFormat.from_checkpoint(local)
         self.context_len = context_length(cfg, local)
@@ -239,7 +240,10 @@ class Ingress:
         record the response for feedback, answer in the endpoint's OpenAI shape with the model version."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if chat else "text_completion"
-        answer = Answer(self.tok, self.stop_ids, req.stops(), req.n, chat, params["logprobs"] is not None)
+        if params["n"] > 1 and params["temperature"] == 0:  # greedy: n copies of one answer (vLLM refuses n > 1)
+            params["n"] = 1
+        answer = Answer(self.tok, self.stop_ids, req.stops(), req.n, chat, params["logprobs"] is not None,
+                        copies=params["n"] == 1)
         version, first, gen = await self._start(prompt_ids, params, rid)
         if req.stream:
             return self._stream_response(rid, obj + ".chunk" if chat else obj, prompt_ids, answer, version, first,
@@ -354,6 +358,7 @@ class Ingress:
         """Check the checkpoint here (missing 404, unreadable 400, other architecture or tokenizer 409), then switch
         every generator replica in place (``Generator.switch``); a replica that fails puts its old weights back and
         the others are switched back, so the old version keeps serving."""
+        from serve.live import record_live
         from serve.versions import check_checkpoint
 
         async with self.switch_lock:
@@ -363,12 +368,16 @@ class Ingress:
             except SwitchError as e:
                 raise as_api_error(e) from None
             live = await _call(self.generator.info.remote())
+            # recorded first, so that a replica starting during the switch loads the new checkpoint too
+            await asyncio.to_thread(record_live, self.app_name, self.deployment_id, resolved, version)
             try:
                 results = await asyncio.to_thread(self._broadcast, "switch", resolved, version)
             except Exception as e:  # noqa: BLE001  (switch every replica back, then answer what went wrong)
                 err = as_api_error(unwrap(e))
                 log.warning("switch to %s failed (%s); switching the replicas back to %s", version, e,
                             live["model_version"])
+                await asyncio.to_thread(record_live, self.app_name, self.deployment_id, live["model"],
+                                        live["model_version"])
                 await asyncio.to_thread(self._broadcast, "switch", live["model"], live["model_version"])
                 if err is None:
                     raise
@@ -386,7 +395,7 @@ class Ingress:
         broadcast; Ray LLM's (``ray.llm``: replicas from the handle's router, calls to each replica actor) is used."""
         from ray.llm._internal.serve.utils.broadcast import broadcast
 
-        handle = serve.get_deployment_handle("Generator", self.cfg.app_name)
+        handle = serve.get_deployment_handle("Generator", self.app_name)
         try:
             return broadcast(handle, method, args=args)
         except RayError as e:

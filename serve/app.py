@@ -33,6 +33,7 @@ Cluster: ``serve deploy serve/serve_config.yaml`` deploys the same application t
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,15 @@ def build_app(cfg: ServeConfig):
     keys = load_api_keys(cfg.api_key_file) if cfg.api_key_file else frozenset()
     admin = load_api_keys(cfg.admin_key_file) if cfg.admin_key_file else frozenset()
     env = THROUGHPUT_ENV if cfg.throughput_optimized else None
+    deployment_id = uuid.uuid4().hex  # replicas started after a version switch find the live model under it
     generator = Generator.options(**cfg.generator.serve_options(env)).bind(
         cfg.model, cfg.engine, cfg.stream_messages_per_s, cfg.max_stream_interval_ms, cfg.switch_drain_timeout_s,
-        cfg.structured_outputs)
+        cfg.structured_outputs, deployment_id, cfg.json_any_whitespace)
     retriever = RetrieverServer.options(**cfg.retriever.serve_options(env)).bind(
         knowledge, memory_db, cfg.chunk_chars, cfg.chunk_overlap, cfg.max_document_chars)
     feedback = FeedbackServer.options(**cfg.feedback.serve_options(env)).bind(feedback_db)
-    return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys, admin)
+    return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys, admin,
+                                                                  deployment_id)
 
 
 def app_builder(args: dict[str, Any]):

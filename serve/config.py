@@ -76,6 +76,8 @@ class ServeConfig:
     admin_key_file: str = ""  # admin keys (one per line) for POST /admin/models; empty: admin routes answer 403
     switch_drain_timeout_s: float = 120.0  # a version switch waits this long for in-flight requests, else 503
     structured_outputs: bool = True  # response_format json_object/json_schema (the engine loads the HF tokenizer)
+    json_any_whitespace: bool = False  # false: response_format JSON has no whitespace between tokens (compact; a
+    # small model may otherwise pad with whitespace up to max_tokens); true: vLLM's default grammar
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" of the final hidden states, or the "last" token's
     max_embedding_inputs: int = 256  # inputs per /v1/embeddings request
     host: str = "127.0.0.1"

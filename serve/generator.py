@@ -94,17 +94,24 @@ class Generator:
 
     def __init__(self, model: str, engine: EngineConfig, stream_messages_per_s: float = 0.0,
                  max_stream_interval_ms: float = 250.0, drain_timeout_s: float = 120.0,
-                 structured_outputs: bool = True) -> None:
+                 structured_outputs: bool = True, deployment_id: str = "",
+                 json_any_whitespace: bool = False) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM's first import in this replica
         from models.engine import WEIGHT_SYNC_EXTENSION, make_async_engine
         from pipelines.artifacts import checkpoint_dir
         from serve.versions import model_version, weight_files
 
+        from serve.live import live_model
+
+        live = live_model(serve.get_replica_context().app_name, deployment_id)
+        if live is not None:  # a replica started after a version switch: serve the live checkpoint
+            model = live[0]
         local = checkpoint_dir(model)
-        self.model, self.version, self.weights = model, model_version(model, local), weight_files(local)
+        version = live[1] if live is not None else model_version(model, local)
+        self.model, self.version, self.weights = model, version, weight_files(local)
         self.local = local
         self.engine = make_async_engine(local, engine, worker_extension_cls=WEIGHT_SYNC_EXTENSION,
-                                         tokenizer=structured_outputs)
+                                         tokenizer=structured_outputs, json_any_whitespace=json_any_whitespace)
         self.rate = stream_messages_per_s
         self.max_interval = max_stream_interval_ms / 1000.0
         self.drain_timeout_s = drain_timeout_s

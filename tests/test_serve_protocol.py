@@ -13,6 +13,9 @@ def test_parse_body_status_codes():
     ok = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "extra_field": 1}',
                     ChatRequest, 1000)
     assert ok.messages[0].text() == "hi" and ok.rag is True and ok.max_tokens is None
+    with pytest.raises(APIError) as e:  # parsed, but an option the server does not know is a 400 naming it
+        ok.check_options()
+    assert (e.value.status, e.value.param, e.value.code) == (400, "extra_field", "unsupported_option")
     cases = [(b"x" * 1001, 413), (b'{"model": ', 400), (b"[1, 2]", 400),
              (b'{"model": "m", "messages": "hello"}', 422), (b'{"messages": []}', 422),
              (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', 422),
