@@ -272,3 +272,36 @@ def test_genloop_deploy_over_http_and_over_ray(server, ckpts, capsys):
     with pytest.raises(ValueError, match="409"):
         run(ray_args)
     assert live_version(server) == v_b
+
+
+def test_a_replica_started_after_a_switch_serves_the_live_version(server, ckpts):
+    """Ray Serve replaces a dead generator replica (as it adds one when autoscaling): the new replica loads the
+    checkpoint a switch made live, not the one the application was deployed with."""
+    import openai
+    import ray
+
+    v_live = live_version(server)
+    assert v_live != live_version_of_a(ckpts)  # the previous test left B live
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#Generator#")]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
+    c = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    deadline = time.time() + 300
+    while True:  # requests fail while no generator replica is up; wait for the new one
+        try:
+            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                          max_tokens=MAX_TOKENS, temperature=0.0,
+                                          extra_body={"rag": False, "ignore_eos": True})
+            break
+        except openai.APIError:
+            assert time.time() < deadline, "no generator replica came back"
+            time.sleep(2)
+    assert r.model_extra["model_version"] == v_live == live_version(server)
+    assert r.choices[0].message.content == expected_texts(ckpts["B"])[PROMPTS[0]]
+
+
+def live_version_of_a(ckpts) -> str:
+    from serve.versions import model_version
+
+    return model_version(str(ckpts["A"]))
