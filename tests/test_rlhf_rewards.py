@@ -17,6 +17,13 @@ def test_builtin_by_name_with_weights_and_parts():
     assert parts["code_judge"][0] == 1.0 and parts["writes_function"] == [1.0, 0.0]
     assert total[0] == pytest.approx(0.5 * 1.0 + 1.0)
     assert total[1] == pytest.approx(0.5 * parts["code_judge"][1])
+    # judge_pass: the judge's top grade only; signature_match: the def line against the requested one
+    rs = RewardSet.from_spec("fn:judge_pass,fn:signature_match:0.5")
+    named_only = "def add(x, y):\n    return x + y"  # the requested name, other parameters: judge 0.75
+    total, parts = rs.score([PROMPT] * 3, [GOOD, named_only, "no code here"])
+    assert parts["judge_pass"] == [1.0, 0.0, 0.0]
+    assert parts["signature_match"][0] == 1.0 and 0.0 < parts["signature_match"][1] < 1.0
+    assert total == pytest.approx([1.5, 0.5 * parts["signature_match"][1], 0.0])
     with pytest.raises(RewardError, match="unknown reward function 'nope'.*code_judge"):
         parse_reward_spec("fn:nope")
     with pytest.raises(RewardError, match="empty"):

@@ -43,6 +43,12 @@ def _signature_match(prompts: list[str], responses: list[str]) -> list[float]:
     return signature_match(prompts, responses)
 
 
+def _judge_pass(prompts: list[str], responses: list[str]) -> list[float]:
+    from pipelines.judge import code_judge
+
+    return [1.0 if s == 1.0 else 0.0 for s in code_judge(prompts, responses)]
+
+
 def _writes_function(prompts: list[str], responses: list[str]) -> list[float]:
     from pipelines.judge import writes_function
 
@@ -52,6 +58,7 @@ def _writes_function(prompts: list[str], responses: list[str]) -> list[float]:
 BUILTINS: dict[str, RewardFn] = {
     "code_judge": _code_judge,  # pipelines/judge.py: the requested function with the requested signature, 0..1
     "writes_function": _writes_function,  # 1 when the answer parses and defines a function
+    "judge_pass": _judge_pass,  # 1 only when the judge passes the answer (the requested signature, a real body)
     "signature_match": _signature_match,  # dense shaping: how close the first def line is to the requested one, 0..1
 }
 
