@@ -392,11 +392,15 @@ class Ingress:
 
     def _broadcast(self, method: str, *args: Any) -> list:
         """Call ``method`` on every generator replica (blocking; run in a thread). Ray Serve has no public
-        broadcast; Ray LLM's (``ray.llm``: replicas from the handle's router, calls to each replica actor) is used."""
-        from ray.llm._internal.serve.utils.broadcast import broadcast
-
+        broadcast; Ray LLM's (``ray.llm``: replicas from the handle's router, calls to each replica actor) is used.
+        Without it (another Ray version) one call goes to one replica: right for a single generator replica only."""
         handle = serve.get_deployment_handle("Generator", self.app_name)
         try:
+            try:
+                from ray.llm._internal.serve.utils.broadcast import broadcast
+            except ImportError:
+                log.warning("Ray LLM's broadcast is not available: %s goes to one generator replica only", method)
+                return [getattr(handle, method).remote(*args).result()]
             return broadcast(handle, method, args=args)
         except RayError as e:
             cause = unwrap(e)

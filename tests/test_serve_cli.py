@@ -42,7 +42,7 @@ def test_genloop_serve_smoke_answers_through_direct_ingress(tiny_checkpoint, tmp
                         "--smoke", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"at http://127.0.0.1:{port}/v1" in r.stdout
-    assert "models: ['tiny']" in r.stdout
+    assert "models: [('tiny', 'w-" in r.stdout  # name and model version (a bare checkpoint: weights hash)
     assert r.stdout.count("    answer: ") == 1 and r.stdout.count("    answer (streamed): ") == 1
     assert r.stdout.count("parses as a function: ") == 2 and "retrieval found: " in r.stdout
     assert "feedback 'up' recorded" in r.stdout

@@ -87,17 +87,19 @@ def smoke(base_url: str, model: str, questions: list[str], api_key: str | None =
     from pipelines.judge import writes_function
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=120)
-    print(f"models: {[m.id for m in client.models.list().data]}")
+    print(f"models: {[(m.id, (m.model_extra or {}).get('model_version')) for m in client.models.list().data]} "
+          "(name, model version)")
     results = []
     for i, q in enumerate(questions):
         t0 = time.perf_counter()
         msgs = [{"role": "user", "content": q}]
         streamed = i % 2 == 1
         if streamed:
-            pieces, rag = [], {}
+            pieces, rag, version = [], {}, None
             for ch in client.chat.completions.create(model=model, messages=msgs, temperature=0.0, stream=True,
                                                      user="demo-user"):
                 rag = rag or (ch.model_extra or {}).get("rag") or {}
+                version = version or (ch.model_extra or {}).get("model_version")
                 if ch.choices and ch.choices[0].delta.content:
                     pieces.append(ch.choices[0].delta.content)
             answer, rid, tokens = "".join(pieces), None, None
@@ -105,9 +107,10 @@ def smoke(base_url: str, model: str, questions: list[str], api_key: str | None =
             r = client.chat.completions.create(model=model, messages=msgs, temperature=0.0, user="demo-user")
             answer, rid, tokens = r.choices[0].message.content or "", r.id, r.usage.completion_tokens
             rag = (r.model_extra or {}).get("rag") or {}
+            version = (r.model_extra or {}).get("model_version")
         res = {"question": q, "answer": answer, "parses": writes_function(answer),
                "sources": [d["id"] for d in rag.get("documents", [])], "streamed": streamed, "tokens": tokens,
-               "seconds": round(time.perf_counter() - t0, 2), "response_id": rid}
+               "seconds": round(time.perf_counter() - t0, 2), "response_id": rid, "model_version": version}
         results.append(res)
         print(f"\n[{i + 1}] {q}\n    answer{' (streamed)' if streamed else ''}: {answer!r}\n"
               f"    parses as a function: {'yes' if res['parses'] else 'no'}; retrieval found: "
@@ -154,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
                             api_key(cfg.api_key_file))
             if args.smoke_out:
                 Path(args.smoke_out).parent.mkdir(parents=True, exist_ok=True)
+                versions = sorted({r["model_version"] for r in results if r["model_version"]})
                 Path(args.smoke_out).write_text(json.dumps({"model": cfg.served_name(), "url": url,
-                                                            "answers": results}, indent=2) + "\n")
+                                                            "model_versions": versions, "answers": results},
+                                                           indent=2) + "\n")
             return 0
         while True:
             time.sleep(3600)
