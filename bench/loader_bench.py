@@ -77,13 +77,15 @@ def run_once(split: str, seq_len: int, n_vocab: int, args: argparse.Namespace, t
         t0 = time.perf_counter()
         r = fit(cfg, build, ds, None, out)
         wall = time.perf_counter() - t0
-        try:
+        from pipelines import train_loop
+
+        if hasattr(train_loop, "stage_rows"):  # the loader: the run's row store says what the split is
             from pipelines.loader_store import RowStore, store_path
             from pipelines.train_config import RUNS_DIR
 
             store = RowStore(store_path(os.path.join(out, RUNS_DIR), cfg.name, "train"))
             split_bytes, n_rows = store.nbytes(), len(store)
-        except ImportError:  # a checkout before the loader (--code): every worker reads the whole split
+        else:  # a checkout before the loader (--code): every worker reads the whole split
             n_rows = ds.count()
             split_bytes = n_rows * 2 * seq_len * 4  # the same int32 input_ids + labels rows
     logged = [h for h in r.history if "tokens_per_s" in h]
@@ -127,6 +129,9 @@ def main() -> None:
     from cluster.runtime import init_ray
     from pipelines.blocks import open_dataset
 
+    import pipelines.train_loop
+
+    print(f"measuring the training loop of {pipelines.train_loop.__file__}", flush=True)
     info = open_dataset(os.path.abspath(args.data))
     n_vocab = info.load_tokenizer().n_vocab
     init_ray(num_cpus=args.cpus or args.workers + 2)
