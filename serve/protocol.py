@@ -78,7 +78,7 @@ class _Req(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # checked by ChatRequest.check_options
     role: Literal["system", "user", "assistant"]
     content: str | list[dict[str, Any]]
 
@@ -199,6 +199,16 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     rag: bool = True  # genloop extension: retrieve documents and memory into the prompt (per request)
+
+    def check_options(self) -> None:
+        """Also each message's fields: ``name``, ``tool_calls`` and the like are not honoured (empty values pass,
+        as a client sends them when it echoes a previous answer back)."""
+        super().check_options()
+        for i, m in enumerate(self.messages):
+            for key, value in (m.model_extra or {}).items():
+                if value not in (None, [], "", {}):
+                    raise APIError(400, f"messages[{i}].{key} is not supported by this server's chat format; remove "
+                                        "it", param=f"messages[{i}].{key}", code="unsupported_option")
 
     def top_logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -29,6 +29,12 @@ def test_option_checks_name_the_option():
         assert (e.value.status, e.value.param) == (400, param), kw
     for kw in ({"store": False}, {"tool_choice": "none"}, {"best_of": 2, "n": 2}, {}):
         chat(**kw).check_options()  # harmless values pass
+    named = parse_body(json.dumps({"model": "m", "messages": [
+        {"role": "assistant", "content": "a", "tool_calls": None, "refusal": None},
+        {"role": "user", "content": "b", "name": "bob"}]}).encode(), ChatRequest, 10_000)
+    with pytest.raises(APIError) as e:
+        named.check_options()
+    assert e.value.param == "messages[1].name"
     assert chat().top_logprobs_k() is None and chat(logprobs=True).top_logprobs_k() == 0
     assert chat(logprobs=True, top_logprobs=5).top_logprobs_k() == 5
     for kw in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
