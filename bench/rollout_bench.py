@@ -3,7 +3,7 @@ their log-probs) vs Hugging Face ``transformers`` ``generate`` on the same check
 then the seconds to push a learner's weights into a running engine, per 100M parameters.
 
     python bench/rollout_bench.py [--preset demo] [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2]
-                                  [--repeats 3] [--vllm-bind threads|auto] [--sync-layers 16] [--sync-dim 768]
+                                  [--repeats 5] [--vllm-bind threads|auto] [--sync-layers 16] [--sync-dim 768]
 
 Both sides sample ``--n`` answers to each of ``--prompts`` prompts (temperature 1, no top-k/top-p, the same stop
 tokens, the same ``--max-new-tokens``) from a randomly initialised fp32 model of ``--preset`` with a BPE trained on
@@ -11,7 +11,8 @@ this Python's stdlib, each after one warm-up call, with ``--threads`` CPU thread
 prompts x n rows (left-padded, ``num_return_sequences``) under ``torch.set_num_threads``; vLLM's worker pinned to the
 first ``--threads`` CPUs (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two
 for its scheduler and computes on the other). Tokens/s counts generated tokens (up to and including a stop token);
-each side's time is the median of ``--repeats`` calls. Weight sync: a model of about 100M parameters
+``--repeats`` rounds alternate the two sides (a load change on a shared machine hits both alike); the
+ratio is the median of the per-round ratios. Weight sync: a model of about 100M parameters
 (``--sync-layers`` x ``--sync-dim``) in an engine, pushed the way the RLHF driver pushes it into an engine on its node
 (``write_weights_file`` into /dev/shm, then ``reload_weights`` in place), median of 3. The LAST line is the ratio
 vLLM / HF tokens/s (goal >= 5) and the sync seconds per 100M parameters (goal <= 1 on CPU).
@@ -60,10 +61,9 @@ def count_generated(rows: list[list[int]], stop: list[int]) -> tuple[int, int]:
     return tokens, stopped
 
 
-def hf_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int,
-                threads: int, repeats: int) -> tuple[float, int, int]:
-    """(median seconds, generated tokens, rows stopped early) of one batched ``generate`` call over all prompts x n
-    (after a warm-up call)."""
+def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int, threads: int):
+    """A warmed-up HF model and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one batched
+    ``generate`` over all prompts x n (left-padded, ``num_return_sequences``), seed ``r``."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -81,38 +81,39 @@ def hf_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop
     with torch.no_grad():
         model.generate(input_ids=ids[:2], attention_mask=att[:2],
                        generation_config=GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4}))  # warm-up
-        times = []
-        for r in range(repeats):
-            torch.manual_seed(r)
+
+    def call(r: int) -> tuple[float, int, int]:
+        torch.manual_seed(r)
+        with torch.no_grad():
             t0 = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=att, generation_config=gen)
-            times.append(time.perf_counter() - t0)
-    assert out.shape[0] == len(prompts) * n, out.shape
-    tokens, stopped = count_generated(out[:, width:].tolist(), stop)
-    return statistics.median(times), tokens, stopped
+            dt = time.perf_counter() - t0
+        assert out.shape[0] == len(prompts) * n, out.shape
+        return (dt, *count_generated(out[:, width:].tolist(), stop))
+
+    return call
 
 
-def vllm_generate(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int],
-                  max_len: int, repeats: int) -> tuple[float, int, int]:
-    """(median seconds, generated tokens, rows stopped early) of one ``RolloutWorker.generate`` call over all prompts
-    x n (token ids and their log-probs, what a rollout needs), after a warm-up call."""
+def vllm_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], max_len: int):
+    """A warmed-up ``RolloutWorker`` and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one
+    ``generate`` over all prompts x n (token ids and their log-probs, what a rollout needs), seeds from ``r``."""
     from models.engine import EngineConfig
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
 
     worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=max_len, max_num_seqs=len(prompts) * n), stop)
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=1.0)
     worker.generate(prompts[:2], 1, dataclasses.replace(sampling, max_new_tokens=4), [0, 1])  # warm-up
-    times = []
-    for r in range(repeats):
+
+    def call(r: int) -> tuple[float, int, int]:
         t0 = time.perf_counter()
         outs = worker.generate(prompts, n, sampling, [r * len(prompts) + i for i in range(len(prompts))])
-        times.append(time.perf_counter() - t0)
-    rows = [c.token_ids for o in outs for c in o]
-    assert len(rows) == len(prompts) * n and all(len(c.logprobs) == len(c.token_ids) for o in outs for c in o)
-    tokens = sum(len(r) for r in rows)
-    stopped = sum(bool(r) and r[-1] in stop for r in rows)
-    del worker
-    return statistics.median(times), tokens, stopped
+        dt = time.perf_counter() - t0
+        rows = [c.token_ids for o in outs for c in o]
+        assert len(rows) == len(prompts) * n and all(len(c.logprobs) == len(c.token_ids) for o in outs for c in o)
+        return dt, sum(len(r) for r in rows), sum(bool(r) and r[-1] in stop for r in rows)
+
+    call.worker = worker  # type: ignore[attr-defined]  (the engine lives as long as the caller holds this)
+    return call
 
 
 def sync_seconds(ckpt: Path, repeats: int = 3) -> tuple[float, float, int]:
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--vllm-bind", choices=["threads", "auto"], default="threads",
                     help="threads: vLLM's worker computes on the first --threads CPUs, as HF does; auto: vLLM's default")
     ap.add_argument("--sync-layers", type=int, default=16)
@@ -183,13 +184,27 @@ def main() -> None:
     stop = [tok.eot_id, tok.im_end_id]
     max_len = model_preset(a.preset).max_seq_len
     rows = len(prompts) * a.n
-    hf_s, hf_tok, hf_stop = hf_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads, a.repeats)
-    print(f"HF generate:   {hf_tok} tokens ({rows} rows, {hf_stop} stopped early) in {hf_s:.2f} s "
-          f"(median of {a.repeats}) = {hf_tok / hf_s:.1f} tokens/s")
-    v_s, v_tok, v_stop = vllm_generate(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len, a.repeats)
-    print(f"vLLM rollout:  {v_tok} tokens ({rows} rows, {v_stop} stopped early) in {v_s:.2f} s "
-          f"(median of {a.repeats}) = {v_tok / v_s:.1f} tokens/s (with log-probs)")
-    ratio = (v_tok / v_s) / (hf_tok / hf_s)
+    hf = hf_side(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads)
+    vl = vllm_side(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len)
+    # rounds alternate HF and vLLM, so a load change on a shared machine hits both sides alike; per round the
+    # tokens/s of each side and their ratio; the medians are reported
+    res: dict[str, list[tuple[float, int, int]]] = {"HF generate": [], "vLLM rollout": []}
+    for r in range(a.repeats):
+        res["HF generate"].append(hf(r))
+        res["vLLM rollout"].append(vl(r))
+        (hs, ht, _), (vs, vt, _) = res["HF generate"][-1], res["vLLM rollout"][-1]
+        print(f"round {r + 1}/{a.repeats}: HF {ht / hs:.1f} tokens/s, vLLM {vt / vs:.1f} tokens/s, load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+    for name, runs in res.items():
+        rates = [t / s for s, t, _ in runs]
+        print(f"{name + ':':14s} {' '.join(f'{t}' for _, t, _ in runs)} tokens ({rows} rows each, "
+              f"{' '.join(str(k) for _, _, k in runs)} stopped early) in {' '.join(f'{s:.2f}' for s, _, _ in runs)} s "
+              f"= {statistics.median(rates):.1f} tokens/s (median of {a.repeats})"
+              + (" with log-probs" if name.startswith("vLLM") else ""))
+    ratios = [(vt / vs) / (ht / hs) for (hs, ht, _), (vs, vt, _) in zip(res["HF generate"], res["vLLM rollout"])]
+    ratio = statistics.median(ratios)
+    print(f"per-round ratios: {' '.join(f'{x:.1f}' for x in ratios)}")
+    del vl
     per_100m = float("nan")
     if not a.skip_sync:
         big = ModelConfig(dim=a.sync_dim, n_layers=a.sync_layers, n_heads=a.sync_dim // 64, n_kv_heads=4,
