@@ -26,6 +26,7 @@ from pipelines.artifacts import is_finished
 log = logging.getLogger("genloop.demo")
 
 SMOKE_QUESTIONS = 4  # held-out code-writing requests the served model answers
+REWARD = "rm:{d}/reward:0.1,fn:judge_pass,fn:signature_match:0.5"  # the demo's RLHF reward (see steps())
 
 
 @dataclass
@@ -55,19 +56,22 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
         Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
                      "--out", f"{d}/sft"], f"{d}/sft"),
-        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO against the judge, with
-        # the reward model at a small weight (at full weight GRPO games it: its score rises while the judge's falls)
+        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO. The reward pays for a
+        # judge pass (the requested signature, a real body) and, densely, for how close the def line is to the
+        # requested one; the judge's partial grades are left out (GRPO then trades copying the name for short generic
+        # functions: judge mean up, pass rate down), and the reward model has a small weight (at full weight GRPO
+        # games it: its score rises while the judge's falls)
         Step("pref-data", ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data",
                            "--out", f"{d}/pref-data"], f"{d}/pref-data"),
         Step("reward", ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data",
                         "--out", f"{d}/reward"], f"{d}/reward"),
         Step("rlhf", ["rlhf", "--config", preset, "--policy", f"{d}/sft", "--reward",
-                      f"rm:{d}/reward:0.1,fn:code_judge", "--prompts", f"{d}/sft-data", "--algo", "grpo",
+                      REWARD.format(d=d), "--prompts", f"{d}/sft-data", "--algo", "grpo",
                       "--out", f"{d}/rlhf"], f"{d}/rlhf"),
         # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
         Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
-                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "48",
-                      "--max-new-tokens", "96", "--out", f"{d}/eval.json"], None),
+                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "96",
+                      "--max-new-tokens", "64", "--out", f"{d}/eval.json"], None),
         # the knowledge store: two stdlib packages plus the modules the smoke questions' functions come from
         Step("knowledge", lambda: ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http",
                                    *smoke_sources(f"{d}/sft-data", SMOKE_QUESTIONS), "--store", f"{d}/serve"], None),

@@ -241,7 +241,9 @@ def rlhf_section(out: Path, step: Any) -> Section | None:
     if not m:
         return None
     x, c = m.get("metrics", {}), m.get("counts", {})
-    s = Section("rlhf: GRPO with vLLM rollout actors and a Ray Train learner (reward model + code judge)", rows=[
+    reward = m.get("config", {}).get("reward", "")
+    s = Section("rlhf: GRPO with vLLM rollout actors and a Ray Train learner", rows=[
+        ("reward", f"`{reward}`" if reward else "-"),
         ("iterations", _num(c.get("iterations"), "d")),
         ("mean reward, first -> last iteration", f"{_num(x.get('reward_first'))} -> {_num(x.get('reward_last'))}"),
         ("KL to the SFT model (last iteration)", _num(x.get("kl_last"))),
