@@ -78,10 +78,22 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("serve", ["serve", "--config", preset, "--model", policy, "--knowledge", f"{d}/serve",
                        "--smoke", str(SMOKE_QUESTIONS), "--smoke-questions", f"{d}/sft-data",
                        "--smoke-out", f"{d}/serve/smoke.json"], None),
-        Step("feedback", ["feedback", "export", "--store", f"{d}/serve/feedback.db",
-                          "--out", f"{d}/serve/prefs.jsonl"], None),
+        # the loop, once around: the ratings and preferences posted during serve --smoke, exported for the version
+        # that was served: the next round's `genloop reward --data`
+        Step("feedback", lambda: ["feedback", "export", "--store", f"{d}/serve/feedback.db", *served_version(d),
+                                  "--out", f"{d}/serve/round1/prefs.jsonl"], None),
         Step("lineage", ["lineage", policy], None),
     ]
+
+
+def served_version(d: str) -> list[str]:
+    """``["--model-version", V]`` for the one model version ``serve --smoke`` answered with (its smoke.json), else
+    nothing (every version is exported)."""
+    import json
+
+    f = Path(d) / "serve" / "smoke.json"
+    versions = json.loads(f.read_text()).get("model_versions", []) if f.is_file() else []
+    return ["--model-version", versions[0]] if len(versions) == 1 else []
 
 
 def smoke_sources(sft_data: str, n: int) -> list[str]:

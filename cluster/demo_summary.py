@@ -192,12 +192,22 @@ def _indent(text: str, pad: str) -> str:
 
 
 def feedback_section(out: Path, step: Any) -> Section | None:
-    prefs, ratings = out / "serve" / "prefs.jsonl", out / "serve" / "prefs.ratings.jsonl"
+    rnd = out / "serve" / "round1"
+    prefs, ratings = rnd / "prefs.jsonl", rnd / "prefs.ratings.jsonl"
     if not prefs.is_file():
         return None
-    n = lambda p: sum(1 for ln in p.read_text().splitlines() if ln.strip()) if p.is_file() else 0  # noqa: E731
-    return Section("feedback: what users rated, as preference data",
-                   rows=[("preference pairs", str(n(prefs))), ("ratings", str(n(ratings)))])
+    rows = lambda p: [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []  # noqa: E731
+    pairs, rated = rows(prefs), rows(ratings)
+    versions = sorted({str(r.get("model_version")) for r in [*pairs, *rated]})
+    ups = sum(1 for r in rated if (r.get("score") or 0) > 0)  # score in [-1, 1]: up / 4-5 stars above 0
+    s = Section("feedback: one continuous-learning round (rated while serving, exported by model version)", rows=[
+        ("model version served and rated", ", ".join(versions) or "-"),
+        ("ratings (up / down)", f"{len(rated)} ({ups} / {len(rated) - ups})"),
+        ("preference pairs", str(len(pairs))),
+        ("exported to", f"`{prefs}`")])
+    s.lines.append(f"The next round's reward stage reads them: `genloop reward --init-from {out}/rlhf --data {prefs} "
+                   f"--out {out}/reward2`.")
+    return s
 
 
 def lineage_section(out: Path, step: Any) -> Section | None:
