@@ -150,7 +150,7 @@ def main() -> None:
     small, big = best["1x"], best[f"{args.copies}x"]
     for tag, m in best.items():
         if np.isnan(m["data_wait_frac"]):
-            print(f"{tag:>4}: (a checkpoint before the loader: every worker reads the whole split, read = split)")
+            print(f"{tag:>4}: (a checkout before the loader: every worker reads the whole split, read = split)")
         print(f"{tag:>4}: {m['rows']:,.0f} rows, split {m['split_mb']:.1f} MB; peak RSS per worker "
               f"{m['peak_rss_mb']:.0f} MB; {m['tokens_per_s']:,.0f} tokens/s (waiting for data "
               f"{100 * m['data_wait_frac']:.2f}% of the time); read per worker per epoch "
