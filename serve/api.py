@@ -62,6 +62,10 @@ class Ingress:
         self.local = local  # the checkpoint the app started with: a switch keeps its tokenizer and architecture
         self.switch_lock = asyncio.Lock()
         self.app_name, self.deployment_id = serve.get_replica_context().app_name, deployment_id
+        from serve.live import live_board
+
+        self.live_board = live_board(self.app_name)  # which checkpoint a switch made live (serve.live)
+        self.broadcast_handle = None
         self.tok = load_tokenizer(local)
         self.fmt = ChatFormat.from_checkpoint(local)
         self.context_len = context_length(cfg, local)
@@ -367,16 +371,17 @@ class Ingress:
                 resolved, _, version = await asyncio.to_thread(check_checkpoint, model, self.local)
             except SwitchError as e:
                 raise as_api_error(e) from None
+            checked = time.perf_counter()
             live = await _call(self.generator.info.remote())
             # recorded first, so that a replica starting during the switch loads the new checkpoint too
-            await asyncio.to_thread(record_live, self.app_name, self.deployment_id, resolved, version)
+            await asyncio.to_thread(record_live, self.live_board, self.deployment_id, resolved, version)
             try:
                 results = await asyncio.to_thread(self._broadcast, "switch", resolved, version)
             except Exception as e:  # noqa: BLE001  (switch every replica back, then answer what went wrong)
                 err = as_api_error(unwrap(e))
                 log.warning("switch to %s failed (%s); switching the replicas back to %s", version, e,
                             live["model_version"])
-                await asyncio.to_thread(record_live, self.app_name, self.deployment_id, live["model"],
+                await asyncio.to_thread(record_live, self.live_board, self.deployment_id, live["model"],
                                         live["model_version"])
                 await asyncio.to_thread(self._broadcast, "switch", live["model"], live["model_version"])
                 if err is None:
@@ -388,13 +393,15 @@ class Ingress:
                     "previous_version": live["model_version"], "mode": "in_place", "replicas": len(results),
                     "drain_s": max((r["drain_s"] for r in results), default=0.0),
                     "reload_s": max((r["reload_s"] for r in results), default=0.0),
-                    "seconds": round(time.perf_counter() - t0, 3)}
+                    "check_s": round(checked - t0, 3), "seconds": round(time.perf_counter() - t0, 3)}
 
     def _broadcast(self, method: str, *args: Any) -> list:
         """Call ``method`` on every generator replica (blocking; run in a thread). Ray Serve has no public
         broadcast; Ray LLM's (``ray.llm``: replicas from the handle's router, calls to each replica actor) is used.
         Without it (another Ray version) one call goes to one replica: right for a single generator replica only."""
-        handle = serve.get_deployment_handle("Generator", self.app_name)
+        if self.broadcast_handle is None:  # one handle, its router kept warm between switches
+            self.broadcast_handle = serve.get_deployment_handle("Generator", self.app_name)
+        handle = self.broadcast_handle
         try:
             try:
                 from ray.llm._internal.serve.utils.broadcast import broadcast

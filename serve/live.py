@@ -35,10 +35,15 @@ def _name(app_name: str) -> str:
     return f"genloop-live-model:{app_name}"
 
 
-def record_live(app_name: str, deployment_id: str, model: str, version: str) -> None:
-    """After a switch: the checkpoint every replica of this deployment serves from now on."""
-    board = LiveModel.options(name=_name(app_name), namespace=NAMESPACE, lifetime="detached",
-                              get_if_exists=True).remote()
+def live_board(app_name: str):
+    """The application's ``LiveModel`` actor, made when missing (the ingress makes it at start: starting an actor
+    takes a worker process, which a switch should not wait for)."""
+    return LiveModel.options(name=_name(app_name), namespace=NAMESPACE, lifetime="detached",
+                             get_if_exists=True).remote()
+
+
+def record_live(board, deployment_id: str, model: str, version: str) -> None:
+    """At a switch: the checkpoint every replica of this deployment serves from now on."""
     ray.get(board.set.remote(deployment_id, model, version))
 
 

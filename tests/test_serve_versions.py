@@ -227,7 +227,8 @@ def test_switch_under_streaming_load_fails_nothing(server, ckpts):
     steady = [x["end"] - x["start"] for x in before] + [x["end"] - x["start"] for x in after]
     during = [x["end"] - x["start"] for x in results if x["start"] <= t_switch1 and x["end"] >= t_switch0]
     report = {"requests": len(results), "failed": len(errors), "truncated": len(truncated),
-              "switch_s": round(t_switch1 - t_switch0, 3), "drain_s": body["drain_s"], "reload_s": body["reload_s"],
+              "switch_s": round(t_switch1 - t_switch0, 3), "check_s": body["check_s"], "drain_s": body["drain_s"],
+              "reload_s": body["reload_s"],
               "p99_steady_s": round(p99(steady), 3), "p99_during_switch_s": round(p99(during), 3),
               "n_steady": len(steady), "n_during": len(during)}
     log.warning("version switch under load: %s", json.dumps(report))
