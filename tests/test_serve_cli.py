@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,5 +46,13 @@ def test_genloop_serve_smoke_answers_through_direct_ingress(tiny_checkpoint, tmp
     assert "models: [('tiny', 'w-" in r.stdout  # name and model version (a bare checkpoint: weights hash)
     assert r.stdout.count("    answer: ") == 1 and r.stdout.count("    answer (streamed): ") == 1
     assert r.stdout.count("parses as a function: ") == 2 and "retrieval found: " in r.stdout
-    assert "feedback 'up' recorded" in r.stdout
+    # the feedback round: the non-streamed answer rated, recorded under the version that answered it
+    m = re.search(r"feedback round: (\d+) ratings \((\d+) up, (\d+) down\) and (\d+) preferences", r.stdout)
+    assert m and int(m.group(1)) == 1, r.stdout[-2000:]
+    version = re.search(r"models: \[\('tiny', '([^']+)'\)\]", r.stdout).group(1)
+    from serve.feedback import FeedbackStore
+
+    out = FeedbackStore(str(tmp_path / "state" / "feedback.db")).export(str(tmp_path / "p.jsonl"),
+                                                                         model_version=version)
+    assert out["ratings"] == 1 and out["preferences"] == int(m.group(4))
     assert f"direct ingress: the ingress replica serves 127.0.0.1:{port}" in r.stderr

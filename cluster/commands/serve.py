@@ -80,8 +80,9 @@ def smoke_questions(source: str | None, n: int) -> list[str]:
 
 def smoke(base_url: str, model: str, questions: list[str], api_key: str | None = None) -> list[dict]:
     """Ask each question through the official ``openai`` client (greedy, the server's default max_tokens; every
-    other one streamed), print the answer, whether it parses as a function and the sources retrieval found; rate
-    the first answer 'up'. Returns the answers as dicts."""
+    other one streamed), print the answer, whether it parses as a function and the sources retrieval found; then
+    one feedback round (``cluster/feedback_round.py``: ratings and preferences posted as a user would). Returns the
+    answers as dicts."""
     import openai
 
     from pipelines.judge import writes_function
@@ -115,10 +116,11 @@ def smoke(base_url: str, model: str, questions: list[str], api_key: str | None =
         print(f"\n[{i + 1}] {q}\n    answer{' (streamed)' if streamed else ''}: {answer!r}\n"
               f"    parses as a function: {'yes' if res['parses'] else 'no'}; retrieval found: "
               f"{', '.join(res['sources']) or 'nothing'}; {res['seconds']:.2f}s")
-    first = next((r["response_id"] for r in results if r["response_id"]), None)
-    if first:
-        client.post("/feedback", body={"response_id": first, "rating": "up"}, cast_to=object)
-        print(f"\nfeedback 'up' recorded for {first}")
+    from cluster.feedback_round import feedback_round
+
+    posted = feedback_round(client, model, questions, results)
+    print(f"\nfeedback round: {posted['ratings']} ratings ({posted['up']} up, {posted['down']} down) and "
+          f"{posted['preferences']} preferences posted through /v1/feedback")
     return results
 
 
