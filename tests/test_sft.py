@@ -46,8 +46,8 @@ def test_sft_lora_in_process(ray_session, tiny_checkpoint, tmp_path):
     shutil.copy(data, tmp_path / "sft.val.jsonl")  # held-out = the same pattern: its answer loss must fall
     cfg = build_config(SftConfig, "sft", "tiny", {
         "init_from": str(tiny_checkpoint), "data": str(data), "out": str(tmp_path / "out"), "in_process": True,
-        "export": "both", "lora.rank": 8, "lora.alpha": 16, "train.steps": 30, "train.lr": 2e-2,
-        "train.warmup_steps": 2, "train.eval_every": 15, "eval.prompts": 2, "eval.max_new_tokens": 12,
+        "export": "both", "lora.rank": 8, "lora.alpha": 16, "train.steps": 40, "train.lr": 2e-2,
+        "train.warmup_steps": 2, "train.eval_every": 20, "eval.prompts": 2, "eval.max_new_tokens": 12,
         "eval.step_prompts": 1})
     assert cfg.lora == LoraConfig(rank=8, alpha=16.0, dropout=0.0,
                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -69,7 +69,7 @@ def test_sft_lora_in_process(ray_session, tiny_checkpoint, tmp_path):
     # per eval step: held-out answer loss (val_loss) and the parse rate of the step's generated answers
     steps = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl")]
     evals = [r for r in steps if "val_loss" in r]
-    assert [r["step"] for r in evals] == [15, 30] and all("parse_rate" in r for r in evals)
+    assert [r["step"] for r in evals] == [20, 40] and all("parse_rate" in r for r in evals)
 
     # only adapters trained: the merged export differs from the base exactly on LoRA targets ...
     base, _ = load_checkpoint(tiny_checkpoint)
