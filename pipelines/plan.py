@@ -270,7 +270,7 @@ def run_shape(config: str, overrides: Mapping[str, Any] | None = None) -> RunSha
     tc.validate()
     name = f"checkpoint {pcfg.init_from}" if pcfg.init_from else pcfg.model.preset
     return RunShape(model=mcfg, model_name=name, seq_len=seq_len, micro_batch_size=tc.micro_batch_size,
-                    grad_accum=tc.grad_accum, num_workers=tc.num_workers, cpus_per_worker=tc.cpus_per_worker,
+                    grad_accum=tc.accum_steps(tc.num_workers), num_workers=tc.num_workers, cpus_per_worker=tc.cpus_per_worker,
                     strategy="fsdp" if tc.strategy == "fsdp" else "ddp",
                     activation_checkpointing=tc.activation_checkpointing)
 

@@ -171,7 +171,7 @@ def run(cfg: SftConfig) -> dict:
              len(rows["input_ids"]), seq_len, "packed" if cfg.pack else "padded", 100 * fill, len(val_samples),
              {k: v for k, v in counts.items() if k.startswith(("bad_", "cut_", "dropped_", "val_bad", "val_dropped"))})
 
-    need = cfg.train.micro_batch_size * cfg.train.grad_accum * (1 if cfg.in_process else cfg.train.num_workers)
+    need = cfg.train.micro_batch_size * cfg.train.accum_steps(1) if cfg.in_process else cfg.train.global_rows()
     if len(rows["input_ids"]) < need:
         raise ValueError(f"{cfg.data}: {len(samples)} samples make {len(rows['input_ids'])} rows, fewer than one global "
                          f"batch ({need} rows); add data or lower train.micro_batch_size / train.grad_accum")

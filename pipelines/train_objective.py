@@ -6,8 +6,8 @@ whole global batch (all micro-batches, all ranks), so the loss does not depend o
 are sums too (e.g. correctly ordered pairs), divided by the same global count when logged.
 
 An objective also says which row columns it reads (``columns``; the loop keeps only those, ``required`` must be
-present), how many units each row holds (``row_counts``, known before training so the global divisor needs one
-all-reduce at the start), and how many tokens a row puts through the model (throughput, MFU).
+present), how many units each row holds (``row_counts``, stored with the rows by the loader, so every rank knows each
+global batch's divisor without talking), and how many tokens a row puts through the model (throughput, MFU).
 
 ``LMObjective`` (the default): token-mean cross-entropy over ``labels != IGNORE``. The preference objectives
 (Bradley-Terry for the reward model, DPO) live in ``pipelines/pairwise.py``.
