@@ -270,8 +270,8 @@ def test_running_retriever_sees_each_sync_on_its_next_query(ray_session, tmp_pat
         assert found("prehensile snout tapirs")[0][0] == "docs/new.md"  # new content
         assert found("flightless dodos") == []  # deleted content is gone
         assert found("zebras") == [("docs/zebra.md", "Plains zebras live in large herds on the savanna.")]
-    finally:
-        serve.delete("ksync-test")
+    finally:  # Serve down, not just the app: a later module's serve.start sets its own HTTP port
+        serve.shutdown()
 
 
 def test_sync_follows_a_folder_on_object_storage(tmp_path, monkeypatch):
