@@ -108,3 +108,17 @@ def test_entropy_and_whiten():
     x = t([1.0, 3.0, 100.0])
     w = algos.whiten(x, t([1, 1, 0]))
     assert torch.allclose(w, t([-1.0, 1.0, 0.0]), atol=1e-4)
+
+
+def test_learner_log_probs_are_those_of_the_tempered_distribution():
+    """The learner scores a token under softmax(logits / T), the distribution vLLM sampled it from at temperature T
+    (its processed log-probs): two logits 0 and ln 3 at T = 0.5 give probabilities 1/10 and 9/10."""
+    from pipelines.rlhf.learner import logp_and_entropy
+
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # (m=1, T=1, V=2)
+    targets = torch.tensor([[1]])
+    logp, ent = logp_and_entropy(logits, targets, temperature=0.5)
+    assert logp.item() == pytest.approx(math.log(0.9), abs=1e-6)
+    assert ent.item() == pytest.approx(-(0.1 * math.log(0.1) + 0.9 * math.log(0.9)), abs=1e-6)
+    logp1, _ = logp_and_entropy(logits, targets)  # temperature 1: 1/4 and 3/4
+    assert logp1.item() == pytest.approx(math.log(0.75), abs=1e-6)

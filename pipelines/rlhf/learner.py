@@ -62,9 +62,14 @@ def response_logits(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     return logits.gather(1, mb.idx[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, T, V) logits, (m, T) targets -> log-prob of each target and the entropy of each position, both (m, T)."""
-    lsm = torch.log_softmax(logits.float(), -1)
+def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, T, V) logits, (m, T) targets -> log-prob of each target and the entropy of each position, both (m, T),
+    under the distribution the rollout sampled from: softmax(logits / temperature), as vLLM's processed log-probs
+    (verl and OpenRLHF divide the learner's logits by the sampling temperature the same way). At temperature 1 the
+    ratio against vLLM's log-probs is the numerical mismatch alone; without the division, sampling at 0.5 made the
+    ratio the gap between two different distributions (mismatch_kl ~0.5) and skewed the importance weights."""
+    lsm = torch.log_softmax(logits.float() / temperature, -1)
     logp = lsm.gather(-1, targets[..., None]).squeeze(-1)
     return logp, -(lsm.exp() * lsm).sum(-1)
 
@@ -103,6 +108,7 @@ class Learner:
         from pipelines.train_state import build_optimizer
 
         self.cfg, self.device, self.rank, self.world, self.pad_id = cfg, device, rank, world, pad_id
+        self.temperature = cfg.rollout.sampling.temperature  # log-probs of the distribution the rollout sampled from
         tc = cfg.train
         torch.manual_seed(cfg.seed)
         self.base, _ = load_checkpoint(policy_path)
@@ -132,10 +138,11 @@ class Learner:
             sl = slice(lo, lo + mb_size)
             mb = collate(P[sl], R[sl], self.pad_id, self.device)
             t = mb.mask.shape[1]
-            logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets)
+            logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
             out["old_logp"][sl, :t], out["entropy"][sl, :t] = logp.cpu(), ent.cpu()
             if self.ref is not None:
-                out["ref_logp"][sl, :t] = logp_and_entropy(response_logits(self.ref, mb), mb.targets)[0].cpu()
+                ref_logits = response_logits(self.ref, mb)
+                out["ref_logp"][sl, :t] = logp_and_entropy(ref_logits, mb.targets, self.temperature)[0].cpu()
             if self.value is not None:
                 out["values"][sl, :t] = response_values(self.value, mb).cpu()
         return out
@@ -222,7 +229,7 @@ class Learner:
                     sel = lambda x: x[micro, :t].to(self.device)  # noqa: E731  (B, T) -> this micro-batch
                     last = k == len(micros) - 1
                     with set_gradient_sync(self.policy, tc.strategy, last):
-                        logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets)
+                        logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
                         loss, st = loss_fn(logp, sel(pre["old_logp"]), sel(adv), mb.mask, eps_low=a.eps_low,
                                            eps_high=a.eps_high, is_weights=sel(is_w), agg=a.loss_agg,
                                            n_tokens=denom_tok, n_seqs=denom_seq)
