@@ -73,6 +73,68 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
+# ---- one served application for the serve modules ---------------------------------------------------------------
+
+SERVE_KEYS = ("key-alpha-123", "key-bravo-456")  # API keys (two: memory is private per key)
+SERVE_ADMIN_KEY = "admin-key-456"
+SERVE_APP, SERVE_PREFIX = "genloop-test", "/genloop-test"
+_served: dict = {}
+_last_served_user: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def served(ray_session, tiny_checkpoint, tmp_path_factory):
+    """ONE Ray Serve application over the tiny checkpoint (real vLLM CPU engine, real HTTP) for test_serve,
+    test_serve_openai and test_serve_versions: the app and its engine start once, not once per module. API keys and
+    an admin key are on. Closed right after the last test that uses it (``pytest_runtest_teardown`` below), so its
+    engine does not sit beside the later modules' jobs. A module that changes the live model puts it back."""
+    from ray import serve
+
+    from models.engine import EngineConfig
+    from serve.app import DeploymentOptions, ServeConfig, build_app
+
+    state = tmp_path_factory.mktemp("serve_state")
+    (state / "keys.txt").write_text("# test keys\n" + SERVE_KEYS[0] + "\n\n" + SERVE_KEYS[1] + "\n")
+    (state / "admin.txt").write_text(SERVE_ADMIN_KEY + "\n")
+    port = free_port()
+    cfg = ServeConfig(model=str(tiny_checkpoint), model_name="tiny", knowledge=str(state),
+                      api_key_file=str(state / "keys.txt"), admin_key_file=str(state / "admin.txt"),
+                      host="127.0.0.1", port=port, app_name=SERVE_APP, route_prefix=SERVE_PREFIX,
+                      max_body_bytes=20_000, max_document_chars=5_000, max_tokens_cap=64, default_max_tokens=16,
+                      rate_limit_per_minute=0, chunk_chars=200, chunk_overlap=20,
+                      engine=EngineConfig(max_num_seqs=8, kv_cache_gib=1), generator=DeploymentOptions(num_cpus=1),
+                      retriever=DeploymentOptions(num_cpus=0.1), ingress=DeploymentOptions(num_cpus=0.1))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def up() -> None:
+        serve.run(build_app(cfg), name=SERVE_APP, route_prefix=SERVE_PREFIX)
+
+    up()
+    _served["up"] = True
+    yield {"base": f"http://127.0.0.1:{port}{SERVE_PREFIX}", "cfg": cfg, "restart": up, "state": state,
+           "app": SERVE_APP}
+    _close_served()
+
+
+def _close_served() -> None:
+    if _served.pop("up", None):
+        from ray import serve
+
+        serve.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    users = [it.nodeid for it in items if "served" in getattr(it, "fixturenames", ())]
+    _last_served_user[:] = users[-1:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the item's own fixtures (a module's put-back) are torn down first
+    if _last_served_user and item.nodeid == _last_served_user[0]:
+        _close_served()
+
+
 # ---- helpers shared between test files ---------------------------------------------------------------------------
 
 def make_dataset(out: Path, tok, texts: list[str], seq_len: int, val_blocks: int = 4) -> Path:

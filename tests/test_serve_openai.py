@@ -11,37 +11,27 @@ import math
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import SERVE_KEYS
 
 pytestmark = pytest.mark.slow
-PREFIX = "/openai-test"
+KEY = SERVE_KEYS[0]
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_checkpoint, tmp_path_factory):
-    from ray import serve
+def server(served):
+    """The session's one served app (conftest ``served``, API keys on): real Ray Serve, real vLLM CPU engine."""
+    return served
 
-    from models.engine import EngineConfig
-    from serve.app import DeploymentOptions, ServeConfig, build_app
 
-    state = tmp_path_factory.mktemp("openai_state")
-    port = free_port()
-    cfg = ServeConfig(model=str(tiny_checkpoint), model_name="tiny", knowledge=str(state), host="127.0.0.1",
-                      port=port, app_name="genloop-openai-test", route_prefix=PREFIX, max_tokens_cap=64,
-                      default_max_tokens=16, rate_limit_per_minute=0,
-                      engine=EngineConfig(max_num_seqs=8, kv_cache_gib=1), generator=DeploymentOptions(num_cpus=1),
-                      retriever=DeploymentOptions(num_cpus=0.1), ingress=DeploymentOptions(num_cpus=0.1))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=PREFIX)
-    yield {"base": f"http://127.0.0.1:{port}{PREFIX}"}
-    serve.shutdown()
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server["base"] + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +165,12 @@ def test_options_not_honoured_answer_400_naming_them(client, server):
     assert e.value.body["param"] == "tools" and "tool parser" in e.value.body["message"]
     for body, param in [({"frobnicate": 1}, "frobnicate"), ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"),
                         ({"logprobs": 21}, "logprobs"), ({"logit_bias": {"99999": 5}}, "logit_bias")]:
-        r = httpx.post(server["base"] + "/v1/completions",
-                       json={"model": "tiny", "prompt": "a", "max_tokens": 2, **body}, timeout=60)
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
-    r = httpx.post(server["base"] + "/v1/chat/completions", json={
-        "model": "tiny", "messages": CHAT["messages"], "top_logprobs": 2}, timeout=60)
+    r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": CHAT["messages"], "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     # harmless values are accepted: echo false, store false
-    ok = httpx.post(server["base"] + "/v1/completions",
-                    json={"model": "tiny", "prompt": "a", "max_tokens": 2, "echo": False}, timeout=60)
+    ok = post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "echo": False})
     assert ok.status_code == 200, ok.text
 
 
@@ -201,8 +188,8 @@ def test_embeddings_are_the_models_pooled_hidden_states(client, server, torch_mo
         h = model.hidden_states(torch.tensor([ids]))[0].mean(0)
     assert v == pytest.approx((h / h.norm()).numpy(), abs=1e-4)
     assert r.usage.prompt_tokens == len(ids) + len(tok.encode("def main():"))
-    f = httpx.post(server["base"] + "/v1/embeddings", json={"model": "tiny", "input": ids}, timeout=60).json()
+    f = post(server, "/v1/embeddings", {"model": "tiny", "input": ids}).json()
     assert f["data"][0]["embedding"] == pytest.approx(list(v), abs=1e-5)  # token ids in, floats out
     for body, param in [({"input": ""}, "input"), ({"input": [], "dimensions": 8}, "dimensions")]:
-        bad = httpx.post(server["base"] + "/v1/embeddings", json={"model": "tiny", **body}, timeout=60)
+        bad = post(server, "/v1/embeddings", {"model": "tiny", **body})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

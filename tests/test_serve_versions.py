@@ -1,7 +1,8 @@
 """Live model versions: a running application switches checkpoints in place under a load of concurrent streaming
 requests, with no failed or truncated answer; every answer names the version that produced it and equals that
 checkpoint's own greedy decode (models/transformer.py generate); bad checkpoints are refused and the old version keeps
-serving; `genloop deploy` switches over HTTP and over Ray. Real Ray Serve, real vLLM CPU engine, one app."""
+serving; `genloop deploy` switches over HTTP and over Ray. Real Ray Serve, real vLLM CPU engine, one app (conftest
+``served``, shared with test_serve and test_serve_openai)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import SERVE_ADMIN_KEY, SERVE_KEYS
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
-KEY, ADMIN = "user-key-123", "admin-key-456"
-PREFIX = "/versions-test"
-APP = "genloop-versions-test"
+KEY, ADMIN = SERVE_KEYS[0], SERVE_ADMIN_KEY
 MAX_TOKENS = 12
 PROMPTS = ["count to three", "write a haiku", "def main():", "what is ray?"]
 
@@ -75,26 +74,11 @@ def ckpts(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_checkpoint, tmp_path_factory):
-    from ray import serve
-
-    from models.engine import EngineConfig
-    from serve.app import DeploymentOptions, ServeConfig, build_app
-
-    state = tmp_path_factory.mktemp("versions_state")
-    (state / "keys.txt").write_text(KEY + "\n")
-    (state / "admin.txt").write_text(ADMIN + "\n")
-    port = free_port()
-    cfg = ServeConfig(model=str(tiny_checkpoint), model_name="tiny", knowledge=str(state),
-                      api_key_file=str(state / "keys.txt"), admin_key_file=str(state / "admin.txt"),
-                      host="127.0.0.1", port=port, app_name=APP, route_prefix=PREFIX, max_tokens_cap=64,
-                      default_max_tokens=16, rate_limit_per_minute=0,
-                      engine=EngineConfig(max_num_seqs=8, kv_cache_gib=1), generator=DeploymentOptions(num_cpus=1),
-                      retriever=DeploymentOptions(num_cpus=0.1), ingress=DeploymentOptions(num_cpus=0.1))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
-    yield {"base": f"http://127.0.0.1:{port}{PREFIX}", "cfg": cfg, "state": state}
-    serve.shutdown()
+def server(served, tiny_checkpoint):
+    """The session's one served app (conftest ``served``): its live model is put back to the checkpoint it was
+    deployed with when this module ends, for any module using the app after this one."""
+    yield served
+    switch(served, tiny_checkpoint)
 
 
 def expected_texts(ckpt) -> dict[str, str]:
@@ -141,6 +125,16 @@ def stream_one(client, prompt: str) -> dict:
                 finals.append(ch.choices[0].finish_reason)
     return {"prompt": prompt, "text": "".join(pieces), "versions": versions, "finals": finals, "tokens": usage,
             "start": t0, "end": time.perf_counter()}
+
+
+STEADY = 12  # answers in steady state on each side of the switch (6 streams: two rounds each)
+
+
+def wait_for(cond, what: str, errors: list, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}; errors: {errors[:3]}"
+        time.sleep(0.2)
 
 
 def p99(xs: list[float]) -> float:
@@ -198,11 +192,13 @@ def test_switch_under_streaming_load_fails_nothing(server, ckpts):
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(8)  # steady state on A
+    # steady state on A, then on B: enough answers finished wholly before and started wholly after the switch (a
+    # count, not a fixed sleep: the same evidence on a fast or a loaded machine)
+    wait_for(lambda: len(results) >= STEADY, "answers before the switch", errors)
     t_switch0 = time.perf_counter()
     r = switch(server, ckpts["B_artifact"])  # an artifact folder: its model/ is served
     t_switch1 = time.perf_counter()
-    time.sleep(8)  # steady state on B
+    wait_for(lambda: sum(x["start"] > t_switch1 for x in list(results)) >= STEADY, "answers after the switch", errors)
     stop.set()
     for t in threads:
         t.join(timeout=120)
@@ -256,7 +252,7 @@ def test_genloop_deploy_over_http_and_over_ray(server, ckpts, capsys):
 
     v_b = live_version(server)
     args = argparse.Namespace(model=str(ckpts["A"]), url=server["base"], admin_key=None, admin_key_file=None,
-                              app_name=APP, timeout=300.0)
+                              app_name=server["app"], timeout=300.0)
     with pytest.raises(ValueError, match="401"):  # no admin key
         run(args)
     args.admin_key = ADMIN
@@ -266,7 +262,7 @@ def test_genloop_deploy_over_http_and_over_ray(server, ckpts, capsys):
     assert f"as version {v_a}" in capsys.readouterr().out
     # through the Ray cluster the app runs on (no admin key: holding the cluster is holding the server)
     ray_args = argparse.Namespace(model=str(ckpts["B"]), url=None, admin_key=None, admin_key_file=None,
-                                  app_name=APP, timeout=300.0, address=ray.get_runtime_context().gcs_address)
+                                  app_name=server["app"], timeout=300.0, address=ray.get_runtime_context().gcs_address)
     assert run(ray_args) == 0
     assert live_version(server) == v_b
     ray_args.model = str(ckpts["C"])
@@ -284,7 +280,7 @@ def test_a_replica_started_after_a_switch_serves_the_live_version(server, ckpts)
     v_live = live_version(server)
     assert v_live != live_version_of_a(ckpts)  # the previous test left B live
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP}#Generator#")]
+                if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{server['app']}#Generator#")]
     assert len(replicas) == 1
     ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
     c = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
