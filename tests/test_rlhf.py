@@ -68,6 +68,34 @@ def rewards(history):
     return [r["reward_mean"] for r in history]
 
 
+def test_engines_decode_what_genloop_decodes_before_and_after_a_weight_push(ray_session, engines, tiny_checkpoint):
+    """vLLM (the CPU build) loads a genloop checkpoint as is and greedy-decodes exactly what genloop's own module
+    decodes; a state dict pushed into a running engine (``update_from_state``: models/engine.update_weights, the
+    weight-sync worker extension) takes effect in place. (Was test_vllm_interop.py with an engine of its own; the
+    module's engines hold the same checkpoint, and every run below pushes its own weights in first.)"""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.transformer import generate
+
+    model, tok = load_checkpoint(tiny_checkpoint)
+    stop = (tok.eot_id, tok.im_end_id)
+    prompts = [tok.encode("def hello(name):\n"), tok.encode("import os\nimport sys\n"), tok.encode("class A:")]
+    ours = [generate(model, p, GREEDY_TOKENS, stop_ids=stop) for p in prompts]
+    assert engine_greedy(ray_session, engines, prompts) == [ours, ours]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn_like(p))
+    updated = [generate(model, p, GREEDY_TOKENS, stop_ids=stop) for p in prompts]
+    assert updated != ours
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: the embedding carries it
+    ray_session.get(engines[0].update_from_state.remote(state, 0))
+    assert ray_session.get(engines[0].greedy.remote(prompts, GREEDY_TOKENS)) == updated
+    assert ray_session.get(engines[1].greedy.remote(prompts, GREEDY_TOKENS)) == ours  # the other engine untouched
+
+
 def test_after_one_update_every_engine_decodes_the_learners_new_weights(ray_session, engines, tiny_checkpoint,
                                                                        toy_inputs, tmp_path):
     from models.checkpoint import load_tokenizer
