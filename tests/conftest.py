@@ -15,6 +15,11 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train V2 on one machine, set before the session's Ray starts (its processes inherit it): the controller polls
+# its workers every 0.5 s instead of 2 s (a finished or killed worker is seen sooner: ~1 s less per fit, more per
+# restart), and no PreemptionWatcher actor (spot-instance notices; one more Python process per fit on 2 cores)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
