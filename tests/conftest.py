@@ -128,6 +128,7 @@ def _close_served() -> None:
         serve.shutdown()
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
     users = [it.nodeid for it in items if "served" in getattr(it, "fixturenames", ())]
     _last_served_user[:] = users[-1:]
