@@ -122,3 +122,12 @@ def test_learner_log_probs_are_those_of_the_tempered_distribution():
     assert ent.item() == pytest.approx(-(0.1 * math.log(0.1) + 0.9 * math.log(0.9)), abs=1e-6)
     logp1, _ = logp_and_entropy(logits, targets)  # temperature 1: 1/4 and 3/4
     assert logp1.item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_informative_groups_keeps_only_groups_with_a_spread():
+    """Groups of 3: (0, 1, 0) differs -> kept; (1, 1, 1) all pass and (0, 0, 0) all fail -> dropped."""
+    scores = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    keep = algos.informative_groups(scores, group_size=3)
+    assert keep.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="whole groups"):
+        algos.informative_groups(scores[:8], group_size=3)

@@ -100,6 +100,22 @@ def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, n
     return adv, adv
 
 
+def informative_groups(part_scores: torch.Tensor, group_size: int, tol: float = 1e-6) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: (B,) one reward part's scores -> (B,) 1.0 for the answers of groups whose
+    scores differ (max - min > ``tol``), 0.0 for groups where every answer scored the same (all pass or all fail).
+
+    Such a group says nothing about that part; with a small second reward (a reward model as a tie-breaker) GRPO's
+    group normalisation would blow the tie-breaker up to unit-sized advantages there. DAPO drops these groups and
+    samples more prompts; here their policy-gradient advantages are zeroed (the KL term still applies to them).
+    """
+    B = part_scores.shape[0]
+    if B % group_size:
+        raise ValueError(f"{B} scores are not whole groups of group_size={group_size}")
+    g = part_scores.view(-1, group_size).float()
+    keep = (g.max(-1).values - g.min(-1).values) > tol  # (B / group_size,)
+    return keep.float().repeat_interleave(group_size)
+
+
 @register_adv_est("gae")
 def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    lam: float = 0.95, **_: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,9 @@ class UpdateConfig:
     """How one iteration updates the policy: advantages, the clipped loss, epochs x minibatches (pipelines/rlhf/algos.py)."""
 
     norm_std: bool = True  # grpo: divide by the group's std (False: Dr.GRPO)
+    # grpo: a reward part's name (e.g. judge_pass): groups where that part is the same for every answer get no
+    # policy-gradient update (DAPO's dynamic sampling, without refilling the batch); "" keeps every group
+    filter_groups: str = ""
     eps_low: float = 0.2
     eps_high: float = 0.2
     epochs: int = 1  # passes over each iteration's batch
@@ -121,6 +124,15 @@ class RlhfConfig:
                              "change prompts_per_iter or group_size")
         if t.strategy == "none" and t.num_workers != 1:
             raise ValueError("train.strategy=none runs one process: set train.num_workers=1")
+        if a.filter_groups:
+            from pipelines.rlhf.rewards import parse_reward_spec
+
+            names = [p.name for p in parse_reward_spec(self.reward)]
+            if self.algo != "grpo":
+                raise ValueError("update.filter_groups filters GRPO's groups: use it with --algo grpo")
+            if a.filter_groups not in names:
+                raise ValueError(f"update.filter_groups={a.filter_groups!r} is not a part of --reward "
+                                 f"({', '.join(names)}); name one of them")
         if self.algo == "grpo" and self.kl.coef > 0 and self.kl.mode == "reward":
             raise ValueError("grpo takes the KL term as a loss (kl.mode=loss); kl.mode=reward is for ppo")
         if self.kl.mode not in ("loss", "reward") or self.kl.estimator not in ("k1", "k3"):

@@ -173,6 +173,9 @@ class Learner:
             seq_adv, _ = algos.get_adv_estimator("grpo")(scores, torch.ones(len(scores), 1),
                                                          group_size=self.cfg.rollout.group_size, norm_std=a.norm_std)
             adv = seq_adv * mask  # (B, 1) * (B, T)
+            if a.filter_groups:  # groups that all pass / all fail that part: no policy gradient
+                keep = algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]), self.cfg.rollout.group_size)
+                adv = adv * keep[:, None]
             return adv, adv
         kl_tok = torch.zeros_like(mask)
         if self.ref is not None and kl.mode == "reward":
@@ -207,6 +210,9 @@ class Learner:
                if self.ref is not None else 0.0,
                "entropy": float((pre["entropy"] * mask).sum()) / n_batch_tok,
                "mismatch_kl": mm["mismatch_kl"], "is_clip_frac": mm["is_clip_frac"]}
+        if cfg.algo == "grpo" and a.filter_groups:
+            out["groups_kept"] = float(algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]),
+                                                                cfg.rollout.group_size).mean())
         # summed over this rank's micro-batches, then over the ranks
         sums = {"clip_frac": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "grad_norm": 0.0, "learner_tokens": 0.0}
         steps = 0
