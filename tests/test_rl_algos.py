@@ -131,3 +131,8 @@ def test_informative_groups_keeps_only_groups_with_a_spread():
     assert keep.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="whole groups"):
         algos.informative_groups(scores[:8], group_size=3)
+
+
+def test_weight_negatives_scales_only_below_mean_answers():
+    adv = torch.tensor([[1.5], [-0.5], [0.0], [-1.0]])
+    assert algos.weight_negatives(adv, 0.2).flatten().tolist() == pytest.approx([1.5, -0.1, 0.0, -0.2])

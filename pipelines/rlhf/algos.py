@@ -116,6 +116,11 @@ def informative_groups(part_scores: torch.Tensor, group_size: int, tol: float = 
     return keep.float().repeat_interleave(group_size)
 
 
+def weight_negatives(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """Advantages with the negative ones scaled by ``weight`` (positive ones unchanged): any shape."""
+    return torch.where(advantages < 0, advantages * weight, advantages)
+
+
 @register_adv_est("gae")
 def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    lam: float = 0.95, **_: object) -> tuple[torch.Tensor, torch.Tensor]:

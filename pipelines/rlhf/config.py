@@ -41,6 +41,11 @@ class UpdateConfig:
     # grpo: a reward part's name (e.g. judge_pass): groups where that part is the same for every answer get no
     # policy-gradient update (DAPO's dynamic sampling, without refilling the batch); "" keeps every group
     filter_groups: str = ""
+    # grpo: scale of negative advantages (below-group-mean answers). 1.0 is GRPO; < 1 leans on the answers that did
+    # better than their group (positive-sample reinforcement sharpens the policy towards them: greedy pass@1),
+    # > 1 on pushing down the worse ones (keeps entropy: pass@k). Zhu et al. 2025, "The Surprising Effectiveness
+    # of Negative Reinforcement in LLM Reasoning" (W-REINFORCE) decompose the objective the same way.
+    negative_weight: float = 1.0
     eps_low: float = 0.2
     eps_high: float = 0.2
     epochs: int = 1  # passes over each iteration's batch
@@ -124,6 +129,8 @@ class RlhfConfig:
                              "change prompts_per_iter or group_size")
         if t.strategy == "none" and t.num_workers != 1:
             raise ValueError("train.strategy=none runs one process: set train.num_workers=1")
+        if a.negative_weight < 0:
+            raise ValueError(f"update.negative_weight={a.negative_weight} must be >= 0")
         if a.filter_groups:
             from pipelines.rlhf.rewards import parse_reward_spec
 

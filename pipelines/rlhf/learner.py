@@ -172,6 +172,8 @@ class Learner:
         if self.cfg.algo == "grpo":
             seq_adv, _ = algos.get_adv_estimator("grpo")(scores, torch.ones(len(scores), 1),
                                                          group_size=self.cfg.rollout.group_size, norm_std=a.norm_std)
+            if a.negative_weight != 1.0:
+                seq_adv = algos.weight_negatives(seq_adv, a.negative_weight)
             adv = seq_adv * mask  # (B, 1) * (B, T)
             if a.filter_groups:  # groups that all pass / all fail that part: no policy gradient
                 keep = algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]), self.cfg.rollout.group_size)
