@@ -60,14 +60,16 @@ def steps(out: Path, preset: str) -> list[Step]:
         # judge pass (the requested signature, a real body) and, densely, for how close the def line is to the
         # requested one; the judge's partial grades are left out (GRPO then trades copying the name for short generic
         # functions: judge mean up, pass rate down), and the reward model has a small weight (at full weight GRPO
-        # games it: its score rises while the judge's falls)
+        # games it: its score rises while the judge's falls). update.filter_groups: only groups where some answers
+        # pass and some fail are learned from (in an all-fail group GRPO's normalisation would turn the reward
+        # model's tie-break into full-size advantages: measured, the pass rate then fell 15.6% -> 0%)
         Step("pref-data", ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data",
                            "--out", f"{d}/pref-data"], f"{d}/pref-data"),
         Step("reward", ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data",
                         "--out", f"{d}/reward"], f"{d}/reward"),
         Step("rlhf", ["rlhf", "--config", preset, "--policy", f"{d}/sft", "--reward",
                       REWARD.format(d=d), "--prompts", f"{d}/sft-data", "--algo", "grpo",
-                      "--out", f"{d}/rlhf"], f"{d}/rlhf"),
+                      "--out", f"{d}/rlhf", "update.filter_groups=judge_pass"], f"{d}/rlhf"),
         # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
         Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
                       "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "64",
