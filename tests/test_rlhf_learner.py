@@ -196,3 +196,26 @@ def test_one_update_on_fsdp2_and_ddp_with_two_ranks_equals_one_process(tiny_chec
                 if key in want[algo][2]:
                     assert stats[key] == pytest.approx(want[algo][2][key], rel=1e-4, abs=1e-7), \
                         f"{strategy} x2 {algo} {key}"
+
+
+def test_filtered_group_gets_no_policy_gradient(tiny_checkpoint):
+    """update.filter_groups: the second group passes part "r" on both answers, so only another part tells them apart;
+    with the filter, the update equals one where that group's scores were equal (zero advantages there)."""
+    from dataclasses import replace
+
+    def updated(scores, filter_groups):
+        torch.manual_seed(0)
+        cfg = make_cfg(tiny_checkpoint)
+        cfg.update = replace(cfg.update, filter_groups=filter_groups)
+        learner = Learner(cfg, str(tiny_checkpoint), None, torch.device("cpu"))
+        exp = experience(learner, scores)
+        exp.parts = {"r": [1.0, 0.0, 1.0, 1.0]}
+        stats = learner.update(exp, iteration=0)
+        return learner.full_state_dict(), stats
+
+    filtered, stats = updated([1.0, 0.0, 1.2, 0.8], "r")
+    equal_scores, _ = updated([1.0, 0.0, 1.0, 1.0], "")
+    unfiltered, _ = updated([1.0, 0.0, 1.2, 0.8], "")
+    assert stats["groups_kept"] == 0.5
+    assert all(torch.allclose(filtered[k], equal_scores[k], atol=1e-6) for k in filtered)
+    assert any(not torch.allclose(filtered[k], unfiltered[k], atol=1e-6) for k in filtered)

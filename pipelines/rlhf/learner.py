@@ -164,9 +164,10 @@ class Learner:
         full = full.cpu()
         return {k: full[j] for j, k in enumerate(PRE_KEYS)}
 
-    def _advantages(self, exp: Experience, pre: dict[str, torch.Tensor],
-                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) advantages and returns for the whole batch (the same on every rank)."""
+    def _advantages(self, exp: Experience, pre: dict[str, torch.Tensor], mask: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) advantages and returns for the whole batch (the same on every rank). ``keep`` (B,): GRPO's
+        group filter (``update.filter_groups``), 0.0 where a group gets no policy gradient."""
         a, kl = self.cfg.update, self.cfg.kl
         scores = torch.tensor(exp.scores, dtype=torch.float32)
         if self.cfg.algo == "grpo":
@@ -175,8 +176,7 @@ class Learner:
             if a.negative_weight != 1.0:
                 seq_adv = algos.weight_negatives(seq_adv, a.negative_weight)
             adv = seq_adv * mask  # (B, 1) * (B, T)
-            if a.filter_groups:  # groups that all pass / all fail that part: no policy gradient
-                keep = algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]), self.cfg.rollout.group_size)
+            if keep is not None:  # groups that all pass / all fail the filter's part: no policy gradient
                 adv = adv * keep[:, None]
             return adv, adv
         kl_tok = torch.zeros_like(mask)
@@ -204,7 +204,10 @@ class Learner:
         pre = self._precompute_all(exp, T)
         mask = pad_rows([[1.0] * len(r) for r in R], T)  # (B, T)
         rollout_logp = pad_rows(exp.rollout_logp, T)
-        adv, ret = self._advantages(exp, pre, mask)
+        keep = None
+        if cfg.algo == "grpo" and a.filter_groups:
+            keep = algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]), cfg.rollout.group_size)
+        adv, ret = self._advantages(exp, pre, mask, keep)
         is_w, mm = algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)
         loss_fn = algos.get_policy_loss("clip")
         n_batch_tok = max(float(mask.sum()), 1.0)
@@ -212,9 +215,8 @@ class Learner:
                if self.ref is not None else 0.0,
                "entropy": float((pre["entropy"] * mask).sum()) / n_batch_tok,
                "mismatch_kl": mm["mismatch_kl"], "is_clip_frac": mm["is_clip_frac"]}
-        if cfg.algo == "grpo" and a.filter_groups:
-            out["groups_kept"] = float(algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]),
-                                                                cfg.rollout.group_size).mean())
+        if keep is not None:
+            out["groups_kept"] = float(keep.mean())
         # summed over this rank's micro-batches, then over the ranks
         sums = {"clip_frac": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "grad_norm": 0.0, "learner_tokens": 0.0}
         steps = 0
