@@ -79,6 +79,13 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean
 
 
 # ---- advantages ----------------------------------------------------------------------------------------------------
+def as_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) per-answer scores -> (B / group_size, group_size) float, one row per prompt's group."""
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores are not whole groups of group_size={group_size}")
+    return scores.view(-1, group_size).float()
+
+
 @register_adv_est("grpo")
 def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, norm_std: bool = True,
                     eps: float = 1e-6, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +96,7 @@ def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, n
     unbiased sample std (torch's default, as verl). Returns (advantages, returns), both (B, T), returns = advantages.
     """
     B = scores.shape[0]
-    if B % group_size:
-        raise ValueError(f"{B} scores are not whole groups of group_size={group_size}")
-    g = scores.view(-1, group_size).float()
+    g = as_groups(scores, group_size)
     centred = g - g.mean(-1, keepdim=True)
     if norm_std:
         std = g.std(-1, keepdim=True) if group_size > 1 else torch.ones_like(g)
@@ -108,10 +113,7 @@ def informative_groups(part_scores: torch.Tensor, group_size: int, tol: float = 
     group normalisation would blow the tie-breaker up to unit-sized advantages there. DAPO drops these groups and
     samples more prompts; here their policy-gradient advantages are zeroed (the KL term still applies to them).
     """
-    B = part_scores.shape[0]
-    if B % group_size:
-        raise ValueError(f"{B} scores are not whole groups of group_size={group_size}")
-    g = part_scores.view(-1, group_size).float()
+    g = as_groups(part_scores, group_size)
     keep = (g.max(-1).values - g.min(-1).values) > tol  # (B / group_size,)
     return keep.float().repeat_interleave(group_size)
 
