@@ -136,3 +136,27 @@ def test_informative_groups_keeps_only_groups_with_a_spread():
 def test_weight_negatives_scales_only_below_mean_answers():
     adv = torch.tensor([[1.5], [-0.5], [0.0], [-1.0]])
     assert algos.weight_negatives(adv, 0.2).flatten().tolist() == pytest.approx([1.5, -0.1, 0.0, -0.2])
+
+
+def test_pick_groups_prefers_informative_groups_and_keeps_the_batch_size():
+    # 4 groups of 3: [uniform, mixed, uniform, mixed]
+    part = [0, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0.5, 0]
+    assert algos.pick_groups(part, 3, 2) == [1, 3]
+    assert algos.pick_groups(part, 3, 3) == [0, 1, 3]  # too few mixed: the first uniform one fills the batch
+    assert algos.pick_groups(part, 3, 1) == [1]
+    assert algos.pick_groups([1.0] * 6, 3, 2) == [0, 1]
+    with pytest.raises(ValueError, match="5 groups asked for, 4 sampled"):
+        algos.pick_groups(part, 3, 5)
+
+
+def test_experience_groups_takes_whole_groups_in_order():
+    from pipelines.rlhf.experience import Experience
+
+    n = 6  # 3 groups of 2
+    exp = Experience([[i] for i in range(n)], [[10 + i] for i in range(n)], [[-0.1 * i] for i in range(n)],
+                     [float(i) for i in range(n)], {"p": [float(-i) for i in range(n)]}, [i == 5 for i in range(n)],
+                     [f"p{i}" for i in range(n)], [f"r{i}" for i in range(n)])
+    sub = exp.groups([0, 2], 2)
+    assert sub.prompt_ids == [[0], [1], [4], [5]] and sub.response_ids == [[10], [11], [14], [15]]
+    assert sub.scores == [0.0, 1.0, 4.0, 5.0] and sub.parts == {"p": [0.0, -1.0, -4.0, -5.0]}
+    assert sub.truncated == [False, False, False, True] and sub.response_texts == ["r0", "r1", "r4", "r5"]

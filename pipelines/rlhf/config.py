@@ -20,6 +20,9 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)  # rollouts always use processed log-probs
     cpus_per_engine: float = 1.0
+    # DAPO's dynamic sampling: sample prompts_per_iter x oversample prompts' groups, and train on prompts_per_iter of
+    # them, groups whose update.filter_groups part (else the combined reward) differs first; 1: no over-sampling
+    oversample: int = 1
     max_restarts: int = -1  # a dead engine actor is re-created by Ray (-1: always)
     inject_failure_at: int = 0  # fault injection: one engine actor exits once at this iteration
 
@@ -116,7 +119,7 @@ class RlhfConfig:
         for key, v in (("iterations", self.iterations), ("rollout.engines", r.engines),
                        ("rollout.prompts_per_iter", r.prompts_per_iter), ("rollout.group_size", r.group_size),
                        ("update.epochs", a.epochs), ("update.minibatches", a.minibatches),
-                       ("train.num_workers", t.num_workers), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.num_workers", t.num_workers), ("rollout.oversample", r.oversample), ("train.micro_batch_size", t.micro_batch_size),
                        ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens)):
             if v < 1:
                 raise ValueError(f"{key}={v} must be >= 1")

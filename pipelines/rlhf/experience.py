@@ -110,6 +110,17 @@ class Experience:
     prompt_texts: list[str]
     response_texts: list[str]
 
+    def groups(self, chosen: Sequence[int], group_size: int) -> "Experience":
+        """The answers of groups ``chosen`` (indices of consecutive ``group_size`` blocks), in that order."""
+        rows = [g * group_size + j for g in chosen for j in range(group_size)]
+
+        def pick(xs: list) -> list:
+            return [xs[r] for r in rows]
+
+        return Experience(pick(self.prompt_ids), pick(self.response_ids), pick(self.rollout_logp), pick(self.scores),
+                          {k: pick(v) for k, v in self.parts.items()}, pick(self.truncated), pick(self.prompt_texts),
+                          pick(self.response_texts))
+
 
 class Driver:
     """Rank 0's side of an iteration: engines (Ray actors), reward functions / reward-model actors, the prompts."""

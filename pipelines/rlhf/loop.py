@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.rlhf import algos
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import Driver, Experience
 from pipelines.rlhf.learner import Learner
@@ -114,13 +115,19 @@ def learner_loop(args: dict) -> None:
             marker = ""
             if cfg.rollout.inject_failure_at and it == cfg.rollout.inject_failure_at:
                 marker = os.path.join(args["out"], MARKER_DIR, f".injected_rollout_failure_{it}")
-            idx, completions = driver.generate(it, cfg.rollout.prompts_per_iter, marker)
+            idx, completions = driver.generate(it, cfg.rollout.prompts_per_iter * cfg.rollout.oversample, marker)
             t1 = time.perf_counter()
             exp = driver.score(idx, completions)
             t2 = time.perf_counter()
             n_resp = sum(len(r) for r in exp.response_ids)
             row.update(reward_stats(exp), t_generate=t1 - t0, t_score=t2 - t1,
                        rollout_tokens_per_s=n_resp / max(t1 - t0, 1e-9))
+            if cfg.rollout.oversample > 1:  # the stats above are of every sampled answer: the policy as it is
+                part = exp.parts[cfg.update.filter_groups] if cfg.update.filter_groups else exp.scores
+                row["groups_informative"] = float(algos.informative_groups(
+                    torch.tensor(part), cfg.rollout.group_size).mean())  # of all sampled groups
+                exp = exp.groups(algos.pick_groups(part, cfg.rollout.group_size, cfg.rollout.prompts_per_iter),
+                                 cfg.rollout.group_size)
         exp = broadcast(exp, rank, world)
         t3 = time.perf_counter()
         stats = learner.update(exp, it)
