@@ -4,10 +4,12 @@ then the seconds to push a learner's weights into a running engine, per 100M par
 
     python bench/rollout_bench.py [--preset demo] [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2]
                                   [--repeats 5] [--vllm-bind threads|auto] [--sync-layers 16] [--sync-dim 768]
+                                  [--policy CKPT --prompts-from SFT_DATA] [--temperature 1.0]
 
-Both sides sample ``--n`` answers to each of ``--prompts`` prompts (temperature 1, no top-k/top-p, the same stop
+Both sides sample ``--n`` answers to each of ``--prompts`` prompts (``--temperature``, no top-k/top-p, the same stop
 tokens, the same ``--max-new-tokens``) from a randomly initialised fp32 model of ``--preset`` with a BPE trained on
-this Python's stdlib, each after one warm-up call, with ``--threads`` CPU threads: HF ``generate`` as one batch of
+this Python's stdlib (its answers rarely stop early), or from a trained ``--policy`` on the held-out code-writing
+prompts of ``--prompts-from`` (the rollout workload: answers end at a stop token, at different lengths), each after one warm-up call, with ``--threads`` CPU threads: HF ``generate`` as one batch of
 prompts x n rows (left-padded, ``num_return_sequences``) under ``torch.set_num_threads``; vLLM's worker pinned to the
 first ``--threads`` CPUs (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two
 for its scheduler and computes on the other). Tokens/s counts generated tokens (up to and including a stop token);
@@ -61,7 +63,8 @@ def count_generated(rows: list[list[int]], stop: list[int]) -> tuple[int, int]:
     return tokens, stopped
 
 
-def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int, threads: int):
+def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int, threads: int,
+            temperature: float = 1.0):
     """A warmed-up HF model and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one batched
     ``generate`` over all prompts x n (left-padded, ``num_return_sequences``), seed ``r``."""
     import torch
@@ -76,7 +79,7 @@ def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: li
         ids[i, width - len(p):] = torch.tensor(p)
         att[i, width - len(p):] = 1
     # an explicit config: nothing from the checkpoint's generation_config.json (its eos, top-k) changes the settings
-    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n,
                            eos_token_id=stop or None, pad_token_id=pad, max_new_tokens=max_new)
     with torch.no_grad():
         model.generate(input_ids=ids[:2], attention_mask=att[:2],
@@ -94,14 +97,15 @@ def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: li
     return call
 
 
-def vllm_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], max_len: int):
+def vllm_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], max_len: int,
+              temperature: float = 1.0):
     """A warmed-up ``RolloutWorker`` and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one
     ``generate`` over all prompts x n (token ids and their log-probs, what a rollout needs), seeds from ``r``."""
     from models.engine import EngineConfig
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
 
     worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=max_len, max_num_seqs=len(prompts) * n), stop)
-    sampling = SamplingConfig(max_new_tokens=max_new, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=temperature)
     worker.generate(prompts[:2], 1, dataclasses.replace(sampling, max_new_tokens=4), [0, 1])  # warm-up
 
     def call(r: int) -> tuple[float, int, int]:
@@ -167,6 +171,11 @@ def main() -> None:
     ap.add_argument("--sync-layers", type=int, default=16)
     ap.add_argument("--sync-dim", type=int, default=768)
     ap.add_argument("--skip-sync", action="store_true")
+    ap.add_argument("--policy", default="", help="a trained checkpoint (e.g. runs/demo/sft) instead of a random "
+                    "--preset model: its answers stop at a stop token, as rollouts do")
+    ap.add_argument("--prompts-from", default="", help="an sft-data folder: its held-out code-writing prompts, "
+                    "chat-formatted as rlhf sends them (needs --policy)")
+    ap.add_argument("--temperature", type=float, default=1.0)
     a = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     if a.threads > len(cpus):
@@ -178,14 +187,30 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="genloop-rollout-bench-"))
     texts = stdlib_texts()
-    tok = train(texts, vocab_size=2048)
-    ckpt = build_checkpoint(work / "policy", model_preset(a.preset), tok)
-    prompts = [tok.encode(t)[:a.prompt_tokens] for t in texts[:a.prompts]]
+    if a.policy:
+        from models.chat import ChatFormat
+        from models.checkpoint import load_config, load_tokenizer
+        from pipelines.artifacts import checkpoint_dir
+
+        ckpt = Path(checkpoint_dir(a.policy))
+        tok, max_len = load_tokenizer(ckpt), load_config(ckpt).max_seq_len
+    else:
+        tok = train(texts, vocab_size=2048)
+        ckpt = build_checkpoint(work / "policy", model_preset(a.preset), tok)
+        max_len = model_preset(a.preset).max_seq_len
+    if a.prompts_from:
+        from pipelines.rlhf.experience import load_prompts
+
+        if not a.policy:
+            ap.error("--prompts-from needs --policy (a model trained on that chat format)")
+        ps = load_prompts(a.prompts_from, tok, ChatFormat.from_checkpoint(ckpt), max_len - a.max_new_tokens, ["write"])
+        prompts = ps.ids[:a.prompts]
+    else:
+        prompts = [tok.encode(t)[:a.prompt_tokens] for t in texts[:a.prompts]]
     stop = [tok.eot_id, tok.im_end_id]
-    max_len = model_preset(a.preset).max_seq_len
     rows = len(prompts) * a.n
-    hf = hf_side(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads)
-    vl = vllm_side(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len)
+    hf = hf_side(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads, a.temperature)
+    vl = vllm_side(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len, a.temperature)
     # rounds alternate HF and vLLM, so a load change on a shared machine hits both sides alike; per round the
     # tokens/s of each side and their ratio; the medians are reported
     res: dict[str, list[tuple[float, int, int]]] = {"HF generate": [], "vLLM rollout": []}

@@ -10,6 +10,7 @@ Scripts that start an engine need an ``if __name__ == "__main__":`` guard (vLLM 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _checkpoint_context(model: str) -> int:
+    """The context length in a Hugging Face checkpoint folder's config.json (0 when there is none to read)."""
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            return int(json.load(f).get("max_position_embeddings", 0))
+    except (OSError, ValueError):
+        return 0
+
+
 def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | None = None,
                   tokenizer: bool = False) -> dict[str, Any]:
     """vLLM engine arguments; ``tokenizer``: load the checkpoint's Hugging Face tokenizer (structured outputs need
@@ -58,6 +68,11 @@ def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | Non
     )
     if cfg.max_model_len:
         kw["max_model_len"] = cfg.max_model_len
+    if not on_gpu():
+        # vLLM 0.32's CPU worker cannot rewind a seeded request's generator after a chunked (partial) prefill
+        # ("CPU Generator does not use offset": the engine dies); whole prefills avoid that path
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(4096, cfg.max_model_len or _checkpoint_context(model))
     if cfg.logprobs_mode:
         kw["logprobs_mode"] = cfg.logprobs_mode
     if on_gpu():
