@@ -72,7 +72,7 @@ def steps(out: Path, preset: str) -> list[Step]:
                       "--out", f"{d}/rlhf", "update.filter_groups=judge_pass"], f"{d}/rlhf"),
         # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
         Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
-                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "64",
+                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "128",
                       "--max-new-tokens", "64", "--out", f"{d}/eval.json"], None),
         # the knowledge store: two stdlib packages plus the modules the smoke questions' functions come from
         Step("knowledge", lambda: ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http",
