@@ -14,6 +14,10 @@ pytestmark = pytest.mark.slow
 TOY_REWARD = """
 def whitespace(prompts, responses):
     return [sum(c in " \\n" for c in r) / max(1, len(r)) for r in responses]
+
+
+def length_mod5(prompts, responses):  # 0/1, 1 about one time in five: many groups of four score all 0
+    return [float(len(r) % 5 == 0) for r in responses]
 """
 GREEDY_TOKENS = 24
 
@@ -145,6 +149,24 @@ def test_toy_reward_rises_with_real_vllm_actors(ray_session, engines, tiny_check
     m = read_manifest(str(out))
     assert m["stage"] == "rlhf" and m["status"] == "finished" and m["counts"]["iterations"] == 10
     load_checkpoint(out / "model")  # the final policy is a checkpoint genloop (and so serve) loads
+
+
+def test_oversampled_groups_that_differ_fill_the_batch_first(ray_session, engines, tiny_checkpoint, toy_inputs,
+                                                              tmp_path):
+    """``rollout.oversample=3``: 3 x 4 groups sampled, the 4 trained on are the ones whose filter part differs first,
+    so the batch's kept share is min(informative groups, 4) / 4, whatever the share among all sampled groups."""
+    from pipelines.rlhf.stage import run
+
+    fn = f"fn:{toy_inputs / 'toy_reward.py'}"
+    cfg = tiny_config(tiny_checkpoint, toy_inputs, tmp_path / "over", "rollout.engines=2", "iterations=3",
+                      "rollout.oversample=3", "update.filter_groups=toy_reward.length_mod5",
+                      f"reward={fn}:whitespace,{fn}:length_mod5")
+    res = run(cfg, engines=engines)
+    assert len(res.history) == 3
+    for row in res.history:
+        informative = round(row["groups_informative"] * 12)  # of the 12 groups sampled
+        assert row["groups_kept"] == pytest.approx(min(informative, 4) / 4), row
+    assert any(row["groups_kept"] > row["groups_informative"] for row in res.history)  # the pick did something
 
 
 def test_killed_rollout_actor_and_learner_rank_restart_from_the_last_checkpoint(ray_session, engines, tiny_checkpoint,
