@@ -70,6 +70,10 @@ class LearnerConfig:
     num_workers: int = 1
     strategy: Literal["ddp", "fsdp", "none"] = "ddp"
     cpus_per_worker: int = 1
+    # CPU: torch threads per learner rank (0: cpus_per_worker). Generation, scoring and learning take turns, so on
+    # one node the learner may also use the cores the engines and reward models hold while they wait (colocated,
+    # as veRL time-shares GPUs): node CPUs / learner ranks
+    threads: int = 0
     use_gpu: bool | None = None  # None: GPUs if the cluster has them
     micro_batch_size: int = 8  # samples per forward/backward on one rank
     lr: float = 1e-5
@@ -132,6 +136,8 @@ class RlhfConfig:
                              "change prompts_per_iter or group_size")
         if t.strategy == "none" and t.num_workers != 1:
             raise ValueError("train.strategy=none runs one process: set train.num_workers=1")
+        if t.threads < 0:
+            raise ValueError(f"train.threads={t.threads} must be >= 0 (0: train.cpus_per_worker)")
         if a.negative_weight < 0:
             raise ValueError(f"update.negative_weight={a.negative_weight} must be >= 0")
         if a.filter_groups:

@@ -77,7 +77,7 @@ def learner_loop(args: dict) -> None:
     use_gpu = torch.cuda.is_available() and cfg.train.use_gpu is not False
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     if not use_gpu:
-        torch.set_num_threads(cfg.train.cpus_per_worker)
+        torch.set_num_threads(cfg.train.threads or cfg.train.cpus_per_worker)
     tok = Tokenizer.load(args["tokenizer"])
     learner = Learner(cfg, args["policy"], args.get("value_init"), device, rank, world, pad_id=tok.pad_id)
 
