@@ -12,8 +12,9 @@ the tests' tiny checkpoint (random weights, matrices x5 so the policy is not uni
 top-k/top-p, the same stop tokens (<|endoftext|>, <|im_end|>), clip eps 0.2, no KL (beta 0), std-normalised group
 advantages, token-mean loss over each minibatch, each generation batch used for ``--epochs`` passes of
 ``--minibatches`` optimizer steps (TRL: ``num_iterations``, ``steps_per_generation``), AdamW (0.9, 0.999), no weight
-decay, constant lr, grad clip 1. genloop runs 1 engine (1 CPU) + 1 learner rank (``--cpus`` - 1 CPUs, ``--cpus`` torch threads:
-the engine waits while the learner works) on an embedded Ray with ``--cpus`` CPUs; TRL runs in one process with ``--cpus`` torch threads (HF ``generate`` for rollouts).
+decay, constant lr, grad clip 1. genloop runs 1 engine (1 CPU) + 1 learner rank (``--cpus`` - 1 CPUs, ``--cpus``
+torch threads: the engine waits while the learner works) on an embedded Ray with ``--cpus`` CPUs; TRL runs in one
+process with ``--cpus`` torch threads (HF ``generate`` for rollouts).
 Per-iteration time excludes start-up on both sides (engine / model loading, Ray start); the total wall of each is
 printed too. The mean reward of an iteration is over its generation batch, recorded by the reward function itself on
 the TRL side (what genloop logs as reward_mean).

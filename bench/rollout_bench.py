@@ -9,9 +9,9 @@ then the seconds to push a learner's weights into a running engine, per 100M par
 Both sides sample ``--n`` answers to each of ``--prompts`` prompts (``--temperature``, no top-k/top-p, the same stop
 tokens, the same ``--max-new-tokens``) from a randomly initialised fp32 model of ``--preset`` with a BPE trained on
 this Python's stdlib (its answers rarely stop early), or from a trained ``--policy`` on the held-out code-writing
-prompts of ``--prompts-from`` (the rollout workload: answers end at a stop token, at different lengths), each after one warm-up call, with ``--threads`` CPU threads: HF ``generate`` as one batch of
-prompts x n rows (left-padded, ``num_return_sequences``) under ``torch.set_num_threads``; vLLM's worker pinned to the
-first ``--threads`` CPUs (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two
+prompts of ``--prompts-from`` (the rollout workload: answers end at a stop token, at different lengths), each after
+one warm-up call, with ``--threads`` CPU threads: HF ``generate`` as one batch of prompts x n rows (left-padded,
+``num_return_sequences``) under ``torch.set_num_threads``; vLLM's worker pinned to the first ``--threads`` CPUs (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two
 for its scheduler and computes on the other). Tokens/s counts generated tokens (up to and including a stop token);
 ``--repeats`` rounds alternate the two sides (a load change on a shared machine hits both alike); the
 ratio is the median of the per-round ratios. Weight sync: a model of about 100M parameters

@@ -123,7 +123,8 @@ class RlhfConfig:
         for key, v in (("iterations", self.iterations), ("rollout.engines", r.engines),
                        ("rollout.prompts_per_iter", r.prompts_per_iter), ("rollout.group_size", r.group_size),
                        ("update.epochs", a.epochs), ("update.minibatches", a.minibatches),
-                       ("train.num_workers", t.num_workers), ("rollout.oversample", r.oversample), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.num_workers", t.num_workers), ("rollout.oversample", r.oversample),
+                       ("train.micro_batch_size", t.micro_batch_size),
                        ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens)):
             if v < 1:
                 raise ValueError(f"{key}={v} must be >= 1")
