@@ -12,12 +12,13 @@ this Python's stdlib (its answers rarely stop early), or from a trained ``--poli
 prompts of ``--prompts-from`` (the rollout workload: answers end at a stop token, at different lengths), each after
 one warm-up call, with ``--threads`` CPU threads: HF ``generate`` as one batch of prompts x n rows (left-padded,
 ``num_return_sequences``) under ``torch.set_num_threads``; vLLM's worker pinned to the first ``--threads`` CPUs
-(``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two for its scheduler
-and computes on the other). Tokens/s counts generated tokens (up to and including a stop token); ``--repeats``
-rounds alternate the two sides (a load change on a shared machine hits both alike); the ratio is the median of the per-round ratios. Weight sync: a model of about 100M parameters
-(``--sync-layers`` x ``--sync-dim``) in an engine, pushed the way the RLHF driver pushes it into an engine on its node
-(``write_weights_file`` into /dev/shm, then ``reload_weights`` in place), median of 3. The LAST line is the ratio
-vLLM / HF tokens/s (goal >= 5) and the sync seconds per 100M parameters (goal <= 1 on CPU).
+(``VLLM_CPU_OMP_THREADS_BIND``; vLLM's own default, ``--vllm-bind auto``, keeps one core of two for its scheduler and
+computes on the other). Tokens/s counts generated tokens (up to and including a stop token); ``--repeats`` rounds
+alternate the two sides (a load change on a shared machine hits both alike); the ratio is the median of the per-round
+ratios. Weight sync: a model of about 100M parameters (``--sync-layers`` x ``--sync-dim``) in an engine, pushed the
+way the RLHF driver pushes it into an engine on its node (``write_weights_file`` into /dev/shm, then
+``reload_weights`` in place), median of 3. The LAST line is the ratio vLLM / HF tokens/s (goal >= 5) and the sync
+seconds per 100M parameters (goal <= 1 on CPU).
 """
 
 from __future__ import annotations
