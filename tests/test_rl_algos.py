@@ -140,13 +140,13 @@ def test_weight_negatives_scales_only_below_mean_answers():
 
 def test_pick_groups_prefers_informative_groups_and_keeps_the_batch_size():
     # 4 groups of 3: [uniform, mixed, uniform, mixed]
-    part = [0, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0.5, 0]
-    assert algos.pick_groups(part, 3, 2) == [1, 3]
-    assert algos.pick_groups(part, 3, 3) == [0, 1, 3]  # too few mixed: the first uniform one fills the batch
-    assert algos.pick_groups(part, 3, 1) == [1]
-    assert algos.pick_groups([1.0] * 6, 3, 2) == [0, 1]
+    keep = algos.informative_groups(torch.tensor([0, 0, 0, 1, 0, 0, 1, 1, 1, 0, 0.5, 0]), 3)
+    assert algos.pick_groups(keep, 3, 2) == [1, 3]
+    assert algos.pick_groups(keep, 3, 3) == [0, 1, 3]  # too few mixed: the first uniform one fills the batch
+    assert algos.pick_groups(keep, 3, 1) == [1]
+    assert algos.pick_groups(algos.informative_groups(torch.ones(6), 3), 3, 2) == [0, 1]
     with pytest.raises(ValueError, match="5 groups asked for, 4 sampled"):
-        algos.pick_groups(part, 3, 5)
+        algos.pick_groups(keep, 3, 5)
 
 
 def test_experience_groups_takes_whole_groups_in_order():

@@ -13,7 +13,7 @@ tokens before this iteration's updates, ``rollout_logp`` vLLM's (the inference e
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -118,12 +118,12 @@ def informative_groups(part_scores: torch.Tensor, group_size: int, tol: float = 
     return keep.float().repeat_interleave(group_size)
 
 
-def pick_groups(part_scores: Sequence[float], group_size: int, n_groups: int, tol: float = 1e-6) -> list[int]:
-    """DAPO's dynamic sampling from one over-sampled batch: (B,) one reward part's scores of ``B / group_size``
-    groups -> the indices of ``n_groups`` groups, those whose scores differ first (in sampling order), then, when
-    too few differ, the first uniform ones to keep the learner's batch size fixed. The result is in sampling order."""
-    keep = informative_groups(torch.as_tensor(list(part_scores), dtype=torch.float32), group_size, tol)
-    per_group = keep.view(-1, group_size)[:, 0].bool().tolist()
+def pick_groups(keep: torch.Tensor, group_size: int, n_groups: int) -> list[int]:
+    """DAPO's dynamic sampling from one over-sampled batch: ``keep`` (B,), ``informative_groups`` of one reward
+    part over ``B / group_size`` groups -> the indices of ``n_groups`` groups, the informative ones first (in sampling
+    order), then, when too few are, the first uniform ones to keep the learner's batch size fixed. The result is in
+    sampling order."""
+    per_group = as_groups(keep, group_size)[:, 0].bool().tolist()
     if n_groups > len(per_group):
         raise ValueError(f"pick_groups: {n_groups} groups asked for, {len(per_group)} sampled")
     chosen = [g for g, k in enumerate(per_group) if k][:n_groups]

@@ -124,9 +124,9 @@ def learner_loop(args: dict) -> None:
                        rollout_tokens_per_s=n_resp / max(t1 - t0, 1e-9))
             if cfg.rollout.oversample > 1:  # the stats above are of every sampled answer: the policy as it is
                 part = exp.parts[cfg.update.filter_groups] if cfg.update.filter_groups else exp.scores
-                row["groups_informative"] = float(algos.informative_groups(
-                    torch.tensor(part), cfg.rollout.group_size).mean())  # of all sampled groups
-                exp = exp.groups(algos.pick_groups(part, cfg.rollout.group_size, cfg.rollout.prompts_per_iter),
+                keep = algos.informative_groups(torch.tensor(part), cfg.rollout.group_size)
+                row["groups_informative"] = float(keep.mean())  # of all sampled groups
+                exp = exp.groups(algos.pick_groups(keep, cfg.rollout.group_size, cfg.rollout.prompts_per_iter),
                                  cfg.rollout.group_size)
         exp = broadcast(exp, rank, world)
         t3 = time.perf_counter()
