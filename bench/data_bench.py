@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow as pa  # noqa: E402
 
 from pipelines.blocks import BlockPacker, Tokenize, pack_batch  # noqa: E402
-from pipelines.data import DataConfig, run, stdlib_files  # noqa: E402
-from pipelines.data_dedup import MinHashConfig, permutations, text_signature  # noqa: E402
+from pipelines.data.stage import DataConfig, run, stdlib_files  # noqa: E402
+from pipelines.data.dedup import MinHashConfig, permutations, text_signature  # noqa: E402
 
 _WORDS = re.compile(r"\w+")
 

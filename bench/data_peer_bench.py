@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipelines.data import DataConfig, run, stdlib_files  # noqa: E402
-from pipelines.data_dedup import MinHashConfig  # noqa: E402
-from pipelines.data_text import ProseRules, prose_filter  # noqa: E402
+from pipelines.data.stage import DataConfig, run, stdlib_files  # noqa: E402
+from pipelines.data.dedup import MinHashConfig  # noqa: E402
+from pipelines.data.text import ProseRules, prose_filter  # noqa: E402
 
 TOKENIZER = "cl100k_base"
 PROSE_EXT = (".md", ".rst", ".txt")
@@ -278,7 +278,7 @@ def filter_disagreements(texts: list[str], alpha_rule: bool = True) -> dict:
 
 
 DIFFERENCES = """documented differences between the two Gopher implementations (datatrove 0.10.1 source vs
-pipelines/data_text.py), which explain documents one keeps and the other drops:
+pipelines/data/text.py), which explain documents one keeps and the other drops:
   - words: datatrove splits with spaCy's English tokenizer, so every punctuation mark is a word of its own;
     genloop (like the Gopher paper's whitespace words) keeps punctuation attached to its word. The biggest effect
     is the alpha-words rule (>= 80% of words contain a letter): datatrove's denominator counts each '.', ',', '(',

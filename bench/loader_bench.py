@@ -60,8 +60,8 @@ def run_once(split: str, seq_len: int, n_vocab: int, args: argparse.Namespace, t
 
     from models.transformer import Transformer, model_preset
     from pipelines.blocks import TOKENS
-    from pipelines.pretrain import lm_rows
-    from pipelines.train_loop import TrainLoopConfig, fit
+    from pipelines.pretrain.stage import lm_rows
+    from pipelines.train.loop import TrainLoopConfig, fit
 
     mcfg = model_preset(args.model).for_tokenizer(n_vocab)
 
@@ -77,11 +77,10 @@ def run_once(split: str, seq_len: int, n_vocab: int, args: argparse.Namespace, t
         t0 = time.perf_counter()
         r = fit(cfg, build, ds, None, out)
         wall = time.perf_counter() - t0
-        from pipelines import train_loop
-
+        from pipelines.train import loop as train_loop
         if hasattr(train_loop, "stage_rows"):  # the loader: the run's row store says what the split is
-            from pipelines.loader_store import RowStore, store_path
-            from pipelines.train_config import RUNS_DIR
+            from pipelines.train.row_store import RowStore, store_path
+            from pipelines.train.config import RUNS_DIR
 
             store = RowStore(store_path(os.path.join(out, RUNS_DIR), cfg.name, "train"))
             split_bytes, n_rows = store.nbytes(), len(store)
@@ -129,9 +128,9 @@ def main() -> None:
     from cluster.runtime import init_ray
     from pipelines.blocks import open_dataset
 
-    import pipelines.train_loop
+    import pipelines.train.loop
 
-    print(f"measuring the training loop of {pipelines.train_loop.__file__}", flush=True)
+    print(f"measuring the training loop of {pipelines.train.loop.__file__}", flush=True)
     info = open_dataset(os.path.abspath(args.data))
     n_vocab = info.load_tokenizer().n_vocab
     init_ray(num_cpus=args.cpus or args.workers + 2)

@@ -56,9 +56,9 @@ def build_checkpoint(out: Path) -> Path:
     from models.checkpoint import save_checkpoint
     from models.tokenizer import train
     from models.transformer import Transformer, model_preset
-    from tests.conftest import stdlib_texts
+    from pipelines.data.inputs import stdlib_files
 
-    tok = train(stdlib_texts(80), vocab_size=2048)
+    tok = train([Path(f).read_text(errors="replace") for f in stdlib_files([".py"])[:80]], vocab_size=2048)
     torch.manual_seed(0)
     model = Transformer(model_preset("demo").for_tokenizer(tok.n_vocab))
     return save_checkpoint(model, tok, out / "demo-random")

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from models.chat import ChatFormat  # noqa: E402
 from models.tokenizer import train as train_bpe  # noqa: E402
 from models.transformer import Transformer, model_preset  # noqa: E402
-from pipelines.sft_rows import encode_samples, fill_ratio, make_rows  # noqa: E402
-from pipelines.train_loop import IGNORE  # noqa: E402
-from pipelines.sft_data import SftDataConfig, build  # noqa: E402
+from pipelines.sft.rows import encode_samples, fill_ratio, make_rows  # noqa: E402
+from pipelines.train.loop import IGNORE  # noqa: E402
+from pipelines.sft.data import SftDataConfig, build  # noqa: E402
 
 
 def tokens_per_s(model: Transformer, rows: dict, batch: int, max_steps: int, pad_id: int) -> tuple[float, float]:
@@ -66,9 +66,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     train, _, _ = build(SftDataConfig(max_examples=args.samples, val_fraction=0.0))
-    from tests.conftest import stdlib_texts
+    from pipelines.data.inputs import stdlib_files
 
-    tok = train_bpe(stdlib_texts(60), vocab_size=4096)
+    tok = train_bpe([Path(f).read_text(errors="replace") for f in stdlib_files([".py"])[:60]], vocab_size=4096)
     convs = [ex["messages"] for ex in train]
     counts: Counter = Counter()
     samples = encode_samples(convs, tok, ChatFormat(), args.seq_len, "assistant", "cut", counts)

@@ -60,7 +60,7 @@ def genloop_loop(build, blocks: np.ndarray, strategy: str, micro: int, steps: in
     """tokens/s of ``fit`` with 2 workers x 1 thread (median over log windows after the warm-up window)."""
     import ray.data
 
-    from pipelines.train_loop import TrainLoopConfig, fit
+    from pipelines.train.loop import TrainLoopConfig, fit
 
     ds = ray.data.from_numpy(blocks[:, :-1].astype(np.int32)).rename_columns({"data": "input_ids"})
     ds = ds.zip(ray.data.from_numpy(blocks[:, 1:].astype(np.int32)).rename_columns({"data": "labels"}))

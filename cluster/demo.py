@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.console import Console
+from cluster.demo_summary import policy_dir
 from pipelines.artifacts import is_finished
 
 log = logging.getLogger("genloop.demo")
@@ -38,11 +39,6 @@ class Step:
 
     def argv(self) -> list[str]:
         return self.args() if callable(self.args) else list(self.args)
-
-
-def policy_dir(out: Path) -> str:
-    """The model the demo serves: the last training stage's artifact (the RLHF policy)."""
-    return f"{out}/rlhf"
 
 
 def steps(out: Path, preset: str) -> list[Step]:
@@ -102,7 +98,7 @@ def smoke_sources(sft_data: str, n: int) -> list[str]:
     """The source files of the first ``n`` held-out code-writing requests (what retrieval should find)."""
     import json
 
-    from pipelines.sft_data import val_path
+    from pipelines.sft.data import val_path
 
     files: list[str] = []
     path = Path(val_path(sft_data))

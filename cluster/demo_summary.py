@@ -17,6 +17,11 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("genloop.demo")
 
 
+def policy_dir(out: Path) -> str:
+    """The model the demo serves: the last training stage's artifact (the RLHF policy)."""
+    return f"{out}/rlhf"
+
+
 @dataclass
 class Section:
     title: str
@@ -211,7 +216,6 @@ def feedback_section(out: Path, step: Any) -> Section | None:
 
 
 def lineage_section(out: Path, step: Any) -> Section | None:
-    from cluster.demo import policy_dir
     from pipelines.artifacts import lineage
 
     try:
@@ -307,8 +311,6 @@ def render(sections: Sequence[Section], outcomes: Sequence[Any], total_s: float,
 
 
 def next_steps(out: Path, preset: str) -> str:
-    from cluster.demo import policy_dir
-
     smoke = out / "serve" / "smoke.json"
     q = "Write a Python function `def is_even(n)` that does the following: Return True if n is even."
     name = Path(policy_dir(out)).name

@@ -270,3 +270,9 @@ def to_hf_tokenizer_json(tok: Tokenizer) -> str:
         if hf.token_to_id(text) != idx:
             raise TokenizerError(f"HF conversion put {text} at id {hf.token_to_id(text)}, expected {idx}")
     return hf.to_str()
+
+
+def tokenizers_match(a, b) -> bool:
+    """Same ids for the same text: equal BPE ranks, split pattern and special tokens."""
+    return (a.n_vocab == b.n_vocab and a.special_tokens == b.special_tokens and a.enc._pat_str == b.enc._pat_str
+            and a.enc._mergeable_ranks == b.enc._mergeable_ranks)

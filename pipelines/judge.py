@@ -1,6 +1,6 @@
 """The programmatic code judge: how well a response answers a code-writing prompt, as a score in [0, 1].
 
-Prompts are the ``write`` prompts of ``genloop sft-data`` (``pipelines/sft_data.py``: ``WRITE_PROMPTS``), which name
+Prompts are the ``write`` prompts of ``genloop sft-data`` (``pipelines/sft/data.py``: ``WRITE_PROMPTS``), which name
 the wanted function in backticks: ``Implement `def clamp(x, lo=0, hi=1) -> int` in Python. ...``. The judge parses
 the requested name and parameter names from the first backticked signature, then grades the response's code (the
 first ``` fence, else the whole text):

@@ -14,7 +14,7 @@ import torch
 
 from pipelines.config import build_config
 from pipelines.judge import judge
-from pipelines.sft_data import WRITE_PROMPTS
+from pipelines.sft.data import WRITE_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_reward_model_learns_planted_preferences_under_fsdp(ray_session, tiny_ch
     from transformers import AutoModelForSequenceClassification
 
     from models.scalar_model import load_scalar_model, sequence_scores
-    from pipelines.reward import RewardConfig, run
+    from pipelines.prefs.reward import RewardConfig, run
 
     data = planted_prefs(tmp_path / "prefs.jsonl")
     cfg = build_config(RewardConfig, "reward", "tiny", {
@@ -67,7 +67,7 @@ def test_reward_model_learns_planted_preferences_under_fsdp(ray_session, tiny_ch
 
 
 def test_dpo_preference_accuracy_rises(ray_session, tiny_checkpoint, tmp_path):
-    from pipelines.dpo import DpoConfig, run
+    from pipelines.prefs.dpo import DpoConfig, run
 
     data = planted_prefs(tmp_path / "prefs.jsonl")
     cfg = build_config(DpoConfig, "dpo", "tiny", {"init_from": str(tiny_checkpoint), "data": str(data),
@@ -103,8 +103,8 @@ def _sft_data(folder: Path) -> Path:
 
 
 def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, tiny_checkpoint, tmp_path):
-    from pipelines.pref_data import PrefDataConfig, run
-    from pipelines.prefs import read_pairs
+    from pipelines.prefs.pref_data import PrefDataConfig, run
+    from pipelines.prefs.pairs import read_pairs
 
     sft = _sft_data(tmp_path / "sftd")
     first = json.loads((sft / "train.jsonl").read_text().splitlines()[0])

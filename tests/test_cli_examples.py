@@ -117,7 +117,7 @@ def build(argv: list[str]):
     args = build_parser(name).parse_args(argv)
     module = BY_NAME[name].load()
     cfg = module.config(args) if hasattr(module, "config") else None
-    from pipelines.pretrain import PretrainConfig, model_config
+    from pipelines.pretrain.config import PretrainConfig, model_config
 
     if isinstance(cfg, PretrainConfig):  # the architecture the overrides describe must be buildable too
         model_config(cfg, n_vocab=1024, seq_len=64).validate()

@@ -11,7 +11,7 @@ import pytest
 
 from cluster import jobs
 from cluster.autoscale import LocalRayCluster, _group_pids
-from tests.conftest import stdlib_texts
+from tests.helpers import stdlib_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 

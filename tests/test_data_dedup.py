@@ -10,9 +10,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pipelines.data_dedup import (MinHashConfig, band_keys, bucket_edges, content_hash, survivors,
+from pipelines.data.dedup import (MinHashConfig, band_keys, bucket_edges, content_hash, survivors,
                                   permutations, shingle_hashes, signature, splitmix64, text_signature, word_hashes)
-from tests.conftest import edit, jaccard, prose_words, render, vocabulary
+from tests.helpers import edit, jaccard, prose_words, render, vocabulary
 
 # ---- planted corpus ---------------------------------------------------------------------------------------------
 

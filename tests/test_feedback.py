@@ -115,7 +115,7 @@ def versioned_store(path) -> FeedbackStore:
 def test_export_by_model_version_keeps_one_versions_ratings_and_pairs(tmp_path):
     from collections import Counter
 
-    from pipelines.prefs import read_pairs
+    from pipelines.prefs.pairs import read_pairs
 
     fs = versioned_store(tmp_path / "feedback.db")
     assert fs.versions() == {"v1": 4, "v2": 4} and fs.response("v1-sort-good")["model_version"] == "v1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.judge import Signature, code_judge, is_trivial, judge, requested_signature
-from pipelines.sft_data import WRITE_PROMPTS
+from pipelines.sft.data import WRITE_PROMPTS
 
 SIG = "def clamp(x, lo=0, hi=1) -> int"
 GOOD = "def clamp(x, lo=0, hi=1) -> int:\n    return max(lo, min(hi, x))"

@@ -243,7 +243,7 @@ def test_running_retriever_sees_each_sync_on_its_next_query(ray_session, tmp_pat
     from ray import serve
 
     from serve.retriever import RetrieverServer
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     docs = tmp_path / "docs"
     write(docs / "zebra.md", "Quagga zebras are striped equines from Africa.")
@@ -281,7 +281,7 @@ def test_sync_follows_a_folder_on_object_storage(tmp_path, monkeypatch):
     from moto.server import ThreadedMotoServer
 
     from pipelines.artifacts import write_bytes
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.loader import RankLoader, SampleOrder, epoch_order, rank_span, val_rows
-from pipelines.loader_store import UNITS, RowStore, array_batches, write_rows
-from pipelines.train_objective import IGNORE, LMObjective
+from pipelines.train.loader import RankLoader, SampleOrder, epoch_order, rank_span, val_rows
+from pipelines.train.row_store import UNITS, RowStore, array_batches, write_rows
+from pipelines.train.objective import IGNORE, LMObjective
 
 
 def lm_store(path: Path, n: int, seq: int = 8, seed: int = 0) -> RowStore:
@@ -148,8 +148,8 @@ def test_checkpoint_at_2_workers_resumes_at_1_and_matches_an_uninterrupted_run(r
     uninterrupted single-process run."""
     from safetensors.torch import load_file
 
-    from pipelines.train_loop import TrainLoopConfig, fit, hf_export
-    from tests.test_train_loop import tiny_builder
+    from pipelines.train.loop import TrainLoopConfig, fit, hf_export
+    from tests.helpers import tiny_builder
 
     blocks = _blocks()
     rows = {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]}

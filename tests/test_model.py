@@ -82,7 +82,7 @@ def test_transformers_gives_the_same_logits(tiny_checkpoint):
 def test_transformers_tokenizer_gives_the_same_ids_and_chat_template(tiny_checkpoint):
     from transformers import AutoTokenizer
 
-    from tests.conftest import VARIED
+    from tests.helpers import VARIED
 
     _, tok = load_checkpoint(tiny_checkpoint)
     hf = AutoTokenizer.from_pretrained(tiny_checkpoint)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipelines.pairwise import (DPO_LOSSES, BradleyTerryObjective, DPOObjective, bradley_terry_loss, dpo_loss,
+from pipelines.prefs.objectives import (DPO_LOSSES, BradleyTerryObjective, DPOObjective, bradley_terry_loss, dpo_loss,
                                 sequence_logps)
 
 

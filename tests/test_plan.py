@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -11,8 +10,15 @@ import torch.nn.functional as F
 
 from models.parallel import enable_activation_checkpointing
 from models.transformer import ModelConfig, Transformer
-from pipelines import plan
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, build_config
+from pipelines.data.config import DataConfig
+from pipelines.pretrain import plan
+
+
+def run_shape(config, overrides=None):
+    """``plan.run_shape`` with the preset's data section, as ``genloop plan`` builds it."""
+    return plan.run_shape(config, overrides, build_config(DataConfig, "data", config))
+
 
 # GPT-3 175B (Brown et al. 2020, Table 2.1): 96 layers, d_model 12288, 96 heads, context 2048, vocab 50257. Its MLP is
 # two d x 4d matrices (8d^2 parameters); genloop's SwiGLU has three d x f matrices, so f = 8d/3 = 32768 gives the
@@ -48,7 +54,7 @@ def test_zero_paper_table_1_model_states_16_bytes_per_param():
 
 
 def test_llama_8b_preset_has_llama_3_8b_parameter_count():
-    shape = plan.run_shape("llama-8b")
+    shape = run_shape("llama-8b")
     counts = plan.param_counts(shape.model)
     assert counts["total"] == pytest.approx(8.03e9, rel=0.002)  # Llama 3 8B model card: 8.03B
     assert counts["embedding"] == 2 * 128256 * 4096  # untied input and output tables
@@ -75,7 +81,7 @@ def _saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: t
 
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(ids)  # the training loop's loss (pipelines/train_loop.py)
+        logits = model(ids)  # the training loop's loss (pipelines/train/loop.py)
         F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="sum")
     return sum(seen.values())
 
@@ -99,7 +105,7 @@ def test_activation_estimate_matches_what_autograd_saves(cfg, dtype, act_bytes):
 
 
 def test_fewest_gpus_is_the_boundary_of_fitting():
-    shape = plan.run_shape("llama-8b")
+    shape = run_shape("llama-8b")
     cfg, cap = shape.model, 0.9 * plan.GPUS["h100"].memory_bytes
     # 8B x 16 bytes = 128 GB of model states: DDP cannot hold it on an 80 GB GPU
     assert plan.fewest_gpus(cfg, 4096, 2, "ddp", True, cap) is None
@@ -112,11 +118,11 @@ def test_fewest_gpus_is_the_boundary_of_fitting():
     # logits and the unsharded working set overflow 72 GB at any world size
     assert plan.fewest_gpus(cfg, 4096, 2, "fsdp", False, cap) is None
     # a small model fits one GPU under DDP
-    assert plan.fewest_gpus(plan.run_shape("gpt2-124m").model, 1024, 16, "ddp", False, cap) == 1
+    assert plan.fewest_gpus(run_shape("gpt2-124m").model, 1024, 16, "ddp", False, cap) == 1
 
 
 def test_plan_for_llama_8b_on_1024_h100s():
-    shape = plan.run_shape("llama-8b")
+    shape = run_shape("llama-8b")
     p = plan.make_plan(shape, plan.PlanConfig(tokens=15e12, gpu="h100", gpus=1024, mfu=0.4, price_per_gpu_hour=2.5))
     flops = shape.model.flops_per_token(4096) * 15e12
     assert p["training_flops"]["total"] == pytest.approx(flops)
@@ -135,7 +141,7 @@ def test_plan_for_llama_8b_on_1024_h100s():
 
 
 def test_plan_defaults_and_bad_input():
-    shape = plan.run_shape("tiny", {"train.num_workers": 2})
+    shape = run_shape("tiny", {"train.num_workers": 2})
     assert shape.model.vocab_size == 1024  # tiny's data stage trains a 1024-token BPE
     p = plan.make_plan(shape, plan.PlanConfig(gpu="a100"))
     assert p["gpus"] == 2 and p["tokens"] == pytest.approx(20 * p["params"]["total"]) and p["cost_usd"] is None
@@ -144,12 +150,12 @@ def test_plan_defaults_and_bad_input():
     with pytest.raises(ValueError, match="mfu"):
         plan.make_plan(shape, plan.PlanConfig(mfu=1.5))
     with pytest.raises(ConfigError, match="width"):
-        plan.run_shape("tiny", {"model.width": 3})
+        run_shape("tiny", {"model.width": 3})
     with pytest.raises(ConfigError, match="micro_batch_size"):
-        plan.run_shape("tiny", {"train.micro_batch_size": "big"})
-    assert plan.run_shape("tiny", {"model.n_layers": 6}).model.n_layers == 6
-    assert plan.run_shape("tiny", {"model": "llama-1b"}).model.dim == 2048
-    assert plan.run_shape("tiny", {"seq_len": 512}).model.max_seq_len == 512
+        run_shape("tiny", {"train.micro_batch_size": "big"})
+    assert run_shape("tiny", {"model.n_layers": 6}).model.n_layers == 6
+    assert run_shape("tiny", {"model": "llama-1b"}).model.dim == 2048
+    assert run_shape("tiny", {"seq_len": 512}).model.max_seq_len == 512
 
 
 def test_gpu_table_and_device_names():
@@ -208,8 +214,8 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
 def test_plan_from_a_checkpoint_uses_its_architecture(tiny_checkpoint):
     from models.checkpoint import load_config
 
-    shape = plan.run_shape("domain", {"init_from": str(tiny_checkpoint), "seq_len": 64})
+    shape = run_shape("domain", {"init_from": str(tiny_checkpoint), "seq_len": 64})
     assert shape.model == load_config(tiny_checkpoint) and shape.model_name.startswith("checkpoint ")
     assert (shape.micro_batch_size, shape.num_workers, shape.strategy) == (8, 2, "ddp")  # domain's train section
     with pytest.raises(ValueError, match="max_seq_len"):
-        plan.run_shape("domain", {"init_from": str(tiny_checkpoint), "seq_len": 100_000})
+        run_shape("domain", {"init_from": str(tiny_checkpoint), "seq_len": 100_000})

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 
-from pipelines.pref_data import Candidate, code_prompt, make_pairs
-from pipelines.prefs import (PrefPair, pair_rows, parse_pair, read_pairs, require_pairs, side_row, split_pairs,
+from pipelines.prefs.pref_data import Candidate, code_prompt, make_pairs
+from pipelines.prefs.pairs import (PrefPair, pair_rows, parse_pair, read_pairs, require_pairs, side_row, split_pairs,
                              write_quarantine)
 
 

@@ -13,8 +13,9 @@ from cluster.cli import main
 from models.checkpoint import CheckpointError, resolve_checkpoint
 from models.transformer import model_preset
 from pipelines.config import ConfigError, build_config
-from pipelines.pretrain import ModelSection, PretrainConfig, lm_rows, model_config, plan
-from tests.conftest import make_dataset, stdlib_texts
+from pipelines.pretrain.config import ModelSection, PretrainConfig, model_config
+from pipelines.pretrain.stage import lm_rows, plan
+from tests.helpers import make_dataset, stdlib_texts
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def parity_experience(policy) -> Experience:
 
 def one_update(policy, algo, strategy, rank, world, exp):
     """(policy state dict, value state dict or None, stats) after one ``Learner.update`` on this rank."""
-    from pipelines.train_state import full_state_dict
+    from pipelines.train.state import full_state_dict
 
     learner = Learner(parity_cfg(policy, algo, strategy, world), str(policy), None, torch.device("cpu"), rank, world)
     stats = learner.update(exp, iteration=0)

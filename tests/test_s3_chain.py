@@ -38,7 +38,7 @@ def s3(tmp_path_factory):
     from moto.server import ThreadedMotoServer
 
     from pipelines.artifacts import write_bytes
-    from tests.conftest import STDLIB
+    from tests.helpers import STDLIB
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT)
     server.start()

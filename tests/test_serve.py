@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import SERVE_KEYS
+from tests.helpers import SERVE_KEYS
 
 pytestmark = pytest.mark.slow
 

@@ -34,7 +34,7 @@ def test_direct_ingress_only_where_it_can_work(monkeypatch):
 
 @pytest.mark.slow
 def test_genloop_serve_smoke_answers_through_direct_ingress(tiny_checkpoint, tmp_path):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}

@@ -11,7 +11,7 @@ import math
 import httpx
 import pytest
 
-from tests.conftest import SERVE_KEYS
+from tests.helpers import SERVE_KEYS
 
 pytestmark = pytest.mark.slow
 KEY = SERVE_KEYS[0]

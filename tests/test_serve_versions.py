@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import SERVE_ADMIN_KEY, SERVE_KEYS
+from tests.helpers import SERVE_ADMIN_KEY, SERVE_KEYS
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)

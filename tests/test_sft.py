@@ -39,7 +39,7 @@ def test_sft_lora_in_process(ray_session, tiny_checkpoint, tmp_path):
     from models.checkpoint import load_checkpoint
     from models.lora import LoraConfig, load_peft_adapter
     from pipelines.config import build_config
-    from pipelines.sft import SftConfig, run
+    from pipelines.sft.stage import SftConfig, run
 
     data = tmp_path / "sft.jsonl"
     _write_set(data, 48)
@@ -87,7 +87,7 @@ def test_sft_lora_in_process(ray_session, tiny_checkpoint, tmp_path):
 def test_sft_cli_ray_train(ray_session, tiny_checkpoint, tmp_path, capsys):
     """`genloop sft-data --out DIR` then `genloop sft --init-from PRETRAIN_ARTIFACT --data DIR` (Ray Train, DDP)."""
     from cluster.cli import main
-    from pipelines.sft_data import train_path
+    from pipelines.sft.data import train_path
 
     shutil.copytree(tiny_checkpoint, tmp_path / "pretrain" / "model")
     code = tmp_path / "code"

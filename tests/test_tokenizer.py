@@ -4,7 +4,7 @@ import pytest
 
 from models.tokenizer import CHAT_SPECIALS, Tokenizer, TokenizerError, onig_pattern, to_hf_tokenizer_json, train
 
-from tests.conftest import VARIED
+from tests.helpers import VARIED
 
 
 def test_trained_tokenizer_round_trips_and_has_chat_specials(tiny_tokenizer, tiny_tokenizer_dir):
@@ -31,7 +31,7 @@ def test_bpe_actually_merges_frequent_code_words(tiny_tokenizer):
 def test_hf_tokenizer_json_gives_identical_ids(which, tiny_tokenizer):
     from tokenizers import Tokenizer as HF
 
-    from tests.conftest import stdlib_texts
+    from tests.helpers import stdlib_texts
 
     tok = tiny_tokenizer if which == "trained" else Tokenizer.load("cl100k_base")
     hf = HF.from_str(to_hf_tokenizer_json(tok))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.train_loop import TrainLoopConfig, fit, hf_export, lr_at, token_loss_sum
+from pipelines.train.loop import TrainLoopConfig, fit, hf_export, lr_at, token_loss_sum
+from tests.helpers import tiny_builder
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -18,18 +19,6 @@ def lm_dataset(blocks: np.ndarray):
     import ray.data
 
     return ray.data.from_items([{"input_ids": b[:-1], "labels": b[1:]} for b in blocks])
-
-
-def tiny_builder(n_vocab: int, seed: int = 0):
-    from models.transformer import Transformer, model_preset
-
-    cfg = model_preset("tiny").for_tokenizer(n_vocab)
-
-    def build():
-        torch.manual_seed(seed)
-        return Transformer(cfg)
-
-    return build
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------------

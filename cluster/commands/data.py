@@ -1,4 +1,4 @@
-"""``genloop data``: clean, deduplicate and tokenize corpora into training blocks (the stage: ``pipelines.data``)."""
+"""``genloop data``: clean, deduplicate and tokenize corpora into training blocks (the stage: ``pipelines.data.stage``)."""
 
 from __future__ import annotations
 
@@ -23,14 +23,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.data import DataConfig
+    from pipelines.data.stage import DataConfig
 
     return config_from_args(DataConfig, "data", args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import data
-
+    from pipelines.data import stage as data
     cfg = config(args)
     data.check_config(cfg)
     if cfg.input:

@@ -1,4 +1,4 @@
-"""``genloop dpo``: offline DPO from preference pairs (the stage: ``pipelines.dpo``)."""
+"""``genloop dpo``: offline DPO from preference pairs (the stage: ``pipelines.prefs.dpo``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.dpo import DpoConfig
+    from pipelines.prefs.dpo import DpoConfig
 
     return config_from_args(DpoConfig, "dpo", args)
 
@@ -35,8 +35,7 @@ KEYS = ("out", "model", "heldout_preference_accuracy", "heldout_reward_margin", 
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import dpo
-
+    from pipelines.prefs import dpo
     cfg = config(args)
     start_ray(args)
     res = dpo.run(cfg)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def heldout(prompts: str) -> str:
     """An sft-data folder's held-out file (the prompts no training stage saw); a file is used as given."""
     from pipelines.artifacts import exists
-    from pipelines.sft_data import val_path
+    from pipelines.sft.data import val_path
 
     val = val_path(prompts)
     return val if exists(val) else prompts

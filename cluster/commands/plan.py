@@ -1,4 +1,4 @@
-"""``genloop plan``: what a pretraining run costs before it starts (the estimate: ``pipelines.plan``)."""
+"""``genloop plan``: what a pretraining run costs before it starts (the estimate: ``pipelines.pretrain.plan``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, build_config, parse_override
-    from pipelines.plan import PlanConfig, format_plan, make_plan, run_shape
+    from pipelines.data.config import DataConfig
+    from pipelines.pretrain.plan import PlanConfig, format_plan, make_plan, run_shape
 
     if not args.config:
         raise ConfigError("genloop plan needs --config PRESET (e.g. llama-8b) or a YAML file with a pretrain: section")
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("model", "data", "init_from"):
         if getattr(args, key):
             section[key] = getattr(args, key)
-    result = make_plan(run_shape(args.config, section), plan_cfg)
+    data_section = build_config(DataConfig, "data", args.config)
+    result = make_plan(run_shape(args.config, section, data_section), plan_cfg)
     print(format_plan(result))
     if args.json:
         path = Path(args.json)

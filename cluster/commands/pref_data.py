@@ -1,5 +1,5 @@
 """``genloop pref-data``: preference pairs from a policy's own samples and the code judge (the stage:
-``pipelines.pref_data``)."""
+``pipelines.prefs.pref_data``)."""
 
 from __future__ import annotations
 
@@ -23,14 +23,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.pref_data import PrefDataConfig
+    from pipelines.prefs.pref_data import PrefDataConfig
 
     return config_from_args(PrefDataConfig, "pref-data", args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import pref_data
-
+    from pipelines.prefs import pref_data
     cfg = config(args)
     start_ray(args)
     res = pref_data.run(cfg)

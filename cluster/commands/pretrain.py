@@ -1,4 +1,4 @@
-"""``genloop pretrain``: pretraining and domain fine-tuning (the stage: ``pipelines.pretrain``)."""
+"""``genloop pretrain``: pretraining and domain fine-tuning (the stage: ``pipelines.pretrain.stage``)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.pretrain import PretrainConfig
+    from pipelines.pretrain.config import PretrainConfig
 
     return config_from_args(PretrainConfig, "pretrain", args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import pretrain
-
+    from pipelines.pretrain import stage as pretrain
     cfg = config(args)
     pretrain.plan(cfg)  # bad inputs fail here, before Ray starts
     start_ray(args)

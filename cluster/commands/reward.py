@@ -1,4 +1,4 @@
-"""``genloop reward``: a Bradley-Terry reward model from preference pairs (the stage: ``pipelines.reward``)."""
+"""``genloop reward``: a Bradley-Terry reward model from preference pairs (the stage: ``pipelines.prefs.reward``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.reward import RewardConfig
+    from pipelines.prefs.reward import RewardConfig
 
     return config_from_args(RewardConfig, "reward", args)
 
@@ -35,8 +35,7 @@ KEYS = ("out", "model", "heldout_pairwise_accuracy", "heldout_pairwise_accuracy_
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import reward
-
+    from pipelines.prefs import reward
     cfg = config(args)
     start_ray(args)
     res = reward.run(cfg)

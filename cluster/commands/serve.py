@@ -15,7 +15,7 @@ from cluster.commands.base import add_stage_command, address_of, config_from_arg
 
 HELP = "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"
 
-# --smoke without --smoke-questions: code-writing requests in the instruction set's form (pipelines/sft_data.py
+# --smoke without --smoke-questions: code-writing requests in the instruction set's form (pipelines/sft/data.py
 # WRITE_PROMPTS) on small functions; with a `genloop sft-data` artifact, its held-out requests are asked instead.
 SMOKE_FUNCTIONS = [
     ("def is_even(n)", "Return True if n is even."),
@@ -52,7 +52,7 @@ def smoke_questions(source: str | None, n: int) -> list[str]:
     built-in ones in the same form."""
     import json
 
-    from pipelines.sft_data import WRITE_PROMPTS, val_path
+    from pipelines.sft.data import WRITE_PROMPTS, val_path
 
     if not source:
         qs = [WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=sig, doc=doc)

@@ -1,4 +1,4 @@
-"""``genloop sft``: instruction fine-tuning (the stage: ``pipelines.sft``)."""
+"""``genloop sft``: instruction fine-tuning (the stage: ``pipelines.sft.stage``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.sft import SftConfig
+    from pipelines.sft.stage import SftConfig
 
     return config_from_args(SftConfig, "sft", args)
 
@@ -36,8 +36,7 @@ KEYS = ("out", "heldout_answer_loss_before", "heldout_answer_loss_after", "parse
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import sft
-
+    from pipelines.sft import stage as sft
     cfg = config(args)
     start_ray(args)
     res = sft.run(cfg)

@@ -1,4 +1,4 @@
-"""``genloop sft-data``: an instruction set from a code corpus (the stage: ``pipelines.sft_data``)."""
+"""``genloop sft-data``: an instruction set from a code corpus (the stage: ``pipelines.sft.data``)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    from pipelines.sft_data import SftDataConfig
+    from pipelines.sft.data import SftDataConfig
 
     return config_from_args(SftDataConfig, "sft-data", args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.sft_data import run as build
+    from pipelines.sft.data import run as build
 
     stats = build(config(args))
     c = stats["counts"]

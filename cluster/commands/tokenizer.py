@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def default_corpus_files() -> list[str]:
     """The embedded default corpus's sources: the same stdlib listing the data stage uses (no site-packages)."""
-    from pipelines.data import stdlib_files
+    from pipelines.data.stage import stdlib_files
 
     return stdlib_files([".py"])
 

@@ -47,7 +47,7 @@ def load_prompts(path: str, tok, fmt, max_prompt_tokens: int, tasks: Sequence[st
     """Prompts from sft-data JSONL. Bad lines, rows of other ``meta.task`` kinds and prompts longer than
     ``max_prompt_tokens`` are counted and dropped; none left is a clear error naming the file."""
     from models.chat import encode_prompt
-    from pipelines.sft import read_conversations
+    from pipelines.conversations import read_conversations
 
     counts: Counter = Counter()
     src = prompts_file(path)

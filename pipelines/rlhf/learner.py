@@ -105,7 +105,7 @@ class Learner:
                  rank: int = 0, world: int = 1, pad_id: int = 0) -> None:
         from models.checkpoint import load_checkpoint
         from models.parallel import wrap_model
-        from pipelines.train_state import build_optimizer
+        from pipelines.train.state import build_optimizer
 
         self.cfg, self.device, self.rank, self.world, self.pad_id = cfg, device, rank, world, pad_id
         self.temperature = cfg.rollout.sampling.temperature  # log-probs of the distribution the rollout sampled from
@@ -281,7 +281,7 @@ class Learner:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's gathered CPU state dict (HF names); every rank must call it. A tied lm_head is left out (the
         engine and the checkpoint re-tie it)."""
-        from pipelines.train_state import full_state_dict
+        from pipelines.train.state import full_state_dict
 
         sd = full_state_dict(self.policy)
         if self.base.cfg.tie_embeddings:
@@ -291,7 +291,7 @@ class Learner:
     def save(self, ckpt_dir: str, state: dict) -> None:
         import os
 
-        from pipelines.train_state import save_train_state
+        from pipelines.train.state import save_train_state
 
         save_train_state(ckpt_dir, self.policy, self.opt, state, self.rank)
         if self.value is not None:
@@ -300,7 +300,7 @@ class Learner:
     def load(self, ckpt_dir: str) -> dict:
         import os
 
-        from pipelines.train_state import load_train_state
+        from pipelines.train.state import load_train_state
 
         state = load_train_state(ckpt_dir, self.policy, self.opt)
         if self.value is not None:

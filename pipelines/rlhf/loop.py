@@ -159,7 +159,7 @@ def learner_loop(args: dict) -> None:
 
     sd = learner.full_state_dict()
     if rank == 0:
-        from pipelines.train_state import hf_export
+        from pipelines.train.state import hf_export
 
         hf_export(args["tokenizer"])(learner.base, sd, args["out"])
         write_history(args["out"], history)

@@ -43,7 +43,7 @@ from pipelines.artifacts import Manifest, absolute, is_finished
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import PromptSet, load_prompts
 from pipelines.rlhf.rewards import RewardError, RewardSet
-from pipelines.train_config import MODEL_DIR, RUNS_DIR
+from pipelines.train.config import MODEL_DIR, RUNS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def plan(cfg: RlhfConfig) -> Plan:
     from models.chat import ChatFormat
     from models.checkpoint import load_config, load_tokenizer
     from pipelines.artifacts import checkpoint_dir
-    from pipelines.pretrain import tokenizers_match
+    from models.tokenizer import tokenizers_match
 
     cfg.validate()
     policy = checkpoint_dir(cfg.policy)
@@ -159,7 +159,7 @@ def run(cfg: RlhfConfig, engines: list | None = None) -> RlhfResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.runtime import use_gpu_default
-    from pipelines.train_session import latest_checkpoint_dir
+    from pipelines.train.session import latest_checkpoint_dir
 
     cfg = dataclasses.replace(cfg, policy=absolute(cfg.policy), out=absolute(cfg.out), prompts=absolute(cfg.prompts),
                               value_init=absolute(cfg.value_init) if cfg.value_init else "")

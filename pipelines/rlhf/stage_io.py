@@ -6,7 +6,7 @@ import io
 from typing import Any, Sequence
 
 from pipelines.artifacts import join, write_bytes
-from pipelines.metrics import write_metrics
+from pipelines.train.metrics import write_metrics
 
 
 def write_history(out: str, rows: Sequence[dict[str, Any]]) -> None:

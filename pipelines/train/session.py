@@ -1,13 +1,13 @@
 """Where a training worker runs: a Ray Train worker (``RaySession``) or this process (``LocalSession``, the
 single-process reference). The worker loop asks its session for rank/world and the checkpoint to resume from, and
-hands it metrics + checkpoints. (Its rows come from the run's row stores through ``pipelines/loader.py``.)"""
+hands it metrics + checkpoints. (Its rows come from the run's row stores through ``pipelines/train/loader.py``.)"""
 
 from __future__ import annotations
 
 import os
 import shutil
 
-from pipelines.train_config import LOOP_STATE
+from pipelines.train.config import LOOP_STATE
 
 
 class Session:

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data_dedup import content_hash, permutations, shingle_hashes, signature
-from pipelines.data_inputs import RECORD_EXT, split_documents
-from pipelines.data_text import code_filter, normalise, prose_filter, redact_pii
+from pipelines.data.dedup import content_hash, permutations, shingle_hashes, signature
+from pipelines.data.inputs import RECORD_EXT, split_documents
+from pipelines.data.text import code_filter, normalise, prose_filter, redact_pii
 
 if TYPE_CHECKING:
-    from pipelines.data import DataConfig
+    from pipelines.data.config import DataConfig
 
 KEPT, DROPPED, MALFORMED = "kept", "dropped", "malformed"
 

@@ -15,7 +15,7 @@ import torch
 from models.chat import ChatFormat, Message, encode_prompt
 from models.transformer import generate
 from pipelines.judge import writes_function
-from pipelines.train_loop import token_loss_sum
+from pipelines.train.loop import token_loss_sum
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """``genloop dpo --init-from SFT_CKPT --data PREFS --out DIR``: offline DPO on the shared loop.
 
-Pairs are read and rendered as for the reward model (``pipelines/prefs.py``). The reference model is the
+Pairs are read and rendered as for the reward model (``pipelines/prefs/pairs.py``). The reference model is the
 ``init_from`` checkpoint itself; its sequence log-probs of every chosen and rejected answer are computed ONCE before
 training, as dataset columns (``ref_chosen_logp`` / ``ref_rejected_logp``; TRL's precompute), by a Ray Data
 ``map_batches`` actor, so no reference model stays resident while the policy trains. The loss is one of
-``pipelines.pairwise.DPO_LOSSES`` (``sigmoid`` with optional ``label_smoothing``, ``ipo``, ``hinge``), ``beta``
+``pipelines.prefs.objectives.DPO_LOSSES`` (``sigmoid`` with optional ``label_smoothing``, ``ipo``, ``hinge``), ``beta``
 configurable.
 
 Reported on held-out pairs (``val_data``, a ``pref-data`` folder's ``val.jsonl``, or ``val_fraction`` split by
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.train_config import MODEL_DIR, TrainLoopConfig
+from pipelines.train.config import MODEL_DIR, TrainLoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class DpoConfig:
     out: str = ""
     seq_len: int = 0  # tokens per side; 0 = the checkpoint's max_seq_len; longer pairs dropped
     beta: float = 0.1
-    loss: str = "sigmoid"  # a name in pipelines.pairwise.DPO_LOSSES: sigmoid | ipo | hinge
+    loss: str = "sigmoid"  # a name in pipelines.prefs.objectives.DPO_LOSSES: sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # sigmoid only: conservative DPO
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
         name="dpo", lr=5e-5, min_lr=5e-6, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0))
@@ -51,7 +51,7 @@ class DpoConfig:
 @torch.no_grad()
 def reference_logps(model: Any, rows: dict[str, np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) summed answer log-probs (N,) of a causal LM over pair rows."""
-    from pipelines.pairwise import sequence_logps
+    from pipelines.prefs.objectives import sequence_logps
 
     model.eval()
     out_c, out_r = [], []
@@ -114,10 +114,10 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     """Train and export the DPO policy; needs a ready Ray runtime. Returns the metrics."""
     from models.checkpoint import load_checkpoint
     from pipelines.artifacts import join, local_copy
-    from pipelines.pairwise import DPOObjective
-    from pipelines.prefs import begin_pair_stage, to_dataset
-    from pipelines.train_loop import fit
-    from pipelines.train_state import hf_export
+    from pipelines.prefs.objectives import DPOObjective
+    from pipelines.prefs.pairs import begin_pair_stage, to_dataset
+    from pipelines.train.loop import fit
+    from pipelines.train.state import hf_export
 
     objective = DPOObjective(cfg.beta, cfg.label_smoothing, cfg.loss)  # validates beta / loss / smoothing
     st = begin_pair_stage("dpo", cfg)

@@ -3,10 +3,10 @@
 Data: JSONL lines of ``{"messages": [{"role", "content"}, ...]}`` (system/user/assistant, multi-turn) or
 ``{"prompt", "response"[, "system"]}``, a file or a ``genloop sft-data`` folder, local or ``s3://``. Each conversation
 is rendered with the checkpoint's own chat template (``models/chat.py``) and becomes training rows of ``seq_len``
-positions, packed or padded (``pipelines/sft_rows.py``; both give the same loss, ``bench/sft_packing_bench.py``
+positions, packed or padded (``pipelines/sft/rows.py``; both give the same loss, ``bench/sft_packing_bench.py``
 measures which is faster). The base model and the tuned one are evaluated the same way before and after
-(``pipelines/sft_eval.py``: held-out answer loss, greedy answers, parse rate); training is the shared loop
-(``pipelines/train_loop.py``).
+(``pipelines/sft/evaluate.py``: held-out answer loss, greedy answers, parse rate); training is the shared loop
+(``pipelines/train/loop.py``).
 
 The artifact ``--out`` (local or URI): ``manifest.json``, ``model/`` (merged HF checkpoint) and/or ``adapter/`` (PEFT),
 ``samples.jsonl`` (before/after answers), the loop's metrics and checkpoints.
@@ -30,10 +30,11 @@ from models.chat import ChatFormat
 from models.lora import LoraConfig
 from pipelines.artifacts import (Manifest, absolute, checkpoint_dir, exists, is_dir, join, resolve_checkpoint,
                                  writable_dir, write_text)
-from pipelines.sft_data import train_path, val_path
-from pipelines.sft_eval import StepEval, eval_prompts, evaluate
-from pipelines.sft_rows import cap_rows, encode_samples, fill_ratio, make_rows, read_conversations, split_conversations
-from pipelines.train_loop import IGNORE, TrainLoopConfig, fit
+from pipelines.sft.data import train_path, val_path
+from pipelines.sft.evaluate import StepEval, eval_prompts, evaluate
+from pipelines.conversations import read_conversations, split_conversations
+from pipelines.sft.rows import cap_rows, encode_samples, fill_ratio, make_rows
+from pipelines.train.loop import IGNORE, TrainLoopConfig, fit
 
 log = logging.getLogger(__name__)
 

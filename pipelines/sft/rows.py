@@ -1,5 +1,5 @@
 """SFT rows: JSONL conversations -> (ids, answer mask) with the checkpoint's chat template -> training positions ->
-rows of ``seq_len`` (packed or padded). Plain functions; ``pipelines.sft`` runs them, tests call them directly.
+rows of ``seq_len`` (packed or padded). Plain functions; ``pipelines.sft.stage`` runs them, tests call them directly.
 
 A sample of ``n`` tokens gives ``n - 1`` positions with ``labels[t] = ids[t+1]`` where ``mask[t+1]`` (else ``IGNORE``),
 so labels are already aligned with the inputs.
@@ -16,77 +16,16 @@ A sample longer than ``seq_len + 1`` tokens is cut to its first ``seq_len + 1`` 
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from models.chat import ROLES, ChatError, ChatFormat, Message, encode_chat
-from pipelines.artifacts import NOT_JSON, exists, jsonl_lines
-from pipelines.train_loop import IGNORE
+from models.chat import ChatError, ChatFormat, Message, encode_chat
+from pipelines.train.loop import IGNORE
 
 log = logging.getLogger(__name__)
-
-
-# ---- reading conversations -----------------------------------------------------------------------------------------
-
-def parse_record(obj: Any) -> tuple[list[Message] | None, str]:
-    """(messages, "") for a valid record, else (None, reason) with reason one of the counted drop kinds."""
-    if not isinstance(obj, dict):
-        return None, "not_an_object"
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return None, "missing_fields"
-    elif "prompt" in obj and "response" in obj:
-        msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
-            {"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
-    else:
-        return None, "missing_fields"
-    out: list[Message] = []
-    for m in msgs:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return None, "missing_fields"
-        if m["role"] not in ROLES:
-            return None, "unknown_role"
-        if not isinstance(m["content"], str):
-            return None, "bad_content"
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" and m["content"] for m in out):
-        return None, "no_assistant_turn"
-    return out, ""
-
-
-def read_conversations(path: str, counts: Counter) -> list[tuple[list[Message], dict]]:
-    """[(messages, meta)] from a JSONL file (local or URI); bad lines counted in ``counts["bad_<reason>"]``, never
-    raised."""
-    if not exists(path):
-        raise FileNotFoundError(f"SFT data {path} does not exist; make one with `genloop sft-data --out {path}`")
-    rows = []
-    for n, _, obj in jsonl_lines(path):
-        counts["lines"] += 1
-        if obj is NOT_JSON:
-            counts["bad_json"] += 1
-            continue
-        msgs, reason = parse_record(obj)
-        if msgs is None:
-            counts[f"bad_{reason}"] += 1
-            if counts[f"bad_{reason}"] <= 3:
-                log.warning("%s:%d skipped (%s)", path, n, reason)
-            continue
-        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        rows.append((msgs, meta))
-    return rows
-
-
-def split_conversations(convs: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded shuffle, then ``fraction`` (at least one when > 0) held out."""
-    items = list(convs)
-    random.Random(seed).shuffle(items)
-    n_val = max(1, int(len(items) * fraction)) if fraction > 0 and len(items) > 1 else 0
-    return items[n_val:], items[:n_val]
 
 
 # ---- samples: ids + aligned labels ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The training loader: each worker reads only its own rows of each global batch, by random access into the run's
-row store (``pipelines/loader_store.py``), with a bounded read-ahead. Megatron's scheme (a global sample index and
+row store (``pipelines/train/row_store.py``), with a bounded read-ahead. Megatron's scheme (a global sample index and
 ``consumed_samples``), so the order does not depend on the number of workers (MosaicML streaming's promise) and a run
 resumes from one number at any worker count (which torchtitan cannot).
 
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipelines.loader_store import UNITS, RowStore
+from pipelines.train.row_store import UNITS, RowStore
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """The training loop's learning-rate schedule: a function of the step and the config only, so every worker computes
-the same value without talking. (The sample order is ``pipelines/loader.py``'s.)"""
+the same value without talking. (The sample order is ``pipelines/train/loader.py``'s.)"""
 
 from __future__ import annotations
 
 import math
 
-from pipelines.train_config import TrainLoopConfig
+from pipelines.train.config import TrainLoopConfig
 
 
 def lr_at(step: int, cfg: TrainLoopConfig) -> float:

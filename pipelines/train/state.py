@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from pipelines.artifacts import filesystem, join, local_copy
-from pipelines.train_config import LOOP_STATE, MODEL_DIR, TrainLoopConfig
+from pipelines.train.config import LOOP_STATE, MODEL_DIR, TrainLoopConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainLoopConfig) -> torch.optim.Optimizer:

@@ -10,7 +10,7 @@ present), how many units each row holds (``row_counts``, stored with the rows by
 global batch's divisor without talking), and how many tokens a row puts through the model (throughput, MFU).
 
 ``LMObjective`` (the default): token-mean cross-entropy over ``labels != IGNORE``. The preference objectives
-(Bradley-Terry for the reward model, DPO) live in ``pipelines/pairwise.py``.
+(Bradley-Terry for the reward model, DPO) live in ``pipelines/prefs/objectives.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Preference losses (small pure functions on scores / log-probs, never a model) and the training-loop objectives
 built on them: Bradley-Terry for the reward model, DPO (a registry of loss kinds) for the policy.
 
-Pair rows (``pipelines/prefs.py`` makes them), every column (T,) unless said:
+Pair rows (``pipelines/prefs/pairs.py`` makes them), every column (T,) unless said:
 
 * ``chosen_ids`` / ``rejected_ids``: the whole rendered conversation (prompt + answer), right-padded with the pad
   token. A scalar model's score is read at the last non-pad token (as transformers does).
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.train_objective import IGNORE, Objective
+from pipelines.train.objective import IGNORE, Objective
 
 
 # ---- losses --------------------------------------------------------------------------------------------------------

@@ -15,17 +15,17 @@ Interface (stable; every training stage calls it)::
 
 Rows of ``train_ds`` / ``val_ds`` hold the objective's columns, every row the same length. For the default
 ``LMObjective``: ``input_ids`` and ``labels`` (-100 = no loss), optional ``position_ids`` and ``doc_ids`` (packed
-samples; both go to ``Transformer.forward``). Preference objectives (``pipelines/pairwise.py``) read
+samples; both go to ``Transformer.forward``). Preference objectives (``pipelines/prefs/objectives.py``) read
 ``chosen_ids``/``rejected_ids`` and their own columns.
 
-* Loss: the objective returns ``(loss_sum, count, metric_sums)`` per micro-batch (``pipelines/train_objective.py``);
+* Loss: the objective returns ``(loss_sum, count, metric_sums)`` per micro-batch (``pipelines/train/objective.py``);
   the loop divides by the global unit count of the WHOLE global batch (micro-batches x accumulation x workers: tokens
   for LM, pairs for preferences; the row store holds every row's units, so each rank sums its global batch's count
   itself: no all-reduce for it), and multiplies by the world size because DDP/FSDP2 average gradients. So 2 workers == 1
   process.
 * Data: the driver writes the rows once, streaming, into the run's row stores ``<out>/train_runs/<name>-rows/
-  {train,val}`` (``pipelines/loader_store.py``: one fixed-width file per column, plus each row's loss units); the
-  workers read them by random access (``pipelines/loader.py``, Megatron's global sample index): each epoch is a
+  {train,val}`` (``pipelines/train/row_store.py``: one fixed-width file per column, plus each row's loss units); the
+  workers read them by random access (``pipelines/train/loader.py``, Megatron's global sample index): each epoch is a
   seeded permutation of the rows (with ``shuffle``), global batch ``g`` is the next B samples of that stream (B =
   ``global_rows()``: micro x accum x workers, or ``global_batch_size``), rank r reads only its places ``r*A + [0, A)``
   of it (A = B / workers) with ``prefetch_batches`` batches of read-ahead. Worker memory does not grow with the
@@ -64,14 +64,14 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from pipelines.artifacts import exists, join, read_text
-from pipelines.loader_store import RowStore, array_batches, dataset_batches, store_path, write_rows
-from pipelines.train_config import LOOP_STATE, MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig
-from pipelines.train_objective import IGNORE, LMObjective, Objective, token_loss_sum
-from pipelines.train_schedule import lr_at
-from pipelines.train_session import LocalSession, latest_checkpoint_dir
-from pipelines.train_state import (build_optimizer, full_state_dict, hf_export, load_train_state, local_dir,
+from pipelines.train.row_store import RowStore, array_batches, dataset_batches, store_path, write_rows
+from pipelines.train.config import LOOP_STATE, MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig
+from pipelines.train.objective import IGNORE, LMObjective, Objective, token_loss_sum
+from pipelines.train.schedule import lr_at
+from pipelines.train.session import LocalSession, latest_checkpoint_dir
+from pipelines.train.state import (build_optimizer, full_state_dict, hf_export, load_train_state, local_dir,
                                    save_train_state)
-from pipelines.train_worker import COLUMNS, TrainSpec, train_worker
+from pipelines.train.worker import COLUMNS, TrainSpec, train_worker
 
 __all__ = ["COLUMNS", "IGNORE", "LOOP_STATE", "MODEL_DIR", "RUNS_DIR", "FitResult", "LMObjective", "Objective",
            "TrainLoopConfig", "TrainSpec", "build_optimizer", "check_placement", "config_dict", "fit",

@@ -1,6 +1,6 @@
 """The per-worker training loop (Ray Train's ``train_loop_per_worker``, or in-process with a ``LocalSession``), fed a
 typed ``TrainSpec``. The loop's contract (data order, loss normalisation, checkpoints) is in
-``pipelines/train_loop.py``'s docstring; its rows come from ``pipelines/loader.py`` (this rank's rows of each global
+``pipelines/train/loop.py``'s docstring; its rows come from ``pipelines/train/loader.py`` (this rank's rows of each global
 batch, read ahead a bounded number of steps)."""
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pipelines.artifacts import exists, join
-from pipelines.loader import RankLoader, val_rows
-from pipelines.loader_store import RowStore
-from pipelines.train_config import TrainLoopConfig
-from pipelines.train_objective import LMObjective, Objective
-from pipelines.train_schedule import lr_at
-from pipelines.train_session import RaySession, Session
-from pipelines.train_state import build_optimizer, full_state_dict, hf_export, load_train_state, save_train_state
+from pipelines.train.loader import RankLoader, val_rows
+from pipelines.train.row_store import RowStore
+from pipelines.train.config import TrainLoopConfig
+from pipelines.train.objective import LMObjective, Objective
+from pipelines.train.schedule import lr_at
+from pipelines.train.session import RaySession, Session
+from pipelines.train.state import build_optimizer, full_state_dict, hf_export, load_train_state, save_train_state
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class TrainSpec:
     cfg: TrainLoopConfig
     build_model: Callable[[], nn.Module]  # runs on every worker: a fresh model or a loaded checkpoint
     out: str  # artifact folder (metrics, export)
-    train_store: RowStore  # the run's rows (``pipelines/loader_store.py``), pickled as path + index
+    train_store: RowStore  # the run's rows (``pipelines/train/row_store.py``), pickled as path + index
     objective: Objective
     export: Callable[[nn.Module, dict, str], str] | None = None
     eval_hook: Callable[[nn.Module, int], dict] | None = None
@@ -89,7 +89,7 @@ def train_worker(config: dict) -> None:
 
 def run_worker(spec: TrainSpec, session: Session) -> None:
     from models.parallel import set_gradient_sync, wrap_model
-    from pipelines.metrics import device_peak_flops, mfu, plot_loss, write_metrics
+    from pipelines.train.metrics import device_peak_flops, mfu, plot_loss, write_metrics
 
     cfg, obj = spec.cfg, spec.objective
     rank, world = session.rank, session.world

@@ -1,9 +1,9 @@
 """``genloop reward --init-from SFT_CKPT --data PREFS --out DIR``: a Bradley-Terry reward model on the shared loop.
 
 The model is the SFT checkpoint's trunk + a scalar head (``models/scalar_model.py``), trained with
-``-log sigmoid(r_chosen - r_rejected - margin)`` (``pipelines/pairwise.py``) on Ray Train (DDP | FSDP2, or in
+``-log sigmoid(r_chosen - r_rejected - margin)`` (``pipelines/prefs/objectives.py``) on Ray Train (DDP | FSDP2, or in
 process). Pairs are rendered with the checkpoint's chat template (prompt as user turn, answer as assistant turn;
-``pipelines/prefs.py`` reads the accepted JSONL forms and quarantines bad lines).
+``pipelines/prefs/pairs.py`` reads the accepted JSONL forms and quarantines bad lines).
 
 Held-out pairs (``val_data``, the ``val.jsonl`` of a ``pref-data`` folder, or ``val_fraction`` of the pairs split by
 prompt) give the reported pairwise accuracy and mean margin, measured on the exported model after training (and on
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.train_config import MODEL_DIR, TrainLoopConfig
+from pipelines.train.config import MODEL_DIR, TrainLoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def export_reward_model(model: Any, state_dict: dict, out: str, init_from: str) 
     from models.checkpoint import load_tokenizer
     from models.scalar_model import save_scalar_model
     from pipelines.artifacts import join, local_copy
-    from pipelines.train_state import local_dir
+    from pipelines.train.state import local_dir
 
     target = join(out, MODEL_DIR)
     with local_dir(target) as local:
@@ -72,7 +72,7 @@ def export_reward_model(model: Any, state_dict: dict, out: str, init_from: str) 
 def pairwise_eval(model: Any, rows: dict[str, np.ndarray], pad_id: int, batch_size: int = 16) -> dict[str, float]:
     """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin (r_chosen - r_rejected) and BT loss of a
     scalar model on pair rows; empty rows give {}."""
-    from pipelines.pairwise import BradleyTerryObjective
+    from pipelines.prefs.objectives import BradleyTerryObjective
 
     if not rows:
         return {}
@@ -91,9 +91,9 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train and export the reward model; needs a ready Ray runtime unless ``in_process``. Returns the metrics."""
     from models.scalar_model import load_scalar_model
     from pipelines.artifacts import join, local_copy
-    from pipelines.pairwise import BradleyTerryObjective
-    from pipelines.prefs import begin_pair_stage, to_dataset
-    from pipelines.train_loop import fit
+    from pipelines.prefs.objectives import BradleyTerryObjective
+    from pipelines.prefs.pairs import begin_pair_stage, to_dataset
+    from pipelines.train.loop import fit
 
     st = begin_pair_stage("reward", cfg)
     cfg, tok, rows, val_rows, counts = st.cfg, st.tok, st.rows, st.val_rows, st.counts

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from pipelines.artifacts import join, write_text
 from pipelines.blocks import TRAIN, VAL
-from pipelines.data_docs import DROPPED, KEPT
+from pipelines.data.docs import DROPPED, KEPT
 
 SLIM = ["key", "status", "reason", "profile", "n_bytes_in", "n_bytes", "cut", "pii", "sample"]
 

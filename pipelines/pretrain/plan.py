@@ -8,7 +8,7 @@ FLOPs: ``ModelConfig.flops_per_token`` (6N for the non-embedding parameters N pl
 12·L·d·T, PaLM appendix B); the same count the training loop divides by for MFU, so a plan's tokens/s at an MFU and
 a run's measured tokens/s and MFU are directly comparable.
 
-Memory per GPU follows what genloop's wrappers (``models/parallel.py``) and loop (``pipelines/train_loop.py``) do:
+Memory per GPU follows what genloop's wrappers (``models/parallel.py``) and loop (``pipelines/train/loop.py``) do:
 
 - model states, 16 bytes per parameter either way (ZeRO paper, Rajbhandari et al. 2020, Table 1):
   DDP keeps fp32 weights (4), fp32 gradients (4), AdamW exp_avg + exp_avg_sq (8) on every rank, plus the DDP
@@ -71,22 +71,22 @@ GPUS: dict[str, GpuSpec] = {
     # NVIDIA HGX B200 specifications (8 GPUs): FP16/BF16 36 PFLOPS with sparsity, 1.44 TB HBM3e in all
     "b200": GpuSpec("NVIDIA B200 180GB", 2.25e15, 180 * GB, "NVIDIA HGX B200 specifications, per GPU"),
 }
-CPU = "cpu"  # no data sheet figure to trust: measured here (pipelines.metrics.cpu_peak_flops), host RAM as memory
+CPU = "cpu"  # no data sheet figure to trust: measured here (pipelines.train.metrics.cpu_peak_flops), host RAM as memory
 
 
 def gpu_spec(name: str, cpu_threads: int | None = None) -> GpuSpec:
     """The table's row for ``name`` (case-insensitive), or this host measured for ``cpu``."""
     key = name.lower().strip()
     if key == CPU:
-        from pipelines.metrics import cpu_peak_flops
+        from pipelines.train.metrics import cpu_peak_flops
 
         threads = cpu_threads or os.cpu_count() or 1
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return GpuSpec(f"this host's CPU ({threads} threads)", cpu_peak_flops(threads), float(ram),
-                       "measured fp32 matmul FLOP/s (pipelines.metrics), physical RAM")
+                       "measured fp32 matmul FLOP/s (pipelines.train.metrics), physical RAM")
     if key not in GPUS:
         raise ValueError(f"unknown --gpu {name!r}; known: {', '.join(list(GPUS) + [CPU])} (add a row to "
-                         "pipelines/plan.py GPUS for another)")
+                         "pipelines/pretrain/plan.py GPUS for another)")
     return GPUS[key]
 
 
@@ -237,14 +237,15 @@ def _vocab_from_data(tokenizer: str, vocab_size: int) -> int:
     return vocab_size
 
 
-def run_shape(config: str, overrides: Mapping[str, Any] | None = None) -> RunShape:
+def run_shape(config: str, overrides: Mapping[str, Any] | None = None, data_section: Any = None) -> RunShape:
     """The run ``genloop pretrain --config CONFIG key=value ...`` would start: its typed, validated pretrain section
-    (``overrides`` applied), the model ``pipelines.pretrain.model_config`` builds from it (or ``init_from``'s
-    checkpoint's) for the vocabulary of ``data`` when given, else of what the preset's data stage produces, and
-    seq_len defaulting to the dataset's (the data stage's) block length."""
+    (``overrides`` applied), the model ``pipelines.pretrain.config.model_config`` builds from it (or ``init_from``'s
+    checkpoint's) for the vocabulary of ``data`` when given, else of what the preset's data stage produces
+    (``data_section``: the preset's typed ``data:`` section, with ``seq_len``, ``tokenizer`` and ``vocab_size``; the
+    caller builds it, since stages do not import each other), and seq_len defaulting to the dataset's (the data
+    stage's) block length."""
     from pipelines.config import build_config
-    from pipelines.data import DataConfig
-    from pipelines.pretrain import PretrainConfig, model_config
+    from pipelines.pretrain.config import PretrainConfig, model_config
 
     pcfg = build_config(PretrainConfig, "pretrain", config, dict(overrides or {}))
     if pcfg.data:  # a tokenized dataset given: its block length and tokenizer, as pretrain would use them
@@ -254,7 +255,10 @@ def run_shape(config: str, overrides: Mapping[str, Any] | None = None) -> RunSha
         seq_len = pcfg.seq_len or info.seq_len
         n_vocab = info.load_tokenizer().n_vocab
     else:
-        dcfg = build_config(DataConfig, "data", config)
+        if data_section is None:
+            raise ValueError("planning without pretrain.data needs the preset's data section (seq_len, tokenizer, "
+                             "vocab_size): pass data_section, or give a tokenized dataset with data=DIR")
+        dcfg = data_section
         seq_len = pcfg.seq_len or dcfg.seq_len
         n_vocab = pcfg.model.vocab_size or _vocab_from_data(dcfg.tokenizer, dcfg.vocab_size)
     if pcfg.init_from:  # domain fine-tuning: the checkpoint's architecture
@@ -398,7 +402,7 @@ def prediction_summary(pred: dict[str, Any] | None, tokens_per_s: float | None =
                        peak_memory_bytes: float | None = None) -> str:
     """One log line: the plan's tokens/s and memory per rank, and beside them what a run measured (when given)."""
     if pred is None:
-        return "no prediction (GPU type not in pipelines/plan.py GPUS)"
+        return "no prediction (GPU type not in pipelines/pretrain/plan.py GPUS)"
     mem = pred["memory"]["total"]
     out = (f"predicted {pred['tokens_per_s']:,.0f} tokens/s at {100 * pred['mfu']:.0f}% MFU of {pred['gpu']}, "
            f"{mem / GB:.2f} GB per rank")

@@ -6,7 +6,7 @@ with vLLM (``models/engine.py``, in one Ray task that asks for a GPU on a GPU cl
 the set's reference answer is a candidate too. Pairs: the best-scored candidate (ties: a policy sample first, it is
 on-policy) against up to ``pairs_per_prompt`` distinct worse ones, kept only when the judge scores differ by at
 least ``min_margin``. Human preferences from ``--human`` (what ``genloop feedback export`` writes, or any form
-``pipelines/prefs.py`` reads) merge in, deduplicated; every pair names its ``source`` (``judge`` or the human file's).
+``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its ``source`` (``judge`` or the human file's).
 
 Held-out split: prompts from the sft-data set's held-out file stay held out; otherwise ``val_fraction`` of prompts
 (by hash). Output ``DIR``: ``train.jsonl`` + ``val.jsonl`` (``{"prompt", "chosen", "rejected", "source",
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from models.engine import EngineConfig
 from pipelines.judge import judge, requested_signature
-from pipelines.prefs import PrefPair
+from pipelines.prefs.pairs import PrefPair
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     from models.chat import ChatFormat, encode_prompt
     from models.checkpoint import load_config, load_tokenizer
     from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint, write_text
-    from pipelines.prefs import read_pairs, split_pairs, write_pairs, write_quarantine
+    from pipelines.prefs.pairs import read_pairs, split_pairs, write_pairs, write_quarantine
 
     for key in ("policy", "prompts", "out"):
         if not getattr(cfg, key):

@@ -19,7 +19,7 @@ The artifact folder ``--out``::
     train_runs/<name>/step_*/   resumable training checkpoints (torch distributed checkpoint, sharded under FSDP);
                                 re-running the same command resumes from the newest
 
-The loop itself is ``pipelines/train_loop.py`` (shared with SFT).
+The loop itself is ``pipelines/train/loop.py`` (shared with SFT).
 """
 
 from __future__ import annotations
@@ -27,67 +27,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 
-from models.transformer import MODEL_PRESETS, ModelConfig, Transformer, model_preset
+from models.tokenizer import tokenizers_match
+from models.transformer import ModelConfig, Transformer
 from pipelines.artifacts import Manifest, absolute, exists, is_finished
 from pipelines.blocks import TOKENS, BlocksInfo, open_dataset
-from pipelines.config import ConfigError
-from pipelines.train_loop import MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig, check_placement, fit, hf_export
+from pipelines.pretrain.config import PretrainConfig, model_config
+from pipelines.train.loop import MODEL_DIR, RUNS_DIR, FitResult, check_placement, fit, hf_export
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelSection:
-    """A fresh model's architecture: a preset (``models/transformer.py`` MODEL_PRESETS) and per-field overrides
-    (None = the preset's value). ``model: demo`` is short for ``model: {preset: demo}``; ``model.dim=128`` overrides
-    one field. Ignored with ``init_from`` (the checkpoint's architecture is used)."""
-
-    SHORTHAND: ClassVar[str] = "preset"
-
-    preset: str = "tiny"
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None
-    vocab_size: int | None = None  # None / 0: the tokenizer's, rounded up to a multiple of 64
-    max_seq_len: int | None = None
-    rope_theta: float | None = None
-    norm_eps: float | None = None
-    tie_embeddings: bool | None = None
-    init_std: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.preset not in MODEL_PRESETS:
-            raise ConfigError(f"unknown model preset model.preset={self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name != "preset" and isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(f"model.{f.name}={v} must not be negative")
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
-            if getattr(self, name) == 0:
-                raise ConfigError(f"model.{name}=0: give a positive size (or leave it unset for the preset's)")
-
-    def overrides(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "preset" and getattr(self, f.name) is not None}
-
-
-@dataclass
-class PretrainConfig:
-    data: str = ""  # a tokenized dataset folder from `genloop data`
-    out: str = ""
-    model: ModelSection = field(default_factory=ModelSection)  # a fresh model: model.preset, model.dim, ...
-    init_from: str = ""  # a checkpoint folder (or a pretrain artifact holding model/): domain fine-tuning
-    seq_len: int = 0  # 0 = the dataset's block length; shorter crops the blocks
-    overwrite: bool = False
-    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(name="pretrain"))
 
 
 # ---- pure helpers --------------------------------------------------------------------------------------------------
@@ -100,12 +52,6 @@ def lm_rows(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]
     return {"input_ids": tokens[:, :seq_len], "labels": tokens[:, 1:seq_len + 1]}
 
 
-def tokenizers_match(a, b) -> bool:
-    """Same ids for the same text: equal BPE ranks, split pattern and special tokens."""
-    return (a.n_vocab == b.n_vocab and a.special_tokens == b.special_tokens and a.enc._pat_str == b.enc._pat_str
-            and a.enc._mergeable_ranks == b.enc._mergeable_ranks)
-
-
 def resolve_seq_len(requested: int, info: BlocksInfo) -> int:
     if requested <= 0:
         return info.seq_len
@@ -113,16 +59,6 @@ def resolve_seq_len(requested: int, info: BlocksInfo) -> int:
         raise ValueError(f"seq_len={requested} is longer than the blocks of --data {info.path} ({info.seq_len} tokens "
                          f"+ 1); lower seq_len or re-run `genloop data` with seq_len={requested}")
     return requested
-
-
-def model_config(config: PretrainConfig, n_vocab: int, seq_len: int) -> ModelConfig:
-    """A fresh model's architecture: the preset, the overrides, the tokenizer's vocab, room for seq_len."""
-    base = model_preset(config.model.preset)
-    cfg = dataclasses.replace(base, **config.model.overrides()).for_tokenizer(n_vocab)
-    if cfg.max_seq_len < seq_len:
-        cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
-    cfg.validate()
-    return cfg
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
@@ -213,7 +149,7 @@ def run(config: PretrainConfig) -> FitResult:
     log.info("pretrain: %.2fM params (dim %d, %d layers), seq_len %d, global batch %d rows, %d steps, %s x %d",
              mc.num_params() / 1e6, mc.dim, mc.n_layers, p.seq_len, tc.global_rows(), tc.steps, tc.strategy,
              tc.num_workers)
-    from pipelines.plan import predict_run, prediction_summary
+    from pipelines.pretrain.plan import predict_run, prediction_summary
 
     pred = predict_run(mc, p.seq_len, tc, use_gpu)  # `genloop plan`'s model of this run, checked against the run
     log.info("plan: %s", prediction_summary(pred))

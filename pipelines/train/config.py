@@ -1,4 +1,4 @@
-"""The training loop's typed config and result (``pipelines/train_loop.py`` has the whole story)."""
+"""The training loop's typed config and result (``pipelines/train/loop.py`` has the whole story)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from models.chat import ChatError, ChatFormat, Message, encode_chat
 from pipelines.artifacts import NOT_JSON, exists, is_dir, join, jsonl_lines, write_text
-from pipelines.train_objective import IGNORE
+from pipelines.train.objective import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def side_row(ids: list[int], mask: list[int], seq_len: int, pad_id: int) -> tupl
 
 def pair_rows(pairs: Sequence[PrefPair], tok: Any, fmt: ChatFormat, seq_len: int, counts: Counter,
               prefix: str = "") -> dict[str, np.ndarray]:
-    """Rows for the pair objectives (``pipelines/pairwise.py``); a pair with a side longer than ``seq_len`` tokens,
+    """Rows for the pair objectives (``pipelines/prefs/objectives.py``); a pair with a side longer than ``seq_len`` tokens,
     or that the template cannot render, is dropped and counted (``<prefix>dropped_too_long`` / ``..._unrenderable``)."""
     cols: dict[str, list] = {k: [] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels",
                                              "margin")}
