@@ -57,9 +57,21 @@ class ModelConfig:
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * block + self.dim + (emb if embeddings else 0)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6N plus the attention score term (PaLM appendix B)."""
-        return 6 * self.num_params(embeddings=False) + 12 * self.n_layers * self.dim * seq_len
+    def matmul_params(self, head_out: int | None = None) -> int:
+        """Weights that multiply activations: every block's q/k/v/o and gate/up/down projections, plus the output
+        projection (``dim x head_out``; ``head_out`` defaults to ``vocab_size``, the LM head; a scalar head is 1),
+        counted even when tied to the embedding table: its matmul runs either way. The input embedding (a lookup,
+        not a matmul) and the norm weights are left out."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn + 3 * self.dim * self.ffn_hidden
+        return self.n_layers * block + self.dim * (self.vocab_size if head_out is None else head_out)
+
+    def flops_per_token(self, seq_len: int, head_out: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), the one count ``genloop plan`` and the training loop's MFU
+        use: ``6 x matmul_params(head_out)`` (2 per weight forward, 4 backward) plus the attention scores and their
+        weighted sum, ``12 x n_layers x n_heads x head_dim x seq_len`` (QK^T and AV over the whole window, no causal
+        discount; PaLM appendix B, torchtitan's ``get_num_flop_per_token``)."""
+        return 6 * self.matmul_params(head_out) + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

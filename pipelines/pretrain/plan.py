@@ -4,9 +4,12 @@ Pure functions over ``ModelConfig`` (no Ray, no GPU needed). The run's shape (mo
 strategy, activation checkpointing) comes from a preset's ``pretrain:`` section, so the plan describes the run
 ``genloop pretrain --config PRESET`` would start.
 
-FLOPs: ``ModelConfig.flops_per_token`` (6N for the non-embedding parameters N plus the attention-score term
-12·L·d·T, PaLM appendix B); the same count the training loop divides by for MFU, so a plan's tokens/s at an MFU and
-a run's measured tokens/s and MFU are directly comparable.
+FLOPs: ``ModelConfig.flops_per_token``: 6N for the N weights that multiply activations (every block's projections
+and the output projection, counted even when tied to the embedding table; not the input embedding lookup or the
+norms) plus the attention-score term 12·L·d·T (PaLM appendix B; torchtitan's ``get_num_flop_per_token`` counts the
+same); the same count the training loop divides by for MFU (``pipelines.train.metrics.model_flops_per_token``), and
+the same GPU table (``pipelines.train.metrics.GPUS``), so a plan's tokens/s at an MFU and a run's measured tokens/s
+and MFU are directly comparable.
 
 Memory per GPU follows what genloop's wrappers (``models/parallel.py``) and loop (``pipelines/train/loop.py``) do:
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from models.transformer import ModelConfig
+from pipelines.train.metrics import GPUS, GpuSpec, gpu_key_for_device
 
 GB = 1e9  # decimal gigabytes, as GPU data sheets and the ZeRO paper use them
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022 (Chinchilla): 70B parameters on 1.4T tokens
@@ -47,30 +51,8 @@ Strategy = Literal["ddp", "fsdp"]
 
 
 # ---- hardware ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GpuSpec:
-    name: str
-    peak_flops: float  # dense bf16 tensor-core FLOP/s (no sparsity); a CPU's is a measured fp32 matmul
-    memory_bytes: float  # device memory (decimal bytes, as on the data sheet)
-    source: str  # where the numbers come from
-
-
-# Dense bf16 = half the data sheets' "with sparsity" figure. Memory as printed on the data sheet (decimal GB).
-GPUS: dict[str, GpuSpec] = {
-    # NVIDIA H100 Tensor Core GPU data sheet (SXM5): BF16 1,979 TFLOPS with sparsity, 80 GB HBM3
-    "h100": GpuSpec("NVIDIA H100 SXM5 80GB", 989.5e12, 80 * GB, "NVIDIA H100 data sheet (SXM5)"),
-    # same data sheet, H100 PCIe column: BF16 1,513 TFLOPS with sparsity, 80 GB HBM2e
-    "h100-pcie": GpuSpec("NVIDIA H100 PCIe 80GB", 756.5e12, 80 * GB, "NVIDIA H100 data sheet (PCIe)"),
-    # NVIDIA H200 Tensor Core GPU data sheet (SXM): BF16 1,979 TFLOPS with sparsity, 141 GB HBM3e
-    "h200": GpuSpec("NVIDIA H200 SXM 141GB", 989.5e12, 141 * GB, "NVIDIA H200 data sheet (SXM)"),
-    # NVIDIA A100 Tensor Core GPU data sheet: BF16 312 TFLOPS dense (624 with sparsity), 80 GB HBM2e (SXM)
-    "a100": GpuSpec("NVIDIA A100 SXM 80GB", 312e12, 80 * GB, "NVIDIA A100 data sheet (80GB SXM)"),
-    "a100-40gb": GpuSpec("NVIDIA A100 SXM 40GB", 312e12, 40 * GB, "NVIDIA A100 data sheet (40GB SXM)"),
-    # NVIDIA L4 Tensor Core GPU data sheet: BF16 242 TFLOPS with sparsity, 24 GB GDDR6
-    "l4": GpuSpec("NVIDIA L4 24GB", 121e12, 24 * GB, "NVIDIA L4 data sheet"),
-    # NVIDIA HGX B200 specifications (8 GPUs): FP16/BF16 36 PFLOPS with sparsity, 1.44 TB HBM3e in all
-    "b200": GpuSpec("NVIDIA B200 180GB", 2.25e15, 180 * GB, "NVIDIA HGX B200 specifications, per GPU"),
-}
+# the GPU table lives with the training loop's MFU (pipelines/train/metrics.py), so a plan and a run divide by the
+# same peak; re-exported here for ``genloop plan``'s callers
 CPU = "cpu"  # no data sheet figure to trust: measured here (pipelines.train.metrics.cpu_peak_flops), host RAM as memory
 
 
@@ -86,39 +68,29 @@ def gpu_spec(name: str, cpu_threads: int | None = None) -> GpuSpec:
                        "measured fp32 matmul FLOP/s (pipelines.train.metrics), physical RAM")
     if key not in GPUS:
         raise ValueError(f"unknown --gpu {name!r}; known: {', '.join(list(GPUS) + [CPU])} (add a row to "
-                         "pipelines/pretrain/plan.py GPUS for another)")
+                         "pipelines/train/metrics.py GPUS for another)")
     return GPUS[key]
-
-
-def gpu_key_for_device(device_name: str) -> str | None:
-    """The table key for a ``torch.cuda.get_device_name()`` string (``NVIDIA H100 80GB HBM3``), None if unknown."""
-    low = device_name.lower()
-    if "h100" in low:
-        return "h100-pcie" if "pcie" in low else "h100"
-    for key in ("h200", "b200", "l4"):
-        if key in low:
-            return key
-    if "a100" in low:
-        return "a100-40gb" if "40gb" in low else "a100"
-    return None
 
 
 # ---- parameters and FLOPs ------------------------------------------------------------------------------------------
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """total, non_embedding (the trunk's blocks and final norm), embedding (token table + untied lm_head),
-    per_block, root (what FSDP2's root unit holds: everything outside the blocks)."""
+    per_block, root (what FSDP2's root unit holds: everything outside the blocks), matmul (the N of 6ND: the blocks'
+    projections and the output projection, tied or not)."""
     total = cfg.num_params()
     non_emb = cfg.num_params(embeddings=False)
     per_block = (non_emb - cfg.dim) // cfg.n_layers
     return {"total": total, "non_embedding": non_emb, "embedding": total - non_emb, "per_block": per_block,
-            "root": total - cfg.n_layers * per_block}
+            "root": total - cfg.n_layers * per_block, "matmul": cfg.matmul_params()}
 
 
 def training_flops(cfg: ModelConfig, seq_len: int, tokens: float) -> dict[str, float]:
-    """6ND (N = non-embedding parameters), the attention-score term 12·L·d·T·D, and their sum."""
-    dense = 6.0 * cfg.num_params(embeddings=False) * tokens
+    """6ND (N = the matmul parameters, output projection included), of it ``output_head`` (the output projection's
+    6·d·V·D), the attention-score term 12·L·d·T·D, and their sum: ``ModelConfig.flops_per_token`` x D."""
+    dense = 6.0 * cfg.matmul_params() * tokens
     total = cfg.flops_per_token(seq_len) * tokens
-    return {"dense_6nd": dense, "attention": total - dense, "total": total}
+    return {"dense_6nd": dense, "output_head": 6.0 * cfg.dim * cfg.vocab_size * tokens, "attention": total - dense,
+            "total": total}
 
 
 def compute_optimal_tokens(cfg: ModelConfig) -> float:
@@ -402,7 +374,7 @@ def prediction_summary(pred: dict[str, Any] | None, tokens_per_s: float | None =
                        peak_memory_bytes: float | None = None) -> str:
     """One log line: the plan's tokens/s and memory per rank, and beside them what a run measured (when given)."""
     if pred is None:
-        return "no prediction (GPU type not in pipelines/pretrain/plan.py GPUS)"
+        return "no prediction (GPU type not in pipelines/train/metrics.py GPUS)"
     mem = pred["memory"]["total"]
     out = (f"predicted {pred['tokens_per_s']:,.0f} tokens/s at {100 * pred['mfu']:.0f}% MFU of {pred['gpu']}, "
            f"{mem / GB:.2f} GB per rank")
@@ -439,7 +411,9 @@ def format_plan(p: dict[str, Any]) -> str:
         f", {_gb(g['memory_bytes'])})",
         f"tokens: {_num(p['tokens'])} ({p['tokens_per_param']:.1f} per parameter; compute-optimal "
         f"~{_num(p['compute_optimal_tokens'])} at {CHINCHILLA_TOKENS_PER_PARAM:.0f}/param)",
-        f"training FLOPs: {p['training_flops']['total']:.3e} = 6ND {p['training_flops']['dense_6nd']:.3e} + "
+        f"training FLOPs: {p['training_flops']['total']:.3e} = 6ND {p['training_flops']['dense_6nd']:.3e} (N = "
+        f"{_num(pr['matmul'])} matmul weights; the output projection "
+        f"{100 * p['training_flops']['output_head'] / p['training_flops']['total']:.1f}% of the total) + "
         f"attention {p['training_flops']['attention']:.3e} ({p['flops_per_token']:.3e} per token)",
         "",
         f"memory per GPU at {p['gpus']} GPUs (GB; usable {_gb(p['usable_bytes_per_gpu'])}):",

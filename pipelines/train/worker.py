@@ -89,7 +89,7 @@ def train_worker(config: dict) -> None:
 
 def run_worker(spec: TrainSpec, session: Session) -> None:
     from models.parallel import set_gradient_sync, wrap_model
-    from pipelines.train.metrics import device_peak_flops, mfu, plot_loss, write_metrics
+    from pipelines.train.metrics import device_peak_flops, mfu, model_flops_per_token, plot_loss, write_metrics
 
     cfg, obj = spec.cfg, spec.objective
     rank, world = session.rank, session.world
@@ -131,7 +131,7 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         log.info("rank %d: resumed from %s at step %d, %d samples consumed (saved by %s workers, now %d)", rank,
                  ckpt_dir, start, consumed, state.get("world"), world)
 
-    flops_tok = base.cfg.flops_per_token(seq_len) if hasattr(base, "cfg") else 0.0
+    flops_tok = model_flops_per_token(base, seq_len)  # genloop plan's count, with this model's own output head
     peak = device_peak_flops(device)
     bar = None
     if rank == 0 and cfg.progress and start < cfg.steps:
