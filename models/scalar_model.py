@@ -12,7 +12,8 @@ same scores. ``from_causal_lm`` builds one from a causal-LM checkpoint (trunk co
 
 Names for other stages: ``ScalarModel``, ``sequence_scores``, ``last_token_index``, ``from_causal_lm``,
 ``save_scalar_model``, ``load_scalar_model``. It subclasses ``Transformer`` (without ``lm_head``), so
-``models.parallel.wrap_model`` (DDP | FSDP2), activation checkpointing and ``flops_per_token`` apply unchanged.
+``models.parallel.wrap_model`` (DDP | FSDP2), activation checkpointing and ``flops_per_token`` apply unchanged (MFU counts
+the 1-wide score head as the output projection: ``head_out=1``).
 """
 
 from __future__ import annotations

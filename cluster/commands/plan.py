@@ -14,7 +14,8 @@ HELP = "estimate a pretraining run: parameters, FLOPs, memory per GPU, fewest GP
 FLAGS = {
     "--tokens": ("tokens", {"type": float, "help": "training tokens, e.g. 15e12 (default: compute-optimal, "
                                                    "20 per parameter)"}),
-    "--gpu": ("gpu", {"help": "GPU type: h100, h100-pcie, h200, a100, a100-40gb, l4, b200, or cpu (measured here)"}),
+    "--gpu": ("gpu", {"help": "GPU type, a key of the GPUS table in pipelines/train/metrics.py: h100, h100-pcie, "
+                              "h100-nvl, h200, h200-nvl, a100, a100-40gb, l4, b200; or cpu (measured here)"}),
     "--gpus": ("gpus", {"type": int, "help": "number of GPUs (default: the preset's train.num_workers)"}),
     "--mfu": ("mfu", {"type": float, "help": "model FLOPs utilisation to assume (default 0.4)"}),
     "--price-per-gpu-hour": ("price_per_gpu_hour", {"type": float, "help": "USD per GPU-hour, for the cost line"}),
