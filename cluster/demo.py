@@ -5,6 +5,12 @@ local Ray serves them all. A step whose artifact is already finished is skipped,
 stopped; ``--fresh`` starts over. Adding a stage is adding a ``Step`` (and, for the closing summary, a function in
 ``cluster/demo_summary.py``); ``policy_dir`` names the artifact ``serve --smoke`` serves: the last training stage's.
 
+Everything the demo runs with is in its preset (``configs/demo.yaml``; ``--config tiny`` for the tests' sizes): each
+stage's section, and a ``demo:`` section for the steps that take no ``--config`` (eval, knowledge, serve's smoke
+questions: ``DemoConfig``). This file only wires the steps' inputs and outputs together; the one value it sets is the
+folder of the RLHF reward's reward-model part (``rm:...`` in ``rlhf.reward``), which it points at this run's own
+``reward`` step (``demo_reward``).
+
 The terminal shows each step's command, its printed results and progress bars; Ray's and vLLM's chatter goes to
 ``<out>/demo.log``. At the end, a summary of the numbers per stage is printed and written to ``<out>/summary.md``
 with the plots beside it, followed by how to start the server and query it.
@@ -16,18 +22,76 @@ import logging
 import shutil
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from cluster.console import Console
 from cluster.demo_summary import policy_dir
 from pipelines.artifacts import is_finished
+from pipelines.config import ConfigError, build_config, load_yaml
 
 log = logging.getLogger("genloop.demo")
 
-SMOKE_QUESTIONS = 4  # held-out code-writing requests the served model answers
-REWARD = "rm:{d}/reward:0.1,fn:judge_pass,fn:signature_match:0.5"  # the demo's RLHF reward (see steps())
+
+@dataclass
+class DemoEvalConfig:
+    """The eval step (``genloop eval``, SFT vs RLHF): greedy answers to held-out code-writing prompts."""
+
+    n_prompts: int = 96
+    max_new_tokens: int = 64
+
+
+@dataclass
+class DemoConfig:
+    """A preset's ``demo:`` section: the settings of the demo steps that take no ``--config`` of their own."""
+
+    eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
+    smoke_questions: int = 4  # held-out code-writing requests the served model answers (serve --smoke)
+    knowledge: list[str] = field(default_factory=lambda: ["json", "http"])  # stdlib packages in the knowledge store
+
+    def validate(self) -> None:
+        if self.eval.n_prompts < 1 or self.eval.max_new_tokens < 1 or self.smoke_questions < 1:
+            raise ConfigError(f"demo: eval.n_prompts ({self.eval.n_prompts}), eval.max_new_tokens "
+                              f"({self.eval.max_new_tokens}) and smoke_questions ({self.smoke_questions}) must be >= 1")
+
+
+def demo_config(preset: str) -> DemoConfig:
+    cfg = build_config(DemoConfig, "demo", preset)
+    cfg.validate()
+    return cfg
+
+
+def demo_reward(spec: str, out: Path) -> str:
+    """The preset's ``rlhf.reward`` with each reward-model part (``rm:DIR[:W]``) pointed at this run's own reward
+    step, ``<out>/reward`` (the presets name ``runs/demo/reward``: the default ``--out``'s); other parts as written."""
+    parts = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.startswith("rm:"):
+            head, _, weight = part[3:].rpartition(":")
+            part = f"rm:{out}/reward" + (f":{weight}" if head and _is_number(weight) else "")
+        parts.append(part)
+    return ",".join(parts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def rlhf_argv(out: Path, preset: str) -> list[str]:
+    """The rlhf step: the preset's ``rlhf:`` section (reward, algo, group filter, sizes) on this run's folders;
+    ``--reward`` only where the reward model's folder differs from the preset's (another ``--out``)."""
+    d = str(out)
+    section = load_yaml(preset).get("rlhf") or {}
+    spec = section.get("reward", "") if isinstance(section, dict) else ""
+    argv = ["rlhf", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data", "--out", f"{d}/rlhf"]
+    if spec and demo_reward(spec, out) != spec:
+        argv[3:3] = ["--reward", demo_reward(spec, out)]
+    return argv
 
 
 @dataclass
@@ -45,6 +109,7 @@ def steps(out: Path, preset: str) -> list[Step]:
     d = str(out)
     stdlib = sysconfig.get_paths()["stdlib"]
     policy = policy_dir(out)
+    dc = demo_config(preset)
     return [
         Step("data", ["data", "--config", preset, "--out", f"{d}/data"], f"{d}/data"),
         Step("pretrain", ["pretrain", "--config", preset, "--data", f"{d}/data", "--out", f"{d}/pretrain"],
@@ -52,29 +117,24 @@ def steps(out: Path, preset: str) -> list[Step]:
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
         Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
                      "--out", f"{d}/sft"], f"{d}/sft"),
-        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO. The reward pays for a
-        # judge pass (the requested signature, a real body) and, densely, for how close the def line is to the
-        # requested one; the judge's partial grades are left out (GRPO then trades copying the name for short generic
-        # functions: judge mean up, pass rate down), and the reward model has a small weight (at full weight GRPO
-        # games it: its score rises while the judge's falls). update.filter_groups: only groups where some answers
-        # pass and some fail are learned from (in an all-fail group GRPO's normalisation would turn the reward
-        # model's tie-break into full-size advantages: measured, the pass rate then fell 15.6% -> 0%)
+        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO (its reward and group
+        # filter, and why: the preset's rlhf: section)
         Step("pref-data", ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data",
                            "--out", f"{d}/pref-data"], f"{d}/pref-data"),
         Step("reward", ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data",
                         "--out", f"{d}/reward"], f"{d}/reward"),
-        Step("rlhf", ["rlhf", "--config", preset, "--policy", f"{d}/sft", "--reward",
-                      REWARD.format(d=d), "--prompts", f"{d}/sft-data", "--algo", "grpo",
-                      "--out", f"{d}/rlhf", "update.filter_groups=judge_pass"], f"{d}/rlhf"),
+        Step("rlhf", rlhf_argv(out, preset), f"{d}/rlhf"),
         # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
         Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
-                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts", "128",
-                      "--max-new-tokens", "64", "--out", f"{d}/eval.json"], None),
-        # the knowledge store: two stdlib packages plus the modules the smoke questions' functions come from
-        Step("knowledge", lambda: ["knowledge", "add", f"{stdlib}/json", f"{stdlib}/http",
-                                   *smoke_sources(f"{d}/sft-data", SMOKE_QUESTIONS), "--store", f"{d}/serve"], None),
+                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts",
+                      str(dc.eval.n_prompts), "--max-new-tokens", str(dc.eval.max_new_tokens),
+                      "--out", f"{d}/eval.json"], None),
+        # the knowledge store: stdlib packages plus the modules the smoke questions' functions come from
+        Step("knowledge", lambda: ["knowledge", "add", *(f"{stdlib}/{pkg}" for pkg in dc.knowledge),
+                                   *smoke_sources(f"{d}/sft-data", dc.smoke_questions), "--store", f"{d}/serve"],
+             None),
         Step("serve", ["serve", "--config", preset, "--model", policy, "--knowledge", f"{d}/serve",
-                       "--smoke", str(SMOKE_QUESTIONS), "--smoke-questions", f"{d}/sft-data",
+                       "--smoke", str(dc.smoke_questions), "--smoke-questions", f"{d}/sft-data",
                        "--smoke-out", f"{d}/serve/smoke.json"], None),
         # the loop, once around: the ratings and preferences posted during serve --smoke, exported for the version
         # that was served: the next round's `genloop reward --data`

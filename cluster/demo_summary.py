@@ -2,6 +2,10 @@
 demo reports skipped steps too), printed and written to ``<out>/summary.md`` with the plots beside it.
 
 ``SUMMARIES`` maps a demo step to a function ``(out, step) -> Section | None``; a new stage adds one here.
+
+A curve is never reported as its two endpoints (one noisy iteration each): a training curve as the mean and standard
+deviation of its first and of its last few logged points (``curve_ends``), a held-out evaluation's rate with its 95%
+Wilson interval (``wilson``) over the number of answers or pairs it was measured on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,113 @@ def _num(x: Any, fmt: str = ".4f") -> str:
 
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    """A stage's ``metrics.jsonl`` rows (one per logged step or iteration); [] when there is none."""
+    f = path / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+
+
+@dataclass
+class CurveEnds:
+    """The first and the last ``k`` points of a curve: where they are, their mean and standard deviation."""
+
+    k: int
+    first_at: tuple[Any, Any]  # (x of the first point, x of the k-th)
+    last_at: tuple[Any, Any]
+    first: tuple[float, float]  # (mean, sample standard deviation; 0 for one point)
+    last: tuple[float, float]
+
+
+def curve_ends(rows: Sequence[dict[str, Any]], key: str, x: str = "step", k: int | None = None) -> CurveEnds | None:
+    """Mean +- standard deviation of ``key`` over the first and the last ``k`` rows that have it (default: up to 5,
+    a third of the points, never overlapping); None with fewer than two points."""
+    pts = [(r.get(x), float(r[key])) for r in rows
+           if isinstance(r.get(key), (int, float)) and not math.isnan(float(r[key]))]
+    n = len(pts)
+    if n < 2:
+        return None
+    if k is None:
+        k = min(5, n // 3) if n >= 6 else n // 2
+    k = max(1, min(k, n // 2))
+    head, tail = pts[:k], pts[-k:]
+    return CurveEnds(k, (head[0][0], head[-1][0]), (tail[0][0], tail[-1][0]), _mean_sd([v for _, v in head]),
+                     _mean_sd([v for _, v in tail]))
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def curve_rows(rows: Sequence[dict[str, Any]], key: str, what: str, x: str = "step",
+               fmt: str = ".4f") -> list[tuple[str, str]]:
+    """Two summary rows for a curve: ``what`` over its first and its last k points, mean +- standard deviation; none
+    for a curve of fewer than four points (no spread to give: its plot shows it)."""
+    ends = curve_ends(rows, key, x)
+    if ends is None or ends.k < 2:
+        return []
+    pts = f"{ends.k} points"
+
+    def span(at: tuple[Any, Any]) -> str:
+        return f"{x}s {at[0]}-{at[1]}"
+
+    return [(f"{what}, first {pts} ({span(ends.first_at)}), mean ± sd", _pm(ends.first, fmt)),
+            (f"{what}, last {pts} ({span(ends.last_at)}), mean ± sd", _pm(ends.last, fmt))]
+
+
+def _pm(mean_sd: tuple[float, float], fmt: str) -> str:
+    return f"{format(mean_sd[0], fmt)} ± {format(mean_sd[1], fmt)}"
+
+
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``rate`` measured on ``n`` trials (sound near 0 and 1, where the
+    normal approximation gives intervals below 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    d = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / d
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _pct_ci(rate: Any, n: Any) -> str:
+    """``25% (95% CI 14-40%, n=48)``; the rate alone when ``n`` is unknown."""
+    if rate is None:
+        return "-"
+    if not isinstance(n, int) or n <= 0:
+        return _pct(rate)
+    lo, hi = wilson(float(rate), n)
+    return f"{100 * rate:.0f}% (95% CI {100 * lo:.0f}-{100 * hi:.0f}%, n={n})"
+
+
+def rate_difference(p1: float, n1: int, p2: float, n2: int) -> tuple[float, float, float]:
+    """``p2 - p1`` with its 95% interval (Newcombe's hybrid score method from the two Wilson intervals; it treats
+    the samples as independent, which is conservative for two policies answering the same prompts)."""
+    l1, u1 = wilson(p1, n1)
+    l2, u2 = wilson(p2, n2)
+    d = p2 - p1
+    return d, d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
+
+
+def _mean_ci(mean: Any, sd: Any, n: Any, fmt: str = ".3f", bound01: bool = False) -> str:
+    """``0.512 +- 0.034 (95% CI, n=96)`` from a mean, its per-answer standard deviation and the number of answers.
+    ``bound01``: the values lie in [0, 1], so without a recorded sd the largest one possible, sqrt(m (1 - m))
+    (Bhatia-Davis), gives a conservative interval."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if not isinstance(n, int) or n <= 1:
+        return _num(mean, fmt)
+    if not isinstance(sd, (int, float)):
+        if not bound01:
+            return f"{format(mean, fmt)} (n={n}; spread not recorded)"
+        sd = math.sqrt(max(0.0, mean * (1 - mean)))
+        return f"{format(mean, fmt)} ± {format(1.96 * sd / math.sqrt(n), fmt)} (95% CI at most, n={n})"
+    return f"{format(mean, fmt)} ± {format(1.96 * sd / math.sqrt(n), fmt)} (95% CI, n={n})"
 
 
 def _copy_plot(src: Path, out: Path, name: str) -> str | None:
@@ -116,9 +227,11 @@ def pretrain_section(out: Path, step: Any) -> Section | None:
     c, x = m.get("counts", {}), m.get("metrics", {})
     s = Section("pretrain: the transformer on the tokens (Ray Train)")
     s.rows = [("parameters", f"{c.get('params', 0) / 1e6:.2f} M"), ("steps", f"{c.get('steps', 0):,}"),
-              ("tokens seen", f"{c.get('tokens', 0):,}"), ("final train loss", _num(x.get("loss"))),
-              ("validation loss", _num(x.get("val_loss"))), ("validation perplexity", _num(x.get("val_ppl"), ".1f")),
-              ("tokens / s", _num(x.get("tokens_per_s"), ".0f"))]
+              ("tokens seen", f"{c.get('tokens', 0):,}")]
+    s.rows += curve_rows(_history(out / "pretrain"), "loss", "train loss (one step per point)")
+    s.rows += [("validation loss (held-out blocks, last step)", _num(x.get("val_loss"))),
+               ("validation perplexity", _num(x.get("val_ppl"), ".1f")),
+               ("tokens / s", _num(x.get("tokens_per_s"), ".0f"))]
     plot = _copy_plot(out / "pretrain" / "loss_curve.png", out, "pretrain_loss.png")
     if plot:
         s.plots.append(("pretraining loss (train and validation)", plot))
@@ -142,13 +255,18 @@ def sft_section(out: Path, step: Any) -> Section | None:
     if not m:
         return None
     x = m.get("metrics", {})
+    n = m.get("config", {}).get("eval", {}).get("prompts")  # the held-out prompts answered before and after
     s = Section("sft: instruction fine-tuning (loss on answers only)")
-    s.rows = [("held-out answer loss", f"{_num(x.get('heldout_answer_loss_before'))} -> "
-                                       f"{_num(x.get('heldout_answer_loss_after'))}"),
-              ("parse rate (answers that parse and define a function)",
-               f"{_pct(x.get('parse_rate_before'))} -> {_pct(x.get('parse_rate_after'))}"),
-              ("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
-    s.lines.append("Before -> after, on held-out functions the model never saw. Samples: `sft/samples.jsonl`.")
+    s.rows = [("held-out answer loss, before SFT", _num(x.get("heldout_answer_loss_before"))),
+              ("held-out answer loss, after SFT", _num(x.get("heldout_answer_loss_after"))),
+              ("parse rate before SFT (answers that parse and define a function)",
+               _pct_ci(x.get("parse_rate_before"), n)),
+              ("parse rate after SFT", _pct_ci(x.get("parse_rate_after"), n))]
+    s.rows += curve_rows(_history(out / "sft"), "loss", "train answer loss (one step per point)")
+    s.rows += [("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
+    s.lines.append("Before and after, on the same held-out functions the model never saw (the loss on the same "
+                   "held-out rows; the parse rate with its 95% interval over the greedy answers). Samples: "
+                   "`sft/samples.jsonl`.")
     plot = _copy_plot(out / "sft" / "loss_curve.png", out, "sft_loss.png")
     if plot:
         s.plots.append(("SFT loss on answer tokens", plot))
@@ -242,26 +360,36 @@ def reward_section(out: Path, step: Any) -> Section | None:
     m = _manifest(out / "reward")
     if not m:
         return None
-    x = m.get("metrics", {})
-    return Section("reward: a Bradley-Terry reward model (the SFT trunk + a scalar head)", rows=[
-        ("held-out pairwise accuracy", f"{_pct(x.get('heldout_pairwise_accuracy_before'))} -> "
-                                       f"{_pct(x.get('heldout_pairwise_accuracy'))}"),
-        ("held-out mean margin (chosen - rejected)", _num(x.get("heldout_mean_margin"))),
-        ("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))])
+    x, c = m.get("metrics", {}), m.get("counts", {})
+    n = c.get("val_pairs")  # the held-out pairs both accuracies are measured on
+    s = Section("reward: a Bradley-Terry reward model (the SFT trunk + a scalar head)", rows=[
+        ("held-out pairwise accuracy, untrained head", _pct_ci(x.get("heldout_pairwise_accuracy_before"), n)),
+        ("held-out pairwise accuracy, trained", _pct_ci(x.get("heldout_pairwise_accuracy"), n)),
+        ("held-out mean margin (chosen - rejected)", _num(x.get("heldout_mean_margin")))])
+    s.rows += curve_rows(_history(out / "reward"), "loss", "train loss (one step per point)")
+    s.rows += [("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
+    return s
 
 
 def rlhf_section(out: Path, step: Any) -> Section | None:
     m = _manifest(out / "rlhf")
     if not m:
         return None
-    x, c = m.get("metrics", {}), m.get("counts", {})
+    c = m.get("counts", {})
     reward = m.get("config", {}).get("reward", "")
+    rows = _history(out / "rlhf")
     s = Section("rlhf: GRPO with vLLM rollout actors and a Ray Train learner", rows=[
-        ("reward", f"`{reward}`" if reward else "-"),
-        ("iterations", _num(c.get("iterations"), "d")),
-        ("mean reward, first -> last iteration", f"{_num(x.get('reward_first'))} -> {_num(x.get('reward_last'))}"),
-        ("KL to the SFT model (last iteration)", _num(x.get("kl_last"))),
-        ("weight sync into the engines, seconds", _num(x.get("sync_s_last"), ".2f"))])
+        ("reward", f"`{reward}`" if reward else "-"), ("iterations", _num(c.get("iterations"), "d"))])
+    s.rows += curve_rows(rows, "reward_mean", "mean reward of an iteration's answers", x="iteration")
+    if any("reward/judge_pass" in r for r in rows):
+        s.rows += curve_rows(rows, "reward/judge_pass", "judge pass rate of an iteration's answers", x="iteration")
+    s.rows += curve_rows(rows, "kl", "KL to the SFT model", x="iteration")
+    sync = curve_ends(rows, "sync_s", "iteration")
+    s.rows.append(("weight sync into the engines, seconds (last iterations, mean ± sd)",
+                   _pm(sync.last, ".2f") if sync else "-"))
+    s.lines.append("Each iteration's numbers are over its own sampled answers, so single iterations are noisy: the "
+                   "rows give the mean ± standard deviation of the first and the last few; the held-out comparison "
+                   "below (greedy, SFT vs RLHF) is the measurement.")
     plot = _copy_plot(out / "rlhf" / "reward_curve.png", out, "rlhf_reward.png")
     if plot:
         s.plots.append(("RLHF reward per iteration", plot))
@@ -278,12 +406,23 @@ def eval_section(out: Path, step: Any) -> Section | None:
     s = Section(f"SFT vs RLHF on {rows[0]['prompts']} held-out code-writing prompts ({rows[0]['decoding']})")
     names = [Path(r["policy"]).parent.name if Path(r["policy"]).name == "model" else Path(r["policy"]).name
              for r in rows]
-    table = [("judge pass rate (requested function and signature)", [_pct(r["judge_pass_rate"]) for r in rows]),
-             ("judge mean score", [_num(r["judge_mean"], ".3f") for r in rows]),
-             ("mean reward-model score", [_num(r["rm_score_mean"], ".3f") for r in rows]),
-             ("KL to the SFT model, per answer token", [_num(r["kl_to_reference"]) for r in rows])]
+    ns = [int(r["prompts"]) * int(r.get("samples_per_prompt") or 1) for r in rows]  # answers judged per policy
+    table = [("judge pass rate (requested function and signature)",
+              [_pct_ci(r["judge_pass_rate"], n) for r, n in zip(rows, ns)]),
+             ("judge mean score", [_mean_ci(r["judge_mean"], r.get("judge_std"), n, bound01=True)
+                                   for r, n in zip(rows, ns)]),
+             ("mean reward-model score", [_mean_ci(r["rm_score_mean"], r.get("rm_score_std"), n)
+                                          for r, n in zip(rows, ns)]),
+             ("KL to the SFT model, per answer token", [_mean_ci(r["kl_to_reference"], r.get("kl_std"), n, ".4f")
+                                                        for r, n in zip(rows, ns)])]
     s.lines.append("\n".join([f"| | {' | '.join(names)} |", f"| --- |{' ---: |' * len(names)}",
                                *(f"| {what} | {' | '.join(vals)} |" for what, vals in table)]))
+    if len(rows) >= 2:
+        d, lo, hi = rate_difference(rows[0]["judge_pass_rate"], ns[0], rows[-1]["judge_pass_rate"], ns[-1])
+        verdict = "a difference" if lo > 0 or hi < 0 else "no difference this evaluation can tell from chance"
+        s.lines.append(f"Judge pass rate, {names[-1]} - {names[0]}: {100 * d:+.0f} points (95% CI {100 * lo:+.0f} to "
+                       f"{100 * hi:+.0f}): {verdict}. Intervals: Wilson for rates, Newcombe for the difference; a "
+                       "score's interval is from its per-answer standard deviation where recorded.")
     return s
 
 

@@ -1,8 +1,11 @@
 """Typed dataclass configs: YAML presets plus ``key=value`` overrides.
 
 A preset file in ``configs/`` holds one section per stage (``data:``, ``pretrain:``, ...). A stage takes only its
-own section (``section_for``), so every component sees just its slice. Unknown keys and wrong types are
-``ConfigError``s that name the key and say what to do.
+own section (``section_for``), so every component sees just its slice. A file given with ``--config`` must have the
+stage's section (an empty ``sft:`` takes every default on purpose): a missing one is a ``ConfigError`` naming the
+file, the section and the sections it has, never a silent run on the dataclass defaults. The only exceptions are
+``OPTIONAL_SECTIONS`` (settings of a command that are not a stage's, e.g. ``plan:``) and a caller's explicit
+``required=False``. Unknown keys and wrong types are ``ConfigError``s that name the key and say what to do.
 
 Nested sections are dataclasses too (``train.lr``, ``model.dim``). A section class may name a ``SHORTHAND`` field:
 then a plain value stands for that field (``model: demo`` in YAML = ``model: {preset: demo}``), so
@@ -53,13 +56,56 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def section_for(data: Mapping[str, Any], stage: str, cls: type) -> dict[str, Any]:
-    """A preset's section for ``stage``; a file that is already a flat config for ``cls`` is used whole."""
+# sections whose absence means "the defaults": a command's own assumptions that are not a stage's run settings
+# (``genloop plan``'s GPU type, MFU and price, usually given as flags). Every stage section is required.
+OPTIONAL_SECTIONS: frozenset[str] = frozenset({"plan"})
+
+
+def section_for(data: Mapping[str, Any], stage: str, cls: type, source: str = "the config",
+                required: bool = True) -> dict[str, Any]:
+    """A preset's section for ``stage``; a file that is already a flat config for ``cls`` is used whole.
+
+    An empty section (``stage:`` with nothing under it) is ``{}``: every default, on purpose. A missing section is a
+    ``ConfigError`` naming ``source``, the section and the sections the file has, unless ``required`` is False."""
     if stage in data and isinstance(data[stage], dict):
         return dict(data[stage])
+    if _is_flat(data, cls):
+        return dict(data)
+    if stage in data:
+        if data[stage] is None:
+            return {}
+        raise ConfigError(f"{source}: section '{stage}:' must be a mapping of keys to values, got {data[stage]!r}")
+    if not required:
+        return {}
+    raise ConfigError(missing_section_message(data, stage, source))
+
+
+def _is_flat(data: Mapping[str, Any], cls: type) -> bool:
+    """Is ``data`` a whole config for ``cls`` (every key a field of it, a mapping only where the field takes one)?
+    A preset holding only another stage's section (``data: {...}`` for a class with a ``data`` path) is not."""
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    flat = {k: v for k, v in data.items() if k in names}
-    return flat if flat and len(flat) == len(data) else {}
+    if not data or not set(data) <= names:
+        return False
+    return all(not isinstance(v, Mapping) or _dataclass_in(hints[k]) is not None or typing.get_origin(hints[k]) is dict
+               or hints[k] is Any for k, v in data.items())
+
+
+def missing_section_message(data: Mapping[str, Any], stage: str, source: str) -> str:
+    """What a missing ``stage:`` section says: the file, the section, the sections it has, the presets that have one."""
+    have = ", ".join(f"{k}:" for k in data) or "none"
+    with_it = [q.stem for q in sorted(CONFIG_DIR.glob("*.yaml")) if _has_section(q, stage)]
+    presets = f"; presets with one: {', '.join(with_it)}" if with_it else ""
+    return (f"{source} has no '{stage}:' section (its sections: {have}); add a '{stage}:' section to it (an empty "
+            f"'{stage}:' takes every default) or pass a --config that has one{presets}")
+
+
+def _has_section(path: Path, stage: str) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and stage in data
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -241,10 +287,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def build_config(
-    cls: type[T], stage: str, config: str | None = None, overrides: list[str] | Mapping[str, Any] = ()
+    cls: type[T], stage: str, config: str | None = None, overrides: list[str] | Mapping[str, Any] = (),
+    required: bool | None = None,
 ) -> T:
-    """The stage's config: the dataclass defaults, then the preset/YAML section, then overrides."""
-    base = section_for(load_yaml(config), stage, cls) if config else {}
+    """The stage's config: the dataclass defaults, then the preset/YAML section, then overrides.
+
+    With ``config`` the file must have the ``stage:`` section (a ``ConfigError`` otherwise); ``required=False`` (or a
+    stage in ``OPTIONAL_SECTIONS``, the default when ``required`` is None) takes the defaults when it is missing.
+    Without ``config``: the defaults and the overrides."""
+    if not config:
+        return from_dict(cls, apply_overrides({}, overrides, cls))
+    if required is None:
+        required = stage not in OPTIONAL_SECTIONS
+    source = str(preset_path(config))
+    base = section_for(load_yaml(config), stage, cls, source=source, required=required)
     return from_dict(cls, apply_overrides(base, overrides, cls))
 
 

@@ -185,6 +185,68 @@ def test_readme_promises_model_dim_and_train_lr():
     assert "train.lr=3e-4" in readme_text() and "model.dim=128" in readme_text()
 
 
+def readme_config_commands() -> list[tuple[str, list[str]]]:
+    """(preset, argv) of every README `genloop ... --config PRESET` line; `genloop submit X ...`: X's argv."""
+    from cluster import jobs
+
+    out = []
+    for line in readme_command_lines(readme_text()):
+        argv = _split(line)[1:]
+        if argv and argv[0] == "submit":
+            argv, _ = jobs.split_submit_args(argv[1:])
+        if "--config" in argv:
+            out.append((argv[argv.index("--config") + 1], argv))
+    return out
+
+
+def test_every_readme_config_command_finds_its_sections_in_the_preset():
+    """Each README command with --config runs its config through the loader, which refuses a preset that lacks the
+    command's section (no silent defaults): a stage reads its own section; `plan` reads pretrain: and data: (its
+    own plan: section is optional)."""
+    from pipelines.config import build_config, load_yaml
+
+    cmds = readme_config_commands()
+    seen = set()
+    for preset, argv in cmds:
+        name = argv[0]
+        if name == "plan":
+            from pipelines.data.config import DataConfig
+            from pipelines.pretrain.plan import PlanConfig, run_shape
+
+            build_config(PlanConfig, "plan", preset)
+            shape = run_shape(preset, {}, build_config(DataConfig, "data", preset))
+            assert shape.num_workers > 1, f"{preset}: plan sizes a multi-GPU run"
+            sections = ["pretrain", "data"]
+        else:
+            cfg = build(argv)
+            assert cfg is not None, f"`genloop {' '.join(argv)}` builds no stage config"
+            if name == "rlhf":  # the preset's reward / group filter and the line's flags fit together
+                cfg.validate()
+            sections = [name]
+        for section in sections:
+            assert section in load_yaml(preset), f"README: `genloop {name} --config {preset}` needs {section}:"
+            seen.add((preset, section))
+    assert {("demo", "sft"), ("llama-1b", "sft"), ("llama-1b", "sft-data"), ("llama-1b", "serve"),
+            ("llama-8b", "pretrain"), ("domain", "pretrain")} <= seen, sorted(seen)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama-8b"])
+def test_cluster_presets_size_every_training_stage_for_gpus(preset):
+    """A cluster preset trains every stage on several GPU workers (not the defaults: 1 worker, CPU-sized)."""
+    from pipelines.config import build_config
+    from pipelines.prefs.dpo import DpoConfig
+    from pipelines.prefs.reward import RewardConfig
+    from pipelines.pretrain.config import PretrainConfig
+    from pipelines.rlhf.config import RlhfConfig
+    from pipelines.sft.stage import SftConfig
+
+    for cls, section in ((PretrainConfig, "pretrain"), (SftConfig, "sft"), (RewardConfig, "reward"),
+                         (DpoConfig, "dpo"), (RlhfConfig, "rlhf")):
+        train = build_config(cls, section, preset).train
+        assert train.use_gpu is True and train.num_workers >= 4, (preset, section, train)
+    assert build_config(SftConfig, "sft", preset).seq_len >= 1024
+
+
 # ---- --help -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [c.name for c in COMMANDS])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import resources
 from cluster.autoscale import FAKE_CONFIG, load_fake_config, worker_node_types
+from pipelines import resources
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD = ROOT / "ray-cluster.yaml"
@@ -168,7 +168,7 @@ def readme_cluster_commands() -> list[list[str]]:
     cmds = []
     for line in joined.splitlines():
         line = re.sub(r"\s{2,}# .*$", "", line).strip()
-        if line:
+        if line and not line.startswith("#"):
             cmds.append(shlex.split(line.replace("$GENLOOP_BUCKET", "my-genloop-bucket")))
     return cmds
 
@@ -197,6 +197,45 @@ def test_every_readme_cluster_command_is_valid():
             used = {t for t in c[2:] if t.startswith("-")}
             assert used <= opts, (c, used - opts)
             ray_subcommands.add(c[1])
-    assert ray_subcommands == {"get-auth-token", "up", "dashboard", "attach", "down"}
+    assert ray_subcommands == {"get-auth-token", "up", "dashboard", "attach", "exec", "down"}
     stages = [c[2] for c in cmds if c[:2] == ["genloop", "submit"]]
     assert stages == ["data", "pretrain", "sft-data", "sft", "serve"]
+
+
+CLUSTER_PRESETS = ("gpt2-124m", "llama-1b", "llama-8b")
+
+
+@pytest.mark.parametrize("preset", CLUSTER_PRESETS)
+def test_cluster_presets_keep_serving_stores_on_a_writable_local_disk(preset):
+    """The bucket is mounted read-only at /mnt/genloop: SQLite stores there cannot be written. The presets' stores
+    (knowledge, and memory / feedback beside it) and the API key file live in a folder ray-cluster.yaml creates and
+    hands to the node's user on every node (the key file on the head, where the serve job's driver reads it)."""
+    from pipelines.config import build_config
+    from serve.config import ServeConfig
+
+    cfg = build_config(ServeConfig, "serve", preset)
+    cloud = cloud_config()
+    setup = "\n".join(cloud["setup_commands"])
+    mount = re.search(r"mount-s3 --read-only \S+ (\S+?)\)", setup).group(1)
+    made = re.search(r"sudo mkdir -p (\S+) && sudo chown -R \$USER (\S+)", setup)
+    assert made, "ray-cluster.yaml makes a writable local folder for the serving stores on every node"
+    for path in cfg.state_paths():
+        assert not path.startswith(mount + "/"), f"{preset}: {path} is on the read-only bucket mount {mount}"
+        assert path.startswith(made.group(1)) and path.startswith(made.group(2)), (preset, path)
+    assert cfg.api_key_file and not cfg.api_key_file.startswith(mount + "/")
+    head = "\n".join(cloud["head_setup_commands"])
+    assert f"> {cfg.api_key_file}" in head, "the head writes the key file the presets name"
+
+
+def test_readme_cluster_curl_sends_the_api_key_the_presets_require():
+    from pipelines.config import build_config
+    from serve.config import ServeConfig
+
+    assert all(build_config(ServeConfig, "serve", p).api_key_file for p in CLUSTER_PRESETS)
+    curl = next(c for c in readme_cluster_commands() if c[0] == "curl")
+    headers = [curl[i + 1] for i, w in enumerate(curl) if w == "-H"]
+    assert "Authorization: Bearer $GENLOOP_API_KEY" in headers, curl
+    exported = [c for c in readme_cluster_commands() if c[0] == "export" and "GENLOOP_API_KEY=" in " ".join(c)]
+    assert exported, "the README says where the key comes from"
+    key_file = build_config(ServeConfig, "serve", "llama-1b").api_key_file
+    assert any(c[:2] == ["ray", "exec"] and key_file in " ".join(c) for c in readme_cluster_commands())

@@ -100,3 +100,57 @@ def test_unknown_key_that_lives_in_a_section_suggests_the_dotted_key():
     with pytest.raises(ConfigError) as e:
         from_dict(WithShorthand, {"colour": 3})
     assert "did you mean" not in str(e.value)
+
+
+# ---- a missing section is an error, never a silent run on the defaults --------------------------------------------
+
+def test_missing_section_names_the_file_the_section_and_the_sections_it_has(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("data:\n  seq_len: 64\npretrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(Outer, "sft", str(f))
+    msg = str(e.value)
+    assert msg.startswith(f"{f} has no 'sft:' section (its sections: data:, pretrain:); add a 'sft:' section")
+    assert "presets with one: demo, " in msg and "tiny" in msg, "it says which shipped presets have the section"
+    f.write_text("")
+    with pytest.raises(ConfigError, match=r"has no 'sft:' section \(its sections: none\)"):
+        build_config(Outer, "sft", str(f))
+
+
+def test_a_shipped_preset_without_the_section_is_an_error_too():
+    """A shipped preset without the stage's section fails the same way (domain has only data: and pretrain:)."""
+    with pytest.raises(ConfigError, match=r"configs/domain\.yaml has no 'rlhf:' section \(its sections: data:, "
+                                          r"pretrain:\)"):
+        build_config(Outer, "rlhf", "domain")
+
+
+def test_empty_flat_optional_sections(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\nother:\n  junk: 1\n")
+    assert build_config(Outer, "train", str(f)) == Outer(), "an empty `train:` takes every default, on purpose"
+    f.write_text("lr: 0.5\nsteps: 7\n")  # a flat file that is the stage's config whole
+    assert build_config(Outer, "train", str(f)).steps == 7
+    f.write_text("lr: 0.5\nunknown: 7\n")  # not a flat config (a key it lacks) and no section: an error
+    with pytest.raises(ConfigError, match="has no 'train:' section"):
+        build_config(Outer, "train", str(f))
+    f.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match=r"section 'train:' must be a mapping"):
+        build_config(Outer, "train", str(f))
+    f.write_text("data:\n  seq_len: 64\n")
+    assert build_config(Outer, "train", str(f), required=False) == Outer(), "an explicitly optional section"
+    assert build_config(Outer, "plan", str(f)).steps == 10, "plan: is optional (OPTIONAL_SECTIONS)"
+    assert build_config(Outer, "train", None, ["steps=4"]).steps == 4, "no --config: defaults and overrides"
+
+
+def test_a_preset_with_only_another_stages_section_is_not_taken_for_a_flat_config(tmp_path):
+    @dataclass
+    class WithData:
+        data: str = ""
+        model: Inner = field(default_factory=Inner)
+
+    f = tmp_path / "p.yaml"
+    f.write_text("data:\n  seq_len: 64\n")  # a `data:` stage section, not WithData's data path
+    with pytest.raises(ConfigError, match=r"has no 'sft:' section \(its sections: data:\)"):
+        build_config(WithData, "sft", str(f))
+    f.write_text("data: corpus/\nmodel:\n  dim: 4\n")  # a flat config for WithData: used whole
+    assert build_config(WithData, "sft", str(f)) == WithData(data="corpus/", model=Inner(dim=4))
