@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("model", "data", "init_from"):
         if getattr(args, key):
             section[key] = getattr(args, key)
-    data_section = build_config(DataConfig, "data", args.config)
+    # the data section gives seq_len and the vocabulary, unless --data / data= names a tokenized dataset that does
+    data_section = build_config(DataConfig, "data", args.config, required=not section.get("data"))
     result = make_plan(run_shape(args.config, section, data_section), plan_cfg)
     print(format_plan(result))
     if args.json:
