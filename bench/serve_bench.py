@@ -184,8 +184,8 @@ def main() -> int:
     from ray import serve
 
     from cluster.cli import setup_logging
-    from models.engine import EngineConfig
     from cluster.runtime import init_ray
+    from models.engine import EngineConfig
     from serve.app import DeploymentOptions, ServeConfig, ray_env, start
 
     setup_logging("WARNING")
@@ -217,7 +217,7 @@ def main() -> int:
               f"ignore_eos, streamed chat completions, cpus={os.cpu_count()}")
         servers = [("vllm serve", vbase, {}), ("genloop RAG off", gbase, {"rag": False}),
                    ("genloop RAG on", gbase, {"rag": True})]
-        for name, base, extra in servers:  # warm-up: first requests compile/allocate
+        for _name, base, extra in servers:  # warm-up: first requests compile/allocate
             asyncio.run(run_level(base, "bench", 2, 2, 4, extra, 120))
         table: dict[tuple[str, int], dict] = {}
         print(f"{'server':<16} {'conc':>4} {'reqs':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "

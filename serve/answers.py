@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.tokenizer import Tokenizer
-from serve.protocol import TextStream, chat_logprobs, completion_logprobs
+from serve.detokenize import TextStream, chat_logprobs, completion_logprobs
 
 # one choice's progress in one generator piece: (choice index, new text, finish reason or None, token ids, log-probs)
 Step = tuple[int, str, "str | None", list[int], list]

@@ -4,9 +4,14 @@ It tokenizes with the checkpoint's genloop tokenizer, renders chat with the chec
 enforces keys/limits, adds retrieved context, detokenizes the generator's token stream and records every response
 for feedback. Chat and completions share one path (``_answer``) once the prompt ids are known; every answer (whole
 or streamed chunk), ``/v1/models`` and the feedback record name the model version that produced it, and
-``POST /admin/models`` (admin key) switches every generator replica to a new checkpoint in place. Errors a deployment
-raises come back across the Ray handle wrapped by Ray; ``_call`` (``serve.errors``) unwraps them, so a route answers
-them as the domain error they are (404 unknown response, 400 bad rating, ...), not as a 500.
+``POST /admin/models`` (admin key) switches every generator replica to a new checkpoint in place
+(``serve.versions.VersionSwitch``). Errors a deployment raises come back across the Ray handle wrapped by Ray;
+``_call`` (``serve.errors``) unwraps them, so a route answers them as the domain error they are (404 unknown
+response, 400 bad rating, ...), not as a 500.
+
+The parts this module composes: ``serve.schemas`` (request schemas, body parsing), ``serve.auth`` (API keys),
+``serve.ratelimit`` (the per-key token bucket), ``serve.answers`` / ``serve.detokenize`` (token ids -> OpenAI
+answers), ``serve.errors`` (OpenAI-shaped errors).
 """
 
 from __future__ import annotations
@@ -21,18 +26,26 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayError
 
 from serve.answers import Answer
+from serve.auth import authorize, authorize_admin
 from serve.config import ServeConfig, context_length
-from serve.errors import as_api_error, install_error_handlers, unwrap
+from serve.errors import APIError, as_api_error, error_body, install_error_handlers, unwrap
 from serve.errors import call as _call
 from serve.feedback import ResponseBatcher
 from serve.memory import MemoryStoreError
-from serve.protocol import (AdminModelRequest, APIError, ChatRequest, CompletionRequest, DocumentsRequest,
-                            EmbeddingRequest, FeedbackRequest, MemoryRequest, RateLimiter, authorize, authorize_admin,
-                            error_body, parse_body)
-from serve.versions import SwitchError
+from serve.ratelimit import RateLimiter
+from serve.schemas import (
+    AdminModelRequest,
+    ChatRequest,
+    CompletionRequest,
+    DocumentsRequest,
+    EmbeddingRequest,
+    FeedbackRequest,
+    MemoryRequest,
+    parse_body,
+)
+from serve.versions import SwitchError, VersionSwitch
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +73,14 @@ class Ingress:
         self.responses = ResponseBatcher(feedback.record_responses.remote)  # every response, for later feedback
         self.cfg, self.key_hashes, self.admin_hashes = cfg, key_hashes, admin_hashes
         self.local = local  # the checkpoint the app started with: a switch keeps its tokenizer and architecture
-        self.switch_lock = asyncio.Lock()
         self.app_name, self.deployment_id = serve.get_replica_context().app_name, deployment_id
-        from serve.live import live_board
+        from serve.live import live_board, record_live
+        from serve.versions import running_replicas
 
         self.live_board = live_board(self.app_name)  # which checkpoint a switch made live (serve.live)
-        self.broadcast_handle = None
+        self.versions = VersionSwitch(
+            generator, local, record=lambda model, version: record_live(self.live_board, deployment_id, model, version),
+            running=lambda: running_replicas(self.app_name, "Generator"))
         self.tok = load_tokenizer(local)
         self.fmt = ChatFormat.from_checkpoint(local)
         self.context_len = context_length(cfg, local)
@@ -95,11 +110,21 @@ class Ingress:
                 raise err
         if model is None:
             return caller, None
+        return caller, parse_body(await self._body(request), model, self.cfg.max_body_bytes)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, read no further than the size cap: a declared or streamed (chunked) body over
+        ``max_body_bytes`` is a 413 without holding it all in memory."""
+        cap = self.cfg.max_body_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.cfg.max_body_bytes:
-            raise APIError(413, f"request body is {length} bytes, over the limit of {self.cfg.max_body_bytes}",
-                           code="request_too_large")
-        return caller, parse_body(await request.body(), model, self.cfg.max_body_bytes)
+        if length and length.isdigit() and int(length) > cap:
+            raise APIError(413, f"request body is {length} bytes, over the limit of {cap}", code="request_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > cap:
+                raise APIError(413, f"request body is over the limit of {cap} bytes", code="request_too_large")
+        return bytes(raw)
 
     def _check_model(self, name: str) -> None:
         if name != self.name:
@@ -347,7 +372,7 @@ class Ingress:
     async def admin_models(self, request: Request) -> dict:
         """Switch the application to another checkpoint (``{"model": ABSOLUTE_PATH_OR_URI}``), in place."""
         authorize_admin(request.headers.get("authorization"), self.admin_hashes)
-        req = parse_body(await request.body(), AdminModelRequest, self.cfg.max_body_bytes)
+        req = parse_body(await self._body(request), AdminModelRequest, self.cfg.max_body_bytes)
         return await self._switch(req.model)
 
     async def deploy_model(self, model: str) -> dict:
@@ -359,59 +384,13 @@ class Ingress:
             return {"error": e.body()["error"], "status": e.status}
 
     async def _switch(self, model: str) -> dict:
-        """Check the checkpoint here (missing 404, unreadable 400, other architecture or tokenizer 409), then switch
-        every generator replica in place (``Generator.switch``); a replica that fails puts its old weights back and
-        the others are switched back, so the old version keeps serving."""
-        from serve.live import record_live
-        from serve.versions import check_checkpoint
-
-        async with self.switch_lock:
-            t0 = time.perf_counter()
-            try:
-                resolved, _, version = await asyncio.to_thread(check_checkpoint, model, self.local)
-            except SwitchError as e:
-                raise as_api_error(e) from None
-            checked = time.perf_counter()
-            live = await _call(self.generator.info.remote())
-            # recorded first, so that a replica starting during the switch loads the new checkpoint too
-            await asyncio.to_thread(record_live, self.live_board, self.deployment_id, resolved, version)
-            try:
-                results = await asyncio.to_thread(self._broadcast, "switch", resolved, version)
-            except Exception as e:  # noqa: BLE001  (switch every replica back, then answer what went wrong)
-                err = as_api_error(unwrap(e))
-                log.warning("switch to %s failed (%s); switching the replicas back to %s", version, e,
-                            live["model_version"])
-                await asyncio.to_thread(record_live, self.live_board, self.deployment_id, live["model"],
-                                        live["model_version"])
-                await asyncio.to_thread(self._broadcast, "switch", live["model"], live["model_version"])
-                if err is None:
-                    raise
-                raise err from None
-            log.info("model version %s -> %s (%s) on %d generator replicas", live["model_version"], version,
-                     resolved, len(results))
-            return {"object": "model_switch", "model": resolved, "model_version": version,
-                    "previous_version": live["model_version"], "mode": "in_place", "replicas": len(results),
-                    "drain_s": max((r["drain_s"] for r in results), default=0.0),
-                    "reload_s": max((r["reload_s"] for r in results), default=0.0),
-                    "check_s": round(checked - t0, 3), "seconds": round(time.perf_counter() - t0, 3)}
-
-    def _broadcast(self, method: str, *args: Any) -> list:
-        """Call ``method`` on every generator replica (blocking; run in a thread). Ray Serve has no public
-        broadcast; Ray LLM's (``ray.llm``: replicas from the handle's router, calls to each replica actor) is used.
-        Without it (another Ray version) one call goes to one replica: right for a single generator replica only."""
-        if self.broadcast_handle is None:  # one handle, its router kept warm between switches
-            self.broadcast_handle = serve.get_deployment_handle("Generator", self.app_name)
-        handle = self.broadcast_handle
+        """Switch every generator replica in place (``serve.versions.VersionSwitch``: checked here, then each replica
+        drains, reloads and resumes; when one fails the others are switched back and the old version keeps
+        serving); a refused switch answers as its HTTP error."""
         try:
-            try:
-                from ray.llm._internal.serve.utils.broadcast import broadcast
-            except ImportError:
-                log.warning("Ray LLM's broadcast is not available: %s goes to one generator replica only", method)
-                return [getattr(handle, method).remote(*args).result()]
-            return broadcast(handle, method, args=args)
-        except RayError as e:
-            cause = unwrap(e)
-            raise cause if isinstance(cause, SwitchError) else e
+            return await self.versions.switch(model)
+        except SwitchError as e:
+            raise as_api_error(e) from None
 
     # ---- knowledge, memory, feedback -------------------------------------------------------------------------------
     @api.post("/v1/documents")
@@ -473,7 +452,10 @@ class Ingress:
     @api.post("/v1/feedback")
     async def feedback(self, request: Request) -> dict:
         caller, req = await self._begin(request, FeedbackRequest)
-        await self.responses.flush()  # the responses this replica served are in the store before it is asked
+        try:  # the responses this replica served are in the store before it is asked
+            await self.responses.flush()
+        except Exception:  # noqa: BLE001  (kept for the next flush; the rating is still asked, never a 500 here)
+            log.exception("recording %d responses before a rating failed", len(self.responses.pending))
         if req.chosen_id is not None or req.rejected_id is not None:
             if req.chosen_id is None or req.rejected_id is None or req.rating is not None:
                 raise APIError(400, "a preference needs both 'chosen_id' and 'rejected_id' (and no 'rating')")

@@ -23,8 +23,10 @@ never sees another's facts. Body size, document size and ``max_tokens`` are capp
 prompt + max_tokens beyond the context is a 400 with the numbers.
 
 Modules: ``serve.config`` (ServeConfig, checks, ``ray_env``), ``serve.generator`` (the vLLM deployment, stream
-coalescing), ``serve.api`` (the HTTP ingress), ``serve.retriever`` / ``serve.feedback`` (the other deployments); this
-module composes them (``build_app``) and deploys on a running Ray (``start``). ``--model`` may be an ``s3://`` URI:
+coalescing), ``serve.api`` (the HTTP ingress, over ``serve.schemas``, ``serve.auth``, ``serve.ratelimit``,
+``serve.detokenize``, ``serve.errors``), ``serve.versions`` (model versions, the switch of every generator replica),
+``serve.retriever`` / ``serve.feedback`` (the other deployments); this module composes them (``build_app``) and
+deploys on a running Ray (``start``). ``--model`` may be an ``s3://`` URI:
 each replica downloads the checkpoint once into its node's cache (``pipelines.artifacts.checkpoint_dir``).
 
 Cluster: ``serve deploy serve/serve_config.yaml`` deploys the same application through ``app_builder``.
@@ -42,10 +44,19 @@ from ray import serve
 
 from pipelines.artifacts import absolute, resolve_checkpoint
 from serve.api import Ingress
-from serve.config import (THROUGHPUT_ENV, DeploymentOptions, ServeConfig, check_config, direct_ingress_env,
-                          direct_ingress_on, ray_env, spare_port, use_direct_ingress)
+from serve.auth import load_api_keys
+from serve.config import (
+    THROUGHPUT_ENV,
+    DeploymentOptions,
+    ServeConfig,
+    check_config,
+    direct_ingress_env,
+    direct_ingress_on,
+    ray_env,
+    spare_port,
+    use_direct_ingress,
+)
 from serve.generator import Generator
-from serve.protocol import load_api_keys
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
-"""Errors at the HTTP edge: a deployment's domain errors come back across the Ray handle wrapped by Ray; ``unwrap``
-and ``as_api_error`` turn them into the HTTP answer they mean (404 unknown response, 400 bad rating, 409 incompatible
-checkpoint, ...), not a 500; ``install_error_handlers`` renders every error of the FastAPI app in OpenAI's shape."""
+"""Errors at the HTTP edge. ``APIError`` is an error in OpenAI's shape (``{"error": {"message", "type", "param",
+"code"}}``) with its HTTP status. A deployment's domain errors come back across the Ray handle wrapped by Ray;
+``unwrap`` and ``as_api_error`` turn them into the HTTP answer they mean (404 unknown response, 400 bad rating, 409
+incompatible checkpoint, ...), not a 500; ``install_error_handlers`` renders every error of the FastAPI app in
+OpenAI's shape. No Ray import at module level (the request schemas import ``APIError`` and stay Ray-free)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.feedback import FeedbackError, NotFound
-from serve.knowledge import KnowledgeError
-from serve.memory import MemoryStoreError
-from serve.protocol import APIError, error_body
-from serve.versions import SwitchError
-
 log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client caused (or 5xx); rendered as OpenAI's error body with ``status``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or self.TYPES.get(status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def unwrap(e: BaseException) -> BaseException:
@@ -31,6 +48,11 @@ def unwrap(e: BaseException) -> BaseException:
 
 def as_api_error(e: BaseException) -> APIError | None:
     """A domain error from a deployment as the HTTP error it means; None for anything else (a real 500)."""
+    from serve.feedback import FeedbackError, NotFound
+    from serve.knowledge import KnowledgeError
+    from serve.memory import MemoryStoreError
+    from serve.versions import SwitchError
+
     if isinstance(e, APIError):
         return e
     if isinstance(e, NotFound):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from ray import serve
 
+from serve.errors import unwrap
 from serve.sqlite import add_columns, open_db
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,22 @@ def rating_score(rating: Any) -> float:
 _RESPONSE_COLUMNS = "id, model, prompt, messages, response, created, model_version"
 
 
+def storable(value: Any) -> Any:
+    """``value`` as SQLite and UTF-8 can hold it: strings with lone UTF-16 surrogates (no character; SQLite refuses
+    them with UnicodeEncodeError) get U+FFFD in their place, in lists and dicts too; anything else is returned as is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    return value
+
+
 class FeedbackStore:
     """Responses (with the model version that produced each), ratings and preferences in one SQLite file."""
 
@@ -72,9 +90,22 @@ class FeedbackStore:
 
     @staticmethod
     def _row(r: dict, now: float) -> tuple:
-        return (r["response_id"], r["model"], r["prompt"],
-                json.dumps(r["messages"]) if r.get("messages") is not None else None, r["response"], now,
-                r.get("model_version"))
+        """One record as a row, its text made storable (``storable``); a record that cannot be one (a missing key, a
+        non-string id) raises FeedbackError."""
+        if not isinstance(r, dict) or not isinstance(r.get("response_id"), str) or not r["response_id"]:
+            raise FeedbackError(f"a response record needs a non-empty string 'response_id', got {r!r:.200}")
+        try:
+            row = (r["response_id"], r["model"], r["prompt"],
+                   json.dumps(storable(r["messages"])) if r.get("messages") is not None else None, r["response"], now,
+                   r.get("model_version"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FeedbackError(f"response record {r.get('response_id')!r} is malformed ({type(e).__name__}: "
+                                f"{e})") from None
+        bad = [v for v in row if v is not None and not isinstance(v, (str, float))]
+        if bad:
+            raise FeedbackError(f"response record {r['response_id']!r} holds a {type(bad[0]).__name__} where text "
+                                "belongs")
+        return tuple(storable(v) for v in row)
 
     def record_response(self, response_id: str, model: str, prompt: str, response: str,
                         messages: list[dict] | None = None, model_version: str | None = None) -> None:
@@ -84,12 +115,31 @@ class FeedbackStore:
 
     def record_responses(self, records: list[dict]) -> int:
         """Several ``record_response`` keyword dicts (``model_version`` optional in each) in one transaction;
-        returns how many."""
+        returns how many were recorded. Text SQLite cannot hold is made storable (``storable``); a record that still
+        cannot be stored (malformed) is skipped with an error in the log, never failing the others in its batch."""
         now = time.time()
-        with self._lock, self._db:
-            self._db.executemany(f"INSERT OR REPLACE INTO responses ({_RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 [self._row(r, now) for r in records])
-        return len(records)
+        rows = []
+        for r in records:
+            try:
+                rows.append(self._row(r, now))
+            except FeedbackError as e:
+                log.error("not recorded for feedback: %s", e)
+        sql = f"INSERT OR REPLACE INTO responses ({_RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        try:
+            with self._lock, self._db:
+                self._db.executemany(sql, rows)
+            return len(rows)
+        except (sqlite3.InterfaceError, sqlite3.DataError, sqlite3.IntegrityError, UnicodeError):
+            pass  # one row SQLite refuses: store the others one by one (below)
+        done = 0
+        for row in rows:
+            try:
+                with self._lock, self._db:
+                    self._db.execute(sql, row)
+                done += 1
+            except (sqlite3.InterfaceError, sqlite3.DataError, sqlite3.IntegrityError, UnicodeError) as e:
+                log.error("not recorded for feedback: response %r (%s: %s)", row[0], type(e).__name__, e)
+        return done
 
     def response(self, response_id: str) -> dict | None:
         with self._lock:
@@ -110,6 +160,9 @@ class FeedbackStore:
     def _need(self, response_id: Any, field: str) -> dict:
         if not isinstance(response_id, str) or not response_id:
             raise FeedbackError(f"'{field}' must be the id of a response this server returned")
+        if storable(response_id) != response_id:  # no id this server returned holds text SQLite cannot hold
+            raise NotFound(f"no response with id {storable(response_id)!r} ('{field}'); use the 'id' of a "
+                           "completion this server returned")
         r = self.response(response_id)
         if r is None:
             raise NotFound(f"no response with id {response_id!r} ('{field}'); use the 'id' of a completion "
@@ -212,14 +265,18 @@ class ResponseBatcher:
 
     ``flush()`` sends what is pending and waits for it (and for a batch already on its way): the ingress flushes
     before it forwards a rating, so a rating sent through the same ingress replica always finds its response. A
-    batch the store did not take is kept for the next try (up to ``max_pending`` records; beyond that the oldest are
-    dropped and counted in ``dropped``)."""
+    batch the store did not take because it was unreachable is kept for the next try (up to ``max_pending`` records;
+    beyond that the oldest are dropped and counted in ``dropped``). A batch the store refused for its data (the
+    store raised ``ValueError``, ``TypeError``, a ``sqlite3`` error...) is sent again one record at a time: the
+    records the store takes are recorded, the ones it refuses are dropped with an error in the log and counted in
+    ``rejected``, so one bad record never blocks the others, nor every later batch."""
 
     def __init__(self, send: Callable[[list[dict]], Awaitable[Any]], interval_s: float = 0.1,
                  max_pending: int = 100_000) -> None:
         self.send, self.interval_s, self.max_pending = send, interval_s, max_pending
         self.pending: list[dict] = []
         self.dropped = 0
+        self.rejected = 0
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task | None = None
 
@@ -247,9 +304,40 @@ class ResponseBatcher:
                 return
             try:
                 await self.send(batch)
+            except Exception as e:  # noqa: BLE001  (re-raised unless the store refused the data)
+                if not refused_data(e):
+                    self.pending[:0] = batch
+                    raise
+                log.warning("the feedback store refused a batch of %d responses (%s); recording them one by one",
+                            len(batch), unwrap(e))
+                await self._one_by_one(batch)
             except BaseException:
                 self.pending[:0] = batch
                 raise
+
+    async def _one_by_one(self, batch: list[dict]) -> None:
+        """Send each record alone: the ones the store refuses are dropped (``rejected``); when the store becomes
+        unreachable meanwhile, that record and the rest are kept for the next try and the error is raised."""
+        for i, record in enumerate(batch):
+            try:
+                await self.send([record])
+            except Exception as e:  # noqa: BLE001  (re-raised unless the store refused the data)
+                if not refused_data(e):
+                    self.pending[:0] = batch[i:]
+                    raise
+                self.rejected += 1
+                log.error("response %r not recorded for feedback: the store refused it (%s)",
+                          record.get("response_id"), unwrap(e))
+            except BaseException:
+                self.pending[:0] = batch[i:]
+                raise
+
+
+def refused_data(e: BaseException) -> bool:
+    """Whether the store refused a call for the data it carried (the store's own error, out of Ray's wrappers),
+    rather than being unreachable (an actor that died, a timeout, a connection error)."""
+    cause = unwrap(e)
+    return isinstance(cause, (ValueError, TypeError, KeyError, AttributeError, sqlite3.Error))
 
 
 @serve.deployment(name="Feedback")

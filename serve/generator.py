@@ -6,6 +6,9 @@ Version switch, per replica: close admission (new requests wait), let the reques
 weights (up to ``drain_timeout_s``), reload the new checkpoint's weights into the running engine (the worker
 extension RLHF uses), open admission. Every request runs wholly on one version and its first streamed item names it,
 so no answer mixes two versions and none fails; requests that arrive meanwhile wait the drain plus the reload.
+The ingress reaches every replica (``serve.versions.VersionSwitch``); a replica it could not reach (starting while the
+live board changed, or not yet known to the handle's router) catches up with the board (``serve.live``) at its next
+health check (``check_health``, every ``health_check_period_s``).
 """
 
 from __future__ import annotations
@@ -99,11 +102,16 @@ class Generator:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM's first import in this replica
         from models.engine import WEIGHT_SYNC_EXTENSION, make_async_engine
         from pipelines.artifacts import checkpoint_dir
+        from serve.live import live_model
         from serve.versions import model_version, weight_files
 
-        from serve.live import live_model
-
-        live = live_model(serve.get_replica_context().app_name, deployment_id)
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id  # names this replica in a switch's answers (serve.versions)
+        self.app_name, self.deployment_id = context.app_name, deployment_id
+        self.board = None  # the live board's actor handle, looked up at the first health check
+        self.catch_up: asyncio.Task | None = None
+        self.failed_version: str | None = None  # a live version this replica could not load: not retried
+        live = live_model(context.app_name, deployment_id)
         if live is not None:  # a replica started after a version switch: serve the live checkpoint
             model = live[0]
         local = checkpoint_dir(model)
@@ -166,7 +174,8 @@ class Generator:
             self.active -= 1
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.model, "model_version": self.version, "switching": not self.admitting.is_set()}
+        return {"model": self.model, "model_version": self.version, "switching": not self.admitting.is_set(),
+                "replica": self.replica}
 
     async def switch(self, model: str, version: str) -> dict[str, Any]:
         """Serve the checkpoint ``model`` (checked by the caller: ``serve.versions.incompatibilities`` is empty) as
@@ -211,6 +220,38 @@ class Generator:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+        await self._follow_live_board()
+
+    async def _follow_live_board(self) -> None:
+        """When the live board names another version than this replica serves (a switch's broadcast did not reach
+        it), switch to it in the background. Never raises: a health check must not fail for it."""
+        if not self.deployment_id or self.switching.locked() or (self.catch_up and not self.catch_up.done()):
+            return
+        try:
+            if self.board is None:
+                from serve.live import find_board
+
+                self.board = await asyncio.to_thread(find_board, self.app_name)
+                if self.board is None:
+                    return
+            live = await self.board.get.remote(self.deployment_id)
+        except Exception as e:  # noqa: BLE001  (the board is an optimisation of consistency, not a dependency)
+            log.warning("cannot read the live board (%s: %s); the next health check tries again", type(e).__name__, e)
+            self.board = None
+            return
+        if live is None or live[1] in (self.version, self.failed_version):
+            return
+        log.warning("replica %s serves %s but %s is live (a switch did not reach it): switching", self.replica,
+                    self.version, live[1])
+        self.catch_up = asyncio.get_running_loop().create_task(self._catch_up(*live))
+
+    async def _catch_up(self, model: str, version: str) -> None:
+        try:
+            await self.switch(model, version)
+        except Exception:  # noqa: BLE001  (logged; this version is not retried by the health checks)
+            log.exception("replica %s could not switch to the live version %s; it keeps serving %s", self.replica,
+                          version, self.version)
+            self.failed_version = version
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -47,12 +47,17 @@ def record_live(board, deployment_id: str, model: str, version: str) -> None:
     ray.get(board.set.remote(deployment_id, model, version))
 
 
+def find_board(app_name: str):
+    """The application's ``LiveModel`` actor, or None when no ingress made it yet (blocking: a GCS lookup)."""
+    try:
+        return ray.get_actor(_name(app_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def live_model(app_name: str, deployment_id: str) -> tuple[str, str] | None:
     """(model, version) a switch made live in this deployment, or None (serve the deployed checkpoint)."""
     if not deployment_id:
         return None
-    try:
-        board = ray.get_actor(_name(app_name), namespace=NAMESPACE)
-    except ValueError:
-        return None
-    return ray.get(board.get.remote(deployment_id))
+    board = find_board(app_name)
+    return None if board is None else ray.get(board.get.remote(deployment_id))

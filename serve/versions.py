@@ -10,14 +10,26 @@ digits. The server names it in every response, ``/v1/models`` and the feedback s
 An **in-place switch** (weights reloaded into the running engine) needs the same architecture (``config.json``
 minus its dtype), the same tokenizer and chat template (the ingress keeps encoding with the live ones) and the same
 weight names and shapes; ``incompatibilities`` lists what differs.
+
+**The switch itself** (``VersionSwitch``, driven by the ingress's ``POST /admin/models``): the checkpoint is checked
+here, recorded on the application's live board (``serve.live``: a generator replica that starts meanwhile loads it),
+then every replica of the generator deployment switches (``Generator.switch``: drain, reload, resume) through Ray
+Serve's public ``DeploymentHandle.broadcast``, one call per running replica. The switch succeeds only when every
+replica Serve reports running (``serve.status()``) answered for the new version; a replica that fails, or replicas
+the broadcast did not reach within ``settle_s``, fail the switch with a ``SwitchError`` naming them, after the
+replicas that did switch were switched back (the old version keeps serving). The orchestration takes the handle and
+the replica count as arguments: tests drive it without Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from pipelines.artifacts import MANIFEST, artifact_of, exists, join, manifest_digest, parent, read_manifest
 
@@ -120,7 +132,8 @@ def incompatibilities(live: str | Path, new: str | Path) -> list[str]:
             raise SwitchError(f"{folder / 'config.json'} is missing or corrupt ({e}); re-export the checkpoint") \
                 from None
     keys = sorted(set(cfgs[0]) | set(cfgs[1]), key=str)
-    out += [f"config.json {k}: {cfgs[0].get(k)!r} -> {cfgs[1].get(k)!r}" for k in keys if cfgs[0].get(k) != cfgs[1].get(k)]
+    out += [f"config.json {k}: {cfgs[0].get(k)!r} -> {cfgs[1].get(k)!r}" for k in keys
+            if cfgs[0].get(k) != cfgs[1].get(k)]
     out += [f"{f} differs (another tokenizer or chat template)" for f in TOKENIZER_FILES
             if _file_digest(live / f) != _file_digest(new / f)]
     if not out:  # same config: the weights must still hold the same tensors
@@ -166,3 +179,105 @@ def check_checkpoint(model: str, live_local: str | Path) -> tuple[str, str, str]
             f"do while serving: start a new application (`genloop serve --model {model}`) and move clients to it",
             409, "incompatible_checkpoint")
     return resolved, local, model_version(resolved, local)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the switch of every generator replica
+
+
+def running_replicas(app_name: str, deployment: str = "Generator") -> int:
+    """How many replicas of ``deployment`` Ray Serve reports RUNNING in ``app_name`` (``serve.status()``; blocking)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or deployment not in app.deployments:
+        raise SwitchError(f"Ray Serve reports no deployment {deployment!r} in application {app_name!r}; the switch "
+                          "cannot tell which replicas to reach", 503, "switch_failed")
+    states = app.deployments[deployment].replica_states
+    return sum(int(n) for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
+def _replica_error(e: BaseException) -> SwitchError:
+    """A replica's failure as the SwitchError to answer with (its own, or a 503 naming what happened)."""
+    from serve.errors import unwrap
+
+    cause = unwrap(e)
+    if isinstance(cause, SwitchError):
+        return cause
+    return SwitchError(f"a generator replica failed during the switch ({type(cause).__name__}: {cause})", 503,
+                       "switch_failed")
+
+
+class VersionSwitch:
+    """Switch every replica of the generator deployment to another checkpoint, in place, or none of them.
+
+    ``generator``: a handle to the deployment (``DeploymentHandle``: ``info.remote()`` and ``broadcast(method,
+    *args)``); ``live_local``: the local folder of the checkpoint the application started with (a switch keeps its
+    tokenizer and architecture); ``record``: ``(model, version) -> None``, called (in a thread) before the replicas
+    switch so that a replica starting meanwhile loads the new checkpoint (``serve.live.record_live``);
+    ``running``: ``() -> int``, the replicas Serve reports running (in a thread; ``running_replicas``).
+    A broadcast that reached fewer replicas than are running (a replica the handle's router does not know yet) is
+    sent again, every ``poll_s`` seconds for up to ``settle_s`` (``Generator.switch`` is idempotent: a replica on
+    the new version answers ``changed: False``)."""
+
+    def __init__(self, generator: Any, live_local: str | Path, record: Callable[[str, str], None],
+                 running: Callable[[], int], settle_s: float = 30.0, poll_s: float = 0.5,
+                 replica_timeout_s: float | None = None) -> None:
+        self.generator, self.live_local, self.record, self.running = generator, live_local, record, running
+        self.settle_s, self.poll_s, self.replica_timeout_s = settle_s, poll_s, replica_timeout_s
+        self.lock = asyncio.Lock()
+
+    async def _everywhere(self, model: str, version: str) -> list[dict]:
+        """``Generator.switch(model, version)`` on every running replica: one result per replica, else SwitchError."""
+        reached: dict[str, dict] = {}
+        deadline = time.monotonic() + self.settle_s
+        while True:
+            try:
+                results = await self.generator.broadcast("switch", model, version).results_async(
+                    timeout_s=self.replica_timeout_s, return_exceptions=True)
+            except Exception as e:  # noqa: BLE001  (no replica to reach, a timeout: a clear 503)
+                raise _replica_error(e) from None
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise _replica_error(failed[0])
+            for r in results:  # a replica's first answer keeps its drain and reload times
+                reached.setdefault(str(r["replica"]), r)
+            want = await asyncio.to_thread(self.running)
+            if len(reached) >= want:
+                return list(reached.values())
+            if time.monotonic() >= deadline:
+                raise SwitchError(f"the switch to {version} reached {len(reached)} of the {want} running generator "
+                                  f"replicas within {self.settle_s:.0f}s (Ray Serve's handle does not see the others "
+                                  "yet); retry the switch", 503, "switch_incomplete")
+            await asyncio.sleep(self.poll_s)
+
+    async def switch(self, model: str) -> dict[str, Any]:
+        """Check ``model`` (missing 404, unreadable 400, other architecture or tokenizer 409), then switch every
+        generator replica; when one fails (or some are not reached) the others are switched back and the
+        SwitchError is raised. Returns the ``model_switch`` answer. One switch at a time."""
+        async with self.lock:
+            t0 = time.perf_counter()
+            resolved, _, version = await asyncio.to_thread(check_checkpoint, model, self.live_local)
+            checked = time.perf_counter()
+            live = await self.generator.info.remote()
+            # recorded first, so that a replica starting during the switch loads the new checkpoint too
+            await asyncio.to_thread(self.record, resolved, version)
+            try:
+                results = await self._everywhere(resolved, version)
+            except SwitchError as e:
+                log.warning("switch to %s failed (%s); switching the replicas back to %s", version, e,
+                            live["model_version"])
+                await asyncio.to_thread(self.record, live["model"], live["model_version"])
+                try:
+                    await self._everywhere(live["model"], live["model_version"])
+                except SwitchError as back:
+                    log.error("switching back to %s failed too (%s): the generator replicas may serve different "
+                              "versions until the next switch", live["model_version"], back)
+                raise
+            log.info("model version %s -> %s (%s) on %d generator replicas", live["model_version"], version,
+                     resolved, len(results))
+            return {"object": "model_switch", "model": resolved, "model_version": version,
+                    "previous_version": live["model_version"], "mode": "in_place", "replicas": len(results),
+                    "drain_s": max((r.get("drain_s", 0.0) for r in results), default=0.0),
+                    "reload_s": max((r.get("reload_s", 0.0) for r in results), default=0.0),
+                    "check_s": round(checked - t0, 3), "seconds": round(time.perf_counter() - t0, 3)}

@@ -94,6 +94,89 @@ def test_responses_are_batched_flushed_before_a_rating_and_kept_when_the_store_f
     fs.rate("r5", "up")  # found: recorded before the rating
 
 
+def test_text_sqlite_cannot_hold_is_made_storable_and_a_malformed_record_skipped(tmp_path):
+    """Issue 23: a lone UTF-16 surrogate (valid JSON, no character) made SQLite refuse the whole batch. The store now
+    keeps such text with U+FFFD in its place and skips a malformed record, recording the rest of its batch."""
+    fs = FeedbackStore(tmp_path / "feedback.db")
+    msgs = [{"role": "user", "content": "hi \ud800 there"}]
+    n = fs.record_responses([
+        {"response_id": "r0", "model": "m", "prompt": "p", "response": "fine", "messages": None},
+        {"response_id": "bad", "model": "m", "prompt": "p \udc00", "response": "x\ud83d", "messages": msgs},
+        {"response_id": 7, "model": "m", "prompt": "p", "response": "id is no string"},
+        {"response_id": "nokeys"},
+        {"response_id": "r1", "model": "m", "prompt": "p", "response": "also fine", "messages": None,
+         "model_version": "v1"}])
+    assert n == 3
+    bad = fs.response("bad")
+    assert "\ufffd" in bad["prompt"] and "\ufffd" in bad["response"] and "\ufffd" in bad["messages"][0]["content"]
+    assert fs.response("nokeys") is None and fs.response("r1")["model_version"] == "v1"
+    fs.rate("bad", "up")
+    fs.rate("r1", "down")
+    with pytest.raises(NotFound):  # an id no response can have: not found, not a crash
+        fs.rate("chatcmpl-\ud800", "up")
+    out = fs.export(tmp_path / "prefs.jsonl")
+    assert out["ratings"] == 2
+    ratings = [json.loads(ln) for ln in (tmp_path / "prefs.ratings.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["score"] for r in ratings) == [-1.0, 1.0]
+
+
+def test_a_record_the_store_refuses_never_blocks_its_batch_nor_later_ones(tmp_path):
+    """The batcher's side of issue 23: a batch the store refuses for its data is sent again one record at a time;
+    the refused record is dropped (counted), the others recorded, and later flushes (before every rating) succeed.
+    A store that is unreachable meanwhile keeps the rest for the next try."""
+    import asyncio
+
+    from serve.feedback import ResponseBatcher
+
+    fs = FeedbackStore(tmp_path / "feedback.db")
+    down = [False]
+    sent: list[list[str]] = []
+
+    async def send(batch):
+        sent.append([r["response_id"] for r in batch])
+        if down[0]:
+            raise ConnectionError("store replica down")
+        if any(r["response_id"].startswith("poison") for r in batch):
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")  # what SQLite raised
+        fs.record_responses(batch)
+
+    def rec(rid: str) -> dict:
+        return {"response_id": rid, "model": "m", "prompt": "p", "response": f"answer {rid}", "messages": None}
+
+    async def scenario():
+        b = ResponseBatcher(send, interval_s=60)
+        for rid in ("a", "poison-1", "b"):
+            b.add(**rec(rid))
+        await b.flush()  # no error: the poison is dropped, the others recorded
+        assert b.pending == [] and b.rejected == 1
+        assert sent == [["a", "poison-1", "b"], ["a"], ["poison-1"], ["b"]]
+        b.add(**rec("c"))
+        await b.flush()  # later batches are not blocked
+        assert sent[-1] == ["c"] and b.pending == []
+        # unreachable half way through the one-by-one sends: that record and the rest are kept, the error raised
+        for rid in ("d", "poison-2", "e"):
+            b.add(**rec(rid))
+        real_send, once = b.send, [True]
+
+        async def flaky(batch):
+            if batch == [rec("poison-2")] and once[0]:
+                down[0], once[0] = True, False
+            return await real_send(batch)
+
+        b.send = flaky
+        with pytest.raises(ConnectionError):
+            await b.flush()
+        assert [r["response_id"] for r in b.pending] == ["poison-2", "e"]
+        down[0] = False
+        await b.flush()
+        assert b.pending == [] and b.rejected == 2
+
+    asyncio.run(scenario())
+    assert [fs.response(r) is not None for r in ("a", "b", "c", "d", "e")] == [True] * 5
+    assert fs.response("poison-1") is None
+    fs.rate("e", "up")
+
+
 CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
 
 

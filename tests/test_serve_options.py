@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from serve.answers import Answer
+from serve.detokenize import TextStream
 from serve.embeddings import pool
-from serve.protocol import APIError, ChatRequest, CompletionRequest, TextStream, parse_body
+from serve.errors import APIError
+from serve.schemas import ChatRequest, CompletionRequest, parse_body
 from serve.versions import SwitchError, incompatibilities, model_version
 
 

@@ -1,12 +1,18 @@
-"""The HTTP layer's plain parts: request parsing/errors, API keys, rate limiter, streaming detokenisation, RAG
-prompt assembly within the context budget. No Ray, no vLLM."""
+"""The HTTP layer's plain parts: request parsing/errors (serve.schemas, serve.errors), API keys (serve.auth), rate
+limiter (serve.ratelimit), streaming detokenisation (serve.detokenize), RAG prompt assembly within the context budget.
+No Ray, no vLLM."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from serve.protocol import (APIError, ChatRequest, RateLimiter, TextStream, authorize, key_id, load_api_keys,
-                            parse_body)
+from serve.auth import authorize, key_id, load_api_keys
+from serve.detokenize import TextStream
+from serve.errors import APIError
+from serve.ratelimit import RateLimiter
+from serve.schemas import ChatRequest, parse_body
 
 
 def test_parse_body_status_codes():
@@ -28,6 +34,36 @@ def test_parse_body_status_codes():
     with pytest.raises(APIError) as e:
         parse_body(b'{"model": "m", "messages": [], "max_tokens": "lots"}', ChatRequest, 1000)
     assert e.value.param == "max_tokens"
+
+
+def test_parse_body_refuses_text_utf8_cannot_hold_and_hostile_shapes():
+    """Issue 23: a lone surrogate is valid JSON but no character (SQLite, UTF-8 logs and responses refuse it): 400
+    naming the field, wherever it is (a value, a nested part, a key). Deep nesting is a 400, not a crash."""
+    from serve.schemas import FeedbackRequest, MemoryRequest
+
+    for raw, param in [(b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+                       (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": '
+                        b'"a\\udfffb"}]}]}', "messages.0.content.0.text"),
+                       (b'{"model": "m", "messages": [], "user": "\\udc00"}', "user"),
+                       (b'{"model": "m", "messages": [], "\\ud800": 1}', "body")]:
+        with pytest.raises(APIError) as e:
+            parse_body(raw, ChatRequest, 10_000)
+        assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_unicode", param), raw
+    # a proper surrogate pair is one character, and NUL is a character UTF-8 and SQLite hold: both accepted
+    ok = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00 a\\u0000b"}]}',
+                    ChatRequest, 10_000)
+    assert ok.messages[0].text() == "\U0001f600 a\x00b"
+    with pytest.raises(APIError) as e:
+        parse_body(b"[" * 5000 + b"]" * 5000, ChatRequest, 100_000)
+    assert (e.value.status, e.value.code) == (400, "invalid_json")
+    with pytest.raises(APIError) as e:
+        parse_body(b'{"user": "a", "fact": "\\ud800"}', MemoryRequest, 1000)
+    assert e.value.param == "fact"
+    for rating, status in ((True, 422), ([1], 422), ({"x": 1}, 422)):  # JSON true is not one star
+        with pytest.raises(APIError) as e:
+            parse_body(json.dumps({"response_id": "r", "rating": rating}).encode(), FeedbackRequest, 1000)
+        assert e.value.status == status and e.value.param.split(".")[0] == "rating"
+    assert parse_body(b'{"response_id": "r", "rating": 4}', FeedbackRequest, 1000).rating == 4
 
 
 def test_api_keys(tmp_path):

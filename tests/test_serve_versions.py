@@ -141,6 +141,219 @@ def p99(xs: list[float]) -> float:
     return float(np.percentile(xs, 99)) if xs else float("nan")
 
 
+# ---- the switch of every replica, without Ray: serve.versions.VersionSwitch over a fake deployment handle -----------
+# (before the served tests: the served app closes after the last test that uses it, and this module's ``server``
+# fixture puts the live model back when the module ends)
+
+
+class FakeReplica:
+    """A generator replica as ``Generator.switch`` / ``info`` answer; ``fail_on``: a version it refuses to load."""
+
+    def __init__(self, rid: str, model: str, version: str, fail_on: str | None = None) -> None:
+        self.rid, self.model, self.version, self.fail_on = rid, model, version, fail_on
+
+    def info(self) -> dict:
+        return {"model": self.model, "model_version": self.version, "switching": False, "replica": self.rid}
+
+    def switch(self, model: str, version: str) -> dict:
+        from serve.versions import SwitchError
+
+        if version == self.fail_on:
+            raise SwitchError(f"checkpoint {model} did not load on {self.rid}", 400, "checkpoint_load_failed")
+        changed = version != self.version
+        self.model, self.version = model, version
+        return dict(self.info(), changed=changed, drain_s=0.1 if changed else 0.0, reload_s=0.2 if changed else 0.0)
+
+
+class FakeGenerator:
+    """A ``DeploymentHandle`` to the replicas: ``info.remote()`` reaches the first, ``broadcast`` every replica the
+    router knows (``seen``: how many, per broadcast call; all when exhausted), as Ray Serve's does."""
+
+    def __init__(self, replicas: list[FakeReplica], seen: list[int] | None = None) -> None:
+        self.replicas, self.seen, self.calls = replicas, list(seen or []), []
+        outer = self
+
+        class _Info:
+            @staticmethod
+            async def remote() -> dict:
+                return outer.replicas[0].info()
+
+        self.info = _Info()
+
+    def broadcast(self, method: str, *args):
+        n = self.seen.pop(0) if self.seen else len(self.replicas)
+        self.calls.append((method, args, n))
+        results = []
+        for r in self.replicas[:n]:
+            try:
+                results.append(getattr(r, method)(*args))
+            except Exception as e:  # noqa: BLE001  (returned as Ray Serve's results_async(return_exceptions=True))
+                results.append(e)
+
+        class _Response:
+            async def results_async(self, timeout_s=None, return_exceptions=False):
+                assert return_exceptions
+                return results
+
+        return _Response()
+
+
+def fake_switch(ckpts, replicas, seen=None, settle_s=0.3):
+    from serve.versions import VersionSwitch
+
+    gen = FakeGenerator(replicas, seen)
+    board: list[tuple[str, str]] = []
+    vs = VersionSwitch(gen, ckpts["A"], record=lambda m, v: board.append((m, v)), running=lambda: len(replicas),
+                       settle_s=settle_s, poll_s=0.01)
+    return vs, gen, board
+
+
+def three_replicas(ckpts, fail_on: str | None = None) -> list[FakeReplica]:
+    v_a = live_version_of_a(ckpts)
+    return [FakeReplica(f"r{i}", str(ckpts["A"]), v_a, fail_on if i == 2 else None) for i in range(3)]
+
+
+def test_a_switch_reaches_every_replica(ckpts):
+    import asyncio
+
+    from pipelines.artifacts import manifest_digest
+
+    v_b = manifest_digest(str(ckpts["B_artifact"]))[:16]
+    replicas = three_replicas(ckpts)
+    vs, gen, board = fake_switch(ckpts, replicas, seen=[2, 3])  # the router sees the third replica one poll late
+    out = asyncio.run(vs.switch(str(ckpts["B_artifact"])))
+    assert out["replicas"] == 3 and out["model_version"] == v_b and out["previous_version"] == live_version_of_a(ckpts)
+    assert {r.version for r in replicas} == {v_b}  # every replica, not one
+    assert out["drain_s"] == 0.1 and out["reload_s"] == 0.2  # the first answer of each replica counts
+    assert [c[0] for c in gen.calls] == ["switch", "switch"] and board == [(str(ckpts["B"]), v_b)]
+    # a second switch to the live version changes nothing anywhere
+    again = asyncio.run(vs.switch(str(ckpts["B_artifact"])))
+    assert again["replicas"] == 3 and again["drain_s"] == 0.0
+
+
+def test_a_replica_that_fails_switches_every_replica_back(ckpts):
+    import asyncio
+
+    from pipelines.artifacts import manifest_digest
+    from serve.versions import SwitchError
+
+    v_a, v_b = live_version_of_a(ckpts), manifest_digest(str(ckpts["B_artifact"]))[:16]
+    replicas = three_replicas(ckpts, fail_on=v_b)
+    vs, gen, board = fake_switch(ckpts, replicas)
+    with pytest.raises(SwitchError) as e:
+        asyncio.run(vs.switch(str(ckpts["B_artifact"])))
+    assert (e.value.status, e.value.code) == (400, "checkpoint_load_failed") and "r2" in e.value.message
+    assert {r.version for r in replicas} == {v_a}  # the two that switched were switched back
+    assert board == [(str(ckpts["B"]), v_b), (str(ckpts["A"]), v_a)]  # a replica starting later loads the old one
+
+
+def test_a_switch_that_cannot_reach_every_replica_fails_clearly(ckpts):
+    import asyncio
+
+    from serve.versions import SwitchError
+
+    v_a = live_version_of_a(ckpts)
+    replicas = three_replicas(ckpts)
+    vs, gen, board = fake_switch(ckpts, replicas, seen=[2] * 1000)  # the router never sees the third replica
+    with pytest.raises(SwitchError) as e:
+        asyncio.run(vs.switch(str(ckpts["B_artifact"])))
+    assert (e.value.status, e.value.code) == (503, "switch_incomplete")
+    assert "reached 2 of the 3 running generator replicas" in e.value.message
+    assert {r.version for r in replicas} == {v_a} and board[-1] == (str(ckpts["A"]), v_a)
+    # no replica to reach at all (the deployment is down): a clear 503 too, not a 500
+    vs, gen, _ = fake_switch(ckpts, replicas)
+
+    def down(method, *args):
+        raise RuntimeError("Deployment 'Generator' in application 'x' has no running replicas")
+
+    gen.broadcast = down
+    with pytest.raises(SwitchError) as e:
+        asyncio.run(vs.switch(str(ckpts["B_artifact"])))
+    assert (e.value.status, e.value.code) == (503, "switch_failed") and "no running replicas" in e.value.message
+
+
+def test_a_replica_the_switch_missed_catches_up_at_its_next_health_check():
+    """A replica that was starting while the board changed (or that the handle's router did not know yet) switches
+    to the live version at its next health check; a version it cannot load is not retried; a board it cannot read
+    never fails the health check."""
+    import asyncio
+
+    from serve.generator import Generator
+
+    class Board:
+        def __init__(self) -> None:
+            self.entry: tuple[str, str] | None = ("/ckpt/b", "v-b")
+            self.broken = False
+
+        @property
+        def get(self):
+            board = self
+
+            class _Get:
+                @staticmethod
+                async def remote(deployment_id: str):
+                    if board.broken:
+                        raise ConnectionError("board actor gone")
+                    return board.entry
+
+            return _Get()
+
+    class Engine:
+        async def check_health(self) -> None:
+            pass
+
+        def shutdown(self) -> None:  # Generator.__del__
+            pass
+
+    switched: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        g = object.__new__(Generator.func_or_class)
+        g.engine, g.board, g.catch_up, g.failed_version = Engine(), Board(), None, None
+        g.deployment_id, g.app_name, g.replica, g.version = "dep", "app", "r9", "v-a"
+        g.switching = asyncio.Lock()
+
+        async def switch(model: str, version: str) -> dict:
+            if version == "v-bad":
+                raise RuntimeError("weights do not load")
+            switched.append((model, version))
+            g.version = version
+            return {}
+
+        g.switch = switch
+        await g.check_health()
+        await g.catch_up
+        assert switched == [("/ckpt/b", "v-b")] and g.version == "v-b"
+        await g.check_health()  # on the live version: nothing to do
+        assert g.catch_up.done() and len(switched) == 1
+        g.board.entry = ("/ckpt/bad", "v-bad")
+        await g.check_health()
+        await g.catch_up
+        assert g.failed_version == "v-bad" and g.version == "v-b"
+        await g.check_health()  # not retried
+        assert g.catch_up.done() and len(switched) == 1
+        board = g.board
+        board.broken = True
+        await g.check_health()  # no raise: the replica stays healthy
+        assert g.board is None
+
+    asyncio.run(scenario())
+
+
+def test_no_private_ray_imports_in_serve():
+    """The serve layer stands on Ray's public APIs only (a private module moves between Ray releases)."""
+    import re
+    from pathlib import Path
+
+    import serve
+
+    root = Path(serve.__file__).parent
+    private = re.compile(r"^\s*(from|import)\s+ray(\.\w+)*\._(internal|private)\b", re.M)
+    assert private.search("x = 1\n    from ray._private.utils import f\n")  # the pattern finds both kinds
+    assert private.search("        from ray.llm._internal.serve.utils.broadcast import broadcast\n")
+    assert [f.name for f in sorted(root.glob("*.py")) if private.search(f.read_text())] == []
+
+
 def test_admin_route_needs_an_admin_key(server, ckpts):
     assert switch(server, ckpts["B"], key=None).status_code == 401
     r = switch(server, ckpts["B"], key=KEY)  # an API key is not an admin key

@@ -1,46 +1,16 @@
-"""The OpenAI-compatible wire format and the HTTP layer's plain helpers (no Ray, no vLLM; unit-testable).
-
-Request schemas (pydantic), OpenAI-style errors (``{"error": {"message", "type", "param", "code"}}``), API keys,
-the per-key rate limiter, and incremental detokenisation with stop strings for streaming.
-"""
+"""The OpenAI-compatible request schemas (pydantic) and the parsing of a request body into one: 413 when too big,
+400 when not JSON or when it holds text that UTF-8 (and so SQLite, the stores, the logs) cannot hold, 422 naming the
+field when a field is wrong. Options a client may send that this server does not honour are a 400 naming them
+(``check_options``), never silently ignored. No Ray, no vLLM: unit-testable."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
-import time
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from models.tokenizer import Tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# errors
-
-
-class APIError(Exception):
-    """An error the client caused (or 5xx); rendered as OpenAI's error body with ``status``."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
-             422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or self.TYPES.get(status, "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+from serve.errors import APIError
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -51,8 +21,35 @@ def validation_error(e: ValidationError) -> APIError:
                     code="invalid_type" if "type" in err.get("type", "") else "invalid_value")
 
 
+def unencodable(data: Any) -> str | None:
+    """The path (``messages.0.content``) of the first string in parsed JSON that UTF-8 cannot hold (a lone UTF-16
+    surrogate such as ``"\\ud800"``, valid JSON escape but no character), a key or a value; None when all can.
+    Iterative: a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                sub = f"{path}.{k}" if path else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return (path or "body") + " (a key)"
+                stack.append((v, sub))
+        elif isinstance(obj, list):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(obj))
+    return None
+
+
 def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
-    """Bytes -> validated request: 413 when too big, 400 when not a JSON object, 422 when fields are wrong."""
+    """Bytes -> validated request: 413 when too big, 400 when not a JSON object (or nested too deep to parse) or when
+    a string holds text UTF-8 cannot hold (a lone surrogate: no store, log or response could keep it), 422 when
+    fields are wrong."""
     if len(raw) > max_bytes:
         raise APIError(413, f"request body is {len(raw)} bytes, over the limit of {max_bytes}; send less per request",
                        code="request_too_large")
@@ -60,16 +57,19 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply to parse", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    bad = unencodable(data)
+    if bad is not None:
+        raise APIError(400, f"{bad}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
+                            "pair), which is not a character; send valid Unicode text", param=bad.split(" ")[0],
+                       code="invalid_unicode")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# requests
 
 
 class _Req(BaseModel):
@@ -299,7 +299,8 @@ class MemoryRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    """A rating (``response_id`` + ``rating``: "up" | "down" | 1..5) or a preference (``chosen_id``, ``rejected_id``)."""
+    """A rating (``response_id`` + ``rating``: "up" | "down" | 1..5) or a preference (``chosen_id``,
+    ``rejected_id``)."""
 
     model_config = ConfigDict(extra="forbid")
     response_id: str | None = None
@@ -308,171 +309,9 @@ class FeedbackRequest(BaseModel):
     rejected_id: str | None = None
     comment: str | None = None
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# API keys and rate limit
-
-
-def key_id(key: str) -> str:
-    """A stable, non-secret name for a key (memory namespaces, logs): never the key itself."""
-    return "k" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def load_api_keys(path: str | Path) -> frozenset[str]:
-    """sha256 hex digests of the keys in ``path`` (one per line; blank lines and ``#`` comments skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"API key file {p} does not exist; write one key per line or drop --api-key-file")
-    keys = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not keys:
-        raise ValueError(f"API key file {p} holds no keys; write one key per line")
-    return frozenset(hashlib.sha256(k.encode()).hexdigest() for k in keys)
-
-
-def authorize(header: str | None, key_hashes: frozenset[str]) -> str:
-    """The caller's key id from ``Authorization: Bearer KEY``; ``"anon"`` when no keys are configured; else 401."""
-    if not key_hashes:
-        return "anon"
-    if not header or not header.lower().startswith("bearer ") or not header[7:].strip():
-        raise APIError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", code="invalid_api_key")
-    key = header[7:].strip()
-    if hashlib.sha256(key.encode()).hexdigest() not in key_hashes:
-        raise APIError(401, "invalid API key", code="invalid_api_key")
-    return key_id(key)
-
-
-def authorize_admin(header: str | None, admin_hashes: frozenset[str]) -> None:
-    """An admin route's guard: 403 when no admin key is configured (the routes are off) or the key is not an admin
-    key, 401 when no key is sent."""
-    if not admin_hashes:
-        raise APIError(403, "admin routes are off on this server; start it with serve.admin_key_file=FILE (one "
-                            "admin key per line)", code="admin_disabled")
-    if not header or not header.lower().startswith("bearer ") or not header[7:].strip():
-        raise APIError(401, "missing admin key: send 'Authorization: Bearer ADMIN_KEY'", code="invalid_admin_key")
-    if hashlib.sha256(header[7:].strip().encode()).hexdigest() not in admin_hashes:
-        raise APIError(403, "this key is not an admin key", code="invalid_admin_key")
-
-
-class RateLimiter:
-    """Token bucket per caller: ``per_minute`` requests, bursts up to ``per_minute``; 0 disables it.
-
-    State lives in each ingress replica, so with R replicas a key may get up to R x the limit.
-    """
-
-    def __init__(self, per_minute: int, clock=time.monotonic) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, last time)
-        self._lock = threading.Lock()
-
-    def allow(self, caller: str) -> float:
-        """0.0 when allowed (a token is taken), else the seconds to wait before the next request."""
-        if self.capacity <= 0:
-            return 0.0
-        now = self.clock()
-        with self._lock:
-            tokens, last = self._buckets.get(caller, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[caller] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[caller] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# streaming text
-
-
-class TextStream:
-    """Token ids arriving in pieces -> text pieces safe to send: never half a UTF-8 character, never a prefix of a
-    stop string that may still complete; stop ids (end of turn) are not part of the text."""
-
-    def __init__(self, tok: Tokenizer, stop_ids: set[int], stops: list[str]) -> None:
-        self.tok, self.stop_ids, self.stops = tok, stop_ids, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.ids: list[int] = []
-        self.n_generated = 0
-        self.sent = 0
-        self.text = ""
-        self.stopped = False  # a stop string was found: the caller should end the request
-        self.lp_ids: list[int] = []  # tokens whose log-probs are not yet taken (take_logprobs), and those log-probs
-        self.lps: list = []
-
-    def push(self, new_ids: list[int], logprobs: list | None = None) -> str:
-        """The text safe to send after ``new_ids``; ``logprobs`` (one per id, ``models.engine.stream_outputs``) are
-        kept for the ids that become text (not stop ids, nothing after a stop string) until ``take_logprobs``."""
-        self.n_generated += len(new_ids)
-        if self.stopped:
-            return ""
-        if logprobs is not None:
-            for i, lp in zip(new_ids, logprobs):
-                if i not in self.stop_ids:
-                    self.lp_ids.append(i)
-                    self.lps.append(lp)
-        self.ids += [i for i in new_ids if i not in self.stop_ids]
-        text = self.tok.decode(self.ids)
-        for s in self.stops:
-            at = text.find(s)
-            if at != -1:
-                text, self.stopped = text[:at], True
-        self.text = text
-        safe = len(text) if self.stopped else len(text) - self.hold
-        while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
-            safe -= 1
-        delta = text[self.sent:safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return delta
-
-    def take_logprobs(self) -> tuple[list[int], list]:
-        """(token ids, their log-probs) pushed since the last call."""
-        out = (self.lp_ids, self.lps)
-        self.lp_ids, self.lps = [], []
-        return out
-
-    def flush(self) -> str:
-        """What is left to send once generation ended."""
-        delta = self.text[self.sent:]
-        self.sent = len(self.text)
-        return delta
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# log-probs in OpenAI's shapes
-
-
-def token_piece(tok: Tokenizer, token_id: int) -> tuple[str, list[int]]:
-    """A token's text (undecodable bytes of a partial character as U+FFFD, as OpenAI shows them) and its bytes."""
-    try:
-        raw = tok.enc.decode_single_token_bytes(token_id)
-    except KeyError:
-        raw = b""
-    return raw.decode("utf-8", errors="replace"), list(raw)
-
-
-def chat_logprobs(tok: Tokenizer, ids: list[int], lps: list) -> list[dict[str, Any]]:
-    """``choices[i].logprobs.content`` entries: one per token (``models.engine.stream_outputs`` log-probs)."""
-    out = []
-    for tid, (lp, top) in zip(ids, lps):
-        text, raw = token_piece(tok, tid)
-        alts = []
-        for t, alp in top:
-            at, ab = token_piece(tok, t)
-            alts.append({"token": at, "logprob": alp, "bytes": ab})
-        out.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": alts})
-    return out
-
-
-def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, offset: int = 0) -> dict[str, list]:
-    """``choices[i].logprobs`` of the legacy completions API: tokens, token_logprobs, top_logprobs, text_offset
-    (``offset``: the characters already sent before these tokens)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    for tid, (lp, top) in zip(ids, lps):
-        text, _ = token_piece(tok, tid)
-        tokens.append(text)
-        token_lps.append(lp)
-        tops.append({token_piece(tok, t)[0]: alp for t, alp in top})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # JSON true is not one star
+            raise ValueError("rating must be 'up', 'down' or an integer 1..5, not a boolean")
+        return v
