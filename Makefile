@@ -15,7 +15,7 @@ help:
 	@echo "make setup  - create $(VENV) and install genloop + $(VLLM_PKG) (idempotent)"
 	@echo "make demo   - run every stage end to end on the embedded corpus (runs/demo/)"
 	@echo "make test   - check the import layers, then run the test suite"
-	@echo "make lint   - check the import layers only (lint-imports)"
+	@echo "make lint   - ruff (lint + format check) and the import contracts (lint-imports)"
 	@echo "make bench  - run the benchmarks in bench/"
 
 setup: $(STAMP)
@@ -35,8 +35,11 @@ demo: setup
 test: setup lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-# imports run one way: models -> pipelines -> serve -> cluster (contracts in pyproject.toml [tool.importlinter])
+# ruff (lint + format, settings in pyproject.toml [tool.ruff]); imports run one way: models -> pipelines -> serve ->
+# cluster, stage packages independent (contracts in pyproject.toml [tool.importlinter])
 lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 
 bench: setup

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def _code_root() -> Path:
     """``--code DIR``: the checkout whose pipelines are measured (default: this one)."""
@@ -39,8 +41,6 @@ def _code_root() -> Path:
 
 
 sys.path.insert(0, str(_code_root()))
-
-import numpy as np
 
 
 def repeat_split(src: str, copies: int, out: Path) -> str:

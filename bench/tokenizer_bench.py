@@ -45,8 +45,10 @@ def main() -> None:
     for tok in (trained, Tokenizer.load("cl100k_base")):
         raw = tok.enc
         cases = {
-            "encode (per doc)": (lambda: [tok.encode(t) for t in texts], lambda: [raw.encode_ordinary(t) for t in texts]),
-            "encode_batch": (lambda: tok.encode_batch(texts), lambda: raw.encode_ordinary_batch(texts, num_threads=8)),
+            "encode (per doc)": (lambda tok=tok: [tok.encode(t) for t in texts],
+                                 lambda raw=raw: [raw.encode_ordinary(t) for t in texts]),
+            "encode_batch": (lambda tok=tok: tok.encode_batch(texts),
+                             lambda raw=raw: raw.encode_ordinary_batch(texts, num_threads=8)),
         }
         for name, (ours, base) in cases.items():
             assert ours() == base()

@@ -12,6 +12,7 @@ stage code runs on a laptop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,24 @@ def resources_per_worker(unit: str, use_gpu: bool = True) -> dict[str, float]:
     """The same ask in Ray Train's ``ScalingConfig(resources_per_worker=...)`` spelling."""
     o = ray_options(unit, use_gpu)
     return {"CPU": o["num_cpus"], **({"GPU": o["num_gpus"]} if o["num_gpus"] else {})}
+
+
+def check_placement(what: str, parts: Sequence[tuple[str, int, float, float]], use_gpu: bool, advice: str) -> None:
+    """Fail up front, with one line naming the shortfall and ``advice``, when the connected Ray cluster cannot hold
+    ``parts`` at once (``(label, count, CPUs each, GPUs each)``; the GPU asks only count when ``use_gpu``): a job
+    that asks for more than the cluster has would otherwise wait forever."""
+    import ray
+
+    res = ray.cluster_resources()
+    asks = {"CPU": [(label, n, cpus) for label, n, cpus, _ in parts if n and cpus]}
+    if use_gpu:
+        asks["GPU"] = [(label, n, gpus) for label, n, _, gpus in parts if n and gpus]
+    for kind, rows in asks.items():
+        need, have = sum(n * each for _, n, each in rows), res.get(kind, 0)
+        if have < need:
+            detail = " + ".join(f"{n} {label} x {each:g}" for label, n, each in rows)
+            tip = advice + (", or set train.use_gpu=false" if kind == "GPU" else "")
+            raise ValueError(f"{what} needs {need:g} {kind}s but the Ray cluster has {have:g} ({detail}); {tip}")
 
 
 def table() -> str:

@@ -1,14 +1,21 @@
 """Helpers more than one test file uses: the embedded corpus, planted texts for the data rules, a tokenized dataset
-built by hand, a free port, the served app's API keys, a tiny model builder. Fixtures stay in ``conftest.py``."""
+built by hand, a free port, the served app's API keys, a tiny model builder, planted preference pairs, and model
+weights to compare. Fixtures stay in ``conftest.py``."""
 
 from __future__ import annotations
 
 import glob
+import json
+import random
 import socket
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -117,3 +124,33 @@ def tiny_builder(n_vocab: int, seed: int = 0):
         return Transformer(cfg)
 
     return build
+
+
+def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's ``model.safetensors`` (a causal LM or a reward model)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def weights_differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same tensor names, and at least one tensor differs."""
+    import torch
+
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def planted_prefs(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """Code answers that differ by one operator: ``+`` is always preferred to ``*`` (a planted preference)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            name = rng.choice(["add", "scale", "shift", "clip", "mix", "join", "merge"]) + "_" + rng.choice("abcdefgh")
+            a, b = rng.sample(["x", "y", "z", "n"], 2)
+            prompt = f"Write a Python function `def {name}({a}, {b})` that combines them."
+            f.write(json.dumps({"prompt": prompt, "chosen": f"def {name}({a}, {b}):\n    return {a} + {b}",
+                                "rejected": f"def {name}({a}, {b}):\n    return {a} * {b}"}) + "\n")
+        f.write("{broken json\n")  # counted and quarantined, not fatal
+        f.write(json.dumps({"prompt": "no answers"}) + "\n")
+    return path

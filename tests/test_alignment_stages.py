@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,9 @@ import torch
 from pipelines.config import build_config
 from pipelines.judge import judge
 from pipelines.sft.data import WRITE_PROMPTS
+from tests.helpers import planted_prefs
 
 pytestmark = pytest.mark.slow
-
-
-def planted_prefs(path: Path, n: int = 160, seed: int = 0) -> Path:
-    """Code answers that differ by one operator: ``+`` is always preferred to ``*`` (a planted preference)."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            name = rng.choice(["add", "scale", "shift", "clip", "mix", "join", "merge"]) + "_" + rng.choice("abcdefgh")
-            a, b = rng.sample(["x", "y", "z", "n"], 2)
-            prompt = f"Write a Python function `def {name}({a}, {b})` that combines them."
-            f.write(json.dumps({"prompt": prompt, "chosen": f"def {name}({a}, {b}):\n    return {a} + {b}",
-                                "rejected": f"def {name}({a}, {b}):\n    return {a} * {b}"}) + "\n")
-        f.write("{broken json\n")  # counted and quarantined, not fatal
-        f.write(json.dumps({"prompt": "no answers"}) + "\n")
-    return path
 
 
 def test_reward_model_learns_planted_preferences_under_fsdp(ray_session, tiny_checkpoint, tmp_path):
@@ -103,8 +88,8 @@ def _sft_data(folder: Path) -> Path:
 
 
 def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, tiny_checkpoint, tmp_path):
-    from pipelines.prefs.pref_data import PrefDataConfig, run
     from pipelines.prefs.pairs import read_pairs
+    from pipelines.prefs.pref_data import PrefDataConfig, run
 
     sft = _sft_data(tmp_path / "sftd")
     first = json.loads((sft / "train.jsonl").read_text().splitlines()[0])

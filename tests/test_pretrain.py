@@ -134,8 +134,17 @@ def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(ray_
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
-    # --init-from takes the artifact folder too; a finished artifact is not overwritten silently
+    # --init-from takes the artifact folder too
     assert plan(PretrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init_from=str(out))).init_from == \
         str(out / "model")
+    # --overwrite at another lr trains afresh (nothing resumed from the finished run); a plain re-run is refused
+    from tests.helpers import model_weights, weights_differ
+
+    before = model_weights(out / "model")
+    assert main(argv[:1] + ["--overwrite"] + argv[1:] + ["train.lr=1e-3"]) == 0
+    after = model_weights(out / "model")
+    assert weights_differ(before, after)
+    assert json.loads((out / "manifest.json").read_text())["config"]["train"]["lr"] == 1e-3
     err = _cli_error(capsys, argv)
     assert "already holds a finished pretrain artifact" in err
+    assert not weights_differ(after, model_weights(out / "model"))

@@ -125,6 +125,21 @@ def test_after_one_update_every_engine_decodes_the_learners_new_weights(ray_sess
     assert row["reward_mean"] == pytest.approx(0.5 * row["reward/rm"] + row["reward/toy_reward.whitespace"])
     assert row["sync_s"] > 0 and row["rollout_tokens_per_s"] > 0 and row["mismatch_kl"] < 1e-3
 
+    # --overwrite at another lr trains afresh from the policy (nothing resumed); a plain re-run is refused
+    from dataclasses import replace
+
+    from pipelines.artifacts import ArtifactError
+    from tests.helpers import model_weights, weights_differ
+
+    before = model_weights(tmp_path / "one" / "model")
+    again = run(replace(cfg, overwrite=True, train=replace(cfg.train, lr=cfg.train.lr / 3)), engines=engines)
+    assert [r["iteration"] for r in again.history] == [1]
+    after = model_weights(tmp_path / "one" / "model")
+    assert weights_differ(before, after)
+    with pytest.raises(ArtifactError, match="already holds a finished rlhf artifact"):
+        run(cfg, engines=engines)
+    assert not weights_differ(after, model_weights(tmp_path / "one" / "model"))
+
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_toy_reward_rises_with_real_vllm_actors(ray_session, engines, tiny_checkpoint, toy_inputs, tmp_path, algo):

@@ -98,18 +98,25 @@ def test_sft_cli_ray_train(ray_session, tiny_checkpoint, tmp_path, capsys):
     assert read_manifest(str(tmp_path / "sd"))["status"] == "finished"
     assert sum(1 for _ in open(train_path(str(tmp_path / "sd")))) > 0
     capsys.readouterr()
-    rc = main(["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data", str(tmp_path / "sd"),
-               "--out", str(tmp_path / "sft"), "--steps", "6", "eval.prompts=2", "eval.max_new_tokens=8",
-               "pack=false"])
-    assert rc == 0
+    argv = ["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data", str(tmp_path / "sd"),
+            "--out", str(tmp_path / "sft"), "--steps", "6", "eval.prompts=2", "eval.max_new_tokens=8", "pack=false"]
+    assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = read_manifest(str(tmp_path / "sft"))
     assert m["status"] == "finished" and m["config"]["pack"] is False and m["metrics"]["steps"] == 6
     assert out["heldout_answer_loss_after"] < out["heldout_answer_loss_before"]
     assert (tmp_path / "sft" / "model" / "config.json").exists()
-    # a finished artifact is not overwritten; bad --data is one clear error line
+    # --overwrite at another lr trains afresh: it once resumed the finished run's last checkpoint (same weights)
+    from tests.helpers import model_weights, weights_differ
+
+    before = model_weights(tmp_path / "sft" / "model")
+    assert main(argv[:1] + ["--overwrite"] + argv[1:] + ["train.lr=3e-3"]) == 0
+    after = model_weights(tmp_path / "sft" / "model")
+    assert weights_differ(before, after)
+    # a finished artifact is not overwritten without --overwrite; bad --data is one clear error line
     assert main(["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data",
                  str(tmp_path / "sd"), "--out", str(tmp_path / "sft")]) == 1
+    assert not weights_differ(after, model_weights(tmp_path / "sft" / "model"))
     assert main(["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data",
                  str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "sft2")]) == 1
     assert "missing.jsonl" in capsys.readouterr().err

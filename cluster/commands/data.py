@@ -29,11 +29,13 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.data import stage as data
     cfg = config(args)
     data.check_config(cfg)
     if cfg.input:
         data.list_inputs(cfg.input)  # a path matching nothing fails here, before Ray starts
+    check_out("data", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     counts = data.run(cfg)
     print(data.summary_table(counts))

@@ -35,8 +35,10 @@ KEYS = ("out", "model", "heldout_preference_accuracy", "heldout_reward_margin", 
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.prefs import dpo
     cfg = config(args)
+    check_out("dpo", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     res = dpo.run(cfg)
     print(json.dumps({k: res[k] for k in KEYS if k in res}))

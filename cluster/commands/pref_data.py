@@ -29,8 +29,10 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.prefs import pref_data
     cfg = config(args)
+    check_out("pref-data", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     res = pref_data.run(cfg)
     print(json.dumps({k: res[k] for k in ("out", "policy_judge_pass_rate", "policy_judge_mean_score") if k in res}

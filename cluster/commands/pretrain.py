@@ -34,9 +34,11 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.pretrain import stage as pretrain
     cfg = config(args)
     pretrain.plan(cfg)  # bad inputs fail here, before Ray starts
+    check_out("pretrain", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     result = pretrain.run(cfg)
     m = result.metrics

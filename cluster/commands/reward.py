@@ -35,8 +35,10 @@ KEYS = ("out", "model", "heldout_pairwise_accuracy", "heldout_pairwise_accuracy_
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.prefs import reward
     cfg = config(args)
+    check_out("reward", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     res = reward.run(cfg)
     print(json.dumps({k: res[k] for k in KEYS if k in res}))

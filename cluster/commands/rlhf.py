@@ -1,4 +1,5 @@
-"""``genloop rlhf``: GRPO or PPO with vLLM rollout actors and a Ray Train learner (the stage: ``pipelines.rlhf``)."""
+"""``genloop rlhf``: GRPO or PPO with vLLM rollout actors and a Ray Train learner (the stage:
+``pipelines.rlhf.stage``)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.rlhf.stage import plan, run as run_stage
 
     cfg = config(args)
     plan(cfg)  # bad inputs (missing files, tokenizer mismatch, bad reward spec) fail before Ray starts
+    check_out("rlhf", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     res = run_stage(cfg)
     first = res.history[0] if res.history else {}

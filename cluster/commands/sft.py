@@ -36,8 +36,10 @@ KEYS = ("out", "heldout_answer_loss_before", "heldout_answer_loss_after", "parse
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import check_out
     from pipelines.sft import stage as sft
     cfg = config(args)
+    check_out("sft", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     res = sft.run(cfg)
 

@@ -1,9 +1,10 @@
 """``genloop data``: stream, clean, deduplicate and tokenize corpora with Ray Data into training blocks.
 
 Pipeline (each step switchable in :class:`DataConfig`; the steps are plain code in their own modules, wrapped here by
-Ray Data ``map_batches`` / ``groupby``: ``data_inputs`` (which files, one file -> documents), ``data_docs`` (the
-per-document processor, rules in ``data_text``), ``data_dedup`` (hashes, MinHash LSH, the dedup UDFs), ``blocks``
-(tokenize + pack, the dataset contract), ``data_accounting`` (counts, samples, the end-of-run table))::
+Ray Data ``map_batches`` / ``groupby``: ``pipelines/data/inputs.py`` (which files, one file -> documents),
+``data/docs.py`` (the per-document processor, rules in ``data/text.py``), ``data/dedup.py`` (hashes, MinHash LSH, the
+dedup UDFs), ``pipelines/blocks.py`` (tokenize + pack, the dataset contract), ``data/accounting.py`` (counts, samples,
+the end-of-run table))::
 
     list inputs (driver; a path matching nothing is an error before any work)
       -> read_binary_files            one row per file (path, bytes)
@@ -21,7 +22,7 @@ per-document processor, rules in ``data_text``), ``data_dedup`` (hashes, MinHash
 
 Document keys are ``"<path>#<index in file>"``; files are listed sorted and Ray Data preserves order here, so the
 same input and config give byte-identical shards. A run that died is re-run by the same command: the unfinished
-output is cleared and rebuilt. A finished output is refused unless ``overwrite=true``.
+output is cleared and rebuilt. A finished output is refused unless ``overwrite=true`` (``pipelines/lifecycle.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ import time
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
-from pipelines.artifacts import Manifest, filesystem, is_uri, join, local_copy, upload_dir
+from pipelines.artifacts import filesystem, is_uri, join, local_copy, upload_dir
 from pipelines.blocks import TOKENIZER_DIR, TRAIN, VAL, BlockPacker, Tokenize, pack_batch, write_empty_split
 from pipelines.data.config import DataConfig, check_config
 from pipelines.data.accounting import account, dup_bytes, summary_table, write_dup_samples, write_samples
 from pipelines.data.dedup import EXACT_KIND, group_edges, group_rows, select_kept, survivors
 from pipelines.data.docs import KEPT, process_files, unreadable_rows
 from pipelines.data.inputs import STDLIB, list_inputs, stdlib_files
+from pipelines.lifecycle import begin_stage
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         files, unreadable = stdlib_files(cfg.stdlib_extensions), []
         if not files:
             raise FileNotFoundError("the embedded default corpus (the stdlib) has no files; pass --input")
-    manifest = Manifest.begin("data", cfg.out, cfg, inputs=list(cfg.input) or [STDLIB], overwrite=cfg.overwrite)
-    _clear_outputs(cfg.out)
+    # no checkpoints to resume from: an unfinished run's output is cleared (so is a finished one, with overwrite)
+    artifact = begin_stage("data", cfg.out, cfg, inputs={"--input": list(cfg.input) or [STDLIB]},
+                           overwrite=cfg.overwrite, resume=False)
     t0 = time.perf_counter()
     ctx = DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
@@ -71,17 +73,8 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         ctx.execution_options.preserve_order = saved_order
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     metrics["mb_per_s"] = round(counts["bytes"]["read"] / 1e6 / max(metrics["seconds"], 1e-9), 3)
-    manifest.finish(counts=counts, metrics=metrics)
-    return manifest.counts | {"metrics": manifest.metrics}
-
-
-def _clear_outputs(out: str) -> None:
-    """A re-run of an unfinished (or overwritten) output starts from a clean folder (the manifest is kept)."""
-    fs, base = filesystem(out)
-    for sub in (TRAIN, VAL, TOKENIZER_DIR, "dropped"):
-        p = f"{base}/{sub}"
-        if fs.get_file_info(p).type == pafs.FileType.Directory:
-            fs.delete_dir(p)
+    artifact.finish(counts=counts, metrics=metrics)
+    return artifact.manifest.counts | {"metrics": artifact.manifest.metrics}
 
 
 def _pipeline(cfg: DataConfig, files: list[str], unreadable: list[tuple[str, str]]) -> tuple[dict, dict]:

@@ -141,10 +141,9 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     metrics = {
         **{f"heldout_{k}": v for k, v in after.items() if k != "pairs"},
         "heldout_logp_accuracy_before": before.get("logp_accuracy"),
-        "reference_seconds": ref_s, "train_seconds": train_s, "steps": result.steps,
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"},
+        "reference_seconds": ref_s, "train_seconds": train_s, "steps": result.steps, **result.final_metrics(),
     }
-    st.manifest.finish(counts=dict(counts), metrics=metrics)
+    st.artifact.finish(counts=dict(counts), metrics=metrics)
     log.info("dpo policy -> %s: held-out preference accuracy %s, reward margin %s", result.model_dir,
              metrics.get("heldout_preference_accuracy"), metrics.get("heldout_reward_margin"))
     return {"out": cfg.out, "model": join(cfg.out, MODEL_DIR), **metrics, "counts": dict(counts)}

@@ -32,6 +32,7 @@ import numpy as np
 
 from models.chat import ChatError, ChatFormat, Message, encode_chat
 from pipelines.artifacts import NOT_JSON, exists, is_dir, join, jsonl_lines, write_text
+from pipelines.lifecycle import StageRun
 from pipelines.train.objective import IGNORE
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,9 @@ def side_row(ids: list[int], mask: list[int], seq_len: int, pad_id: int) -> tupl
 
 def pair_rows(pairs: Sequence[PrefPair], tok: Any, fmt: ChatFormat, seq_len: int, counts: Counter,
               prefix: str = "") -> dict[str, np.ndarray]:
-    """Rows for the pair objectives (``pipelines/prefs/objectives.py``); a pair with a side longer than ``seq_len`` tokens,
-    or that the template cannot render, is dropped and counted (``<prefix>dropped_too_long`` / ``..._unrenderable``)."""
+    """Rows for the pair objectives (``pipelines/prefs/objectives.py``); a pair with a side longer than ``seq_len``
+    tokens, or that the template cannot render, is dropped and counted (``<prefix>dropped_too_long`` /
+    ``..._unrenderable``)."""
     cols: dict[str, list] = {k: [] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels",
                                              "margin")}
     for p in pairs:
@@ -275,7 +277,7 @@ def to_dataset(rows: dict[str, np.ndarray]) -> Any:
 class PairStage:
     """What the reward and DPO stages share before training: the config with absolute paths and a resolved
     checkpoint, its local copy, tokenizer and chat format, the pair rows (train / held-out), the counts, the loop
-    config, and the begun manifest."""
+    config, and the begun stage run (``pipelines/lifecycle.py``)."""
 
     cfg: Any
     init_local: str  # the checkpoint folder on this node (an s3:// checkpoint is read through the local cache)
@@ -286,23 +288,23 @@ class PairStage:
     val_rows: dict[str, np.ndarray]
     counts: Counter
     loop: Any  # TrainLoopConfig (in_process: one process, strategy none)
-    manifest: Any
+    artifact: StageRun
 
 
 def begin_pair_stage(stage: str, cfg: Any) -> PairStage:
     """Validate ``cfg`` (a reward / dpo config: init_from, data, val_data, val_fraction, out, seq_len, seed, train,
-    in_process, overwrite), begin the stage's manifest, and read the pairs into rows; bad lines are counted and
-    quarantined, too few pairs for one global batch is a clear error."""
+    in_process, overwrite), begin the stage run (``pipelines/lifecycle.py``), and read the pairs into rows; bad lines
+    are counted and quarantined, too few pairs for one global batch is a clear error."""
     import dataclasses
 
     from models.checkpoint import load_config, load_tokenizer
-    from pipelines.artifacts import Manifest, absolute, local_copy, resolve_checkpoint
+    from pipelines.artifacts import local_copy, resolve_checkpoint
+    from pipelines.lifecycle import absolute_paths, begin_stage
 
     for key in ("init_from", "data", "out"):
         if not getattr(cfg, key):
             raise ValueError(f"{stage} needs --{key.replace('_', '-')} (see genloop {stage} --help)")
-    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "out")},
-                              val_data=absolute(cfg.val_data) if cfg.val_data else "")
+    cfg = absolute_paths(cfg, "init_from", "data", "val_data", "out")
     cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
     cfg.train.validate()
     init_local = local_copy(cfg.init_from)
@@ -310,8 +312,8 @@ def begin_pair_stage(stage: str, cfg: Any) -> PairStage:
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"{stage}.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
-    manifest = Manifest.begin(stage, cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + (
-        [cfg.val_data] if cfg.val_data else []), overwrite=cfg.overwrite)
+    artifact = begin_stage(stage, cfg.out, cfg, inputs={"--init-from": cfg.init_from, "--data": cfg.data,
+                                                        "--val-data": cfg.val_data}, overwrite=cfg.overwrite)
     tok = load_tokenizer(init_local)
     fmt = ChatFormat.from_checkpoint(init_local)
 
@@ -331,4 +333,4 @@ def begin_pair_stage(stage: str, cfg: Any) -> PairStage:
                          f"one global batch ({loop.global_rows()}); add pairs or lower train.micro_batch_size")
     log.info("%s data: %d train pairs, %d held-out, %s", stage, counts["train_pairs"], counts["val_pairs"],
              {k: v for k, v in counts.items() if k.startswith(("bad_", "dropped_", "val_bad", "val_dropped"))})
-    return PairStage(cfg, init_local, tok, fmt, seq_len, rows, val_rows, counts, loop, manifest)
+    return PairStage(cfg, init_local, tok, fmt, seq_len, rows, val_rows, counts, loop, artifact)

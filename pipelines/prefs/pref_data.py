@@ -6,7 +6,8 @@ with vLLM (``models/engine.py``, in one Ray task that asks for a GPU on a GPU cl
 the set's reference answer is a candidate too. Pairs: the best-scored candidate (ties: a policy sample first, it is
 on-policy) against up to ``pairs_per_prompt`` distinct worse ones, kept only when the judge scores differ by at
 least ``min_margin``. Human preferences from ``--human`` (what ``genloop feedback export`` writes, or any form
-``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its ``source`` (``judge`` or the human file's).
+``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its ``source`` (``judge`` or the human
+file's).
 
 Held-out split: prompts from the sft-data set's held-out file stay held out; otherwise ``val_fraction`` of prompts
 (by hash). Output ``DIR``: ``train.jsonl`` + ``val.jsonl`` (``{"prompt", "chosen", "rejected", "source",
@@ -168,7 +169,8 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     """Sample, judge, pair, merge, split, write. Needs a ready Ray runtime. Returns counts and metrics."""
     from models.chat import ChatFormat, encode_prompt
     from models.checkpoint import load_config, load_tokenizer
-    from pipelines.artifacts import Manifest, absolute, join, local_copy, resolve_checkpoint, write_text
+    from pipelines.artifacts import join, local_copy, resolve_checkpoint, write_text
+    from pipelines.lifecycle import absolute_paths, begin_stage
     from pipelines.prefs.pairs import read_pairs, split_pairs, write_pairs, write_quarantine
 
     for key in ("policy", "prompts", "out"):
@@ -178,12 +180,13 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
         raise ValueError(f"pref-data.samples={cfg.samples} and pairs_per_prompt={cfg.pairs_per_prompt} must be >= 1")
     if not 0 < cfg.min_margin <= 1:
         raise ValueError(f"pref-data.min_margin={cfg.min_margin} must be in (0, 1] (judge scores lie in [0, 1])")
-    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("policy", "prompts", "out")},
-                              human=absolute(cfg.human) if cfg.human else "")
+    cfg = absolute_paths(cfg, "policy", "prompts", "human", "out")
     cfg = dataclasses.replace(cfg, policy=resolve_checkpoint(cfg.policy))
     train_file, val_file = prompt_files(cfg.prompts)
-    manifest = Manifest.begin("pref-data", cfg.out, cfg, inputs=[cfg.policy, cfg.prompts] + (
-        [cfg.human] if cfg.human else []), overwrite=cfg.overwrite)
+    # no checkpoints to resume from: an unfinished run's files are cleared and the set is rebuilt
+    artifact = begin_stage("pref-data", cfg.out, cfg, inputs={"--policy": cfg.policy, "--prompts": cfg.prompts,
+                                                              "--human": cfg.human}, overwrite=cfg.overwrite,
+                           resume=False)
     policy_local = local_copy(cfg.policy)  # a checkpoint on s3:// is read through the local cache
     tok = load_tokenizer(policy_local)
     fmt = ChatFormat.from_checkpoint(policy_local)
@@ -254,14 +257,14 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     write_text(join(cfg.out, "samples.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n"
                                                        for s in sample_lines))
     write_quarantine(cfg.out, quarantine)
-    counts.update(prompts=len(prompts), train_pairs=len(pairs["train"]), val_pairs=len(pairs["val"]), quarantined=len(quarantine),
-                  samples=len(policy_scores))
+    counts.update(prompts=len(prompts), train_pairs=len(pairs["train"]), val_pairs=len(pairs["val"]),
+                  quarantined=len(quarantine), samples=len(policy_scores))
     metrics = {
         "policy_judge_pass_rate": sum(s == 1.0 for s in policy_scores) / max(1, len(policy_scores)),
         "policy_judge_mean_score": sum(policy_scores) / max(1, len(policy_scores)),
         "sample_seconds": sample_s,
     }
-    manifest.finish(counts=dict(counts), metrics=metrics)
+    artifact.finish(counts=dict(counts), metrics=metrics)
     log.info("pref-data: %d prompts x %d samples -> %d train + %d held-out pairs (policy judge pass rate %.2f) -> %s",
              len(prompts), cfg.samples, counts["train_pairs"], counts["val_pairs"], metrics["policy_judge_pass_rate"],
              cfg.out)

@@ -110,12 +110,11 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     metrics = {
         "heldout_pairwise_accuracy": after.get("pairwise_accuracy"), "heldout_mean_margin": after.get("mean_margin"),
         "heldout_loss": after.get("loss"), "heldout_pairwise_accuracy_before": before.get("pairwise_accuracy"),
-        "train_seconds": train_s, "steps": result.steps,
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"},
+        "train_seconds": train_s, "steps": result.steps, **result.final_metrics(),
     }
     if not val_rows:
         log.warning("reward: no held-out pairs (val_fraction=%s): held-out accuracy is not measured", cfg.val_fraction)
-    st.manifest.finish(counts=dict(counts), metrics=metrics)
+    st.artifact.finish(counts=dict(counts), metrics=metrics)
     log.info("reward model -> %s: held-out pairwise accuracy %s (before %s), mean margin %s", result.model_dir,
              metrics["heldout_pairwise_accuracy"], metrics["heldout_pairwise_accuracy_before"],
              metrics["heldout_mean_margin"])

@@ -17,27 +17,26 @@ The artifact folder ``--out``::
     metrics.jsonl, metrics.csv  loss, lr, grad_norm, tokens_per_s, mfu every log_every; val_loss / val_ppl
     loss_curve.png
     train_runs/<name>/step_*/   resumable training checkpoints (torch distributed checkpoint, sharded under FSDP);
-                                re-running the same command resumes from the newest
+                                re-running the same command resumes an unfinished run from the newest;
+                                ``--overwrite`` clears the artifact and starts afresh (``pipelines/lifecycle.py``)
 
 The loop itself is ``pipelines/train/loop.py`` (shared with SFT).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from models.tokenizer import tokenizers_match
 from models.transformer import ModelConfig, Transformer
-from pipelines.artifacts import Manifest, absolute, exists, is_finished
+from pipelines.artifacts import exists
 from pipelines.blocks import TOKENS, BlocksInfo, open_dataset
+from pipelines.lifecycle import absolute_paths, begin_stage
 from pipelines.pretrain.config import PretrainConfig, model_config
-from pipelines.train.loop import MODEL_DIR, RUNS_DIR, FitResult, check_placement, fit, hf_export
+from pipelines.train.loop import FitResult, check_placement, fit, hf_export
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +133,13 @@ def run(config: PretrainConfig) -> FitResult:
     """Train into ``config.out`` on the Ray runtime the caller started (``genloop pretrain`` does)."""
     from pipelines.runtime import use_gpu_default
 
-    # Ray Train workers run in their own directories: hand them absolute paths
-    config = dataclasses.replace(config, data=absolute(config.data), out=absolute(config.out),
-                                 init_from=absolute(config.init_from))
+    config = absolute_paths(config, "data", "out", "init_from")
     p = plan(config)
     tc = config.train
     use_gpu = use_gpu_default() if tc.use_gpu is None else tc.use_gpu
     check_placement(tc, use_gpu)
-    if config.overwrite and is_finished(config.out):
-        _clear_previous(config.out)
-    inputs = [config.data] + ([p.init_from] if p.init_from else [])
-    manifest = Manifest.begin("pretrain", config.out, config, inputs=inputs, overwrite=config.overwrite)
+    artifact = begin_stage("pretrain", config.out, config, inputs={"--data": config.data, "--init-from": p.init_from},
+                        overwrite=config.overwrite)
     mc = p.model_cfg
     log.info("pretrain: %.2fM params (dim %d, %d layers), seq_len %d, global batch %d rows, %d steps, %s x %d",
              mc.num_params() / 1e6, mc.dim, mc.n_layers, p.seq_len, tc.global_rows(), tc.steps, tc.strategy,
@@ -159,21 +154,8 @@ def run(config: PretrainConfig) -> FitResult:
                                                         result.metrics.get("peak_memory_bytes")))
     tokens = result.steps * tc.global_rows() * p.seq_len
     keep = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "grad_norm")
-    manifest.finish(counts={"steps": result.steps, "tokens": tokens, "train_blocks": p.info.train_blocks,
+    artifact.finish(counts={"steps": result.steps, "tokens": tokens, "train_blocks": p.info.train_blocks,
                             "params": mc.num_params()},
                     metrics={k: result.metrics[k] for k in keep if k in result.metrics})
     return result
 
-
-def _clear_previous(out: str) -> None:
-    """--overwrite of a finished artifact: drop its checkpoints and metrics so the new run starts fresh."""
-    if "://" in out:
-        from pipelines.artifacts import filesystem
-
-        fs, base = filesystem(out)
-        fs.delete_dir_contents(base, missing_dir_ok=True)
-        return
-    for name in (RUNS_DIR, MODEL_DIR):
-        shutil.rmtree(Path(out, name), ignore_errors=True)
-    for name in ("metrics.jsonl", "metrics.csv", "loss_curve.png"):
-        Path(out, name).unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import torch.nn as nn
 from pipelines.rlhf import algos
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import Experience
+from pipelines.train.worker import all_sum
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +88,6 @@ def pad_rows(rows: Sequence[Sequence[float]], T: int) -> torch.Tensor:
 
 
 PRE_KEYS = ("old_logp", "ref_logp", "values", "entropy")
-
-
-def all_sum(values: list[float], device: torch.device, world: int) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # SUM, never AVG (gloo's AVG is a SUM)
-    return t.tolist()
 
 
 class Learner:

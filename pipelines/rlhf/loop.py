@@ -10,7 +10,6 @@ and first pushes those weights into the engines, so they never generate from wei
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -19,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.artifacts import join
 from pipelines.rlhf import algos
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import Driver, Experience
 from pipelines.rlhf.learner import Learner
+from pipelines.train.session import fail_once
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ def broadcast(obj: Any, rank: int, world: int) -> Any:
     return box[0]
 
 
-def _maybe_fail(out: str, iteration: int) -> None:
-    marker = os.path.join(out, MARKER_DIR, f".injected_learner_failure_{iteration}")
-    if not os.path.exists(marker):
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        with open(marker, "w") as f:
-            f.write("learner rank killed here by train.inject_failure_at\n")
-        log.warning("train.inject_failure_at=%d: this learner rank exits now (fault injection)", iteration)
-        os._exit(1)
-
-
 def reward_stats(exp: Experience) -> dict[str, float]:
     s = np.asarray(exp.scores, dtype=np.float64)
     row = {"reward_mean": float(s.mean()), "reward_std": float(s.std())}
@@ -64,36 +55,26 @@ def reward_stats(exp: Experience) -> dict[str, float]:
 def learner_loop(args: dict) -> None:
     """Ray Train's ``train_loop_per_worker``. ``args``: cfg, policy, value_init, engines, rm_actors, prompts (a
     ``PromptSet``), tokenizer (path), resume_dir."""
-    import ray.train
-    from ray.train import Checkpoint
-
     from models.tokenizer import Tokenizer
     from pipelines.rlhf.rewards import RewardSet
     from pipelines.rlhf.stage_io import write_history
+    from pipelines.train.session import RaySession
+    from pipelines.train.worker import worker_device
 
     cfg: RlhfConfig = args["cfg"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = torch.cuda.is_available() and cfg.train.use_gpu is not False
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    if not use_gpu:
-        torch.set_num_threads(cfg.train.threads or cfg.train.cpus_per_worker)
+    session = RaySession(args.get("resume_dir"))
+    rank, world = session.rank, session.world
+    device = worker_device(cfg.train, cfg.train.threads)
     tok = Tokenizer.load(args["tokenizer"])
     learner = Learner(cfg, args["policy"], args.get("value_init"), device, rank, world, pad_id=tok.pad_id)
 
     start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    ckpt_ctx = None
-    resume = args.get("resume_dir")
-    if ckpt is not None:
-        ckpt_ctx = ckpt.as_directory()
-        resume = ckpt_ctx.__enter__()
+    resume = session.latest_checkpoint()  # Ray Train's (a restart) or resume_dir (a re-run of a dead job)
     if resume:
         state = learner.load(resume)
+        session.release_checkpoint()
         start, history = int(state["iteration"]), list(state["history"])
         log.info("rlhf: resumed at iteration %d from %s", start, resume)
-    if ckpt_ctx is not None:
-        ckpt_ctx.__exit__(None, None, None)
 
     driver = None
     if rank == 0:
@@ -107,14 +88,15 @@ def learner_loop(args: dict) -> None:
 
     for it in range(start, cfg.iterations):
         if cfg.train.inject_failure_at and it == cfg.train.inject_failure_at and rank == world - 1:
-            _maybe_fail(args["out"], it)
+            fail_once(join(args["out"], MARKER_DIR, f".injected_learner_failure_{it}"),
+                      "learner rank (train.inject_failure_at)")
         row: dict[str, Any] = {"iteration": it + 1}
         t0 = time.perf_counter()
         exp = None
         if driver is not None:
             marker = ""
             if cfg.rollout.inject_failure_at and it == cfg.rollout.inject_failure_at:
-                marker = os.path.join(args["out"], MARKER_DIR, f".injected_rollout_failure_{it}")
+                marker = join(args["out"], MARKER_DIR, f".injected_rollout_failure_{it}")
             idx, completions = driver.generate(it, cfg.rollout.prompts_per_iter * cfg.rollout.oversample, marker)
             t1 = time.perf_counter()
             exp = driver.score(idx, completions)
@@ -148,14 +130,13 @@ def learner_loop(args: dict) -> None:
             write_history(args["out"], history)
         done = it + 1 == cfg.iterations
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))} if rank == 0 else {"iteration": it + 1}
+        tmp = None
         if done or (cfg.train.ckpt_every and (it + 1) % cfg.train.ckpt_every == 0):
             tmp = tempfile.mkdtemp(prefix=f"genloop-rlhf-{it + 1}-")
             learner.save(tmp, {"iteration": it + 1, "history": history})
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step_{it + 1:08d}")
+        session.report(metrics, tmp, it + 1)  # checkpoint step_<it + 1> when there is one
+        if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
 
     sd = learner.full_state_dict()
     if rank == 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -54,7 +53,9 @@ class RolloutWorker:
                  fail_marker: str = "") -> list[list[engine.Completion]]:
         """``n`` answers per prompt; prompt i samples with ``seeds[i]`` (same seeds, same answers: resumable)."""
         if fail_marker:
-            _fail_once(fail_marker)
+            from pipelines.train.session import fail_once
+
+            fail_once(fail_marker, "rollout actor (rollout.inject_failure_at)")
         params = [engine.sampling_params(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                                          stop_token_ids=self.stop_ids, seed=s, n=n, logprobs=0) for s in seeds]
         return engine.sample_with_logprobs(self.llm, prompts, params)
@@ -78,16 +79,6 @@ class RolloutWorker:
 
     def weights_version(self) -> int:
         return self.version
-
-
-def _fail_once(marker: str) -> None:
-    if os.path.exists(marker):
-        return
-    os.makedirs(os.path.dirname(marker) or ".", exist_ok=True)
-    with open(marker, "w") as f:
-        f.write("rollout actor killed here by rollout.inject_failure_at\n")
-    log.warning("rollout.inject_failure_at: this rollout actor exits now (fault injection, %s)", marker)
-    os._exit(1)
 
 
 def make_rollout_actors(n: int, model_path: str, engine_cfg: engine.EngineConfig, stop_ids: Sequence[int],

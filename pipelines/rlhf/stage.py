@@ -4,7 +4,7 @@
 
     genloop rlhf --policy SFT_CKPT --reward RM_DIR[,fn:NAME[:W]...] --prompts SFT_DATA --algo grpo|ppo --out DIR
 
-Each iteration is generate -> score -> learn -> sync (ARCHITECTURE.md "Alignment (RLHF)"):
+Each iteration is generate -> score -> learn -> sync (docs/ARCHITECTURE.md "Alignment (RLHF)"):
 
 - generate: ``rollout.engines`` Ray actors (``rollout.RolloutWorker``), each one vLLM engine built with the weight-sync
   worker extension, sample ``rollout.group_size`` answers per prompt with token ids and log-probs;
@@ -26,20 +26,20 @@ The artifact folder ``--out``::
                                  t_generate / t_score / t_learn / t_sync
     reward_curve.png
     train_runs/rlhf/step_*/      learner checkpoints (policy + optimizer [+ value model], loop state); re-running the
-                                 same command resumes from the newest
+                                 same command resumes an unfinished run from the newest; ``--overwrite`` clears the
+                                 artifact and starts afresh (``pipelines/lifecycle.py``)
 
 ``run(cfg)`` takes a ready Ray runtime (the command starts Ray); it never calls ``ray.init``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.artifacts import Manifest, absolute, is_finished
+from pipelines.lifecycle import absolute_paths, begin_stage
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import PromptSet, load_prompts
 from pipelines.rlhf.rewards import RewardError, RewardSet
@@ -101,21 +101,12 @@ def plan(cfg: RlhfConfig) -> Plan:
 
 def check_placement(cfg: RlhfConfig, use_gpu: bool, has_rm: bool) -> None:
     """Fail up front when the Ray cluster cannot hold the engines, the learner ranks and the reward model."""
-    import ray
+    from pipelines.resources import check_placement as check
 
-    res = ray.cluster_resources()
-    need = cfg.rollout.engines * cfg.rollout.cpus_per_engine + cfg.train.num_workers * cfg.train.cpus_per_worker \
-        + (cfg.reward_model_cpus if has_rm else 0)
-    if res.get("CPU", 0) < need:
-        raise ValueError(f"rlhf needs {need:g} CPUs ({cfg.rollout.engines} engines x {cfg.rollout.cpus_per_engine:g} + "
-                         f"{cfg.train.num_workers} learner ranks x {cfg.train.cpus_per_worker}"
-                         f"{f' + reward model {cfg.reward_model_cpus:g}' if has_rm else ''}) but the Ray cluster has "
-                         f"{res.get('CPU', 0):g}; lower rollout.engines or train.num_workers")
-    if use_gpu:
-        gpus = cfg.rollout.engines + cfg.train.num_workers + (1 if has_rm else 0)
-        if res.get("GPU", 0) < gpus:
-            raise ValueError(f"rlhf on GPUs needs {gpus} GPUs (engines + learner ranks + reward model) but the "
-                             f"cluster has {res.get('GPU', 0):g}; lower them or set train.use_gpu=false")
+    check("rlhf", [("engines", cfg.rollout.engines, cfg.rollout.cpus_per_engine, 1),
+                   ("learner ranks", cfg.train.num_workers, cfg.train.cpus_per_worker, 1),
+                   ("reward model", int(has_rm), cfg.reward_model_cpus, 1)], use_gpu,
+          "lower rollout.engines or train.num_workers")
 
 
 @dataclass
@@ -155,64 +146,28 @@ def run(cfg: RlhfConfig, engines: list | None = None) -> RlhfResult:
     """Run (or resume) RLHF on the connected Ray runtime. ``engines``: already running rollout actors over the same
     policy checkpoint to use instead of starting new ones (tests and benches share them); the learner pushes its
     weights into them before the first generate."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    from pipelines.rlhf.loop import learner_loop
     from pipelines.runtime import use_gpu_default
-    from pipelines.train.session import latest_checkpoint_dir
+    from pipelines.train.loop import read_history, run_trainer
 
-    cfg = dataclasses.replace(cfg, policy=absolute(cfg.policy), out=absolute(cfg.out), prompts=absolute(cfg.prompts),
-                              value_init=absolute(cfg.value_init) if cfg.value_init else "")
+    cfg = absolute_paths(cfg, "policy", "prompts", "value_init", "out")
     p = plan(cfg)
     use_gpu = use_gpu_default() if cfg.train.use_gpu is None else cfg.train.use_gpu
     check_placement(cfg, use_gpu, p.reward_model is not None)
-    if cfg.overwrite and is_finished(cfg.out):
-        _clear_previous(cfg.out)
-    inputs = [cfg.policy, cfg.prompts] + ([p.reward_model] if p.reward_model else [])
-    manifest = Manifest.begin("rlhf", cfg.out, cfg, inputs=inputs, overwrite=cfg.overwrite)
-    os.makedirs(cfg.out, exist_ok=True)
+    artifact = begin_stage("rlhf", cfg.out, cfg, inputs={"--policy": cfg.policy, "--prompts": cfg.prompts,
+                                                          "reward model": p.reward_model, "value_init": cfg.value_init},
+                           overwrite=cfg.overwrite)
     if engines is None:
         engines = start_engines(cfg, p, use_gpu)
     rm_actors = start_reward_models(cfg, p, use_gpu)
-    run_dir = os.path.join(cfg.out, RUNS_DIR)
-    os.makedirs(run_dir, exist_ok=True)
     args: dict[str, Any] = {"cfg": cfg, "policy": p.policy, "value_init": p.value_init, "engines": engines,
                             "rm_actors": rm_actors, "prompts": p.prompts, "tokenizer": p.tokenizer, "out": cfg.out}
-    latest = latest_checkpoint_dir(os.path.join(run_dir, RUN_NAME))
-    if latest:
-        log.info("rlhf: resuming from %s (re-run)", latest)
-        args["resume_dir"] = latest
-    from pipelines.rlhf.loop import learner_loop
-
-    trainer = TorchTrainer(
-        learner_loop, train_loop_config=args,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=run_dir,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    from pipelines.rlhf.stage_io import read_history
-
+    run_trainer(learner_loop, args, cfg.train, os.path.join(cfg.out, RUNS_DIR), RUN_NAME, use_gpu)
     history = read_history(cfg.out)
     last = history[-1] if history else {}
     first = history[0] if history else {}
-    manifest.finish(counts={"iterations": len(history), "prompts": len(p.prompts), **{
+    artifact.finish(counts={"iterations": len(history), "prompts": len(p.prompts), **{
         f"prompts_{k}": v for k, v in p.prompts.counts.items() if k != "kept"}},
         metrics={"reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
                  "kl_last": last.get("kl"), "sync_s_last": last.get("sync_s")})
     return RlhfResult(cfg.out, len(history), last, history, os.path.join(cfg.out, MODEL_DIR))
-
-
-def _clear_previous(out: str) -> None:
-    import shutil
-
-    for name in (RUNS_DIR, MODEL_DIR, ".faults"):
-        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    for name in ("metrics.jsonl", "metrics.csv", "reward_curve.png"):
-        if os.path.exists(os.path.join(out, name)):
-            os.unlink(os.path.join(out, name))

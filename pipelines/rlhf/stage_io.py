@@ -16,7 +16,8 @@ def write_history(out: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def plot_rewards(out: str, rows: Sequence[dict[str, Any]]) -> str | None:
-    """``<out>/reward_curve.png``: mean reward per iteration (+- std band), each reward part, and KL on a second axis."""
+    """``<out>/reward_curve.png``: mean reward per iteration (+- std band), each reward part, and KL on a second
+    axis."""
     pts = [r for r in rows if "reward_mean" in r]
     if not pts:
         return None
@@ -51,13 +52,3 @@ def plot_rewards(out: str, rows: Sequence[dict[str, Any]]) -> str | None:
     write_bytes(path, buf.getvalue())
     return path
 
-
-def read_history(out: str) -> list[dict[str, Any]]:
-    import json
-
-    from pipelines.artifacts import exists, read_text
-
-    path = join(out, "metrics.jsonl")
-    if not exists(path):
-        return []
-    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]

@@ -6,8 +6,9 @@ For every function with a docstring, two conversations:
   says; the assistant answers with the function's code (``ast.unparse``, docstring removed) — an answer that parses.
 - ``explain``: the user shows the function's code; the assistant answers with the docstring's first paragraph.
 
-Duplicates (the same normalised code up to the function's name, or the same instruction) are dropped and counted. The held-out split is by a
-hash of the function's normalised code, so both tasks of one function (and its copies) land on the same side.
+Duplicates (the same normalised code up to the function's name, or the same instruction) are dropped and counted.
+The held-out split is by a hash of the function's normalised code, so both tasks of one function (and its copies)
+land on the same side.
 
 Output: ``--out FILE.jsonl`` (train), ``FILE.val.jsonl`` (held-out), ``FILE.stats.json`` (counts + config); or
 ``--out DIR``: an artifact folder with ``train.jsonl``, ``val.jsonl`` and ``manifest.json``. Each line is
@@ -27,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipelines.artifacts import Manifest, exists, is_uri, join, list_files, read_text, write_text
+from pipelines.artifacts import exists, is_uri, join, list_files, read_text, write_text
+from pipelines.lifecycle import begin_stage
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +225,14 @@ def run(cfg: SftDataConfig) -> dict:
         raise ValueError("sft-data needs --out FILE.jsonl or --out DIR (where to write the instruction set)")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    as_file = cfg.out.endswith(".jsonl")
-    manifest = None
-    if as_file:
+    artifact = None
+    if cfg.out.endswith(".jsonl"):  # plain files beside each other, no artifact folder
         if exists(cfg.out) and not cfg.overwrite:
             raise ValueError(f"{cfg.out} already exists; pass --overwrite (overwrite=true) or choose another --out")
-    else:
+    else:  # no checkpoints to resume from: an unfinished folder is cleared and rebuilt
         sources = cfg.from_code or [sysconfig.get_paths()["stdlib"]]
-        manifest = Manifest.begin("sft-data", cfg.out, cfg, inputs=sources, overwrite=cfg.overwrite)
+        artifact = begin_stage("sft-data", cfg.out, cfg, inputs={"--from-code": sources}, overwrite=cfg.overwrite,
+                               resume=False)
     train, val, counts = build(cfg)
     if not train:
         raise ValueError(f"no instruction examples found in {cfg.from_code or 'the stdlib'} "
@@ -239,8 +241,8 @@ def run(cfg: SftDataConfig) -> dict:
     write_jsonl(val, val_path(cfg.out))
     stats = {"stage": "sft-data", "out": train_path(cfg.out), "val": val_path(cfg.out),
              "counts": dict(sorted(counts.items())), "config": asdict(cfg)}
-    if manifest is not None:
-        manifest.finish(counts=stats["counts"])
+    if artifact is not None:
+        artifact.finish(counts=stats["counts"])
     else:
         write_text(stats_path(cfg.out), json.dumps(stats, indent=2) + "\n")
     log.info("sft-data: %d train + %d held-out examples from %d files -> %s (%s)", len(train), len(val),

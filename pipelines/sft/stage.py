@@ -9,7 +9,8 @@ measures which is faster). The base model and the tuned one are evaluated the sa
 (``pipelines/train/loop.py``).
 
 The artifact ``--out`` (local or URI): ``manifest.json``, ``model/`` (merged HF checkpoint) and/or ``adapter/`` (PEFT),
-``samples.jsonl`` (before/after answers), the loop's metrics and checkpoints.
+``samples.jsonl`` (before/after answers), the loop's metrics and checkpoints. Re-running the same command continues
+an unfinished run; ``--overwrite`` clears a finished one and trains afresh (``pipelines/lifecycle.py``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import numpy as np
 
 from models.chat import ChatFormat
 from models.lora import LoraConfig
-from pipelines.artifacts import (Manifest, absolute, checkpoint_dir, exists, is_dir, join, resolve_checkpoint,
-                                 writable_dir, write_text)
+from pipelines.artifacts import checkpoint_dir, exists, is_dir, join, resolve_checkpoint, writable_dir, write_text
+from pipelines.conversations import read_conversations, split_conversations
+from pipelines.lifecycle import absolute_paths, begin_stage
 from pipelines.sft.data import train_path, val_path
 from pipelines.sft.evaluate import StepEval, eval_prompts, evaluate
-from pipelines.conversations import read_conversations, split_conversations
 from pipelines.sft.rows import cap_rows, encode_samples, fill_ratio, make_rows
 from pipelines.train.loop import IGNORE, TrainLoopConfig, fit
 
@@ -130,8 +131,7 @@ def run(cfg: SftConfig) -> dict:
             raise ValueError(f"sft needs --{key.replace('_', '-')} (config key {key})")
     if cfg.export in ("peft", "both") and cfg.lora.rank <= 0:
         raise ValueError(f"export={cfg.export} writes a LoRA adapter: set --lora-rank R (> 0) or export=merged")
-    # Ray Train workers run in their own directories: hand them absolute paths (URIs unchanged)
-    cfg = dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) for k in ("init_from", "data", "val_data", "out")})
+    cfg = absolute_paths(cfg, "init_from", "data", "val_data", "out")
     cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint(cfg.init_from))
     data_file, val_file = _inputs(cfg)
     ckpt = checkpoint_dir(cfg.init_from)  # a local folder (the cached download when init_from is remote)
@@ -139,8 +139,8 @@ def run(cfg: SftConfig) -> dict:
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}; lower seq_len")
-    manifest = Manifest.begin("sft", cfg.out, cfg, inputs=[cfg.init_from, cfg.data] + ([val_file] if val_file else []),
-                              overwrite=cfg.overwrite)
+    artifact = begin_stage("sft", cfg.out, cfg, inputs={"--init-from": cfg.init_from, "--data": cfg.data,
+                                                        "--val-data": val_file}, overwrite=cfg.overwrite)
     tok = load_tokenizer(ckpt)
     fmt = ChatFormat.from_checkpoint(ckpt)
 
@@ -174,8 +174,8 @@ def run(cfg: SftConfig) -> dict:
 
     need = cfg.train.micro_batch_size * cfg.train.accum_steps(1) if cfg.in_process else cfg.train.global_rows()
     if len(rows["input_ids"]) < need:
-        raise ValueError(f"{cfg.data}: {len(samples)} samples make {len(rows['input_ids'])} rows, fewer than one global "
-                         f"batch ({need} rows); add data or lower train.micro_batch_size / train.grad_accum")
+        raise ValueError(f"{cfg.data}: {len(samples)} samples make {len(rows['input_ids'])} rows, fewer than one "
+                         f"global batch ({need} rows); add data or lower train.micro_batch_size / train.grad_accum")
 
     # ---- before
     prompts = eval_prompts(val_convs or train_convs, cfg.eval.prompts, cfg.seed)
@@ -211,12 +211,12 @@ def run(cfg: SftConfig) -> dict:
     log.info("after SFT: held-out answer loss %.4f, parse rate %s", after.answer_loss, after.parse_rate)
     write_text(join(cfg.out, "samples.jsonl"), "".join(
         json.dumps({"prompt": b["prompt"], "reference": b["reference"], "before": b["generated"],
-                    "after": a["generated"]}, ensure_ascii=False) + "\n" for b, a in zip(before.samples, after.samples)))
+                    "after": a["generated"]}, ensure_ascii=False) + "\n"
+        for b, a in zip(before.samples, after.samples)))
     metrics = {
         "heldout_answer_loss_before": before.answer_loss, "heldout_answer_loss_after": after.answer_loss,
         "parse_rate_before": before.parse_rate, "parse_rate_after": after.parse_rate,
-        "fill_ratio": fill, "train_seconds": train_s, "steps": result.steps,
-        **{f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"},
+        "fill_ratio": fill, "train_seconds": train_s, "steps": result.steps, **result.final_metrics(),
     }
-    manifest.finish(counts=dict(counts), metrics=metrics)
+    artifact.finish(counts=dict(counts), metrics=metrics)
     return {"out": cfg.out, "model": result.model_dir, **metrics, "counts": dict(counts)}

@@ -95,3 +95,8 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     model_dir: str | None = None
     checkpoint: str | None = None  # the latest training checkpoint (resume state)
+
+    def final_metrics(self) -> dict[str, float]:
+        """The last logged numbers as ``final_<name>`` (step left out): what a stage's manifest records of the
+        loop beside its own held-out numbers."""
+        return {f"final_{k}": v for k, v in self.metrics.items() if isinstance(v, (int, float)) and k != "step"}

@@ -37,7 +37,8 @@ samples; both go to ``Transformer.forward``). Preference objectives (``pipelines
 * Checkpoints every ``ckpt_every`` steps and at the end via ``ray.train.report(checkpoint=...)``: a torch distributed
   checkpoint (sharded under FSDP) of model + optimizer + ``loop_state.json`` (step, metric history). Ray Train
   restarts failed workers (``FailureConfig(max_failures)``) from the latest; re-running the same command (same
-  ``out``) resumes from the run folder ``<out>/train_runs/<name>``.
+  ``out``) resumes from the run folder ``<out>/train_runs/<name>`` (``run_trainer``). The loop itself never clears
+  it: a stage's ``--overwrite`` does, before the loop starts (``pipelines/lifecycle.py``).
 * Metrics every ``log_every`` steps (loss and the objective's metrics, lr, grad_norm, tokens/s, MFU) and every
   ``eval_every`` (val_loss and ``val_*`` metrics, val_ppl for LM, plus whatever ``eval_hook(model, step)`` returns; it
   runs on every rank and rank 0's dict is kept) go to ``<out>/metrics.jsonl``, ``<out>/metrics.csv`` and
@@ -46,10 +47,12 @@ samples; both go to ``Transformer.forward``). Preference objectives (``pipelines
 * Export at the end: rank 0 calls ``export(unwrapped_model, full_state_dict, out)`` (default ``hf_export``:
   ``save_checkpoint`` into ``<out>/model`` with ``tokenizer``).
 
-Modules (split at their seams): ``train_config`` (TrainLoopConfig, FitResult), ``train_schedule`` (pure order and
-schedule functions), ``train_objective`` (Objective, LMObjective, token_loss_sum, IGNORE), ``train_session`` (Ray and
-in-process sessions), ``train_state`` (optimizer, dcp checkpoint save/load, export), ``train_worker`` (the per-worker
-loop, fed a ``TrainSpec``), this module (the driver). The names below are re-exported here for callers.
+Modules of ``pipelines/train/`` (split at their seams): ``config`` (TrainLoopConfig, FitResult), ``schedule`` (the
+lr schedule), ``objective`` (Objective, LMObjective, token_loss_sum, IGNORE), ``row_store`` and ``loader`` (the rows
+on disk and each rank's reads), ``session`` (Ray and in-process sessions, fault injection), ``state`` (optimizer, dcp
+checkpoint save/load, export), ``worker`` (the per-worker loop, fed a ``TrainSpec``), ``metrics`` (metrics files and
+curves), this module (the driver: ``fit``; ``run_trainer``, the Ray Train job every learner runs, RLHF's included).
+The names below are re-exported here for callers.
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch.nn as nn
 
@@ -76,7 +79,7 @@ from pipelines.train.worker import COLUMNS, TrainSpec, train_worker
 __all__ = ["COLUMNS", "IGNORE", "LOOP_STATE", "MODEL_DIR", "RUNS_DIR", "FitResult", "LMObjective", "Objective",
            "TrainLoopConfig", "TrainSpec", "build_optimizer", "check_placement", "config_dict", "fit",
            "full_state_dict", "hf_export", "latest_checkpoint_dir", "load_train_state", "local_dir", "lr_at",
-           "save_train_state", "stage_rows", "token_loss_sum", "train_worker"]
+           "read_history", "run_trainer", "save_train_state", "stage_rows", "token_loss_sum", "train_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, va
         ckpt = latest_checkpoint_dir(local_run)
     else:
         ckpt = _fit_ray(spec, run_dir)
-    history = _read_history(out)
+    history = read_history(out)
     last: dict[str, Any] = {}
     for r in history:
         last.update(r)
@@ -124,16 +127,10 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, va
 
 def check_placement(cfg: TrainLoopConfig, use_gpu: bool) -> None:
     """Fail up front when the cluster cannot place ``num_workers`` workers (instead of waiting forever)."""
-    import ray
+    from pipelines.resources import check_placement as check
 
-    res = ray.cluster_resources()
-    need_cpu = cfg.num_workers * cfg.cpus_per_worker
-    if res.get("CPU", 0) < need_cpu:
-        raise ValueError(f"train.num_workers={cfg.num_workers} x cpus_per_worker={cfg.cpus_per_worker} needs "
-                         f"{need_cpu} CPUs but the Ray cluster has {res.get('CPU', 0):g}; lower --num-workers")
-    if use_gpu and res.get("GPU", 0) < cfg.num_workers:
-        raise ValueError(f"train.num_workers={cfg.num_workers} GPU workers but the Ray cluster has "
-                         f"{res.get('GPU', 0):g} GPUs; lower --num-workers or drop --use-gpu")
+    check("training", [("workers", cfg.num_workers, cfg.cpus_per_worker, 1)], use_gpu,
+          "lower --num-workers (train.num_workers)")
 
 
 def stage_rows(rows: Any, path: str, objective: Objective, what: str) -> RowStore:
@@ -148,32 +145,51 @@ def stage_rows(rows: Any, path: str, objective: Objective, what: str) -> RowStor
 
 
 def _fit_ray(spec: TrainSpec, run_dir: str) -> str | None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from pipelines.runtime import use_gpu_default
 
     cfg = spec.cfg
     use_gpu = use_gpu_default() if cfg.use_gpu is None else cfg.use_gpu
     check_placement(cfg, use_gpu)
-    resources = {"CPU": cfg.cpus_per_worker}
-    if "://" not in run_dir and (latest := latest_checkpoint_dir(os.path.join(run_dir, cfg.name))):
-        # a re-run after the whole job died: workers start from here unless Ray Train hands them a newer one
-        log.info("resuming from %s (re-run of %s)", latest, cfg.name)
-        spec = replace(spec, resume_dir=latest)
+    result = run_trainer(train_worker, {"spec": spec}, cfg, run_dir, cfg.name, use_gpu)
+    return result.checkpoint.path if result.checkpoint else None
+
+
+class WorkerGroup(Protocol):
+    """What ``run_trainer`` reads of a learner's config (``TrainLoopConfig``, RLHF's ``LearnerConfig``)."""
+
+    num_workers: int
+    cpus_per_worker: int
+    max_failures: int
+    keep_checkpoints: int
+
+
+def run_trainer(worker: Callable[[dict], None], loop_config: dict[str, Any], group: WorkerGroup, run_dir: str,
+                name: str, use_gpu: bool) -> Any:
+    """Run ``worker(loop_config)`` on ``group.num_workers`` Ray Train workers (``cpus_per_worker`` CPUs each, one GPU
+    each when ``use_gpu``; gloo or NCCL) with checkpoints in ``<run_dir>/<name>`` (``keep_checkpoints`` kept; Ray
+    Train restarts failed workers from the newest, ``max_failures`` times). A re-run after the whole job died
+    resumes: ``loop_config["resume_dir"]`` is then the newest complete checkpoint there (the workers start from it
+    unless Ray Train hands them a newer one). Returns Ray's ``Result``; raises the run's error."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if "://" not in run_dir and (latest := latest_checkpoint_dir(os.path.join(run_dir, name))):
+        log.info("resuming from %s (re-run of %s)", latest, name)
+        loop_config = {**loop_config, "resume_dir": latest}
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec},
+        worker,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=_storage_path(run_dir),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints))),
+        scaling_config=ScalingConfig(num_workers=group.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": group.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=_storage_path(run_dir),
+                             failure_config=FailureConfig(max_failures=group.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, group.keep_checkpoints))),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    return result.checkpoint.path if result.checkpoint else None
+    return result
 
 
 def _storage_path(run_dir: str) -> str:
@@ -183,7 +199,9 @@ def _storage_path(run_dir: str) -> str:
     return str(Path(run_dir).resolve())
 
 
-def _read_history(out: str) -> list[dict[str, Any]]:
+def read_history(out: str) -> list[dict[str, Any]]:
+    """The rows of ``<out>/metrics.jsonl`` (what ``write_metrics`` wrote: one per logged step or RLHF iteration);
+    [] before the first."""
     path = join(out, "metrics.jsonl")
     if not exists(path):
         return []

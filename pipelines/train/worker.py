@@ -1,12 +1,11 @@
 """The per-worker training loop (Ray Train's ``train_loop_per_worker``, or in-process with a ``LocalSession``), fed a
 typed ``TrainSpec``. The loop's contract (data order, loss normalisation, checkpoints) is in
-``pipelines/train/loop.py``'s docstring; its rows come from ``pipelines/train/loader.py`` (this rank's rows of each global
-batch, read ahead a bounded number of steps)."""
+``pipelines/train/loop.py``'s docstring; its rows come from ``pipelines/train/loader.py`` (this rank's rows of each
+global batch, read ahead a bounded number of steps)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -18,13 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pipelines.artifacts import exists, join
+from pipelines.artifacts import join
 from pipelines.train.loader import RankLoader, val_rows
 from pipelines.train.row_store import RowStore
 from pipelines.train.config import TrainLoopConfig
 from pipelines.train.objective import LMObjective, Objective
 from pipelines.train.schedule import lr_at
-from pipelines.train.session import RaySession, Session
+from pipelines.train.session import RaySession, Session, fail_once
 from pipelines.train.state import build_optimizer, full_state_dict, hf_export, load_train_state, save_train_state
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ class TrainSpec:
     eval_hook: Callable[[nn.Module, int], dict] | None = None
     tokenizer: str | None = None  # for the default export (hf_export) when ``export`` is None
     val_store: RowStore | None = None
-    resume_dir: str | None = None  # a checkpoint to start from when Ray Train has none (re-run of a dead job)
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -70,20 +68,22 @@ def all_sum(values: list[float], device: torch.device, world: int) -> list[float
     return t.tolist()
 
 
-def worker_device(cfg: TrainLoopConfig) -> torch.device:
-    """This worker's device: its CUDA device when it has one (and GPUs are not turned off), else the CPU with
-    ``cpus_per_worker`` torch threads."""
+def worker_device(cfg: Any, threads: int = 0) -> torch.device:
+    """This worker's device: its CUDA device when it has one (and ``cfg.use_gpu`` does not turn GPUs off), else the
+    CPU with ``threads`` (0: ``cfg.cpus_per_worker``) torch threads. ``cfg``: a ``TrainLoopConfig`` or RLHF's
+    ``LearnerConfig``."""
     if torch.cuda.is_available() and cfg.use_gpu is not False:
         return torch.device("cuda", torch.cuda.current_device())
-    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.set_num_threads(threads or cfg.cpus_per_worker)
     return torch.device("cpu")
 
 
 # ---- the per-worker loop -------------------------------------------------------------------------------------------
 def train_worker(config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: ``config = {"spec": TrainSpec}`` (+ ``"session"`` in process)."""
+    """Ray Train's ``train_loop_per_worker``: ``config = {"spec": TrainSpec}`` (+ ``"session"`` in process, +
+    ``"resume_dir"``: the checkpoint to start from when Ray Train has none, a re-run of a dead job)."""
     spec: TrainSpec = config["spec"]
-    session: Session = config.get("session") or RaySession(spec.resume_dir)
+    session: Session = config.get("session") or RaySession(config.get("resume_dir"))
     run_worker(spec, session)
 
 
@@ -125,6 +125,7 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     ckpt_dir = session.latest_checkpoint()
     if ckpt_dir:
         state = load_train_state(ckpt_dir, model, opt)
+        session.release_checkpoint()
         start, history = int(state["step"]), list(state["history"])
         # the one number the data position needs, at any worker count (a checkpoint from before it: step x batch)
         consumed = int(state.get("consumed_samples", start * int(state.get("global_rows", B))))
@@ -148,7 +149,7 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         consumed, rows, units = next(batches)
         wait_window += time.perf_counter() - t_wait
         if cfg.inject_failure_at and step == cfg.inject_failure_at and rank == world - 1:
-            _maybe_fail(spec.out, step)
+            fail_once(join(spec.out, f".injected_failure_{step}"), "training worker (train.inject_failure_at)")
         epoch = loader.epoch_of(consumed)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
@@ -213,14 +214,6 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         plot_loss(spec.out, history, title=cfg.name, ylabel=obj.loss_label)
 
 
-def _maybe_fail(out: str, step: int) -> None:
-    marker = join(out, f".injected_failure_{step}")
-    if not exists(marker):
-        from pipelines.artifacts import write_text
-
-        write_text(marker, "worker killed here by train.inject_failure_at\n")
-        log.warning("inject_failure_at=%d: this worker exits now (fault injection)", step)
-        os._exit(1)
 
 
 @torch.no_grad()
