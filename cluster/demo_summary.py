@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pipelines.train.curves import curve_ends
+
 log = logging.getLogger("genloop.demo")
 
 
@@ -57,39 +59,6 @@ def _history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
 
 
-@dataclass
-class CurveEnds:
-    """The first and the last ``k`` points of a curve: where they are, their mean and standard deviation."""
-
-    k: int
-    first_at: tuple[Any, Any]  # (x of the first point, x of the k-th)
-    last_at: tuple[Any, Any]
-    first: tuple[float, float]  # (mean, sample standard deviation; 0 for one point)
-    last: tuple[float, float]
-
-
-def curve_ends(rows: Sequence[dict[str, Any]], key: str, x: str = "step", k: int | None = None) -> CurveEnds | None:
-    """Mean +- standard deviation of ``key`` over the first and the last ``k`` rows that have it (default: up to 5,
-    a third of the points, never overlapping); None with fewer than two points."""
-    pts = [(r.get(x), float(r[key])) for r in rows
-           if isinstance(r.get(key), (int, float)) and not math.isnan(float(r[key]))]
-    n = len(pts)
-    if n < 2:
-        return None
-    if k is None:
-        k = min(5, n // 3) if n >= 6 else n // 2
-    k = max(1, min(k, n // 2))
-    head, tail = pts[:k], pts[-k:]
-    return CurveEnds(k, (head[0][0], head[-1][0]), (tail[0][0], tail[-1][0]), _mean_sd([v for _, v in head]),
-                     _mean_sd([v for _, v in tail]))
-
-
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
-
-
 def curve_rows(rows: Sequence[dict[str, Any]], key: str, what: str, x: str = "step",
                fmt: str = ".4f") -> list[tuple[str, str]]:
     """Two summary rows for a curve: ``what`` over its first and its last k points, mean +- standard deviation; none
@@ -106,8 +75,8 @@ def curve_rows(rows: Sequence[dict[str, Any]], key: str, what: str, x: str = "st
             (f"{what}, last {pts} ({span(ends.last_at)}), mean ± sd", _pm(ends.last, fmt))]
 
 
-def _pm(mean_sd: tuple[float, float], fmt: str) -> str:
-    return f"{format(mean_sd[0], fmt)} ± {format(mean_sd[1], fmt)}"
+def _pm(ms: tuple[float, float], fmt: str) -> str:
+    return f"{format(ms[0], fmt)} ± {format(ms[1], fmt)}"
 
 
 def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:

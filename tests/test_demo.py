@@ -87,7 +87,7 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
     _write_manifest(out / "reward", {"val_pairs": 40}, {"heldout_pairwise_accuracy_before": 0.5,
                                                         "heldout_pairwise_accuracy": 0.875,
                                                         "heldout_mean_margin": 1.25, "steps": 40})
-    _write_manifest(out / "rlhf", {"iterations": 12}, {"reward_first": 0.41, "reward_last": 0.77, "kl_last": 0.0123},
+    _write_manifest(out / "rlhf", {"iterations": 12}, {"reward_mean_first": 0.41, "reward_mean_last": 0.77, "kl_last": 0.0123},
                     {"reward": "rm:runs/demo/reward:0.1,fn:judge_pass"})
     rewards = [0.41, 0.30, 0.52, 0.45, 0.50, 0.61, 0.55, 0.70, 0.58, 0.66, 0.77, 0.62]
     _write_history(out / "rlhf", [{"iteration": i, "reward_mean": r, "reward/judge_pass": r / 2, "kl": 0.001 * i,
@@ -176,7 +176,8 @@ def test_demo_steps_are_a_list_to_extend_and_serve_the_policy(tmp_path):
 
 
 def test_curve_ends_and_intervals():
-    from cluster.demo_summary import curve_ends, curve_rows, rate_difference, wilson
+    from cluster.demo_summary import curve_rows, rate_difference, wilson
+    from pipelines.train.curves import curve_ends
 
     rows = [{"step": i, "loss": float(i % 2)} for i in range(1, 13)] + [{"step": 13, "val_loss": 1.0}]
     ends = curve_ends(rows, "loss")  # 12 points: the first and last 4, the val row ignored

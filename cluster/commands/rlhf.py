@@ -34,19 +34,20 @@ def config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.lifecycle import check_out
-    from pipelines.rlhf.stage import plan, run as run_stage
+    from pipelines.rlhf.stage import curve_summary, plan, run as run_stage
 
     cfg = config(args)
     plan(cfg)  # bad inputs (missing files, tokenizer mismatch, bad reward spec) fail before Ray starts
     check_out("rlhf", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)
     res = run_stage(cfg)
-    first = res.history[0] if res.history else {}
-    last = res.metrics
-    print(f"rlhf ({cfg.algo}): {res.iterations} iterations, reward {first.get('reward_mean', float('nan')):.3f} -> "
-          f"{last.get('reward_mean', float('nan')):.3f}, KL {last.get('kl', 0.0):.4f}, sync "
-          f"{last.get('sync_s', 0.0):.2f} s/iteration; policy: {res.model_dir}")
+    ends = curve_summary(res.history)  # mean +- sd of the first and last k iterations, never two endpoints
+    nan = float("nan")
+    print(f"rlhf ({cfg.algo}): {res.iterations} iterations; reward mean, first {ends.get('reward_mean_k', 0)} "
+          f"iterations {ends.get('reward_mean_first', nan):.3f} ± {ends.get('reward_mean_first_sd', nan):.3f}, last "
+          f"{ends.get('reward_mean_last', nan):.3f} ± {ends.get('reward_mean_last_sd', nan):.3f}; KL, last "
+          f"{ends.get('kl_last', nan):.4f} ± {ends.get('kl_last_sd', nan):.4f}; sync "
+          f"{res.metrics.get('sync_s', 0.0):.2f} s/iteration; policy: {res.model_dir}")
     print(json.dumps({"out": res.out, "model": res.model_dir, "iterations": res.iterations,
-                      "reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
-                      "kl_last": last.get("kl")}))  # the last line: machine-readable
+                      **ends}))  # the last line: machine-readable
     return 0

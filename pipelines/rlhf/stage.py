@@ -44,6 +44,7 @@ from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import PromptSet, load_prompts
 from pipelines.rlhf.rewards import RewardError, RewardSet
 from pipelines.train.config import MODEL_DIR, RUNS_DIR
+from pipelines.train.curves import curve_ends
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,18 @@ def run(cfg: RlhfConfig, engines: list | None = None) -> RlhfResult:
     run_trainer(learner_loop, args, cfg.train, os.path.join(cfg.out, RUNS_DIR), RUN_NAME, use_gpu)
     history = read_history(cfg.out)
     last = history[-1] if history else {}
-    first = history[0] if history else {}
     artifact.finish(counts={"iterations": len(history), "prompts": len(p.prompts), **{
-        f"prompts_{k}": v for k, v in p.prompts.counts.items() if k != "kept"}},
-        metrics={"reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
-                 "kl_last": last.get("kl"), "sync_s_last": last.get("sync_s")})
+        f"prompts_{k}": v for k, v in p.prompts.counts.items() if k != "kept"}}, metrics=curve_summary(history))
     return RlhfResult(cfg.out, len(history), last, history, os.path.join(cfg.out, MODEL_DIR))
+
+
+def curve_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reward and KL curves' two ends with their spread (mean and sd of the first and last k iterations, k up to
+    5), never two single endpoints of a noisy curve; plus the last sync time."""
+    out: dict[str, Any] = {"sync_s_last": history[-1].get("sync_s") if history else None}
+    for key in ("reward_mean", "kl"):
+        ends = curve_ends(history, key, x="iteration")
+        if ends is not None:
+            out.update({f"{key}_k": ends.k, f"{key}_first": ends.first[0], f"{key}_first_sd": ends.first[1],
+                        f"{key}_last": ends.last[0], f"{key}_last_sd": ends.last[1]})
+    return out
