@@ -149,6 +149,14 @@ class HFTokenizer:
         files = {f: (path / f).read_bytes() for f in HF_TOKENIZER_FILES if (path / f).is_file()}
         return cls(hf, files, f"hf:{path.resolve().name}")
 
+    # pickling (Ray ships tokenizers to workers): rebuilt from the transformers tokenizer, since the Rust backends'
+    # encode_special_tokens flag does not survive a pickle
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hf": self.hf, "files": self.files, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["hf"], state["files"], state["name"])  # type: ignore[misc]
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, n_vocab={self.n_vocab})"
 
