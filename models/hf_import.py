@@ -137,7 +137,8 @@ def check_gguf(path: Path) -> dict[str, Any]:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ModelImportError("importing GGUF needs the `gguf` package; run `make setup` (or pip install gguf)") from None
+        raise ModelImportError("importing GGUF needs the `gguf` package; run `make setup` "
+                               "(or pip install gguf)") from None
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # numpy/struct errors on a truncated or corrupt file
