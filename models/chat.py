@@ -10,8 +10,9 @@ So training and serving (vLLM / transformers) format a conversation identically.
 Assistant mask: the template is rendered on growing prefixes of the conversation. For assistant message ``i`` its span
 in the text starts where ``render(messages[:i], add_generation_prompt=True)`` ends and stops where
 ``render(messages[:i+1])`` ends, minus trailing whitespace (ChatML: the content plus its closing ``<|im_end|>``, not the
-``\\n`` separator). A token belongs to the assistant when its first byte lies inside a span; a token straddling the
-start of a span (a merge across the header/content boundary) stays a prompt token.
+``\\n`` separator). A token belongs to the assistant when its first byte (a Hugging Face tokenizer: its first
+character, from the encoding's offsets) lies inside a span; a token straddling the start of a span (a merge across the
+header/content boundary) stays a prompt token.
 """
 
 from __future__ import annotations
@@ -159,9 +160,13 @@ def encode_chat(tok: Tokenizer, fmt: ChatFormat, messages: Sequence[Message],
     if train_on not in ("assistant", "all"):
         raise ChatError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
     text, spans = assistant_spans(fmt, messages)
-    ids = tok.encode(text, allow_special=True)
     if train_on == "all":
+        ids = tok.encode(text, allow_special=True)
         return ids, [1] * len(ids)
+    if hasattr(tok, "encode_offsets"):  # a Hugging Face tokenizer knows where each token starts in the text
+        ids, starts = tok.encode_offsets(text)
+        return ids, [int(any(s <= c < e for s, e in spans)) for c in starts]
+    ids = tok.encode(text, allow_special=True)
     # character spans -> byte spans (tokens are byte sequences; a multi-byte character may be split across tokens)
     byte_spans = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in spans]
     mask = [0] * len(ids)

@@ -89,6 +89,12 @@ class HFTokenizer:
         enc = self._special if allow_special else self._plain
         return enc.encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the character where each token starts in ``text``), special tokens allowed: what the chat mask needs
+        where a token's bytes do not add up to the text (SentencePiece's ``▁`` prefix)."""
+        enc = self._special.encode(text, add_special_tokens=False)
+        return enc.ids, [start for start, _ in enc.offsets]
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
 

@@ -211,6 +211,52 @@ def test_hf_tokenizer_ids_equal_transformers(tmp_path):
         assert (saved / f).read_bytes() == (tmp_path / f).read_bytes()
 
 
+# TinyLlama's chat template: plain-text role markers, the EOS closes each turn
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
+          "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+          "{% endfor %}")
+
+
+def build_sentencepiece_tokenizer(out: Path) -> None:
+    """Llama 2 / TinyLlama's kind: SentencePiece-style BPE (▁ for spaces, <0xNN> byte fallback), saved by
+    transformers' LlamaTokenizer with TinyLlama's template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tk.train_from_iterator([MIXED, "def add(a, b):\n    return a + b\n" * 20, "hello world the cat " * 30], trainer)
+    model = json.loads(tk.to_str())["model"]
+    hf = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                      for m in model["merges"]])
+    hf.chat_template = ZEPHYR
+    hf.save_pretrained(str(out))
+
+
+def test_sentencepiece_tokenizer_ids_and_mask(tmp_path):
+    build_sentencepiece_tokenizer(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    for text in (MIXED, "Hello world", "  two leading spaces", "\n\nnewlines first"):
+        assert tok.encode(text, allow_special=True) == hf_ids(hf(text, add_special_tokens=False)), text
+        assert tok.decode(tok.encode(text)) == hf.decode(hf_ids(hf(text, add_special_tokens=False)))
+    assert tok.im_end_id == tok.eot_id == hf.eos_token_id and tok.bos_id == hf.bos_token_id
+    assert tok.token_bytes(hf.convert_tokens_to_ids("<0x0A>")) == b"\n"
+    fmt = ChatFormat.from_checkpoint(tmp_path)
+    assert encode_prompt(tok, fmt, CONVERSATION) == hf_ids(
+        hf.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=True))
+    ids, mask = encode_chat(tok, fmt, CONVERSATION[:2])
+    assert ids == hf_ids(hf.apply_chat_template(CONVERSATION[:2], tokenize=True))
+    answer = tok.decode([i for i, m in zip(ids, mask) if m])
+    prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert answer.strip() == CONVERSATION[1]["content"] + "</s>"
+    assert "<|assistant|>" in prompt and "return" not in prompt
+
+
 # ---- refusals ------------------------------------------------------------------------------------------------------
 
 
