@@ -425,3 +425,28 @@ def test_load_checkpoint_refuses_tokenizer_larger_than_embedding(tmp_path):
     build_model(tmp_path, "llama", vocab_size=64)
     with pytest.raises(CheckpointError, match="vocab_size=64"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias", "llama3-rope"])
+def test_reward_model_from_imported_trunk_loads_in_transformers(tmp_path, variant):
+    """A scalar (reward/value) model on an imported trunk saves as the family's ...ForSequenceClassification, with the
+    model's tokenizer, and transformers scores it the same."""
+    from models.scalar_model import from_causal_lm, load_scalar_model, save_scalar_model, sequence_scores
+
+    family, overrides = VARIANTS[variant]
+    build_model(tmp_path / "src", family, **overrides)
+    rm, tok = from_causal_lm(tmp_path / "src", head_std=1.0)
+    out = save_scalar_model(rm, tok, tmp_path / "rm")
+    arch = json.loads((out / "config.json").read_text())["architectures"]
+    assert arch == [{"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}[family]]
+    rows = [tok.encode("def f(x):\n    return x"), tok.encode("print(1)")]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_id] * (T - len(r)) for r in rows])
+    with torch.no_grad():
+        ours = sequence_scores(rm(ids), ids, tok.pad_id)
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
+        theirs = hf(input_ids=ids).logits.squeeze(-1)
+        again, _ = load_scalar_model(out)
+        loaded = sequence_scores(again(ids), ids, tok.pad_id)
+    torch.testing.assert_close(theirs, ours, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(loaded, ours)
