@@ -71,7 +71,9 @@ def rope_from_hf(hf: dict, where: str = "config.json") -> tuple[float, dict[str,
     missing = [k for k, v in scaling.items() if v is None]
     if missing:
         raise UnsupportedModelError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
-    return theta, {k: float(v) for k, v in scaling.items()}
+    scaling = {k: float(v) for k, v in scaling.items()}
+    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])  # a length
+    return theta, scaling
 
 
 def check_supported(hf: dict, where: str = "config.json") -> str:

@@ -209,9 +209,9 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
+    except Exception as e:  # the GGUF loader raises ValueError, KeyError, NotImplementedError (quant types) ...
         raise ModelImportError(f"transformers cannot load {path} ({type(e).__name__}: {e}); check the file, or "
-                           "convert it to a Hugging Face folder") from None
+                               "convert it to a Hugging Face folder") from None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None

@@ -14,7 +14,6 @@ assistant turn: the tokenizer's EOS), ``pad_id`` (its pad token, else ``eot_id``
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from functools import cached_property
@@ -71,8 +70,8 @@ class HFTokenizer:
         self.im_start_id: int = int(vocab.get("<|im_start|>", hf.bos_token_id if hf.bos_token_id is not None else eot))
         self.pad_id: int = int(hf.pad_token_id if hf.pad_token_id is not None else self.eot_id)
         self.bos_id: int | None = hf.bos_token_id
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-        self._byte_level = "ByteLevel" in json.dumps(decoder)
+        decoder = backend.decoder  # ByteLevel (GPT-2 style), or a SentencePiece-style Sequence
+        self._byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
 
     # ---- the Tokenizer interface ---------------------------------------------------------------------------------
     @property
@@ -153,7 +152,9 @@ class HFTokenizer:
         if hf.backend_tokenizer is None:
             raise HFTokenizerError(f"{path}: transformers built no fast tokenizer from {HF_TOKENIZER_FILE}")
         files = {f: (path / f).read_bytes() for f in HF_TOKENIZER_FILES if (path / f).is_file()}
-        return cls(hf, files, f"hf:{path.resolve().name}")
+        here = path.resolve()
+        name = f"{here.parent.name}/{here.name}" if here.name == "model" else here.name  # an artifact's model/
+        return cls(hf, files, f"hf:{name}")
 
     # pickling (Ray ships tokenizers to workers): rebuilt from the transformers tokenizer, since the Rust backends'
     # encode_special_tokens flag does not survive a pickle
