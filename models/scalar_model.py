@@ -86,7 +86,8 @@ def scalar_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> d
     """``config.json`` of a ``LlamaForSequenceClassification`` (``Qwen2ForSequenceClassification`` for a Qwen2
     trunk) with one label (the score)."""
     hf = hf_config(cfg, tok, dtype)
-    hf.update(architectures=[ARCHITECTURES[cfg.family]], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+    hf.update(architectures=[ARCHITECTURES[cfg.family]], num_labels=1, id2label={"0": "LABEL_0"},
+              label2id={"LABEL_0": 0},
               pad_token_id=tok.pad_id, tie_word_embeddings=False, use_cache=False)
     return hf
 
