@@ -10,8 +10,9 @@ So training and serving (vLLM / transformers) format a conversation identically.
 Assistant mask: the template is rendered on growing prefixes of the conversation. For assistant message ``i`` its span
 in the text starts where ``render(messages[:i], add_generation_prompt=True)`` ends and stops where
 ``render(messages[:i+1])`` ends, minus trailing whitespace (ChatML: the content plus its closing ``<|im_end|>``, not the
-``\\n`` separator). A token belongs to the assistant when its first byte lies inside a span; a token straddling the
-start of a span (a merge across the header/content boundary) stays a prompt token.
+``\\n`` separator). A token belongs to the assistant when its first byte (a Hugging Face tokenizer: its first
+character, from the encoding's offsets) lies inside a span; a token straddling the start of a span (a merge across the
+header/content boundary) stays a prompt token.
 """
 
 from __future__ import annotations
@@ -83,19 +84,31 @@ class ChatFormat:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ChatFormat":
-        """The template saved in ``<path>/tokenizer_config.json`` (the one serving uses)."""
-        cfg_path = Path(path) / "tokenizer_config.json"
+        """The template saved with the checkpoint's tokenizer (the one serving uses): ``chat_template.jinja`` (how
+        transformers 5 saves it) or ``chat_template`` in ``<path>/tokenizer_config.json`` (a string, or a list of
+        named templates: the ``default`` one)."""
+        path = Path(path)
+        cfg_path = path / "tokenizer_config.json"
         if not cfg_path.exists():
-            raise ChatError(f"{cfg_path} not found: point at a checkpoint folder written by a genloop training stage")
+            raise ChatError(f"{cfg_path} not found: point at a checkpoint folder written by a genloop training stage "
+                            "or a Hugging Face model folder with its tokenizer files")
         try:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ChatError(f"{cfg_path} is not valid JSON ({e}); re-export the checkpoint") from None
         template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
         if not isinstance(template, str) or not template:
-            raise ChatError(f"{cfg_path} has no chat_template; re-export the checkpoint with save_checkpoint")
+            raise ChatError(f"{cfg_path} has no chat_template (nor is there a chat_template.jinja); re-export the "
+                            "checkpoint with save_checkpoint, or add the model's chat template")
+        special_map = path / "special_tokens_map.json"
+        tokens = json.loads(special_map.read_text()) if special_map.is_file() else {}
+        tokens.update({k: v for k, v in cfg.items() if v is not None})
         keys = ("bos_token", "eos_token", "unk_token", "pad_token")
-        variables = tuple((k, cfg[k]) for k in keys if isinstance(cfg.get(k), str))
+        variables = tuple((k, _token_text(tokens.get(k))) for k in keys if _token_text(tokens.get(k)) is not None)
         return cls(template=template, variables=variables)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
@@ -105,6 +118,13 @@ class ChatFormat:
                 **dict(self.variables))
         except jinja2.exceptions.TemplateError as e:
             raise ChatError(f"chat template failed on this conversation: {e}") from None
+
+
+def _token_text(tok: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string, or an AddedToken dict with ``content``."""
+    if isinstance(tok, dict):
+        tok = tok.get("content")
+    return tok if isinstance(tok, str) else None
 
 
 def assistant_spans(fmt: ChatFormat, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
@@ -127,7 +147,7 @@ def assistant_spans(fmt: ChatFormat, messages: Sequence[Message]) -> tuple[str, 
 def token_byte_lengths(tok: Tokenizer, ids: Sequence[int]) -> list[int]:
     """Bytes each token stands for (special tokens: their text), so token i covers bytes [sum(:i), sum(:i+1))."""
     inv = {v: k for k, v in tok.special_tokens.items()}
-    return [len(inv[i].encode()) if i in inv else len(tok.enc.decode_single_token_bytes(i)) for i in ids]
+    return [len(inv[i].encode()) if i in inv else len(tok.token_bytes(i)) for i in ids]
 
 
 def encode_chat(tok: Tokenizer, fmt: ChatFormat, messages: Sequence[Message],
@@ -140,9 +160,13 @@ def encode_chat(tok: Tokenizer, fmt: ChatFormat, messages: Sequence[Message],
     if train_on not in ("assistant", "all"):
         raise ChatError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
     text, spans = assistant_spans(fmt, messages)
-    ids = tok.encode(text, allow_special=True)
     if train_on == "all":
+        ids = tok.encode(text, allow_special=True)
         return ids, [1] * len(ids)
+    if hasattr(tok, "encode_offsets"):  # a Hugging Face tokenizer knows where each token starts in the text
+        ids, starts = tok.encode_offsets(text)
+        return ids, [int(any(s <= c < e for s, e in spans)) for c in starts]
+    ids = tok.encode(text, allow_special=True)
     # character spans -> byte spans (tokens are byte sequences; a multi-byte character may be split across tokens)
     byte_spans = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in spans]
     mask = [0] * len(ids)

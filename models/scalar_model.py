@@ -34,6 +34,7 @@ from models.transformer import ModelConfig, Transformer
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "LlamaForSequenceClassification"
+ARCHITECTURES = {"llama": ARCHITECTURE, "qwen2": "Qwen2ForSequenceClassification"}  # by ModelConfig.family
 
 
 class ScalarModel(Transformer):
@@ -83,15 +84,17 @@ def from_causal_lm(path: str | Path, head_std: float | None = None) -> tuple[Sca
 
 
 def scalar_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> dict:
-    """``config.json`` of a ``LlamaForSequenceClassification`` with one label (the score)."""
+    """``config.json`` of a ``LlamaForSequenceClassification`` (``Qwen2ForSequenceClassification`` for a Qwen2
+    trunk) with one label (the score)."""
     hf = hf_config(cfg, tok, dtype)
-    hf.update(architectures=[ARCHITECTURE], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+    hf.update(architectures=[ARCHITECTURES[cfg.family]], num_labels=1, id2label={"0": "LABEL_0"},
+              label2id={"LABEL_0": 0},
               pad_token_id=tok.pad_id, tie_word_embeddings=False, use_cache=False)
     return hf
 
 
 def save_scalar_model(model: ScalarModel, tok: Tokenizer, out: str | Path, state_dict: dict | None = None) -> Path:
-    """Write the HF ``LlamaForSequenceClassification`` folder. ``state_dict`` overrides the module's (FSDP gather)."""
+    """Write the HF ``...ForSequenceClassification`` folder. ``state_dict`` overrides the module's (FSDP gather)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -113,9 +116,9 @@ def load_scalar_model(path: str | Path, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"scalar model {path} does not exist; pass the model folder `genloop reward` wrote")
     arch = json.loads((path / "config.json").read_text()).get("architectures", []) if (
         path / "config.json").exists() else []
-    if ARCHITECTURE not in arch:
+    if not set(arch) & set(ARCHITECTURES.values()):
         raise CheckpointError(f"{path} is not a reward/value model (config.json architectures={arch}, expected "
-                              f"{ARCHITECTURE}); pass the model folder `genloop reward` wrote")
+                              f"{' or '.join(ARCHITECTURES.values())}); pass the model folder `genloop reward` wrote")
     cfg = load_config(path)
     tok = load_tokenizer(path)
     model = load_weights(path, ScalarModel, cfg, device)

@@ -2,7 +2,9 @@
 
 On disk a trained tokenizer is ``tokenizer.tiktoken`` (base64 token + rank per line, tiktoken's own format) plus
 ``tokenizer_spec.json`` (name, pattern, special tokens). Every genloop tokenizer carries the chat special tokens.
-``to_hf_tokenizer_json`` converts it to a Hugging Face ``tokenizer.json`` that gives the same ids.
+``to_hf_tokenizer_json`` converts it to a Hugging Face ``tokenizer.json`` that gives the same ids. A pretrained
+model's own tokenizer (a folder with ``tokenizer.json`` and no ``tokenizer_spec.json``) loads as a
+``models.hf_tokenizer.HFTokenizer``, which offers the same interface.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A tiktoken ``Encoding`` plus the chat special tokens genloop relies on."""
 
+    kind = "tiktoken"
+
     def __init__(self, encoding: tiktoken.Encoding, spec: dict) -> None:
         self.enc = encoding
         self.spec = spec
@@ -83,6 +87,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.enc.decode([i for i in ids if i < self.n_vocab])
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for (a special token: its text). KeyError for an unknown id."""
+        return self.enc.decode_single_token_bytes(token_id)
+
+    @property
+    def bos_id(self) -> int:
+        """genloop's models start documents after ``<|endoftext|>``: it doubles as BOS in config.json."""
+        return self.eot_id
+
     # ---- persistence -----------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
         """Write ``tokenizer.tiktoken`` + ``tokenizer_spec.json`` into ``out_dir``."""
@@ -99,17 +112,27 @@ class Tokenizer:
 
     @classmethod
     def load(cls, spec: str | Path) -> "Tokenizer":
-        """A named encoding (``cl100k_base``), a folder holding ``tokenizer_spec.json``, or that file itself."""
+        """A named encoding (``cl100k_base``), a folder holding ``tokenizer_spec.json``, or that file itself; a
+        Hugging Face model folder (``tokenizer.json``, no ``tokenizer_spec.json``) gives its own tokenizer as an
+        ``HFTokenizer``."""
         spec_s = str(spec)
         if spec_s in NAMED or spec_s in NAMED.values():
             return named(spec_s)
         path = Path(spec_s)
         if path.is_dir():
+            if not (path / SPEC_FILE).exists():
+                from models.hf_tokenizer import HFTokenizer, HFTokenizerError, is_hf_tokenizer_dir
+
+                if is_hf_tokenizer_dir(path):
+                    try:
+                        return HFTokenizer.load(path)  # type: ignore[return-value]
+                    except HFTokenizerError as e:
+                        raise TokenizerError(str(e)) from None
             path = path / SPEC_FILE
         if not path.exists():
             raise TokenizerError(
                 f"no tokenizer at {spec_s}: expected {SPEC_FILE} (from `genloop tokenizer train`), a checkpoint "
-                f"folder, or a named encoding ({', '.join(NAMED)})"
+                f"folder, a Hugging Face model folder with tokenizer.json, or a named encoding ({', '.join(NAMED)})"
             )
         try:
             meta = json.loads(path.read_text())
@@ -273,6 +296,10 @@ def to_hf_tokenizer_json(tok: Tokenizer) -> str:
 
 
 def tokenizers_match(a, b) -> bool:
-    """Same ids for the same text: equal BPE ranks, split pattern and special tokens."""
+    """Same ids for the same text: equal BPE ranks, split pattern and special tokens (two Hugging Face tokenizers:
+    equal serialized backends)."""
+    kinds = {getattr(a, "kind", "tiktoken"), getattr(b, "kind", "tiktoken")}
+    if kinds != {"tiktoken"}:
+        return kinds == {"hf"} and a.fingerprint == b.fingerprint
     return (a.n_vocab == b.n_vocab and a.special_tokens == b.special_tokens and a.enc._pat_str == b.enc._pat_str
             and a.enc._mergeable_ranks == b.enc._mergeable_ranks)

@@ -1,6 +1,10 @@
 """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention through ``F.scaled_dot_product_attention``.
 
 Parameter names are Hugging Face ``LlamaForCausalLM``'s, so a state dict saves, loads and streams into vLLM as is.
+RoPE uses the rotate-half layout of Hugging Face Llama/Qwen2 (``apply_rope``), which is the layout their checkpoints'
+``q_proj``/``k_proj`` rows are in: imported weights need no Q/K permutation. Two switches cover the pretrained
+families genloop imports (``models/checkpoint.py`` maps their ``config.json``): ``qkv_bias`` (Qwen2: q/k/v carry a
+bias, o does not) and ``rope_scaling`` (Llama 3.1's ``llama3`` inverse frequencies).
 Parallelism (DDP/FSDP2) lives in ``models/parallel.py``, not here. ``generate`` decodes with a KV cache through the
 model's own ``forward`` (``cache=KVCache(...)``): small evals and tests; serving and rollouts go through vLLM.
 """
@@ -30,6 +34,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    qkv_bias: bool = False  # Qwen2: q_proj, k_proj, v_proj have a bias (o_proj has none)
+    # Llama 3.1's "llama3" rope: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    rope_scaling: dict[str, float] | None = None
+    family: str = "llama"  # the Hugging Face architecture a checkpoint is exported as: "llama" or "qwen2"
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +61,8 @@ class ModelConfig:
 
     def num_params(self, embeddings: bool = True) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
         block = attn + 3 * self.dim * self.ffn_hidden + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * block + self.dim + (emb if embeddings else 0)
@@ -107,9 +117,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, float] | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies; with ``scaling`` those of Llama 3.1's ``llama3`` rope (transformers'
+    ``_compute_llama3_parameters``): wavelengths shorter than ``original / high_freq_factor`` stay, those longer than
+    ``original / low_freq_factor`` are divided by ``factor``, the ones between blend the two."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling: dict[str, float] | None = None) -> tuple[torch.Tensor, ...]:
     """cos, sin of shape (B, 1, T, head_dim) in the rotate-half layout Hugging Face Llama uses."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, head_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -124,9 +153,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -213,7 +242,9 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))  # residual branches (GPT-2)
@@ -241,7 +272,7 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_scaling)
         mask = None
         if doc_ids is not None:
             if past:

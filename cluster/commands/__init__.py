@@ -48,6 +48,8 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command("tokenizer", "cluster.commands.tokenizer", "train a BPE tokenizer (tiktoken format) or inspect one"),
+    Command("import-model", "cluster.commands.import_model",
+            "import a pretrained model (Hugging Face folder, .gguf file, packaged model) as a checkpoint artifact"),
     Command("data", "cluster.commands.data", "clean, deduplicate and tokenize corpora into training blocks (Ray Data)"),
     Command("plan", "cluster.commands.plan",
             "estimate a pretraining run: parameters, FLOPs, memory per GPU, fewest GPUs, days and cost"),
