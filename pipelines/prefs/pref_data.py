@@ -1,12 +1,13 @@
 """``genloop pref-data --policy CKPT --prompts SFT_DATA --out DIR [--human FILE]``: preference pairs without humans.
 
-For every code-writing prompt of an ``sft-data`` set (a JSONL file or its artifact folder; a prompt is code-writing
-when it names a function signature in backticks, ``pipelines/judge.py``), the policy samples ``samples`` answers
-with vLLM (``models/engine.py``, in one Ray task that asks for a GPU on a GPU cluster); the judge scores each, and
-the set's reference answer is a candidate too. Pairs: the best-scored candidate (ties: a policy sample first, it is
-on-policy) against up to ``pairs_per_prompt`` distinct worse ones, kept only when the judge scores differ by at
-least ``min_margin``. Human preferences from ``--human`` (what ``genloop feedback export`` writes, or any form
-``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its ``source`` (``judge`` or the human file's).
+For every code-writing prompt of an ``sft-data`` set or of ``{"prompt": ...}`` rows (a JSONL file or its artifact
+folder; a prompt is code-writing when it names a function signature in backticks, ``pipelines/judge.py``), the
+policy samples ``samples`` answers with vLLM (``models/engine.py``, in one Ray task that asks for a GPU on a GPU
+cluster); the judge scores each, and the set's reference answer is a candidate too. Pairs: the best-scored candidate
+(ties: a policy sample first, it is on-policy) against up to ``pairs_per_prompt`` distinct worse ones, kept only
+when the judge scores differ by at least ``min_margin``. Human preferences from ``--human`` (what ``genloop feedback
+export`` writes, or any form ``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its
+``source`` (``judge`` or the human file's).
 
 Held-out split: prompts from the sft-data set's held-out file stay held out; otherwise ``val_fraction`` of prompts
 (by hash). Output ``DIR``: ``train.jsonl`` + ``val.jsonl`` (``{"prompt", "chosen", "rejected", "source",
@@ -64,22 +65,20 @@ class Candidate:
 
 # ---- pure parts ----------------------------------------------------------------------------------------------------
 def code_prompt(obj: Any) -> tuple[list[dict] | None, str, str]:
-    """(prompt messages, reference answer, "") of an sft-data line asking for code, else (None, "", reason)."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+    """(prompt messages, reference answer, "") of a prompt row asking for code, else (None, "", reason). A row is
+    ``{"prompt": str}`` or ``{"messages": [...]}`` (a final assistant turn, or a ``"response"``, is the reference
+    answer; ``pipelines.conversations.parse_prompt_record``)."""
+    from pipelines.conversations import parse_prompt_record
+
+    if not isinstance(obj, dict) or ("messages" not in obj and "prompt" not in obj):
         return None, "", "not_a_conversation"
-    msgs = obj["messages"]
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in (
-            "system", "user", "assistant") for m in msgs):
-        return None, "", "bad_messages"
-    reference = ""
-    if msgs[-1]["role"] == "assistant":
-        reference, msgs = msgs[-1]["content"], msgs[:-1]
-    users = [m for m in msgs if m["role"] == "user"]
-    if not users:
-        return None, "", "no_user_turn"
-    if requested_signature(users[-1]["content"]) is None:
+    msgs, reference, _, reason = parse_prompt_record(obj)
+    if msgs is None:
+        return None, "", {"no_user_turn": "no_user_turn", "not_an_object": "not_a_conversation"}.get(
+            reason, "bad_messages")
+    if requested_signature(msgs[-1]["content"]) is None:
         return None, "", "not_code_writing"
-    return [{"role": m["role"], "content": m["content"]} for m in msgs], reference, ""
+    return [dict(m) for m in msgs], reference, ""
 
 
 def read_prompts(path: str, counts: Counter, quarantine: list[dict]) -> list[tuple[list[dict], str]]:
