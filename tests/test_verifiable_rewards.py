@@ -179,3 +179,45 @@ def test_eval_intervals_against_a_hand_computation():
     assert table[0].split() == ["sft", "grpo"]
     assert table[1].startswith("exact_answer: pass rate (95% CI)") and table[1].count("80.0% [49.0%, 94.3%]") == 2
     assert any(line.startswith("KL to reference") for line in table)
+
+
+def test_pref_data_scores_candidates_with_a_reward_reading_columns(tmp_path, tiny_checkpoint, monkeypatch):
+    """``pref-data reward=fn:exact_answer`` on ``genloop tasks`` rows: every prompt row is used (not only code-writing
+    ones), candidates scored by the reward with the row's ``answer``; rows without it refused before sampling. The
+    sampler is replaced by fixed answers (one right, one wrong per prompt): no Ray, no vLLM."""
+    from models.checkpoint import load_tokenizer
+    from pipelines.prefs import pref_data
+    from pipelines.tasks import ArithmeticConfig, run_arithmetic
+
+    tok = load_tokenizer(tiny_checkpoint)
+    run_arithmetic(ArithmeticConfig(out=str(tmp_path / "t"), n=6, heldout=2, seed=2))
+    rows = [json.loads(x) for f in ("train", "heldout")
+            for x in (tmp_path / "t" / f"{f}.jsonl").read_text().splitlines()]
+    calls = []
+
+    def fake_sample(cfg, prompt_ids, stop_ids):
+        calls.append(len(prompt_ids))
+        by_prompt = {tuple(tok.encode(r["prompt"])): r["answer"] for r in rows}
+        out = []
+        for ids in prompt_ids:
+            right = next((a for p, a in by_prompt.items() if tok.decode(ids).find(tok.decode(list(p))) >= 0), "0")
+            out.append([tok.encode(right), tok.encode("no idea")])
+        return out
+
+    monkeypatch.setattr(pref_data, "_sample_remote", fake_sample)
+    cfg = pref_data.PrefDataConfig(policy=str(tiny_checkpoint), prompts=str(tmp_path / "t"), out=str(tmp_path / "p"),
+                                   reward="fn:exact_answer", samples=2, max_new_tokens=16)
+    res = pref_data.run(cfg)
+    assert calls == [8] and res["counts"]["train_pairs"] == 6 and res["counts"]["val_pairs"] == 2  # heldout.jsonl
+    assert res["policy_reward_pass_rate"] == 0.5
+    pairs = [json.loads(x) for x in (tmp_path / "p" / "train.jsonl").read_text().splitlines()]
+    answers = {r["prompt"]: r["answer"] for r in rows}
+    for p in pairs:
+        prompt = p["prompt"] if isinstance(p["prompt"], str) else p["prompt"][-1]["content"]
+        assert p["chosen"] == answers[prompt] and p["rejected"] == "no idea" and p["source"] == "reward"
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "Compute 1+1."}) + "\n")
+    with pytest.raises(RewardError, match="needs the column 'answer'"):
+        pref_data.run(pref_data.PrefDataConfig(policy=str(tiny_checkpoint), prompts=str(bare), out=str(tmp_path / "q"),
+                                               reward="fn:exact_answer", max_new_tokens=16))
+    assert calls == [8]  # refused before sampling
