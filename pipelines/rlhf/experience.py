@@ -127,6 +127,30 @@ class Experience:
                           pick(self.response_texts))
 
 
+def engine_nodes(engines: list, wait_s: float = 600.0) -> list[str]:
+    """Each engine actor's node id, waiting while an actor Ray is re-creating comes back up (after a dead engine the
+    restarted learner gets here while vLLM is still starting; without the wait each such try costs one of
+    ``train.max_failures``)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    start = time.monotonic()
+    waited = False
+    while True:
+        try:
+            nodes = ray.get([e.node_id.remote() for e in engines])
+            if waited:
+                log.info("rlhf: the rollout engines are up after %.0f s", time.monotonic() - start)
+            return nodes
+        except ActorUnavailableError:
+            if time.monotonic() - start > wait_s:
+                raise
+            if not waited:
+                log.info("rlhf: a rollout engine is restarting; waiting up to %.0f s for it", wait_s)
+            waited = True
+            time.sleep(2.0)
+
+
 class Driver:
     """Rank 0's side of an iteration: engines (Ray actors), reward functions / reward-model actors, the prompts."""
 
@@ -144,7 +168,7 @@ class Driver:
         self.sampling = sampling
         self.seed = seed
         self.node = ray.get_runtime_context().get_node_id()
-        self.engine_nodes = ray.get([e.node_id.remote() for e in engines])
+        self.engine_nodes = engine_nodes(engines)
 
     def generate(self, iteration: int, per_iter: int, fail_marker: str = "") -> tuple[list[int], list[list[Any]]]:
         """(prompt indices, completions per prompt): the prompts split over the engines, sampled in parallel.

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+RewardFn = Callable[..., list[float]]  # (prompts, responses, **columns) -> one score per answer
 
 
 class RewardError(ValueError):
