@@ -18,6 +18,12 @@ def whitespace(prompts, responses):
 
 def length_mod5(prompts, responses):  # 0/1, 1 about one time in five: many groups of four score all 0
     return [float(len(r) % 5 == 0) for r in responses]
+
+
+def columns_match(prompts, responses, fname, plus, **others):  # 1 where the row's columns are this answer's prompt's
+    assert len(fname) == len(plus) == len(others["meta"]) == len(responses)
+    return [float(f"`{f}(x)`" in p and p.endswith(f" plus {k}.") and m == {"task": "write"})
+            for p, f, k, m in zip(prompts, fname, plus, others["meta"])]
 """
 GREEDY_TOKENS = 24
 
@@ -30,7 +36,8 @@ def toy_inputs(tmp_path_factory):
         for i in range(16):
             f.write(json.dumps({"messages": [
                 {"role": "user", "content": f"Write a Python function `f{i}(x)` that returns x plus {i}."},
-                {"role": "assistant", "content": f"def f{i}(x):\n    return x + {i}"}], "meta": {"task": "write"}}) + "\n")
+                {"role": "assistant", "content": f"def f{i}(x):\n    return x + {i}"}], "meta": {"task": "write"},
+                "fname": f"f{i}", "plus": i}) + "\n")  # columns, for reward functions that read them
     return d
 
 
@@ -175,10 +182,12 @@ def test_oversampled_groups_that_differ_fill_the_batch_first(ray_session, engine
     fn = f"fn:{toy_inputs / 'toy_reward.py'}"
     cfg = tiny_config(tiny_checkpoint, toy_inputs, tmp_path / "over", "rollout.engines=2", "iterations=3",
                       "rollout.oversample=3", "update.filter_groups=toy_reward.length_mod5",
-                      f"reward={fn}:whitespace,{fn}:length_mod5")
+                      f"reward={fn}:whitespace,{fn}:length_mod5,{fn}:columns_match:0")
     res = run(cfg, engines=engines)
     assert len(res.history) == 3
     for row in res.history:
+        # every answer of the 12 groups sampled (4 per prompt, prompts in a seeded order) got its own row's columns
+        assert row["reward/toy_reward.columns_match"] == 1.0, row
         informative = round(row["groups_informative"] * 12)  # of the 12 groups sampled
         assert row["groups_kept"] == pytest.approx(min(informative, 4) / 4), row
     assert any(row["groups_kept"] > row["groups_informative"] for row in res.history)  # the pick did something
@@ -189,9 +198,13 @@ def test_killed_rollout_actor_and_learner_rank_restart_from_the_last_checkpoint(
     from pipelines.rlhf.stage import run
 
     out = tmp_path / "faults"
+    fn = f"fn:{toy_inputs / 'toy_reward.py'}"
     cfg = tiny_config(tiny_checkpoint, toy_inputs, out, "rollout.engines=2", "iterations=4", "train.ckpt_every=1",
-                      "rollout.inject_failure_at=1", "train.inject_failure_at=3")
+                      "rollout.inject_failure_at=1", "train.inject_failure_at=3",
+                      f"reward={fn}:whitespace,{fn}:columns_match:0")
     res = run(cfg, engines=engines)
+    # after both restarts the resumed iterations' answers still got their own rows' columns
+    assert [r["reward/toy_reward.columns_match"] for r in res.history] == [1.0] * 4
     assert (out / ".faults" / ".injected_rollout_failure_1").exists()
     assert (out / ".faults" / ".injected_learner_failure_3").exists()
     assert [r["iteration"] for r in res.history] == [1, 2, 3, 4]  # each iteration once: resumed, not restarted

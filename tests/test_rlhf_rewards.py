@@ -94,7 +94,7 @@ def test_bad_prompt_lines_are_counted_and_none_usable_is_one_clear_error(tmp_pat
     explain = {"messages": [{"role": "user", "content": "What does this do?"},
                             {"role": "assistant", "content": "It adds."}], "meta": {"task": "explain"}}
     f = tmp_path / "p.jsonl"
-    f.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"prompt": "x"}), json.dumps(explain)]) + "\n")
+    f.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"text": "x"}), json.dumps(explain)]) + "\n")
     ps = load_prompts(str(f), tok, fmt, max_prompt_tokens=200, tasks=["write"])
     assert len(ps) == 1 and ps.texts == [PROMPT]
     assert ps.counts["bad_json"] == 1 and ps.counts["bad_missing_fields"] == 1 and ps.counts["other_task"] == 1

@@ -16,8 +16,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--policy": ("policy", {"metavar": "CKPT", "help": "the starting policy (SFT checkpoint or artifact folder)"}),
         "--reward": ("reward", {"metavar": "SPEC",
                                 "help": "comma-separated parts, each [rm:]RM_DIR[:W] | fn:NAME[:W] | "
-                                        "fn:path/file.py:func[:W] (built-ins: code_judge, writes_function)"}),
-        "--prompts": ("prompts", {"metavar": "FILE_OR_DIR", "help": "sft-data output (its code-writing prompts)"}),
+                                        "fn:path/file.py:func[:W] (built-ins: code_judge, writes_function, "
+                                        "exact_answer, number_answer)"}),
+        "--prompts": ("prompts", {"metavar": "FILE_OR_DIR",
+                                  "help": 'JSONL rows {"prompt": ...} or {"messages": [...]}, other fields passed to '
+                                          "reward functions (sft-data or `genloop tasks` output)"}),
         "--algo": ("algo", {"choices": ["grpo", "ppo"], "help": "grpo: group advantages; ppo: value model + GAE"}),
         "--out": ("out", {"metavar": "DIR", "help": "artifact folder (model/ is the final policy, servable as is)"}),
         "--iterations": ("iterations", {"metavar": "N", "type": int, "help": "generate -> score -> learn -> sync"}),

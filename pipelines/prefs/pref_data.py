@@ -1,13 +1,13 @@
 """``genloop pref-data --policy CKPT --prompts SFT_DATA --out DIR [--human FILE]``: preference pairs without humans.
 
-For every code-writing prompt of an ``sft-data`` set (a JSONL file or its artifact folder; a prompt is code-writing
-when it names a function signature in backticks, ``pipelines/judge.py``), the policy samples ``samples`` answers
-with vLLM (``models/engine.py``, in one Ray task that asks for a GPU on a GPU cluster); the judge scores each, and
-the set's reference answer is a candidate too. Pairs: the best-scored candidate (ties: a policy sample first, it is
-on-policy) against up to ``pairs_per_prompt`` distinct worse ones, kept only when the judge scores differ by at
-least ``min_margin``. Human preferences from ``--human`` (what ``genloop feedback export`` writes, or any form
-``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its ``source`` (``judge`` or the human
-file's).
+For every code-writing prompt of an ``sft-data`` set or of ``{"prompt": ...}`` rows (a JSONL file or its artifact
+folder; a prompt is code-writing when it names a function signature in backticks, ``pipelines/judge.py``), the
+policy samples ``samples`` answers with vLLM (``models/engine.py``, in one Ray task that asks for a GPU on a GPU
+cluster); the judge scores each, and the set's reference answer is a candidate too. Pairs: the best-scored candidate
+(ties: a policy sample first, it is on-policy) against up to ``pairs_per_prompt`` distinct worse ones, kept only
+when the judge scores differ by at least ``min_margin``. Human preferences from ``--human`` (what ``genloop feedback
+export`` writes, or any form ``pipelines/prefs/pairs.py`` reads) merge in, deduplicated; every pair names its
+``source`` (``judge`` or the human file's).
 
 Held-out split: prompts from the sft-data set's held-out file stay held out; otherwise ``val_fraction`` of prompts
 (by hash). Output ``DIR``: ``train.jsonl`` + ``val.jsonl`` (``{"prompt", "chosen", "rejected", "source",
@@ -41,6 +41,9 @@ class PrefDataConfig:
     prompts: str = ""  # the sft-data set: a JSONL file (its .val.jsonl beside it is used) or an artifact folder
     out: str = ""
     human: str = ""  # optional human preference JSONL (genloop feedback export), merged in
+    # fn: reward parts (rlhf's --reward spec, reading the rows' columns, e.g. fn:exact_answer,fn:number_answer) that
+    # score the candidates instead of the code judge; every prompt row is used, code-writing or not. "": the judge
+    reward: str = ""
     samples: int = 4  # answers sampled per prompt
     max_prompts: int = 0  # 0 = every code-writing prompt
     max_new_tokens: int = 128
@@ -65,27 +68,28 @@ class Candidate:
 
 # ---- pure parts ----------------------------------------------------------------------------------------------------
 def code_prompt(obj: Any) -> tuple[list[dict] | None, str, str]:
-    """(prompt messages, reference answer, "") of an sft-data line asking for code, else (None, "", reason)."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+    """(prompt messages, reference answer, "") of a prompt row asking for code, else (None, "", reason). A row is
+    ``{"prompt": str}`` or ``{"messages": [...]}`` (a final assistant turn, or a ``"response"``, is the reference
+    answer; ``pipelines.conversations.parse_prompt_record``)."""
+    from pipelines.conversations import parse_prompt_record
+
+    if not isinstance(obj, dict) or ("messages" not in obj and "prompt" not in obj):
         return None, "", "not_a_conversation"
-    msgs = obj["messages"]
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in (
-            "system", "user", "assistant") for m in msgs):
-        return None, "", "bad_messages"
-    reference = ""
-    if msgs[-1]["role"] == "assistant":
-        reference, msgs = msgs[-1]["content"], msgs[:-1]
-    users = [m for m in msgs if m["role"] == "user"]
-    if not users:
-        return None, "", "no_user_turn"
-    if requested_signature(users[-1]["content"]) is None:
+    msgs, reference, _, reason = parse_prompt_record(obj)
+    if msgs is None:
+        return None, "", {"no_user_turn": "no_user_turn", "not_an_object": "not_a_conversation"}.get(
+            reason, "bad_messages")
+    if requested_signature(msgs[-1]["content"]) is None:
         return None, "", "not_code_writing"
-    return [{"role": m["role"], "content": m["content"]} for m in msgs], reference, ""
+    return [dict(m) for m in msgs], reference, ""
 
 
-def read_prompts(path: str, counts: Counter, quarantine: list[dict]) -> list[tuple[list[dict], str]]:
-    """Code-writing prompts of an sft-data JSONL file; other lines counted (non-code ones are not errors)."""
+def read_prompts(path: str, counts: Counter, quarantine: list[dict],
+                 code_only: bool = True) -> list[tuple[list[dict], str, dict[str, Any]]]:
+    """(prompt messages, reference answer, columns) of the code-writing prompts of a JSONL file (``code_only``;
+    else of every prompt row); other lines counted (non-code ones are not errors)."""
     from pipelines.artifacts import NOT_JSON, jsonl_lines
+    from pipelines.conversations import parse_prompt_record
 
     out = []
     for i, line, obj in jsonl_lines(path):
@@ -95,6 +99,8 @@ def read_prompts(path: str, counts: Counter, quarantine: list[dict]) -> list[tup
             quarantine.append({"file": path, "line": i, "reason": "not_json", "text": line[:500]})
             continue
         msgs, ref, reason = code_prompt(obj)
+        if reason == "not_code_writing" and not code_only:
+            msgs, ref, _, reason = parse_prompt_record(obj)
         if reason == "not_code_writing":
             counts["skipped_not_code_writing"] += 1
             continue
@@ -102,7 +108,7 @@ def read_prompts(path: str, counts: Counter, quarantine: list[dict]) -> list[tup
             counts[f"bad_prompt_{reason}"] += 1
             quarantine.append({"file": path, "line": i, "reason": reason, "text": line[:500]})
             continue
-        out.append((msgs, ref))
+        out.append((msgs, ref, parse_prompt_record(obj)[2]))
     return out
 
 
@@ -112,6 +118,8 @@ def prompt_files(prompts: str) -> tuple[str, str | None]:
 
     if is_dir(prompts):
         train, val = join(prompts, SFT_TRAIN), join(prompts, SFT_VAL)
+        if not exists(val) and exists(join(prompts, "heldout.jsonl")):  # `genloop tasks` output
+            val = join(prompts, "heldout.jsonl")
     else:
         train = prompts
         val = prompts[: -len(".jsonl")] + ".val.jsonl" if prompts.endswith(".jsonl") else ""
@@ -178,8 +186,12 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
             raise ValueError(f"pref-data needs --{key} (see genloop pref-data --help)")
     if cfg.samples < 1 or cfg.pairs_per_prompt < 1:
         raise ValueError(f"pref-data.samples={cfg.samples} and pairs_per_prompt={cfg.pairs_per_prompt} must be >= 1")
-    if not 0 < cfg.min_margin <= 1:
+    if not 0 < cfg.min_margin <= 1 and not (cfg.reward and cfg.min_margin > 0):
         raise ValueError(f"pref-data.min_margin={cfg.min_margin} must be in (0, 1] (judge scores lie in [0, 1])")
+    from pipelines.rlhf.evaluate import eval_rewards
+
+    rewards = eval_rewards(cfg.reward)  # fn: parts only; a bad spec fails before any work
+    source = "reward" if rewards is not None else "judge"
     cfg = absolute_paths(cfg, "policy", "prompts", "human", "out")
     cfg = dataclasses.replace(cfg, policy=resolve_checkpoint(cfg.policy))
     train_file, val_file = prompt_files(cfg.prompts)
@@ -193,16 +205,18 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
 
     counts: Counter = Counter()
     quarantine: list[dict] = []
-    prompts = [(m, r, "train") for m, r in read_prompts(train_file, counts, quarantine)]
-    val = [(m, r, "val") for m, r in read_prompts(val_file, counts, quarantine)] if val_file else []
+    code_only = rewards is None
+    prompts = [(m, r, "train", c) for m, r, c in read_prompts(train_file, counts, quarantine, code_only)]
+    val = [(m, r, "val", c) for m, r, c in read_prompts(val_file, counts, quarantine, code_only)] if val_file else []
     if cfg.max_prompts:  # at most max_prompts in all; the held-out prompts keep at least their share (val_fraction)
         n_val = min(len(val), max(1, round(cfg.max_prompts * cfg.val_fraction)))
         n_train = min(len(prompts), cfg.max_prompts - n_val)
         prompts, val = prompts[:n_train], val[: cfg.max_prompts - n_train]
     prompts += val
     if not prompts:
-        raise ValueError(f"--prompts {cfg.prompts}: no code-writing prompt ({dict(counts)}); expected sft-data lines "
-                         '{"messages": [{"role": "user", "content": "... `def name(args)` ..."}, ...]}')
+        raise ValueError(f"--prompts {cfg.prompts}: no usable prompt ({dict(counts)}); expected rows "
+                         '{"prompt": "... `def name(args)` ..."} or {"messages": [{"role": "user", ...}, ...]} '
+                         "(code-writing ones for the judge; any with --reward fn:...)")
     counts["prompts_read"] = len(prompts)
 
     limit = cfg.engine.max_model_len or load_config(policy_local).max_seq_len
@@ -213,26 +227,36 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
         raise ValueError(f"pref-data: every prompt is longer than the context ({limit} tokens) minus "
                          f"max_new_tokens={cfg.max_new_tokens}; lower max_new_tokens or use shorter prompts")
     prompt_ids, prompts = [ids for ids, _ in kept], [p for _, p in kept]
+    if rewards is not None:  # a column a reward function needs: refused before sampling
+        names = sorted({k for p in prompts for k in p[3]})
+        rewards.check_columns({k: [p[3].get(k) for p in prompts] for k in names}, len(prompts),
+                              source=f"--prompts {cfg.prompts}")
     t0 = time.perf_counter()
     answers = _sample_remote(cfg, prompt_ids, [tok.im_end_id, tok.eot_id])
     sample_s = time.perf_counter() - t0
 
     pairs: dict[str, list[PrefPair]] = {"train": [], "val": []}
     sample_lines, policy_scores = [], []
-    for (msgs, ref, side), outs in zip(prompts, answers):
+    def score(user: str, texts: list[str], columns: dict[str, Any]) -> list[float]:
+        if rewards is None:
+            return [judge(user, t) for t in texts]
+        return rewards.score([user] * len(texts), texts, None, {k: [v] * len(texts) for k, v in columns.items()})[0]
+
+    for (msgs, ref, side, columns), outs in zip(prompts, answers):
         user = [m for m in msgs if m["role"] == "user"][-1]["content"]  # the request the judge reads
-        cands = [Candidate(text, judge(user, text), "policy") for text in (tok.decode(ids) for ids in outs)]
+        texts = [tok.decode(ids) for ids in outs]
+        cands = [Candidate(t, s, "policy") for t, s in zip(texts, score(user, texts, columns))]
         policy_scores += [c.score for c in cands]
         if cfg.include_reference and ref:
-            cands.append(Candidate(ref, judge(user, ref), "reference"))
+            cands.append(Candidate(ref, score(user, [ref], columns)[0], "reference"))
         sample_lines.append({"prompt": user, "candidates": [dataclasses.asdict(c) for c in cands]})
         made = make_pairs(cands, cfg.min_margin, cfg.pairs_per_prompt)
         if not made:
             counts["prompts_without_margin"] += 1
         for chosen, rejected in made:
-            pairs[side].append(PrefPair(msgs, chosen.text, rejected.text, 0.0, "judge", chosen.score, rejected.score))
-            counts[f"pairs_judge_chosen_{chosen.origin}"] += 1
-    counts["pairs_judge"] = len(pairs["train"]) + len(pairs["val"])
+            pairs[side].append(PrefPair(msgs, chosen.text, rejected.text, 0.0, source, chosen.score, rejected.score))
+            counts[f"pairs_{source}_chosen_{chosen.origin}"] += 1
+    counts[f"pairs_{source}"] = len(pairs["train"]) + len(pairs["val"])
 
     if cfg.human:
         human = read_pairs(cfg.human, counts, quarantine, default_source="human")
@@ -244,9 +268,9 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
         pairs["train"] += h_train
         pairs["val"] += h_val
     if not val_file:  # no held-out prompts in the set: split the judge pairs by prompt
-        judge_train, judge_val = split_pairs([p for p in pairs["train"] if p.source == "judge"], cfg.val_fraction,
+        judge_train, judge_val = split_pairs([p for p in pairs["train"] if p.source == source], cfg.val_fraction,
                                              cfg.seed)
-        pairs = {"train": judge_train + [p for p in pairs["train"] if p.source != "judge"],
+        pairs = {"train": judge_train + [p for p in pairs["train"] if p.source != source],
                  "val": judge_val + pairs["val"]}
     if not pairs["train"]:
         raise ValueError(f"pref-data: no training pair with a judge margin >= {cfg.min_margin} ({dict(counts)}); "
@@ -260,13 +284,13 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     counts.update(prompts=len(prompts), train_pairs=len(pairs["train"]), val_pairs=len(pairs["val"]),
                   quarantined=len(quarantine), samples=len(policy_scores))
     metrics = {
-        "policy_judge_pass_rate": sum(s == 1.0 for s in policy_scores) / max(1, len(policy_scores)),
-        "policy_judge_mean_score": sum(policy_scores) / max(1, len(policy_scores)),
+        f"policy_{source}_pass_rate": sum(s == 1.0 for s in policy_scores) / max(1, len(policy_scores)),
+        f"policy_{source}_mean_score": sum(policy_scores) / max(1, len(policy_scores)),
         "sample_seconds": sample_s,
     }
     artifact.finish(counts=dict(counts), metrics=metrics)
-    log.info("pref-data: %d prompts x %d samples -> %d train + %d held-out pairs (policy judge pass rate %.2f) -> %s",
-             len(prompts), cfg.samples, counts["train_pairs"], counts["val_pairs"], metrics["policy_judge_pass_rate"],
-             cfg.out)
+    log.info("pref-data: %d prompts x %d samples -> %d train + %d held-out pairs (policy %s pass rate %.2f) -> %s",
+             len(prompts), cfg.samples, counts["train_pairs"], counts["val_pairs"], source,
+             metrics[f"policy_{source}_pass_rate"], cfg.out)
     return {"out": cfg.out, **metrics, "counts": dict(counts)}
 

@@ -90,7 +90,7 @@ class LearnerConfig:
 class RlhfConfig:
     policy: str = ""  # the starting policy: an SFT checkpoint (or an artifact folder holding model/)
     reward: str = ""  # RM_DIR[,fn:NAME[:W]][,fn:file.py:func[:W]] (pipelines/rlhf/rewards.py)
-    prompts: str = ""  # sft-data output: a JSONL file or an artifact folder with train.jsonl
+    prompts: str = ""  # JSONL prompt rows (sft-data or `genloop tasks` output): a file or a folder with train.jsonl
     out: str = ""
     algo: Literal["grpo", "ppo"] = "grpo"
     value_init: str = ""  # ppo: the value model's starting backbone (default: a reward model part, else the policy)
@@ -112,7 +112,7 @@ class RlhfConfig:
         if not self.policy:
             raise ValueError("no --policy: pass the SFT checkpoint to start from")
         if not self.prompts:
-            raise ValueError("no --prompts: pass an sft-data JSONL file or artifact folder")
+            raise ValueError("no --prompts: pass a JSONL file of prompt rows or a folder with train.jsonl")
         if not self.out:
             raise ValueError("no --out: pass the folder to write the policy and metrics to")
         if not self.reward:

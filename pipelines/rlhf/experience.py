@@ -1,9 +1,10 @@
 """Making experience on the learner's rank 0: prompts in a seeded, resumable order -> rollout engines -> rewards ->
 one ``Experience`` batch; and pushing the learner's weights into every engine.
 
-Prompts are the sft-data set (JSONL of ``messages``; a file or an artifact folder holding ``train.jsonl``): each
-conversation without its last assistant turn, rendered with the policy checkpoint's chat template
-(``models/chat.py encode_prompt``). The text the reward functions see is the last user message.
+Prompts are JSONL rows (a file or an artifact folder holding ``train.jsonl``): ``{"prompt": str}`` or
+``{"messages": [...]}`` (an sft-data set; a final assistant turn is dropped), rendered with the policy checkpoint's
+chat template (``models/chat.py encode_prompt``). The text the reward functions see is the last user message; a
+row's other fields are its columns, passed to the reward functions per answer (``rewards.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ class PromptSet:
     texts: list[str]  # the last user message of each prompt (what reward functions see)
     ids: list[list[int]]  # the rendered prompt ids, ending in the assistant header
     counts: dict[str, int] = field(default_factory=dict)  # lines read, kept, dropped per reason
+    # the rows' other fields, each a list aligned with ``ids`` (None where a row lacks the field)
+    columns: dict[str, list[Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def columns_for(self, idx: Sequence[int], repeat: int = 1) -> dict[str, list[Any]]:
+        """The columns of prompts ``idx``, each value repeated ``repeat`` times in a row (one per answer of a
+        group): aligned with answers laid out prompt-major, as ``Driver.score`` and ``evaluate`` lay them out."""
+        return {k: [v[i] for i in idx for _ in range(repeat)] for k, v in self.columns.items()}
 
 
 def prompts_file(path: str) -> str:
@@ -44,37 +52,34 @@ def prompts_file(path: str) -> str:
 
 
 def load_prompts(path: str, tok, fmt, max_prompt_tokens: int, tasks: Sequence[str] = ()) -> PromptSet:
-    """Prompts from sft-data JSONL. Bad lines, rows of other ``meta.task`` kinds and prompts longer than
-    ``max_prompt_tokens`` are counted and dropped; none left is a clear error naming the file."""
+    """Prompts from JSONL rows (``pipelines.conversations.read_prompt_rows``). Bad lines, rows of other
+    ``meta.task`` kinds and prompts longer than ``max_prompt_tokens`` are counted and dropped; none left is a clear
+    error naming the file. Each row's other fields become ``columns`` (None where a row lacks one)."""
     from models.chat import encode_prompt
-    from pipelines.conversations import read_conversations
+    from pipelines.conversations import read_prompt_rows
 
     counts: Counter = Counter()
     src = prompts_file(path)
-    rows = read_conversations(src, counts)
-    texts, ids = [], []
-    for msgs, meta in rows:
+    texts, ids, cols = [], [], []
+    for msgs, _, columns in read_prompt_rows(src, counts):
+        meta = columns.get("meta") if isinstance(columns.get("meta"), dict) else {}
         if tasks and meta.get("task") and meta["task"] not in tasks:
             counts["other_task"] += 1
             continue
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt = msgs[:last]
-        users = [m["content"] for m in prompt if m["role"] == "user"]
-        if not users:
-            counts["bad_no_user_turn"] += 1
-            continue
-        p_ids = encode_prompt(tok, fmt, prompt)
+        p_ids = encode_prompt(tok, fmt, msgs)
         if len(p_ids) > max_prompt_tokens:
             counts["too_long"] += 1
             continue
-        texts.append(users[-1])
+        texts.append(msgs[-1]["content"])
         ids.append(p_ids)
+        cols.append(columns)
     counts["kept"] = len(ids)
     if not ids:
         raise ValueError(f"--prompts {src}: no usable prompt (counts: {dict(counts)}); expected JSONL lines of "
-                         '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]} (sft-data output) '
-                         f"with prompts of at most {max_prompt_tokens} tokens")
-    return PromptSet(texts, ids, dict(counts))
+                         '{"prompt": "..."} or {"messages": [{"role": "user", ...}, ...]} (sft-data or `genloop '
+                         f"tasks` output) with prompts of at most {max_prompt_tokens} tokens")
+    names = sorted({k for c in cols for k in c if k not in ("prompts", "responses")})
+    return PromptSet(texts, ids, dict(counts), {k: [c.get(k) for c in cols] for k in names})
 
 
 def prompt_order(n_prompts: int, iteration: int, per_iter: int, seed: int) -> list[int]:
@@ -122,6 +127,30 @@ class Experience:
                           pick(self.response_texts))
 
 
+def engine_nodes(engines: list, wait_s: float = 600.0) -> list[str]:
+    """Each engine actor's node id, waiting while an actor Ray is re-creating comes back up (after a dead engine the
+    restarted learner gets here while vLLM is still starting; without the wait each such try costs one of
+    ``train.max_failures``)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    start = time.monotonic()
+    waited = False
+    while True:
+        try:
+            nodes = ray.get([e.node_id.remote() for e in engines])
+            if waited:
+                log.info("rlhf: the rollout engines are up after %.0f s", time.monotonic() - start)
+            return nodes
+        except ActorUnavailableError:
+            if time.monotonic() - start > wait_s:
+                raise
+            if not waited:
+                log.info("rlhf: a rollout engine is restarting; waiting up to %.0f s for it", wait_s)
+            waited = True
+            time.sleep(2.0)
+
+
 class Driver:
     """Rank 0's side of an iteration: engines (Ray actors), reward functions / reward-model actors, the prompts."""
 
@@ -139,7 +168,7 @@ class Driver:
         self.sampling = sampling
         self.seed = seed
         self.node = ray.get_runtime_context().get_node_id()
-        self.engine_nodes = ray.get([e.node_id.remote() for e in engines])
+        self.engine_nodes = engine_nodes(engines)
 
     def generate(self, iteration: int, per_iter: int, fail_marker: str = "") -> tuple[list[int], list[list[Any]]]:
         """(prompt indices, completions per prompt): the prompts split over the engines, sampled in parallel.
@@ -163,7 +192,10 @@ class Driver:
         import ray
 
         p_ids, r_ids, r_lp, trunc, p_txt, r_txt = [], [], [], [], [], []
+        columns = self.prompts.columns_for(idx, self.group_size)  # TRL's convention: one value per answer
         for i, group in zip(idx, completions):
+            if len(group) != self.group_size:
+                raise RuntimeError(f"an engine returned {len(group)} answers for a group of {self.group_size}")
             for c in group:
                 p_ids.append(self.prompts.ids[i])
                 r_ids.append(list(c.token_ids))
@@ -178,7 +210,7 @@ class Driver:
                 refs = [a.score.remote([p_ids[j] for j in ch], [r_ids[j] for j in ch])
                         for a, ch in zip(self.rm_actors, chunks) if len(ch)]
                 return [s for part in ray.get(refs) for s in part]
-        scores, parts = self.rewards.score(p_txt, r_txt, rm_score)
+        scores, parts = self.rewards.score(p_txt, r_txt, rm_score, columns)
         return Experience(p_ids, r_ids, r_lp, scores, parts, trunc, p_txt, r_txt)
 
     def sync(self, state_dict: dict, version: int) -> float:

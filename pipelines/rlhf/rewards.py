@@ -7,24 +7,33 @@ The ``--reward`` spec is a comma-separated list of parts, each with an optional 
     fn:path/to/file.py:func[:W]    a user's function (as OpenRLHF takes a reward-function file)
     RM_DIR | rm:RM_DIR[:W]         a reward model folder (``genloop reward``'s output or its model/)
 
-A function is ``func(prompts: list[str], responses: list[str]) -> list[float]``: one score per pair (a prompt is
-repeated for each of its sampled answers). A function that raises, returns the wrong number of scores or a non-finite
-score stops the run with a ``RewardError`` naming the function and the problem.
+A function is ``func(prompts: list[str], responses: list[str], **columns) -> list[float]``: one score per pair (a
+prompt is repeated for each of its sampled answers). ``columns`` are the other fields of the ``--prompts`` rows
+(``{"prompt": ..., "answer": "85"}`` gives ``answer=[...]``), each a list aligned with ``responses`` (TRL's
+convention): a function gets every column when it takes ``**kwargs``, else only the ones it names, and none when it
+takes only ``(prompts, responses)``. A column a function names without a default is required: rows that lack it are
+refused before any rollout (``RewardSet.check_columns``). A function that raises, returns the wrong number of scores
+or a non-finite score stops the run with a ``RewardError`` naming the function and the problem.
+
+Verifiable built-ins (0/1, from a reference ``answer`` column; verl's strict and flexible gsm8k extractors in
+spirit, report both so format gains are not sold as answer gains): ``exact_answer`` (the stripped response is the
+answer) and ``number_answer`` (the last number in the response equals the answer numerically).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+RewardFn = Callable[..., list[float]]  # (prompts, responses, **columns) -> one score per answer
 
 
 class RewardError(ValueError):
@@ -55,7 +64,53 @@ def _writes_function(prompts: list[str], responses: list[str]) -> list[float]:
     return [1.0 if writes_function(r) else 0.0 for r in responses]
 
 
+# a number as people write it: optional minus (not a binary minus after a digit), thousands commas, decimals; a
+# trailing period ("85.") is the sentence's, not the number's; "1,2,3" is a list (last: 3)
+_NUMBER_IN_TEXT = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\d.])-?\.\d+")
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (``"-1,234.5"`` -> -1234.5), or None."""
+    found = [m.group(0) for m in _NUMBER_IN_TEXT.finditer(text)]
+    if not found:
+        return None
+    return float(found[-1].replace(",", ""))
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(",", "")
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
+
+
+def exact_answer(prompts: list[str], responses: list[str], answer: list[Any]) -> list[float]:
+    """1.0 where the stripped response equals the stripped ``answer`` (numbers compared as written: ``str(85)``)."""
+    return [1.0 if r.strip() == str(a).strip() else 0.0 for r, a in zip(responses, answer)]
+
+
+def number_answer(prompts: list[str], responses: list[str], answer: list[Any]) -> list[float]:
+    """1.0 where the last number in the response equals ``answer`` numerically (commas in thousands, decimals and
+    a minus sign read; ``"The sum is 1,085."`` matches ``1085``), else 0.0 (no number, or an answer that is not
+    one)."""
+    out = []
+    for r, a in zip(responses, answer):
+        got, want = last_number(r), _as_number(a)
+        out.append(1.0 if got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+                   else 0.0)
+    return out
+
+
 BUILTINS: dict[str, RewardFn] = {
+    "exact_answer": exact_answer,  # 1 when the stripped response is the `answer` column (strict)
+    "number_answer": number_answer,  # 1 when the response's last number equals the `answer` column (flexible)
     "code_judge": _code_judge,  # pipelines/judge.py: the requested function with the requested signature, 0..1
     "writes_function": _writes_function,  # 1 when the answer parses and defines a function
     "judge_pass": _judge_pass,  # 1 only when the judge passes the answer (the requested signature, a real body)
@@ -140,10 +195,44 @@ def load_function(part: RewardPart) -> RewardFn:
     return fn
 
 
-def call_reward(name: str, fn: Callable[..., Any], prompts: list[str], responses: list[str]) -> list[float]:
-    """``fn(prompts, responses)`` checked: one finite float per pair, else a ``RewardError`` naming ``name``."""
+@dataclass(frozen=True)
+class ColumnUse:
+    """Which ``--prompts`` columns a reward function takes (from its signature)."""
+
+    all: bool  # it takes **kwargs: every column
+    named: frozenset[str]  # keyword parameters after (prompts, responses)
+    required: frozenset[str]  # ... of them without a default
+
+
+def column_use(fn: Callable[..., Any]) -> ColumnUse:
+    """Read ``fn``'s signature: the first two positional parameters are (prompts, responses); any other named
+    parameter is a column, required when it has no default; ``**kwargs`` takes every column."""
     try:
-        out = fn(list(prompts), list(responses))
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: (prompts, responses) only
+        return ColumnUse(False, frozenset(), frozenset())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
+    rest = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p not in positional[:2]]
+    return ColumnUse(takes_all, frozenset(p.name for p in rest),
+                     frozenset(p.name for p in rest if p.default is p.empty))
+
+
+def call_reward(name: str, fn: Callable[..., Any], prompts: list[str], responses: list[str],
+                columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
+    """``fn(prompts, responses, **columns it takes)`` checked: one finite float per pair, else a ``RewardError``
+    naming ``name``."""
+    kwargs: dict[str, list[Any]] = {}
+    if columns:
+        use = column_use(fn)
+        for k, v in columns.items():
+            if use.all or k in use.named:
+                if len(v) != len(responses):
+                    raise RewardError(f"column {k!r} has {len(v)} values for {len(responses)} answers (internal: "
+                                      "columns must be aligned with the responses)")
+                kwargs[k] = list(v)
+    try:
+        out = fn(list(prompts), list(responses), **kwargs)
     except Exception as e:
         raise RewardError(f"reward function {name} raised {type(e).__name__}: {e} (on a batch of {len(prompts)} "
                           "answers); fix the function or drop it from --reward") from e
@@ -181,13 +270,35 @@ class RewardSet:
     def reward_model(self) -> RewardPart | None:
         return next((p for p in self.parts if p.kind == "rm"), None)
 
-    def score(self, prompts: list[str], responses: list[str],
-              rm_score: Callable[[], list[float]] | None = None) -> tuple[list[float], dict[str, list[float]]]:
-        """(total per answer, {part name: its unweighted scores})."""
+    def required_columns(self) -> dict[str, frozenset[str]]:
+        """{part name: the columns its function needs} for the parts that need any."""
+        need = {name: column_use(fn).required for name, fn in self.fns.items()}
+        return {k: v for k, v in need.items() if v}
+
+    def check_columns(self, columns: Mapping[str, Sequence[Any]], n_rows: int, source: str = "--prompts") -> None:
+        """Refuse, before any rollout, prompt rows that lack a column a reward function needs (a missing field is
+        ``None`` in ``columns``): one ``RewardError`` naming the function, the column and how many rows lack it."""
+        problems = []
+        for name, need in self.required_columns().items():
+            for col in sorted(need):
+                values = columns.get(col)
+                missing = n_rows if values is None else sum(v is None for v in values)
+                if missing:
+                    problems.append(f"fn:{name} needs the column {col!r}, which {missing} of {n_rows} rows lack")
+        if problems:
+            have = ", ".join(sorted(k for k, v in columns.items() if any(x is not None for x in v))) or "none"
+            raise RewardError(f"{source}: {'; '.join(problems)} (the rows' columns: {have}); give every row the "
+                              f'field, e.g. {{"prompt": "Compute 47+38.", "answer": "85"}} (`genloop tasks '
+                              "arithmetic` writes such rows), or drop the function from --reward")
+
+    def score(self, prompts: list[str], responses: list[str], rm_score: Callable[[], list[float]] | None = None,
+              columns: Mapping[str, Sequence[Any]] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+        """(total per answer, {part name: its unweighted scores}). ``columns``: the prompt rows' other fields, each
+        a list aligned with ``responses``."""
         parts: dict[str, list[float]] = {}
         for p in self.parts:
             if p.kind == "fn":
-                parts[p.name] = call_reward(p.name, self.fns[p.name], prompts, responses)
+                parts[p.name] = call_reward(p.name, self.fns[p.name], prompts, responses, columns)
             else:
                 if rm_score is None:
                     raise RewardError("the reward spec has a reward model but no reward-model scorer was started")

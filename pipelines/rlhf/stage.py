@@ -94,6 +94,7 @@ def plan(cfg: RlhfConfig) -> Plan:
     if cfg.algo == "ppo":
         value_init = checkpoint_dir(cfg.value_init) if cfg.value_init else rm  # None: the policy's trunk
     prompts = load_prompts(cfg.prompts, tok, ChatFormat.from_checkpoint(policy), max_prompt, cfg.prompt_tasks)
+    rewards.check_columns(prompts.columns, len(prompts))  # a column a reward function needs: refused before rollout
     dropped = {k: v for k, v in prompts.counts.items() if k not in ("lines", "kept") and v}
     if dropped:
         log.warning("rlhf: %d prompts kept, dropped %s", len(prompts), dropped)
