@@ -37,8 +37,19 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import pyarrow.fs as pafs
 
-from pipelines.artifacts import (MANIFEST, ArtifactError, Manifest, absolute, exists, filesystem, is_dir, is_file,
-                                 is_uri, join, read_manifest)
+from pipelines.artifacts import (
+    MANIFEST,
+    ArtifactError,
+    Manifest,
+    absolute,
+    exists,
+    filesystem,
+    is_dir,
+    is_file,
+    is_uri,
+    join,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 

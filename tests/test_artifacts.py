@@ -7,8 +7,19 @@ import json
 
 import pytest
 
-from pipelines.artifacts import (MANIFEST, ArtifactError, Manifest, artifact_of, join, lineage, list_files, parent,
-                                 read_manifest, resolve_checkpoint, writable_dir)
+from pipelines.artifacts import (
+    MANIFEST,
+    ArtifactError,
+    Manifest,
+    artifact_of,
+    join,
+    lineage,
+    list_files,
+    parent,
+    read_manifest,
+    resolve_checkpoint,
+    writable_dir,
+)
 
 
 def _chain(tmp_path):

@@ -13,13 +13,22 @@ import pytest
 from pipelines.artifacts import ArtifactError, read_manifest
 from pipelines.blocks import TOKENS, open_dataset
 from pipelines.config import build_config
-from pipelines.data.stage import DataConfig, run
 from pipelines.data.docs import DocProcessor, decode_document
 from pipelines.data.inputs import list_inputs, split_documents, stdlib_files
-from pipelines.data.text import CodeRules, ProseRules, c4_clean, code_filter, dup_ngram_char_frac, gopher_quality, \
-    gopher_repetition, normalise, redact_pii, top_ngram_char_frac
-from tests.helpers import STDLIB
-from tests.helpers import edit, jaccard, prose_words, render, vocabulary
+from pipelines.data.stage import DataConfig, run
+from pipelines.data.text import (
+    CodeRules,
+    ProseRules,
+    c4_clean,
+    code_filter,
+    dup_ngram_char_frac,
+    gopher_quality,
+    gopher_repetition,
+    normalise,
+    redact_pii,
+    top_ngram_char_frac,
+)
+from tests.helpers import STDLIB, edit, jaccard, prose_words, render, vocabulary
 
 # ---- plain functions ---------------------------------------------------------------------------------------------
 

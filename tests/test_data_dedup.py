@@ -10,8 +10,19 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pipelines.data.dedup import (MinHashConfig, band_keys, bucket_edges, content_hash, survivors,
-                                  permutations, shingle_hashes, signature, splitmix64, text_signature, word_hashes)
+from pipelines.data.dedup import (
+    MinHashConfig,
+    band_keys,
+    bucket_edges,
+    content_hash,
+    permutations,
+    shingle_hashes,
+    signature,
+    splitmix64,
+    survivors,
+    text_signature,
+    word_hashes,
+)
 from tests.helpers import edit, jaccard, prose_words, render, vocabulary
 
 # ---- planted corpus ---------------------------------------------------------------------------------------------

@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from models.chat import ChatFormat, encode_chat, encode_prompt
-from models.checkpoint import (CheckpointError, UnsupportedModelError, load_checkpoint, load_config, load_tokenizer,
-                               save_checkpoint)
+from models.checkpoint import (
+    CheckpointError,
+    UnsupportedModelError,
+    load_checkpoint,
+    load_config,
+    load_tokenizer,
+    save_checkpoint,
+)
 from models.hf_tokenizer import HFTokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipelines.train.loader import RankLoader, SampleOrder, epoch_order, rank_span, val_rows
-from pipelines.train.row_store import UNITS, RowStore, array_batches, write_rows
 from pipelines.train.objective import IGNORE, LMObjective
+from pipelines.train.row_store import UNITS, RowStore, array_batches, write_rows
 
 
 def lm_store(path: Path, n: int, seq: int = 8, seed: int = 0) -> RowStore:

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from pipelines.prefs.objectives import (DPO_LOSSES, BradleyTerryObjective, DPOObjective, bradley_terry_loss, dpo_loss,
-                                sequence_logps)
+from pipelines.prefs.objectives import (
+    DPO_LOSSES,
+    BradleyTerryObjective,
+    DPOObjective,
+    bradley_terry_loss,
+    dpo_loss,
+    sequence_logps,
+)
 
 
 def _softplus(x: float) -> float:  # -log sigmoid(-x) = log(1 + e^x)

@@ -8,9 +8,17 @@ from collections import Counter
 
 import pytest
 
+from pipelines.prefs.pairs import (
+    PrefPair,
+    pair_rows,
+    parse_pair,
+    read_pairs,
+    require_pairs,
+    side_row,
+    split_pairs,
+    write_quarantine,
+)
 from pipelines.prefs.pref_data import Candidate, code_prompt, make_pairs
-from pipelines.prefs.pairs import (PrefPair, pair_rows, parse_pair, read_pairs, require_pairs, side_row, split_pairs,
-                             write_quarantine)
 
 
 def test_parse_pair_forms():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines.rlhf.rewards import RewardError, RewardSet, parse_reward_spec
+from pipelines.rewards import RewardError, RewardSet, parse_reward_spec
 
 PROMPT = "Write a Python function `add(a, b)` that returns the sum of a and b."
 GOOD = "```python\ndef add(a, b):\n    total = a + b\n    return total\n```"
@@ -112,7 +112,7 @@ def test_reward_model_worker_scores_the_last_token_and_combines_with_functions(t
     import torch
 
     from models.scalar_model import from_causal_lm, save_scalar_model
-    from pipelines.rlhf.rewards import RewardModelWorker
+    from pipelines.rewards import RewardModelWorker
 
     rm, tok = from_causal_lm(tiny_checkpoint)
     save_scalar_model(rm, tok, tmp_path / "rm")

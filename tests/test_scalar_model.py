@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.scalar_model import (from_causal_lm, last_token_index, load_scalar_model, save_scalar_model,
-                                 sequence_scores)
+from models.scalar_model import from_causal_lm, last_token_index, load_scalar_model, save_scalar_model, sequence_scores
 
 
 def test_last_token_index_is_the_rightmost_non_pad_token():

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from models.chat import ChatFormat
-from pipelines.judge import parses_as_python, writes_function
-from pipelines.sft.evaluate import heldout_answer_loss
 from pipelines.conversations import parse_record, read_conversations
+from pipelines.judge import parses_as_python, writes_function
+from pipelines.sft.data import SftDataConfig, build, run, val_path
+from pipelines.sft.evaluate import heldout_answer_loss
 from pipelines.sft.rows import Sample, encode_samples, pack_bins, packed_rows, padded_rows, to_sample
 from pipelines.train.loop import IGNORE
-from pipelines.sft.data import SftDataConfig, build, run, val_path
 
 MODULE = '''
 def add(a, b):

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from models.tokenizer import CHAT_SPECIALS, Tokenizer, TokenizerError, onig_pattern, to_hf_tokenizer_json, train
-
 from tests.helpers import VARIED
 
 

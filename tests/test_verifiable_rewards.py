@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.rlhf.rewards import RewardError, RewardSet, column_use, exact_answer, last_number, number_answer
+from pipelines.rewards import RewardError, RewardSet, column_use, exact_answer, last_number, number_answer
 
 
 # ---- prompt rows ---------------------------------------------------------------------------------------------------

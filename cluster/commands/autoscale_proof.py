@@ -37,8 +37,14 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.autoscale import (Demand, LocalRayCluster, load_fake_config, new_token, prove_autoscaling,
-                                   worker_node_types)
+    from cluster.autoscale import (
+        Demand,
+        LocalRayCluster,
+        load_fake_config,
+        new_token,
+        prove_autoscaling,
+        worker_node_types,
+    )
 
     cfg = load_fake_config(args.cluster_config, args.idle_timeout_minutes)
     # SIGTERM (a test's timeout) unwinds like Ctrl-C, so the cluster below is always stopped

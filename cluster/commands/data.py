@@ -29,8 +29,8 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.lifecycle import check_out
     from pipelines.data import stage as data
+    from pipelines.lifecycle import check_out
     cfg = config(args)
     data.check_config(cfg)
     if cfg.input:

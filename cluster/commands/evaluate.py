@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{path} does not exist; pass a checkpoint, artifact folder or sft-data output")
     if args.n_prompts < 1 or args.max_new_tokens < 1:
         raise ValueError("--n-prompts and --max-new-tokens must be >= 1")
-    from pipelines.rlhf.evaluate import comparison_table, eval_rewards, evaluate_policy
+    from pipelines.rewards import function_rewards
+    from pipelines.rlhf.evaluate import comparison_table, evaluate_policy
 
-    eval_rewards(args.reward)  # a bad spec fails before Ray starts
+    function_rewards(args.reward)  # a bad spec fails before Ray starts
     start_ray(args)
     prompts = heldout(args.prompts)
     rows = []

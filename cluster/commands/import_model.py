@@ -33,8 +33,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from models.hf_import import convert, resolve_source
-    from pipelines.artifacts import MODEL_DIR, ArtifactError, Manifest, is_finished, is_uri, join, read_manifest, \
-        upload_dir
+    from pipelines.artifacts import (
+        MODEL_DIR,
+        ArtifactError,
+        Manifest,
+        is_finished,
+        is_uri,
+        join,
+        read_manifest,
+        upload_dir,
+    )
 
     source = resolve_source(args.src)
     if is_finished(args.out) and not args.overwrite:

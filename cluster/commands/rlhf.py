@@ -37,7 +37,8 @@ def config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.lifecycle import check_out
-    from pipelines.rlhf.stage import curve_summary, plan, run as run_stage
+    from pipelines.rlhf.stage import curve_summary, plan
+    from pipelines.rlhf.stage import run as run_stage
 
     cfg = config(args)
     plan(cfg)  # bad inputs (missing files, tokenizer mismatch, bad reward spec) fail before Ray starts

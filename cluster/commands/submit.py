@@ -44,8 +44,17 @@ def report_end(client, job_id: str, status: str, stage: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.jobs import (DEFAULT_EXCLUDES, check_upload_size, connect, entrypoint, follow, job_server_address,
-                              relative_outputs, split_submit_args, validate_stage_args)
+    from cluster.jobs import (
+        DEFAULT_EXCLUDES,
+        check_upload_size,
+        connect,
+        entrypoint,
+        follow,
+        job_server_address,
+        relative_outputs,
+        split_submit_args,
+        validate_stage_args,
+    )
 
     argv, trailing = split_submit_args(args.stage_args or [])
     no_wait = bool(args.no_wait or trailing.get("no_wait"))

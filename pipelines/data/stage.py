@@ -36,8 +36,8 @@ import pyarrow as pa
 
 from pipelines.artifacts import filesystem, is_uri, join, local_copy, upload_dir
 from pipelines.blocks import TOKENIZER_DIR, TRAIN, VAL, BlockPacker, Tokenize, pack_batch, write_empty_split
-from pipelines.data.config import DataConfig, check_config
 from pipelines.data.accounting import account, dup_bytes, summary_table, write_dup_samples, write_samples
+from pipelines.data.config import DataConfig, check_config
 from pipelines.data.dedup import EXACT_KIND, group_edges, group_rows, select_kept, survivors
 from pipelines.data.docs import KEPT, process_files, unreadable_rows
 from pipelines.data.inputs import STDLIB, list_inputs, stdlib_files

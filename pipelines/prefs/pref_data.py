@@ -188,9 +188,9 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
         raise ValueError(f"pref-data.samples={cfg.samples} and pairs_per_prompt={cfg.pairs_per_prompt} must be >= 1")
     if not 0 < cfg.min_margin <= 1 and not (cfg.reward and cfg.min_margin > 0):
         raise ValueError(f"pref-data.min_margin={cfg.min_margin} must be in (0, 1] (judge scores lie in [0, 1])")
-    from pipelines.rlhf.evaluate import eval_rewards
+    from pipelines.rewards import function_rewards
 
-    rewards = eval_rewards(cfg.reward)  # fn: parts only; a bad spec fails before any work
+    rewards = function_rewards(cfg.reward)  # fn: parts only; a bad spec fails before any work
     source = "reward" if rewards is not None else "judge"
     cfg = absolute_paths(cfg, "policy", "prompts", "human", "out")
     cfg = dataclasses.replace(cfg, policy=resolve_checkpoint(cfg.policy))

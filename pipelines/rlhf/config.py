@@ -89,7 +89,7 @@ class LearnerConfig:
 @dataclass
 class RlhfConfig:
     policy: str = ""  # the starting policy: an SFT checkpoint (or an artifact folder holding model/)
-    reward: str = ""  # RM_DIR[,fn:NAME[:W]][,fn:file.py:func[:W]] (pipelines/rlhf/rewards.py)
+    reward: str = ""  # RM_DIR[,fn:NAME[:W]][,fn:file.py:func[:W]] (pipelines/rewards.py)
     prompts: str = ""  # JSONL prompt rows (sft-data or `genloop tasks` output): a file or a folder with train.jsonl
     out: str = ""
     algo: Literal["grpo", "ppo"] = "grpo"
@@ -142,7 +142,7 @@ class RlhfConfig:
         if a.negative_weight < 0:
             raise ValueError(f"update.negative_weight={a.negative_weight} must be >= 0")
         if a.filter_groups:
-            from pipelines.rlhf.rewards import parse_reward_spec
+            from pipelines.rewards import parse_reward_spec
 
             names = [p.name for p in parse_reward_spec(self.reward)]
             if self.algo != "grpo":

@@ -120,18 +120,6 @@ def kl_to_reference(policy: str, reference: str, prompt_ids: list[list[int]], an
     return total / max(count, 1.0)
 
 
-def eval_rewards(spec: str | None):
-    """The ``RewardSet`` of an eval ``--reward`` spec (``fn:`` parts only), or None."""
-    from pipelines.rlhf.rewards import RewardError, RewardSet
-
-    if not spec:
-        return None
-    rs = RewardSet.from_spec(spec)
-    if rs.reward_model is not None:
-        raise RewardError("genloop eval --reward takes fn: parts; score with a reward model through --reward-model")
-    return rs
-
-
 def evaluate_policy(policy: str, prompts: str, reference: str | None = None, reward_model: str | None = None,
                     n_prompts: int = 32, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
                     engine_cfg=None, num_cpus: float = 1.0, samples: int = 1, keep_answers: int = 16,
@@ -147,8 +135,8 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
     from models.engine import EngineConfig
     from pipelines.artifacts import checkpoint_dir
     from pipelines.judge import judge
+    from pipelines.rewards import RewardModelWorker, function_rewards
     from pipelines.rlhf.experience import load_prompts, prompt_order
-    from pipelines.rlhf.rewards import RewardModelWorker
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
 
     policy = checkpoint_dir(policy)
@@ -159,7 +147,7 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
     if samples < 1 or (temperature <= 0 and samples != 1):
         raise ValueError(f"samples={samples}: greedy decoding gives one answer per prompt; pass samples >= 1 with "
                          "temperature > 0")
-    rewards = eval_rewards(reward)
+    rewards = function_rewards(reward)
     if rewards is not None:  # a column a reward function needs: refused before the engine starts
         rewards.check_columns(ps.columns_for(order), len(order), source=f"--prompts {prompts}")
     ids = [ps.ids[i] for i in order]

@@ -56,7 +56,7 @@ def learner_loop(args: dict) -> None:
     """Ray Train's ``train_loop_per_worker``. ``args``: cfg, policy, value_init, engines, rm_actors, prompts (a
     ``PromptSet``), tokenizer (path), resume_dir."""
     from models.tokenizer import Tokenizer
-    from pipelines.rlhf.rewards import RewardSet
+    from pipelines.rewards import RewardSet
     from pipelines.rlhf.stage_io import write_history
     from pipelines.train.session import RaySession
     from pipelines.train.worker import worker_device

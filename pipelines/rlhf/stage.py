@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.lifecycle import absolute_paths, begin_stage
+from pipelines.rewards import RewardError, RewardSet
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import PromptSet, load_prompts
-from pipelines.rlhf.rewards import RewardError, RewardSet
 from pipelines.train.config import MODEL_DIR, RUNS_DIR
 from pipelines.train.curves import curve_ends
 
@@ -69,8 +69,8 @@ def plan(cfg: RlhfConfig) -> Plan:
     """Validate the config and inputs with one clear error each (tokenizer mismatch included)."""
     from models.chat import ChatFormat
     from models.checkpoint import load_config, load_tokenizer
-    from pipelines.artifacts import checkpoint_dir
     from models.tokenizer import tokenizers_match
+    from pipelines.artifacts import checkpoint_dir
 
     cfg.validate()
     policy = checkpoint_dir(cfg.policy)
@@ -134,7 +134,7 @@ def start_reward_models(cfg: RlhfConfig, p: Plan, use_gpu: bool) -> list:
     import ray
 
     from pipelines.resources import ray_options
-    from pipelines.rlhf.rewards import RewardModelWorker
+    from pipelines.rewards import RewardModelWorker
 
     if p.reward_model is None:
         return []

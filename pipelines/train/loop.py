@@ -67,13 +67,19 @@ from typing import Any, Callable, Protocol
 import torch.nn as nn
 
 from pipelines.artifacts import exists, join, read_text
-from pipelines.train.row_store import RowStore, array_batches, dataset_batches, store_path, write_rows
 from pipelines.train.config import LOOP_STATE, MODEL_DIR, RUNS_DIR, FitResult, TrainLoopConfig
 from pipelines.train.objective import IGNORE, LMObjective, Objective, token_loss_sum
+from pipelines.train.row_store import RowStore, array_batches, dataset_batches, store_path, write_rows
 from pipelines.train.schedule import lr_at
 from pipelines.train.session import LocalSession, latest_checkpoint_dir
-from pipelines.train.state import (build_optimizer, full_state_dict, hf_export, load_train_state, local_dir,
-                                   save_train_state)
+from pipelines.train.state import (
+    build_optimizer,
+    full_state_dict,
+    hf_export,
+    load_train_state,
+    local_dir,
+    save_train_state,
+)
 from pipelines.train.worker import COLUMNS, TrainSpec, train_worker
 
 __all__ = ["COLUMNS", "IGNORE", "LOOP_STATE", "MODEL_DIR", "RUNS_DIR", "FitResult", "LMObjective", "Objective",

@@ -61,8 +61,12 @@ def save_train_state(ckpt_dir: str, model: nn.Module, opt: torch.optim.Optimizer
 def load_train_state(ckpt_dir: str, model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore what ``save_train_state`` wrote into ``model`` (+ ``opt``) in place; returns the saved state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     sd: dict[str, Any] = {"model": get_model_state_dict(model)}
     if opt is not None:

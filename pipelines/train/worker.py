@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pipelines.artifacts import join
-from pipelines.train.loader import RankLoader, val_rows
-from pipelines.train.row_store import RowStore
 from pipelines.train.config import TrainLoopConfig
+from pipelines.train.loader import RankLoader, val_rows
 from pipelines.train.objective import LMObjective, Objective
+from pipelines.train.row_store import RowStore
 from pipelines.train.schedule import lr_at
 from pipelines.train.session import RaySession, Session, fail_once
 from pipelines.train.state import build_optimizer, full_state_dict, hf_export, load_train_state, save_train_state

@@ -1,4 +1,4 @@
-"""Reward functions for RLHF: built-ins by name, a user's own file, a reward model; weighted and combined.
+"""Reward functions (RLHF, eval, pref-data): built-ins by name, a user's own file, a reward model; weighted and combined.
 
 The ``--reward`` spec is a comma-separated list of parts, each with an optional weight (default 1)::
 
@@ -339,3 +339,15 @@ class RewardModelWorker:
                 ids = ids.to(self.device)
                 out += sequence_scores(self.model(ids), ids, self.pad_id).float().cpu().tolist()
         return out
+
+
+def function_rewards(spec: str | None) -> "RewardSet | None":
+    """The ``RewardSet`` of a ``--reward`` spec made of ``fn:`` parts only (``genloop eval``, ``pref-data``), or None
+    for no spec."""
+    if not spec:
+        return None
+    rs = RewardSet.from_spec(spec)
+    if rs.reward_model is not None:
+        raise RewardError(f"--reward {spec!r} has an rm: part; here --reward takes fn: parts only (genloop eval scores "
+                          "with a reward model through --reward-model)")
+    return rs
