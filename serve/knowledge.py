@@ -41,9 +41,10 @@ RRF_K = 60.0
 EMBED_BATCH = 256  # chunks embedded per call while the vector index catches up
 SAVE_EVERY_S = 30.0  # the index file is rewritten at most this often (and after 1000+ new vectors, and at close)
 # the raw title/body are stored for display (UNINDEXED); their code-aware terms (serve.terms) are what BM25 ranks.
-# `tokenchars '._'` keeps a whole identifier (json.loads, snake_case) one token; porter stems words (decoding/decode)
+# `tokenchars '._'` keeps a whole identifier (json.loads, snake_case) one token. No stemming: porter cost 6 points
+# of recall@5 on the stdlib question set (0.846 vs 0.914 with plain terms, 0.857 vs 0.903 with code-aware terms)
 CHUNKS_SCHEMA = ("CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title UNINDEXED, "
-                 "body UNINDEXED, t_title, t_path, t_body, tokenize = \"porter unicode61 tokenchars '._'\")")
+                 "body UNINDEXED, t_title, t_path, t_body, tokenize = \"unicode61 tokenchars '._'\")")
 INSERT_CHUNK = ("INSERT INTO chunks (rowid, doc_id, seq, title, body, t_title, t_path, t_body) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 BUMP_GENERATION = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
@@ -211,24 +212,23 @@ class KnowledgeStore:
     # ---- schema --------------------------------------------------------------------------------------------------
 
     def _chunks_table(self) -> None:
-        """Create the chunks table, or move a store written before code-aware terms (one ``unicode61`` table of
-        title and body) to it in one transaction: every chunk is re-indexed, none is lost."""
+        """Create the chunks table, or move a store written with another chunks schema (before code-aware terms: one
+        ``unicode61`` table of title and body) to this one in one transaction: every chunk is re-indexed under its
+        own id (so a saved vector index stays valid), none is lost."""
         row = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'chunks'").fetchone()
-        if row is not None and "t_body" in row[0] and self._meta("next_chunk") is not None:
+        if row is not None and row[0] == CHUNKS_SCHEMA and self._meta("next_chunk") is not None:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             row = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'chunks'").fetchone()
-            if row is None or "t_body" not in row[0]:
+            if row is None or row[0] != CHUNKS_SCHEMA:
                 if row is not None:
-                    self._db.execute("ALTER TABLE chunks RENAME TO chunks_unicode61")
+                    self._db.execute("ALTER TABLE chunks RENAME TO chunks_old")
                 self._db.execute(CHUNKS_SCHEMA)
                 if row is not None:
-                    old = self._db.execute("SELECT doc_id, seq, title, body FROM chunks_unicode61 "
-                                           "ORDER BY rowid").fetchall()
-                    self._db.executemany(INSERT_CHUNK, [[n + 1] + _chunk_row(d, int(s), t, b)
-                                                        for n, (d, s, t, b) in enumerate(old)])
-                    self._db.execute("DROP TABLE chunks_unicode61")
+                    old = self._db.execute("SELECT rowid, doc_id, seq, title, body FROM chunks_old").fetchall()
+                    self._db.executemany(INSERT_CHUNK, [[i] + _chunk_row(d, int(s), t, b) for i, d, s, t, b in old])
+                    self._db.execute("DROP TABLE chunks_old")
                     log.info("knowledge store %s: re-indexed %d chunks with code-aware terms", self.path, len(old))
             self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('next_chunk', "
                              "(SELECT COALESCE(MAX(rowid), 0) + 1 FROM chunks))")
@@ -356,6 +356,11 @@ class KnowledgeStore:
                 "SELECT id, source, content_hash FROM documents WHERE source = ? OR substr(id, 1, ?) = ?",
                 (source, len(prefix), prefix)).fetchall()
         return {i: (s, h) for i, s, h in rows}
+
+    def chunk_texts(self) -> list[tuple[str, str, str]]:
+        """(doc id, title, text) of every chunk, in id order (what an embedder is fitted on)."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute("SELECT doc_id, title, body FROM chunks ORDER BY rowid")]
 
     def count(self) -> int:
         with self._lock:

@@ -83,8 +83,9 @@ class HashEmbedder:
 
 
 class LsaEmbedder:
-    """TF-IDF over ``code_terms`` (sublinear counts, terms in >= 2 chunks) projected on the top ``dim`` right
-    singular vectors of the corpus matrix. Files: ``lsa.json`` (vocabulary, idf) and ``lsa.npy`` (vocab x dim)."""
+    """TF-IDF over ``code_terms`` (sublinear counts, terms in 2 chunks up to ``max_df`` of them) projected on the
+    top ``dim`` right singular vectors of the corpus matrix. Files: ``lsa.json`` (vocabulary, idf) and ``lsa.npy``
+    (vocab x dim)."""
 
     def __init__(self, vocab: dict[str, int], idf: np.ndarray, proj: np.ndarray, identity: str) -> None:
         self.vocab, self.idf, self.proj = vocab, idf.astype(np.float32), proj.astype(np.float32)
@@ -109,13 +110,17 @@ class LsaEmbedder:
         return _normalise(np.asarray(self._tfidf(texts) @ self.proj))
 
     @classmethod
-    def fit(cls, texts: list[str], dim: int = 256, max_vocab: int = 100_000, seed: int = 0) -> "LsaEmbedder":
+    def fit(cls, texts: list[str], dim: int = 256, max_vocab: int = 100_000, max_df: float = 0.05,
+            seed: int = 0) -> "LsaEmbedder":
+        """``max_df``: terms in more than this share of the chunks are left out (function words, ``self``,
+        ``return``): in a short query they would otherwise pull toward whatever chunk is full of them."""
         from scipy.sparse.linalg import svds
 
         df: Counter = Counter()
         for t in texts:
             df.update(set(code_terms(t)))
-        terms = sorted((t for t, n in df.items() if n >= 2), key=lambda t: (-df[t], t))[:max_vocab]
+        top = max_df * len(texts)
+        terms = sorted((t for t, n in df.items() if 2 <= n <= top), key=lambda t: (-df[t], t))[:max_vocab]
         if len(terms) <= dim or len(texts) <= dim:
             raise VectorError(f"LSA with {dim} dimensions needs more than {dim} chunks and terms; the store has "
                               f"{len(texts)} chunks and {len(terms)} terms in two or more of them: lower --dim")
@@ -186,6 +191,19 @@ class CheckpointEmbedder:
             log.warning("checkpoint embedder: %d of %d inputs were over the context of %d tokens and were cut to it",
                         cut, len(texts), self.context)
         return np.asarray(self.hidden.embed(ids, self.pooling), np.float32)
+
+
+def check_embedder_spec(spec: str) -> None:
+    """Fail early (before any replica starts) on a spec ``load_embedder`` would refuse: bad form, missing folder."""
+    spec = (spec or "").strip()
+    kind, _, arg = spec.partition(":")
+    if not spec or kind == "hash":
+        load_embedder(spec)
+    elif kind in ("lsa", "ckpt"):
+        if not Path(arg).is_dir():
+            raise VectorError(f"embedder {spec!r}: {arg} is not a folder")
+    elif not (Path(spec) / "config.json").exists():
+        load_embedder(spec)  # raises, saying what the forms are
 
 
 def load_embedder(spec: str) -> Embedder | None:
