@@ -109,6 +109,13 @@ class LsaEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         return _normalise(np.asarray(self._tfidf(texts) @ self.proj))
 
+    def bags(self, texts: list[str]) -> list[dict[int, float]]:
+        """Each text's normalised TF-IDF weights ``{term id: weight}``: ``embed`` is the normalised sum of the
+        weighted rows of ``proj`` (what ``pipelines.embed.train`` fine-tunes)."""
+        m = self._tfidf(texts)
+        return [dict(zip(m.indices[m.indptr[i]:m.indptr[i + 1]].tolist(), m.data[m.indptr[i]:m.indptr[i + 1]].tolist()))
+                for i in range(m.shape[0])]
+
     @classmethod
     def fit(cls, texts: list[str], dim: int = 256, max_vocab: int = 100_000, max_df: float = 0.05,
             seed: int = 0) -> "LsaEmbedder":

@@ -69,6 +69,8 @@ COMMANDS: list[Command] = [
     Command("knowledge", "cluster.commands.knowledge", "add documents to a knowledge store in bulk, or search it"),
     Command("rag-eval", "cluster.commands.rag_eval",
             "retrieval quality of a knowledge store: recall@1/5 and MRR, BM25 vs hybrid, on a question set"),
+    Command("embed-train", "cluster.commands.embed_train",
+            "fine-tune a retriever with in-batch-negative InfoNCE on docstring -> code pairs from the corpus"),
     Command("feedback", "cluster.commands.feedback", "export collected user feedback as preference data"),
     Command("lineage", "cluster.commands.lineage", "walk an artifact's inputs back to the raw corpus"),
     Command("submit", "cluster.commands.submit", "submit a genloop command as a Ray job"),
