@@ -229,3 +229,23 @@ def test_stdlib_questions_do_not_name_their_module():
     assert question_from("stdlib/encodings/cp1252.py", "Python Character Mapping Codec cp1252 generated from x") is None
     q = question_from("stdlib/shutil.py", "Utility functions for copying and archiving files and directory trees.")
     assert q.endswith("copying and archiving files and folder trees?")
+
+
+def test_retriever_with_an_embedder_serves_hybrid_context_and_follows_its_writes(tmp_path):
+    from serve.retriever import Retriever
+    from serve.vectors import check_embedder_spec
+
+    (tmp_path / "k").mkdir()
+    KnowledgeStore(tmp_path / "k").add("old", "An automobile manual.")  # written before the retriever started
+    r = Retriever(tmp_path / "k", tmp_path / "memory.db", embedder="hash:64", rrf_k=60, candidates=10)
+    assert (tmp_path / "k" / "knowledge.vectors.faiss").exists()  # built at start
+    r.add_documents([{"id": "new", "text": "The zebra has stripes."}])
+    got = r.context("zebra stripes", None, 2, 0)["passages"]
+    assert got[0]["doc_id"] == "new" and got[0]["score"] > 0
+    assert r.delete_document("new") is True
+    assert all(p["doc_id"] != "new" for p in r.context("zebra stripes", None, 5, 0)["passages"])
+    check_embedder_spec("")
+    with pytest.raises(VectorError, match="hash:DIM"):
+        check_embedder_spec("hash:x")  # what serve.config.check_config runs before any replica starts
+    with pytest.raises(VectorError, match="not a folder"):
+        check_embedder_spec(f"lsa:{tmp_path}/missing")
