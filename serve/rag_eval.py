@@ -14,7 +14,9 @@ first sentence of its docstring, with the module's own name removed (a question 
 such as "This module provides" dropped, a fixed table of generic English synonyms applied (``SYNONYMS``: file ->
 file stays, directory -> folder, create -> make, ...) and one of two question templates picked by a hash of the
 path. Sentences shorter than 3 words after that, and sentences two modules share (generated codecs), are left out.
-The store for it: ``genloop rag-eval --build-stdlib --store DIR`` (every file of ``stdlib_corpus``, ids
+A second set, ``configs/rag/howto_questions.jsonl``, holds 29 how-to questions in plain words written by hand
+before any retrieval ran (one more, about ``itertools``, was dropped: it is a C module, not in the store). The store
+for both: ``genloop rag-eval --build-stdlib --store DIR`` (every file of ``stdlib_corpus``, ids
 ``stdlib/<path>``).
 
 Answer accuracy with RAG on vs off (``--model``) plugs in as one more column computed from the same questions (their
