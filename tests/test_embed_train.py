@@ -1,5 +1,5 @@
 """embed-train's parts: the InfoNCE loss against a hand computation, held-out recall, docstring -> code pairs, and a
-few training steps raising held-out recall on a toy corpus. Plain torch, no Ray."""
+few steps of the shared training loop (in process, no Ray) raising held-out recall on a toy corpus."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Short:
     assert held_out("a.py", 0.0) is False and held_out("a.py", 1.0) is True
 
 
-def test_training_raises_held_out_recall_on_a_toy_corpus():
+def test_training_raises_held_out_recall_on_a_toy_corpus(tmp_path):
     # vocab of 40 terms; a query uses terms 0-19, its code the "translated" terms 20-39: nothing shared, so an
     # untrained (random) matrix cannot match them and training must learn q-term i <-> d-term 20 + i
     g = torch.Generator().manual_seed(0)
@@ -69,6 +69,6 @@ def test_training_raises_held_out_recall_on_a_toy_corpus():
     tq, td = [r[0] for r in rows] * 20, [r[1] for r in rows] * 20
     init = torch.randn(40, 16, generator=g) * 0.1
     weight, rep = train(init, tq, td, [r[0] for r in rows], [r[1] for r in rows],
-                        EmbedTrainConfig(epochs=6, batch=20, lr=0.05))
+                        EmbedTrainConfig(epochs=6, batch=20, lr=0.05, width=8), str(tmp_path), in_process=True)
     assert rep["after"]["recall@1"] > rep["before"]["recall@1"] + 0.3 and rep["after"]["recall@5"] >= 0.9
     assert weight.shape == (40, 16) and rep["losses"][-1] < rep["losses"][0]

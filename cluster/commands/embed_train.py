@@ -1,6 +1,8 @@
 """``genloop embed-train --init-from lsa:DIR --out DIR [--data DIR]``: fine-tune a retriever on pairs the corpus
 gives for free (a function's or class's docstring -> its code) with in-batch-negative InfoNCE (cosine, scale 20),
 and report retrieval recall@1/5 and MRR on held-out pairs (files never trained on) before and after, beside BM25's.
+Training runs on the shared loop (``pipelines.train``) under Ray Train (``--address`` / an embedded local Ray), or in
+this process with ``--in-process``; the loop's metrics.jsonl and loss curve land in ``--out``.
 
 The model is the LSA embedder's bag-of-terms encoder (``genloop knowledge embedder``): its projection matrix is what
 trains, so the result is again an ``lsa:`` embedder that ``serve.rag_embedder`` / ``rag-eval --embedder`` load.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from cluster.commands.base import add_address
 
 HELP = "fine-tune a retriever with in-batch-negative InfoNCE on docstring -> code pairs; held-out recall@k"
 
@@ -29,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--scale", type=float, default=20.0, help="cosine similarities are multiplied by this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP; each its own in-batch negatives)")
+    p.add_argument("--in-process", action="store_true", help="run the training loop in this process, without Ray")
+    add_address(p)
     return p
 
 
@@ -77,15 +84,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(tr)} training pairs, {len(te)} held-out pairs (docstring -> code) from {len(files)} files")
     tq, td, hq, hd = (init.bags([getattr(p, f) for p in ps]) for ps, f in
                       ((tr, "query"), (tr, "doc"), (te, "query"), (te, "doc")))
-    cfg = EmbedTrainConfig(epochs=args.epochs, batch=args.batch, lr=args.lr, scale=args.scale, seed=args.seed)
-    weight, rep = train(torch.from_numpy(init.proj), tq, td, hq, hd, cfg)
+    cfg = EmbedTrainConfig(epochs=args.epochs, batch=args.batch, lr=args.lr, scale=args.scale, seed=args.seed,
+                           num_workers=args.workers)
+    if not args.in_process:
+        from cluster.commands.base import start_ray
+
+        start_ray(args)
+    weight, rep = train(torch.from_numpy(init.proj), tq, td, hq, hd, cfg, args.out, in_process=args.in_process)
     out = LsaEmbedder(init.vocab, init.idf, weight.numpy(), "lsa:unsaved")
     identity = out.save(args.out)
     bm25 = _bm25_recall(te)
     rows = [("BM25 (code-aware terms)", bm25), (f"before ({init.identity})", rep["before"]),
             (f"after ({identity})", rep["after"])]
-    print(f"held-out docstring -> code retrieval among {len(te)} functions ({rep['steps']} steps, "
-          f"{rep['seconds']:.0f} s):")
+    print(f"held-out docstring -> code retrieval among {len(te)} functions ({rep['steps']} steps of "
+          f"{args.batch} pairs):")
     print(f"{'retriever':36s} {'recall@1':>9s} {'recall@5':>9s} {'mrr':>9s}")
     for name, m in rows:
         print(f"{name:36s} {m['recall@1']:9.3f} {m['recall@5']:9.3f} {m['mrr']:9.3f}")
