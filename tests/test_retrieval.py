@@ -249,3 +249,16 @@ def test_retriever_with_an_embedder_serves_hybrid_context_and_follows_its_writes
         check_embedder_spec("hash:x")  # what serve.config.check_config runs before any replica starts
     with pytest.raises(VectorError, match="not a folder"):
         check_embedder_spec(f"lsa:{tmp_path}/missing")
+
+
+def test_checkpoint_embedder_hidden_states_and_its_limits(tmp_path, tiny_checkpoint):
+    e = load_embedder(f"ckpt:{tiny_checkpoint}")
+    assert e.identity.startswith("ckpt-mean:") and e.max_chars == 128 and e.dim == 64
+    v = e.embed(["def parse(x): return x", "a" * 5000])  # the second is cut to the context (logged)
+    assert v.shape == (2, 64) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert load_embedder(str(tiny_checkpoint)).identity == e.identity  # a bare checkpoint folder works too
+    with pytest.raises(VectorError, match="lower chunk_chars to 128"):
+        KnowledgeStore(tmp_path / "a", chunk_chars=600, embedder=e)
+    s = KnowledgeStore(tmp_path / "b", chunk_chars=120, chunk_overlap=10, embedder=e)
+    s.add("x", "import json\njson.loads('{}')")
+    assert [p.doc_id for p in s.search("json", 1, mode="dense")] == ["x"]
