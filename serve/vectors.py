@@ -234,12 +234,16 @@ def load_embedder(spec: str) -> Embedder | None:
                       "(a genloop checkpoint); empty for lexical retrieval alone")
 
 
+FAISS_THREADS = 1  # one query is one small matmul: OpenMP threads only add barriers (9.4 -> 2.3 ms at 27k x 256)
+
+
 class VectorIndex:
     """Exact cosine search over unit vectors keyed by int64 chunk ids (faiss ``IndexIDMap2(IndexFlatIP)``)."""
 
     def __init__(self, dim: int, identity: str) -> None:
         import faiss
 
+        faiss.omp_set_num_threads(FAISS_THREADS)  # process-wide; concurrent requests are the parallelism
         self.dim, self.identity = dim, identity
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.ids: set[int] = set()
