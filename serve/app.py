@@ -3,7 +3,7 @@
 Deployments composed with ``.bind()``::
 
     Ingress (FastAPI, @serve.ingress) ──► Generator (vLLM AsyncLLM, token ids in/out)
-                                     ├──► Retriever (knowledge store: SQLite FTS5/BM25; per-user memory)
+                                     ├──► Retriever (knowledge store: SQLite FTS5/BM25 + faiss vectors; memory)
                                      └──► Feedback  (every response recorded; ratings and preferences; one writer)
 
 Each has its own replica count or ``autoscaling_config`` and ``ray_actor_options`` (``serve.generator.*``,
@@ -82,7 +82,8 @@ def build_app(cfg: ServeConfig):
         cfg.model, cfg.engine, cfg.stream_messages_per_s, cfg.max_stream_interval_ms, cfg.switch_drain_timeout_s,
         cfg.structured_outputs, deployment_id, cfg.json_any_whitespace)
     retriever = RetrieverServer.options(**cfg.retriever.serve_options(env)).bind(
-        knowledge, memory_db, cfg.chunk_chars, cfg.chunk_overlap, cfg.max_document_chars)
+        knowledge, memory_db, cfg.chunk_chars, cfg.chunk_overlap, cfg.max_document_chars, cfg.rag_embedder,
+        cfg.rag_rrf_k, cfg.rag_candidates, cfg.rag_reindex)
     feedback = FeedbackServer.options(**cfg.feedback.serve_options(env)).bind(feedback_db)
     return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys, admin,
                                                                   deployment_id)

@@ -97,6 +97,12 @@ class ServeConfig:
     stream_messages_per_s: float = 50.0  # per generator replica, shared by its streams (0: a message per step)
     max_stream_interval_ms: float = 250.0  # the longest a streamed piece waits for more tokens
     rag_top_k: int = 3
+    # hybrid retrieval (serve.knowledge): "" = BM25 alone; hash:DIM, lsa:DIR or ckpt:DIR (serve.vectors) adds dense
+    # vectors, both sides searched per request and fused by reciprocal rank fusion with k = rag_rrf_k (1-based ranks)
+    rag_embedder: str = ""
+    rag_rrf_k: float = 60.0
+    rag_candidates: int = 50  # chunks taken from each side before fusion
+    rag_reindex: bool = False  # the store was embedded by another embedder: re-embed it (else the retriever refuses)
     memory_top_k: int = 3
     chunk_chars: int = 600
     chunk_overlap: int = 80
@@ -139,6 +145,12 @@ def check_config(cfg: ServeConfig) -> None:
 
     if cfg.embedding_pooling not in POOLINGS:
         raise ValueError(f"serve.embedding_pooling={cfg.embedding_pooling!r}: use one of {POOLINGS}")
+    from serve.vectors import check_embedder_spec
+
+    check_embedder_spec(cfg.rag_embedder)
+    if cfg.rag_rrf_k < 0 or cfg.rag_candidates < 1:
+        raise ValueError(f"serve: need rag_rrf_k >= 0 and rag_candidates >= 1, got {cfg.rag_rrf_k} and "
+                         f"{cfg.rag_candidates}")
     if cfg.switch_drain_timeout_s <= 0 or cfg.max_embedding_inputs < 1:
         raise ValueError("serve: switch_drain_timeout_s must be > 0 and max_embedding_inputs >= 1")
     if cfg.default_max_tokens < 1 or cfg.max_tokens_cap < cfg.default_max_tokens:

@@ -29,15 +29,26 @@ class Retriever:
     """The knowledge store and the memory store behind one object; every method returns plain data."""
 
     def __init__(self, knowledge: str | Path, memory_db: str | Path, chunk_chars: int = 600, chunk_overlap: int = 80,
-                 max_document_chars: int = 200_000) -> None:
-        self.knowledge = KnowledgeStore(knowledge, chunk_chars, chunk_overlap, max_document_chars)
+                 max_document_chars: int = 200_000, embedder: str = "", rrf_k: float = 60.0, candidates: int = 50,
+                 reindex: bool = False) -> None:
+        """``embedder``: a ``serve.vectors.load_embedder`` spec; empty: BM25 alone. With one, the vector index is
+        loaded, or rebuilt from the store when missing or corrupt, before the first request."""
+        from serve.vectors import load_embedder
+
+        self.knowledge = KnowledgeStore(knowledge, chunk_chars, chunk_overlap, max_document_chars,
+                                        embedder=load_embedder(embedder), rrf_k=rrf_k, candidates=candidates,
+                                        reindex=reindex)
         self.memory = MemoryStore(memory_db)
+        if self.knowledge.embedder is not None:
+            r = self.knowledge.reindex()
+            log.info("retriever: vector index of %s: %d vectors (%d embedded now)", self.knowledge.embedder.identity,
+                     r.get("vectors", 0), r["embedded"])
         log.info("retriever: %d documents in %s, memory in %s", self.knowledge.count(), self.knowledge.path, memory_db)
 
     def context(self, query: str, ns: str | None, k_docs: int, k_facts: int) -> dict[str, Any]:
         """``{"passages": [Passage as dict], "facts": [str]}``; facts only for namespace ``ns`` (None: no user).
-        Both stores are queried afresh (no index cached here), so a ``knowledge sync`` or ``knowledge add`` run by
-        another process shows on the next request."""
+        Both stores are queried afresh (the vector index catches up with the store first), so a ``knowledge
+        sync`` or ``knowledge add`` run by another process shows on the next request."""
         passages = [asdict(p) for p in self.knowledge.search(query, k_docs)] if k_docs > 0 else []
         facts = self.memory.search(ns, query, k_facts) if ns and k_facts > 0 else []
         return {"passages": passages, "facts": facts}

@@ -1,6 +1,7 @@
 """``genloop knowledge add PATHS --store DB`` / ``genloop knowledge sync DIR --store DB [--watch]`` /
-``genloop knowledge search QUERY``: load text files into a knowledge store, make it follow a folder, or show what
-retrieval finds (no Ray needed; a running server sees the changes on its next query).
+``genloop knowledge search QUERY`` / ``genloop knowledge embedder --out DIR``: load text files into a knowledge store,
+make it follow a folder, show what retrieval finds, or fit an LSA embedder on the store for hybrid retrieval (no Ray
+needed; a running server sees the changes on its next query, its vector index catching up first).
 
 Each file becomes one document: id = the folder's name + the path below it (``docs/guide/intro.md``; a file given
 alone: its folder's name + its name), title = the file name. Re-adding a file replaces it. Files that are empty,
@@ -55,11 +56,24 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("query")
     s.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
     s.add_argument("-k", type=int, default=3, help="passages to show")
+    s.add_argument("--embedder", default="", help="hash:DIM, lsa:DIR or ckpt:DIR: hybrid search (default: BM25)")
+    s.add_argument("--mode", choices=("lexical", "dense", "hybrid"), default=None,
+                   help="default: hybrid with --embedder, lexical without")
+    e = ks.add_parser("embedder", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      help="fit an LSA embedder on the store's chunks (for serve's rag_embedder: lsa:OUT)",
+                      description="Fit latent semantic analysis on the store's chunks: TF-IDF of code-aware terms "
+                                  "projected on the top --dim singular vectors. Serve it with "
+                                  "rag_embedder set to lsa:OUT (the store's vectors are built on the next start).")
+    e.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
+    e.add_argument("--out", required=True, help="folder for lsa.json and lsa.npy")
+    e.add_argument("--dim", type=int, default=256)
+    e.add_argument("--max-vocab", type=int, default=100_000)
+    e.add_argument("--max-df", type=float, default=0.05, help="leave out terms in more than this share of chunks")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"add": run_add, "sync": run_sync, "search": run_search}[args.action](args)
+    return {"add": run_add, "sync": run_sync, "search": run_search, "embedder": run_embedder}[args.action](args)
 
 
 def _open_store(args: argparse.Namespace) -> Any:
@@ -127,7 +141,25 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from serve.knowledge import KnowledgeStore
 
-    store = KnowledgeStore(args.store)
-    for p in store.search(args.query, args.k):
+    from serve.vectors import load_embedder
+
+    store = KnowledgeStore(args.store, embedder=load_embedder(args.embedder))
+    for p in store.search(args.query, args.k, mode=args.mode):
         print(f"{p.score:7.3f}  {p.doc_id} #{p.chunk}  {p.text[:100]!r}")
+    return 0
+
+
+def run_embedder(args: argparse.Namespace) -> int:
+    import time
+
+    from serve.knowledge import KnowledgeStore, embed_text
+    from serve.vectors import LsaEmbedder
+
+    store = KnowledgeStore(args.store)
+    t = time.perf_counter()
+    texts = [embed_text(d, t_, b) for d, t_, b in store.chunk_texts()]
+    lsa = LsaEmbedder.fit(texts, dim=args.dim, max_vocab=args.max_vocab, max_df=args.max_df)
+    identity = lsa.save(args.out)
+    print(f"fitted LSA on {len(texts)} chunks of {store.path}: {len(lsa.vocab)} terms x {lsa.dim} dims in "
+          f"{time.perf_counter() - t:.1f} s -> {args.out} ({identity}); serve with serve.rag_embedder=lsa:{args.out}")
     return 0

@@ -1,0 +1,67 @@
+"""The training loop's objective for a bi-encoder: in-batch-negative InfoNCE over (query, document) pair rows.
+
+Rows (``pad_bags`` makes them): ``q_ids`` / ``d_ids`` (L,) term ids and ``q_w`` / ``d_w`` (L,) their weights, padded
+with id 0 and weight 0 (a zero weight adds nothing to the bag). One loss unit per pair. The negatives of a pair are
+the other pairs of its micro-batch on its worker (as sentence-transformers does per device), so ``micro_batch_size``
+is the number of candidates each query is trained against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipelines.embed.loss import SCALE, info_nce
+from pipelines.train.objective import Objective
+
+
+def pad_bags(rows: list[dict[int, float]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, width) ids and weights; a bag with more terms keeps its ``width`` heaviest."""
+    ids = np.zeros((len(rows), width), np.int64)
+    w = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        top = sorted(r.items(), key=lambda kv: -kv[1])[:width]
+        if top:
+            ids[i, :len(top)] = [t for t, _ in top]
+            w[i, :len(top)] = [v for _, v in top]
+    return ids, w
+
+
+class BagEncoder(nn.Module):
+    """``embed = normalise(sum_t w_t E[t])``: an embedding bag over weighted term ids, shared by both sides."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(init.shape[0], init.shape[1], mode="sum")
+        with torch.no_grad():
+            self.bag.weight.copy_(init.float())
+
+    def forward(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bag(ids, per_sample_weights=weights.float()), dim=-1)
+
+
+class InfoNCEObjective(Objective):
+    name = "infonce"
+    loss_label = "InfoNCE (nats/pair)"
+    columns = ("q_ids", "q_w", "d_ids", "d_w")
+    required = columns
+    dtypes = {"q_w": np.float32, "d_w": np.float32}
+
+    def __init__(self, scale: float = SCALE) -> None:
+        self.scale = scale
+
+    def __call__(self, model, batch):
+        a = model(batch["q_ids"], batch["q_w"])
+        p = model(batch["d_ids"], batch["d_w"])
+        loss, n = info_nce(a, p, self.scale)
+        with torch.no_grad():
+            right = (a @ p.T).argmax(1) == torch.arange(len(a), device=a.device)
+        return loss, torch.tensor(float(n), device=a.device), {"accuracy": right.float().sum()}
+
+    def row_counts(self, rows):
+        return np.ones(len(rows["q_ids"]), np.int64)
+
+    def row_tokens(self, rows):
+        return int(rows["q_ids"].shape[1] + rows["d_ids"].shape[1])
