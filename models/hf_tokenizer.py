@@ -172,9 +172,20 @@ _BYTES: dict[str, int] = {}
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable character -> byte map (the inverse of ``models.tokenizer.bytes_to_unicode``)."""
+    """GPT-2's printable character -> byte map (the inverse of ``bytes_to_unicode``)."""
     if not _BYTES:
-        from models.tokenizer import bytes_to_unicode
-
         _BYTES.update({c: b for b, c in bytes_to_unicode().items()})
     return _BYTES
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE files."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

@@ -210,6 +210,8 @@ def train(texts: Iterable[str], vocab_size: int, name: str = "genloop-bpe", patt
     )
     hf.train_from_iterator(texts, trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
+    from models.hf_tokenizer import bytes_to_unicode
+
     decoder = {c: b for b, c in bytes_to_unicode().items()}
 
     def to_bytes(s: str) -> bytes:
@@ -225,19 +227,6 @@ def train(texts: Iterable[str], vocab_size: int, name: str = "genloop-bpe", patt
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     log.info("trained BPE %s: %d merges, n_vocab=%d", name, len(ranks) - 256, enc.n_vocab)
     return Tokenizer(enc, {"name": name})
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode map used by byte-level BPE files."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def onig_pattern(pattern: str) -> str:
@@ -256,6 +245,8 @@ def to_hf_tokenizer_json(tok: Tokenizer) -> str:
     does.
     """
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+    from models.hf_tokenizer import bytes_to_unicode
 
     ranks = tok.enc._mergeable_ranks
     enc_map = bytes_to_unicode()

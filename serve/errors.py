@@ -34,6 +34,16 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+class ServeError(ValueError):
+    """A domain error a deployment raises on purpose (bad feedback, a bad document, a refused switch): the HTTP answer
+    it means is ``status`` (default 400) with ``code`` and ``param``. The stores and the version switch subclass it,
+    so this module needs none of them."""
+
+    status: int = 400
+    code: str | None = None
+    param: str | None = None
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -48,21 +58,12 @@ def unwrap(e: BaseException) -> BaseException:
 
 def as_api_error(e: BaseException) -> APIError | None:
     """A domain error from a deployment as the HTTP error it means; None for anything else (a real 500)."""
-    from serve.feedback import FeedbackError, NotFound
-    from serve.knowledge import KnowledgeError
-    from serve.memory import MemoryStoreError
-    from serve.versions import SwitchError
-
     if isinstance(e, APIError):
         return e
-    if isinstance(e, NotFound):
-        return APIError(404, str(e), code="response_not_found")
-    if isinstance(e, SwitchError):
-        return APIError(e.status, e.message, param="model", code=e.code)
+    if isinstance(e, ServeError):
+        return APIError(e.status, str(e), param=e.param, code=e.code)
     if type(e).__name__ == "VLLMValidationError":  # the engine refused the request's parameters
         return APIError(400, f"the engine refused the request: {e}")
-    if isinstance(e, (FeedbackError, KnowledgeError, MemoryStoreError)):
-        return APIError(400, str(e))
     return None
 
 

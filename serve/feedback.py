@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 
 from ray import serve
 
-from serve.errors import unwrap
+from serve.errors import ServeError, unwrap
 from serve.sqlite import add_columns, open_db
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,12 @@ log = logging.getLogger(__name__)
 RATINGS = {"up": 1.0, "down": -1.0, "thumbs_up": 1.0, "thumbs_down": -1.0}
 
 
-class FeedbackError(ValueError):
+class FeedbackError(ServeError):
     """Bad feedback (unknown response id, bad rating); the message says what to do."""
 
 
 class NotFound(FeedbackError):
-    pass
+    status, code = 404, "response_not_found"
 
 
 def rating_score(rating: Any) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipelines.artifacts import is_uri, list_files, name, parent, read_bytes, write_text
+from serve.errors import ServeError
 from serve.sqlite import add_columns, open_db
 from serve.terms import match_query, terms_text
 from serve.vectors import Embedder, VectorError, VectorIndex
@@ -81,7 +82,7 @@ def rrf(ranked: list[list], k: float = RRF_K) -> list[tuple[object, float]]:
     return sorted(score.items(), key=lambda kv: (-kv[1], best[kv[0]], order[kv[0]]))
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(ServeError):
     """Bad input to the store (empty or oversized document, bad id); the message says what to do."""
 
 

@@ -12,13 +12,14 @@ import time
 import uuid
 from pathlib import Path
 
+from serve.errors import ServeError
 from serve.knowledge import fts_query
 from serve.sqlite import open_db
 
 MAX_FACT_CHARS = 1000
 
 
-class MemoryStoreError(ValueError):
+class MemoryStoreError(ServeError):
     """Bad memory input; the message says what to do."""
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.artifacts import MANIFEST, artifact_of, exists, join, manifest_digest, parent, read_manifest
+from serve.errors import ServeError, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,13 @@ TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer_spec.json", "tokenizer_confi
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
-class SwitchError(ValueError):
+class SwitchError(ServeError):
     """A refused or failed version switch; ``status`` is the HTTP answer (400 bad checkpoint, 404 missing, 409
     incompatible, 503 busy) and ``code`` its OpenAI-style error code. The old version keeps serving."""
 
     def __init__(self, message: str, status: int = 400, code: str = "checkpoint_invalid") -> None:
         super().__init__(message, status, code)  # all three in args: the error crosses Ray handles (pickle)
-        self.message, self.status, self.code = message, status, code
+        self.message, self.status, self.code, self.param = message, status, code, "model"
 
     def __str__(self) -> str:
         return self.message
@@ -199,7 +200,6 @@ def running_replicas(app_name: str, deployment: str = "Generator") -> int:
 
 def _replica_error(e: BaseException) -> SwitchError:
     """A replica's failure as the SwitchError to answer with (its own, or a 503 naming what happened)."""
-    from serve.errors import unwrap
 
     cause = unwrap(e)
     if isinstance(cause, SwitchError):
