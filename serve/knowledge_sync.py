@@ -35,7 +35,8 @@ from typing import Callable
 import pyarrow.fs as pafs
 
 from pipelines.artifacts import filesystem, is_uri, join, name
-from serve.knowledge import Doc, KnowledgeError, KnowledgeStore, Unusable, content_hash, document_id, read_document
+from serve.knowledge import Doc, KnowledgeError, KnowledgeStore, content_hash
+from serve.knowledge_files import Unusable, document_id, read_document
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.knowledge import KnowledgeStore, add_paths
+from serve.knowledge import KnowledgeStore
+from serve.knowledge_files import add_paths
 from serve.knowledge_sync import FolderSync, watch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -72,7 +72,8 @@ def test_every_stage_reads_and_writes_s3_and_lineage_reaches_the_raw_corpus(s3, 
     from pipelines.config import build_config
     from serve.app import ServeConfig, build_app
     from serve.config import check_config
-    from serve.knowledge import KnowledgeStore, add_paths
+    from serve.knowledge import KnowledgeStore
+    from serve.knowledge_files import add_paths
 
     # data: raw files on S3 -> tokenized blocks + tokenizer on S3
     counts = data.run(build_config(data.DataConfig, "data", "tiny", {"input": [f"{s3}/raw"], "out": f"{s3}/data"}))

@@ -83,7 +83,7 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from serve.knowledge import add_paths
+    from serve.knowledge_files import add_paths
 
     store = _open_store(args)
     counts = add_paths(store, args.paths, args.quarantine)
