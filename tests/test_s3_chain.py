@@ -67,7 +67,11 @@ def test_every_stage_reads_and_writes_s3_and_lineage_reaches_the_raw_corpus(s3, 
     from transformers import AutoModelForCausalLM
 
     from models.checkpoint import load_checkpoint
-    from pipelines import data, pretrain, sft, sft_data
+    from pipelines.data import stage as data
+    from pipelines.data.config import DataConfig
+    from pipelines.pretrain import stage as pretrain
+    from pipelines.pretrain.config import PretrainConfig
+    from pipelines.sft import data as sft_data, stage as sft
     from pipelines.artifacts import checkpoint_dir, exists, lineage, read_manifest
     from pipelines.config import build_config
     from serve.app import ServeConfig, build_app
@@ -76,12 +80,12 @@ def test_every_stage_reads_and_writes_s3_and_lineage_reaches_the_raw_corpus(s3, 
     from serve.knowledge_files import add_paths
 
     # data: raw files on S3 -> tokenized blocks + tokenizer on S3
-    counts = data.run(build_config(data.DataConfig, "data", "tiny", {"input": [f"{s3}/raw"], "out": f"{s3}/data"}))
+    counts = data.run(build_config(DataConfig, "data", "tiny", {"input": [f"{s3}/raw"], "out": f"{s3}/data"}))
     assert counts["files"] == 40 and counts["train_blocks"] > 0
     assert exists(f"{s3}/data/tokenizer/tokenizer_spec.json") and not os.path.exists("s3:")
 
     # pretrain: --data and --out on S3 (the tokenizer is fetched from the dataset, the model exported to S3)
-    res = pretrain.run(build_config(pretrain.PretrainConfig, "pretrain", "tiny", {
+    res = pretrain.run(build_config(PretrainConfig, "pretrain", "tiny", {
         "data": f"{s3}/data", "out": f"{s3}/pt", "train.steps": 4, "train.ckpt_every": 0, "train.eval_every": 4}))
     assert res.steps == 4 and exists(f"{s3}/pt/model/config.json")
 
