@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow as pa  # noqa: E402
 
 from pipelines.blocks import BlockPacker, Tokenize, pack_batch  # noqa: E402
-from pipelines.data.stage import DataConfig, run, stdlib_files  # noqa: E402
 from pipelines.data.dedup import MinHashConfig, permutations, text_signature  # noqa: E402
+from pipelines.data.stage import DataConfig, run, stdlib_files  # noqa: E402
 
 _WORDS = re.compile(r"\w+")
 
@@ -62,8 +62,14 @@ def bench_tokenize(texts: list[str], mb: float) -> float:
     def baseline() -> None:
         tok.enc.encode_ordinary_batch(texts, num_threads=n_threads)
 
-    table = pa.table({"key": [f"k{i}" for i in range(len(texts))], "status": ["kept"] * len(texts), "text": texts,
-                      "hash": list(range(len(texts)))})
+    table = pa.table(
+        {
+            "key": [f"k{i}" for i in range(len(texts))],
+            "status": ["kept"] * len(texts),
+            "text": texts,
+            "hash": list(range(len(texts))),
+        }
+    )
     udf = Tokenize(tok, frozenset(), 0.05)
 
     def genloop() -> None:
@@ -75,8 +81,10 @@ def bench_tokenize(texts: list[str], mb: float) -> float:
                 p.close()
 
     t_base, t_ours = best_of(baseline, genloop)
-    print(f"(a) tokenize: tiktoken encode_ordinary_batch {mb / t_base:.2f} MB/s; genloop tokenize+pack "
-          f"{mb / t_ours:.2f} MB/s -> {t_base / t_ours:.2f}x")
+    print(
+        f"(a) tokenize: tiktoken encode_ordinary_batch {mb / t_base:.2f} MB/s; genloop tokenize+pack "
+        f"{mb / t_ours:.2f} MB/s -> {t_base / t_ours:.2f}x"
+    )
     return t_base / t_ours
 
 
@@ -92,7 +100,7 @@ def bench_minhash(texts: list[str], mb: float) -> tuple[float, float | None]:
 
     def shingles(t: str) -> list[str]:
         w = _WORDS.findall(t.lower())
-        return [" ".join(w[i:i + cfg.ngram]) for i in range(max(1, len(w) - cfg.ngram + 1))]
+        return [" ".join(w[i : i + cfg.ngram]) for i in range(max(1, len(w) - cfg.ngram + 1))]
 
     def ds() -> None:
         for t in texts:
@@ -129,8 +137,10 @@ def bench_pipeline(files: list[str], mb: float) -> float:
         t = time.perf_counter()
         counts = run(cfg)
         secs = time.perf_counter() - t
-    print(f"(c) pipeline: {len(files)} files, {mb:.1f} MB in {secs:.1f} s -> {mb / secs:.2f} MB/s "
-          f"(kept {counts['kept']}/{counts['read']} docs; stage timings {counts['metrics']['timings_s']})")
+    print(
+        f"(c) pipeline: {len(files)} files, {mb:.1f} MB in {secs:.1f} s -> {mb / secs:.2f} MB/s "
+        f"(kept {counts['kept']}/{counts['read']} docs; stage timings {counts['metrics']['timings_s']})"
+    )
     return mb / secs
 
 
@@ -147,8 +157,10 @@ def main() -> None:
     pipe = None if args.no_pipeline else bench_pipeline(files, mb)
     rs = f"{rs_ratio:.2f}x" if rs_ratio is not None else "n/a"
     pl = f"{pipe:.2f} MB/s" if pipe is not None else "skipped"
-    print(f"data_bench: tokenize+pack/tiktoken {tok_ratio:.2f}x (goal 0.8); minhash/datasketch {ds_ratio:.2f}x "
-          f"(goal 3); minhash/rensa {rs}; pipeline {pl}")
+    print(
+        f"data_bench: tokenize+pack/tiktoken {tok_ratio:.2f}x (goal 0.8); minhash/datasketch {ds_ratio:.2f}x "
+        f"(goal 3); minhash/rensa {rs}; pipeline {pl}"
+    )
 
 
 if __name__ == "__main__":

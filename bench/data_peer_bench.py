@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipelines.data.stage import DataConfig, run, stdlib_files  # noqa: E402
 from pipelines.data.dedup import MinHashConfig  # noqa: E402
+from pipelines.data.stage import DataConfig, run, stdlib_files  # noqa: E402
 from pipelines.data.text import ProseRules, prose_filter  # noqa: E402
 
 TOKENIZER = "cl100k_base"
@@ -63,8 +63,11 @@ def _doc_files(extra: list[str]) -> Iterator[str]:
         if root.is_file():
             paths.add(root)
         elif root.is_dir():
-            paths.update(p for p in root.rglob("*") if p.is_file() and p.stat().st_size >= 1024
-                         and (p.suffix.lower() in PROSE_EXT or p.name == "METADATA"))
+            paths.update(
+                p
+                for p in root.rglob("*")
+                if p.is_file() and p.stat().st_size >= 1024 and (p.suffix.lower() in PROSE_EXT or p.name == "METADATA")
+            )
     for p in sorted(paths):
         try:
             text = p.read_text(encoding="utf-8")
@@ -93,8 +96,11 @@ def _stdlib_docstrings() -> Iterator[str]:
             tree = ast.parse(Path(f).read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
-        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                                              ast.AsyncFunctionDef)))
+        nodes = (
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        )
         text = "\n\n".join(d for n in nodes if (d := ast.get_docstring(n)))
         if len(text) >= 1000:
             yield text
@@ -173,19 +179,35 @@ def prose_rules(alpha_rule: bool) -> ProseRules:
 
 
 def genloop_config(corpus: Path, out: Path, alpha_rule: bool = True) -> DataConfig:
-    return DataConfig(input=[str(corpus)], out=str(out), tokenizer=TOKENIZER, seq_len=2048, val_fraction=0.0,
-                      normalise=False, pii=False, exact_dedup=False, minhash=MinHashConfig(),
-                      prose=prose_rules(alpha_rule))
+    return DataConfig(
+        input=[str(corpus)],
+        out=str(out),
+        tokenizer=TOKENIZER,
+        seq_len=2048,
+        val_fraction=0.0,
+        normalise=False,
+        pii=False,
+        exact_dedup=False,
+        minhash=MinHashConfig(),
+        prose=prose_rules(alpha_rule),
+    )
 
 
 def run_genloop(corpus: Path, out: Path, n_bytes: int, alpha_rule: bool = True) -> dict:
     t = time.perf_counter()
     counts = run(genloop_config(corpus, out, alpha_rule))
     secs = time.perf_counter() - t
-    return {"seconds": secs, "mb_per_s": n_bytes / 1e6 / secs, "read": counts["read"],
-            "after_filters": counts["read"] - sum(counts["dropped"].values()),
-            "dropped": counts["dropped"], "near_duplicates": counts["near_duplicates"], "kept": counts["kept"],
-            "tokens": sum(counts["tokens"].values()), "timings_s": counts["metrics"].get("timings_s")}
+    return {
+        "seconds": secs,
+        "mb_per_s": n_bytes / 1e6 / secs,
+        "read": counts["read"],
+        "after_filters": counts["read"] - sum(counts["dropped"].values()),
+        "dropped": counts["dropped"],
+        "near_duplicates": counts["near_duplicates"],
+        "kept": counts["kept"],
+        "tokens": sum(counts["tokens"].values()),
+        "timings_s": counts["metrics"].get("timings_s"),
+    }
 
 
 def _stats(logging_dir: Path) -> list[dict]:
@@ -197,11 +219,17 @@ def _stat(step: dict, key: str) -> int:
     return int(v["total"] if isinstance(v, dict) else v)
 
 
-def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: int, hf_tokenizer: Path,
-                  alpha_rule: bool = True) -> dict:
+def run_datatrove(
+    corpus: Path, work: Path, n_bytes: int, cores: int, shards: int, hf_tokenizer: Path, alpha_rule: bool = True
+) -> dict:
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                          MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.tokens import DocumentTokenizer
@@ -211,21 +239,47 @@ def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: in
     filtered, logs = work / "filtered", work / "logs"
 
     def stage(name: str, pipeline: list, tasks: int) -> LocalPipelineExecutor:
-        return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(cores, tasks),
-                                     logging_dir=str(logs / name), skip_completed=False)
+        return LocalPipelineExecutor(
+            pipeline=pipeline,
+            tasks=tasks,
+            workers=min(cores, tasks),
+            logging_dir=str(logs / name),
+            skip_completed=False,
+        )
 
     t = time.perf_counter()
     quality = GopherQualityFilter() if alpha_rule else GopherQualityFilter(max_non_alpha_words_ratio=None)
-    stage("1_filter", [JsonlReader(str(corpus), glob_pattern="*.jsonl"), quality,
-                       GopherRepetitionFilter(), JsonlWriter(str(filtered), compression=None)], shards).run()
-    stage("2_signatures", [JsonlReader(str(filtered)), MinhashDedupSignature(str(work / "sigs"), config=mh)],
-          shards).run()
-    stage("3_buckets", [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mh)],
-          mh.num_buckets).run()
+    stage(
+        "1_filter",
+        [
+            JsonlReader(str(corpus), glob_pattern="*.jsonl"),
+            quality,
+            GopherRepetitionFilter(),
+            JsonlWriter(str(filtered), compression=None),
+        ],
+        shards,
+    ).run()
+    stage(
+        "2_signatures", [JsonlReader(str(filtered)), MinhashDedupSignature(str(work / "sigs"), config=mh)], shards
+    ).run()
+    stage(
+        "3_buckets", [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=mh)], mh.num_buckets
+    ).run()
     stage("4_clusters", [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=mh)], 1).run()
-    stage("5_tokenize", [JsonlReader(str(filtered)), MinhashDedupFilter(str(work / "remove")),
-                         DocumentTokenizer(str(work / "tokens"), tokenizer_name_or_path=str(hf_tokenizer),
-                                           eos_token="<|endoftext|>", shuffle_documents=False)], shards).run()
+    stage(
+        "5_tokenize",
+        [
+            JsonlReader(str(filtered)),
+            MinhashDedupFilter(str(work / "remove")),
+            DocumentTokenizer(
+                str(work / "tokens"),
+                tokenizer_name_or_path=str(hf_tokenizer),
+                eos_token="<|endoftext|>",
+                shuffle_documents=False,
+            ),
+        ],
+        shards,
+    ).run()
     secs = time.perf_counter() - t
     s1 = {s["name"]: s for s in _stats(logs / "1_filter")}
     s5 = {s["name"]: s for s in _stats(logs / "5_tokenize")}
@@ -235,13 +289,19 @@ def run_datatrove(corpus: Path, work: Path, n_bytes: int, cores: int, shards: in
         if "Gopher" in name:
             for k, v in step.get("stats", {}).items():
                 if k.startswith("dropped_"):
-                    dropped[k[len("dropped_"):]] += int(v["total"] if isinstance(v, dict) else v)
+                    dropped[k[len("dropped_") :]] += int(v["total"] if isinstance(v, dict) else v)
     mfilter = next(v for k, v in s5.items() if "MinHash" in k)
     tok = next(v for k, v in s5.items() if "TOKENIZER" in k)
-    return {"seconds": secs, "mb_per_s": n_bytes / 1e6 / secs, "read": read,
-            "after_filters": read - sum(dropped.values()), "dropped": dict(dropped),
-            "near_duplicates": _stat(mfilter, "dropped"), "kept": _stat(mfilter, "forwarded"),
-            "tokens": _stat(tok, "tokens")}
+    return {
+        "seconds": secs,
+        "mb_per_s": n_bytes / 1e6 / secs,
+        "read": read,
+        "after_filters": read - sum(dropped.values()),
+        "dropped": dict(dropped),
+        "near_duplicates": _stat(mfilter, "dropped"),
+        "kept": _stat(mfilter, "forwarded"),
+        "tokens": _stat(tok, "tokens"),
+    }
 
 
 # ---- where the filters disagree (outside the clock) ----------------------------------------------------------------
@@ -273,8 +333,12 @@ def filter_disagreements(texts: list[str], alpha_rule: bool = True) -> dict:
             only_genloop[g] += 1
         else:
             only_datatrove[d] += 1
-    return {"both_keep": both_keep, "both_drop": both_drop, "dropped_only_by_genloop": dict(only_genloop.most_common()),
-            "dropped_only_by_datatrove": dict(only_datatrove.most_common())}
+    return {
+        "both_keep": both_keep,
+        "both_drop": both_drop,
+        "dropped_only_by_genloop": dict(only_genloop.most_common()),
+        "dropped_only_by_datatrove": dict(only_datatrove.most_common()),
+    }
 
 
 DIFFERENCES = """documented differences between the two Gopher implementations (datatrove 0.10.1 source vs
@@ -346,9 +410,18 @@ def stream_row(copies: int, object_store_mb: int, cores: int, tmp: Path) -> dict
     finally:
         ray.shutdown()
         shutil.rmtree(corpus, ignore_errors=True)
-    return {"copies": copies, "mb": n_bytes / 1e6, "seconds": secs, "mb_per_s": n_bytes / 1e6 / secs,
-            "peak_gb": mem.peak / 1e9, "idle_gb": base / 1e9, "kept": counts["kept"], "read": counts["read"],
-            "near_duplicates": counts["near_duplicates"], "exact_duplicates": counts["exact_duplicates"]}
+    return {
+        "copies": copies,
+        "mb": n_bytes / 1e6,
+        "seconds": secs,
+        "mb_per_s": n_bytes / 1e6 / secs,
+        "peak_gb": mem.peak / 1e9,
+        "idle_gb": base / 1e9,
+        "kept": counts["kept"],
+        "read": counts["read"],
+        "near_duplicates": counts["near_duplicates"],
+        "exact_duplicates": counts["exact_duplicates"],
+    }
 
 
 def start_ray(cores: int, **kwargs) -> None:
@@ -379,10 +452,13 @@ def main() -> None:
     ap.add_argument("--stream-copies", type=int, default=4, help="stdlib copies for the streaming check (0 = skip)")
     ap.add_argument("--object-store-mb", type=int, default=100, help="Ray object store cap for the streaming check")
     ap.add_argument("--skip-peer", action="store_true", help="only the streaming check")
-    ap.add_argument("--no-alpha-rule", action="store_true",
-                    help="both sides without the Gopher alpha-words rule (its word definition differs most), so "
-                         "nearly the same documents reach dedup and tokenize; the duplicated n-gram rules still count "
-                         "differently (overlapping in genloop, skip-ahead in datatrove: see the table printed)")
+    ap.add_argument(
+        "--no-alpha-rule",
+        action="store_true",
+        help="both sides without the Gopher alpha-words rule (its word definition differs most), so "
+        "nearly the same documents reach dedup and tokenize; the duplicated n-gram rules still count "
+        "differently (overlapping in genloop, skip-ahead in datatrove: see the table printed)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="genloop_peer_"))
@@ -392,15 +468,21 @@ def main() -> None:
             ratio = peer(args, tmp)
         if args.stream_copies:
             rows = [stream_row(c, args.object_store_mb, args.cores, tmp) for c in (1, args.stream_copies)]
-            print(f"\nstreaming: genloop data on edited copies of the stdlib, Ray object store capped at "
-                  f"{args.object_store_mb} MB, {args.cores} CPUs; peak PSS of the whole process tree")
+            print(
+                f"\nstreaming: genloop data on edited copies of the stdlib, Ray object store capped at "
+                f"{args.object_store_mb} MB, {args.cores} CPUs; peak PSS of the whole process tree"
+            )
             for r in rows:
-                print(f"  x{r['copies']}: {r['mb']:.0f} MB in {r['seconds']:.0f} s ({r['mb_per_s']:.2f} MB/s), peak "
-                      f"{r['peak_gb']:.2f} GB (idle Ray {r['idle_gb']:.2f} GB); read {r['read']}, exact dups "
-                      f"{r['exact_duplicates']}, near dups {r['near_duplicates']}, kept {r['kept']}")
+                print(
+                    f"  x{r['copies']}: {r['mb']:.0f} MB in {r['seconds']:.0f} s ({r['mb_per_s']:.2f} MB/s), peak "
+                    f"{r['peak_gb']:.2f} GB (idle Ray {r['idle_gb']:.2f} GB); read {r['read']}, exact dups "
+                    f"{r['exact_duplicates']}, near dups {r['near_duplicates']}, kept {r['kept']}"
+                )
             a, b = rows
-            print(f"  corpus x{b['mb'] / a['mb']:.1f} -> peak memory x{b['peak_gb'] / a['peak_gb']:.2f} "
-                  f"(+{(b['peak_gb'] - a['peak_gb']) * 1e3:.0f} MB for +{b['mb'] - a['mb']:.0f} MB of input)")
+            print(
+                f"  corpus x{b['mb'] / a['mb']:.1f} -> peak memory x{b['peak_gb'] / a['peak_gb']:.2f} "
+                f"(+{(b['peak_gb'] - a['peak_gb']) * 1e3:.0f} MB for +{b['mb'] - a['mb']:.0f} MB of input)"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if ratio is not None:
@@ -414,8 +496,10 @@ def peer(args: argparse.Namespace, tmp: Path) -> float:
 
     corpus = build_prose_corpus(tmp / "corpus", args.mb, args.shards, args.dup_frac, 0, args.input)
     n_bytes = corpus["bytes"]
-    print(f"corpus: {corpus['docs']} prose documents ({corpus['planted_near_duplicates']} planted near-duplicates), "
-          f"{n_bytes / 1e6:.2f} MB of JSONL in {args.shards} shards; {args.cores} CPUs each")
+    print(
+        f"corpus: {corpus['docs']} prose documents ({corpus['planted_near_duplicates']} planted near-duplicates), "
+        f"{n_bytes / 1e6:.2f} MB of JSONL in {args.shards} shards; {args.cores} CPUs each"
+    )
     hf = tmp / "tokenizer.json"
     hf.write_text(to_hf_tokenizer_json(Tokenizer.load(TOKENIZER)))
 
@@ -430,12 +514,20 @@ def peer(args: argparse.Namespace, tmp: Path) -> float:
         load.append(os.getloadavg()[0])
     finally:
         ray.shutdown()
-    print(f"\nmachine load average (1 min) before/after: datatrove {load[0]:.1f}/{load[1]:.1f}, genloop "
-          f"{load[2]:.1f}/{load[3]:.1f} on {os.cpu_count()} CPUs (a shared machine slows both)")
+    print(
+        f"\nmachine load average (1 min) before/after: datatrove {load[0]:.1f}/{load[1]:.1f}, genloop "
+        f"{load[2]:.1f}/{load[3]:.1f} on {os.cpu_count()} CPUs (a shared machine slows both)"
+    )
     print(f"\n{'':24s}{'genloop':>14s}{'datatrove':>14s}")
-    for key, label in (("seconds", "seconds"), ("mb_per_s", "MB/s of input"), ("read", "documents read"),
-                       ("after_filters", "after Gopher filters"), ("near_duplicates", "near-duplicates removed"),
-                       ("kept", "documents kept"), ("tokens", "tokens written")):
+    for key, label in (
+        ("seconds", "seconds"),
+        ("mb_per_s", "MB/s of input"),
+        ("read", "documents read"),
+        ("after_filters", "after Gopher filters"),
+        ("near_duplicates", "near-duplicates removed"),
+        ("kept", "documents kept"),
+        ("tokens", "tokens written"),
+    ):
         fmt = (lambda v: f"{v:14.3f}") if isinstance(gl[key], float) else (lambda v: f"{v:14d}")
         print(f"{label:24s}{fmt(gl[key])}{fmt(dt[key])}")
     print(f"dropped by rule, genloop:   {gl['dropped']}")

@@ -68,19 +68,32 @@ def run_once(split: str, seq_len: int, n_vocab: int, args: argparse.Namespace, t
     def build() -> Transformer:
         return Transformer(mcfg)
 
-    ds = ray.data.read_parquet(split, columns=[TOKENS]).map_batches(lm_rows, fn_kwargs={"seq_len": seq_len},
-                                                                    batch_format="numpy")
-    cfg = TrainLoopConfig(steps=args.steps, micro_batch_size=args.micro, lr=1e-3, warmup_steps=1, strategy="ddp",
-                          num_workers=args.workers, cpus_per_worker=1, log_every=args.window, eval_every=10**9,
-                          ckpt_every=0, name=f"loader-{tag}", progress=False)
+    ds = ray.data.read_parquet(split, columns=[TOKENS]).map_batches(
+        lm_rows, fn_kwargs={"seq_len": seq_len}, batch_format="numpy"
+    )
+    cfg = TrainLoopConfig(
+        steps=args.steps,
+        micro_batch_size=args.micro,
+        lr=1e-3,
+        warmup_steps=1,
+        strategy="ddp",
+        num_workers=args.workers,
+        cpus_per_worker=1,
+        log_every=args.window,
+        eval_every=10**9,
+        ckpt_every=0,
+        name=f"loader-{tag}",
+        progress=False,
+    )
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as out:
         t0 = time.perf_counter()
         r = fit(cfg, build, ds, None, out)
         wall = time.perf_counter() - t0
         from pipelines.train import loop as train_loop
+
         if hasattr(train_loop, "stage_rows"):  # the loader: the run's row store says what the split is
-            from pipelines.train.row_store import RowStore, store_path
             from pipelines.train.config import RUNS_DIR
+            from pipelines.train.row_store import RowStore, store_path
 
             store = RowStore(store_path(os.path.join(out, RUNS_DIR), cfg.name, "train"))
             split_bytes, n_rows = store.nbytes(), len(store)
@@ -92,10 +105,16 @@ def run_once(split: str, seq_len: int, n_vocab: int, args: argparse.Namespace, t
     consumed = args.steps * cfg.global_rows()
     read = float(logged[-1].get("data_bytes_read", split_bytes * consumed / n_rows))
     wait = float(np.mean([h.get("data_wait_frac", np.nan) for h in logged[1:] or logged[-1:]]))
-    return {"rows": n_rows, "split_mb": split_bytes / 1e6,
-            "peak_rss_mb": max(h["peak_memory_bytes"] for h in logged) / 1e6, "tokens_per_s": tps,
-            "data_wait_frac": wait, "read_per_epoch_mb": read * n_rows / consumed / 1e6,
-            "read_fraction": read * n_rows / consumed / split_bytes, "wall_s": wall}
+    return {
+        "rows": n_rows,
+        "split_mb": split_bytes / 1e6,
+        "peak_rss_mb": max(h["peak_memory_bytes"] for h in logged) / 1e6,
+        "tokens_per_s": tps,
+        "data_wait_frac": wait,
+        "read_per_epoch_mb": read * n_rows / consumed / 1e6,
+        "read_fraction": read * n_rows / consumed / split_bytes,
+        "wall_s": wall,
+    }
 
 
 def summarize(ms: list[dict[str, float]]) -> dict[str, float]:
@@ -118,17 +137,20 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cpus", type=int, default=0, help="Ray's CPUs (default workers + 2: the old path's workers "
-                    "run Ray Data read tasks beside them)")
+    ap.add_argument(
+        "--cpus",
+        type=int,
+        default=0,
+        help="Ray's CPUs (default workers + 2: the old path's workers run Ray Data read tasks beside them)",
+    )
     ap.add_argument("--code", default="", help="measure another genloop checkout's training loop (run from there)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+    import pipelines.train.loop
     from cluster.runtime import init_ray
     from pipelines.blocks import open_dataset
-
-    import pipelines.train.loop
 
     print(f"measuring the training loop of {pipelines.train.loop.__file__}", flush=True)
     info = open_dataset(os.path.abspath(args.data))
@@ -150,14 +172,18 @@ def main() -> None:
     for tag, m in best.items():
         if np.isnan(m["data_wait_frac"]):
             print(f"{tag:>4}: (a checkout before the loader: every worker reads the whole split, read = split)")
-        print(f"{tag:>4}: {m['rows']:,.0f} rows, split {m['split_mb']:.1f} MB; peak RSS per worker "
-              f"{m['peak_rss_mb']:.0f} MB; {m['tokens_per_s']:,.0f} tokens/s (waiting for data "
-              f"{100 * m['data_wait_frac']:.2f}% of the time); read per worker per epoch "
-              f"{m['read_per_epoch_mb']:.1f} MB ({m['read_fraction']:.3f} of the split)")
+        print(
+            f"{tag:>4}: {m['rows']:,.0f} rows, split {m['split_mb']:.1f} MB; peak RSS per worker "
+            f"{m['peak_rss_mb']:.0f} MB; {m['tokens_per_s']:,.0f} tokens/s (waiting for data "
+            f"{100 * m['data_wait_frac']:.2f}% of the time); read per worker per epoch "
+            f"{m['read_per_epoch_mb']:.1f} MB ({m['read_fraction']:.3f} of the split)"
+        )
     print(f"peak RSS {args.copies}x / 1x: {big['peak_rss_mb'] / small['peak_rss_mb']:.3f} (goal <= 1.15)")
     print(f"tokens/s {args.copies}x / 1x: {big['tokens_per_s'] / small['tokens_per_s']:.3f} (goal >= 0.90)")
-    print(f"bytes read per worker per epoch / split: 1x {small['read_fraction']:.3f}, {args.copies}x "
-          f"{big['read_fraction']:.3f} (goal about 1/{args.workers} = {1 / args.workers:.3f})")
+    print(
+        f"bytes read per worker per epoch / split: 1x {small['read_fraction']:.3f}, {args.copies}x "
+        f"{big['read_fraction']:.3f} (goal about 1/{args.workers} = {1 / args.workers:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -45,12 +45,22 @@ def whitespace(prompts: list[str], responses: list[str]) -> list[float]:
 def write_inputs(work: Path, n: int) -> Path:
     with open(work / "prompts.jsonl", "w") as f:
         for i in range(n):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"Write a Python function `f{i}(x)` that returns x plus {i}."},
-                {"role": "assistant", "content": f"def f{i}(x):\n    return x + {i}"}], "meta": {"task": "write"}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Write a Python function `f{i}(x)` that returns x plus {i}."},
+                            {"role": "assistant", "content": f"def f{i}(x):\n    return x + {i}"},
+                        ],
+                        "meta": {"task": "write"},
+                    }
+                )
+                + "\n"
+            )
     (work / "reward.py").write_text(
         "def whitespace(prompts, responses):\n"
-        "    return [sum(c in ' \\n' for c in r) / max(1, len(r)) for r in responses]\n")
+        "    return [sum(c in ' \\n' for c in r) / max(1, len(r)) for r in responses]\n"
+    )
     return work / "prompts.jsonl"
 
 
@@ -64,18 +74,46 @@ def run_genloop(a, ckpt: Path, work: Path) -> tuple[list[float], list[float], fl
 
     t0 = time.perf_counter()
     start_ray(a.cpus)
-    cfg = from_dict(RlhfConfig, {
-        "policy": str(ckpt), "prompts": str(work / "prompts.jsonl"), "out": str(work / "genloop"), "algo": "grpo",
-        "reward": f"fn:{work / 'reward.py'}:whitespace", "iterations": a.iterations, "seed": a.seed,
-        "rollout": {"engines": 1, "cpus_per_engine": 1, "prompts_per_iter": a.prompts, "group_size": a.group,
-                    "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": 1.0},
-                    "engine": {"max_model_len": 128, "max_num_seqs": a.prompts * a.group}},
-        "update": {"epochs": a.epochs, "minibatches": a.minibatches, "eps_low": 0.2, "eps_high": 0.2,
-                   "norm_std": True},
-        "kl": {"coef": 0.0},
-        "train": {"num_workers": 1, "strategy": "none", "cpus_per_worker": max(1, a.cpus - 1), "threads": a.cpus,
-                  "micro_batch_size": a.prompts * a.group, "lr": a.lr, "weight_decay": 0.0, "betas": [0.9, 0.999],
-                  "grad_clip": 1.0, "ckpt_every": 0}})
+    cfg = from_dict(
+        RlhfConfig,
+        {
+            "policy": str(ckpt),
+            "prompts": str(work / "prompts.jsonl"),
+            "out": str(work / "genloop"),
+            "algo": "grpo",
+            "reward": f"fn:{work / 'reward.py'}:whitespace",
+            "iterations": a.iterations,
+            "seed": a.seed,
+            "rollout": {
+                "engines": 1,
+                "cpus_per_engine": 1,
+                "prompts_per_iter": a.prompts,
+                "group_size": a.group,
+                "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": 1.0},
+                "engine": {"max_model_len": 128, "max_num_seqs": a.prompts * a.group},
+            },
+            "update": {
+                "epochs": a.epochs,
+                "minibatches": a.minibatches,
+                "eps_low": 0.2,
+                "eps_high": 0.2,
+                "norm_std": True,
+            },
+            "kl": {"coef": 0.0},
+            "train": {
+                "num_workers": 1,
+                "strategy": "none",
+                "cpus_per_worker": max(1, a.cpus - 1),
+                "threads": a.cpus,
+                "micro_batch_size": a.prompts * a.group,
+                "lr": a.lr,
+                "weight_decay": 0.0,
+                "betas": [0.9, 0.999],
+                "grad_clip": 1.0,
+                "ckpt_every": 0,
+            },
+        },
+    )
     res = run(cfg)
     ray.shutdown()
     return [r["t_iteration"] for r in res.history], [r["reward_mean"] for r in res.history], time.perf_counter() - t0
@@ -134,22 +172,54 @@ def run_trl(a, ckpt: Path, prompts_file: Path) -> tuple[list[float], list[float]
     timer = Timer()
     steps = a.epochs * a.minibatches  # optimizer steps per generation batch
     args = GRPOConfig(
-        output_dir=str(prompts_file.parent / "trl"), per_device_train_batch_size=a.prompts * a.group // a.minibatches,
-        steps_per_generation=a.minibatches, num_iterations=a.epochs, gradient_accumulation_steps=1,
-        num_generations=a.group, max_completion_length=a.max_new_tokens, learning_rate=a.lr,
-        max_steps=a.iterations * steps, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, beta=0.0, epsilon=0.2, scale_rewards="group",
-        loss_type="dapo", temperature=1.0, top_p=1.0, top_k=0, use_vllm=False, use_cpu=True, bf16=False, fp16=False,
-        logging_steps=1, save_strategy="no", report_to="none", seed=a.seed, dataloader_num_workers=0,
-        disable_dropout=True)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args,
-                          train_dataset=Dataset.from_list([{"prompt": t} for t in texts]), processing_class=tok,
-                          callbacks=[timer])
+        output_dir=str(prompts_file.parent / "trl"),
+        per_device_train_batch_size=a.prompts * a.group // a.minibatches,
+        steps_per_generation=a.minibatches,
+        num_iterations=a.epochs,
+        gradient_accumulation_steps=1,
+        num_generations=a.group,
+        max_completion_length=a.max_new_tokens,
+        learning_rate=a.lr,
+        max_steps=a.iterations * steps,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        scale_rewards="group",
+        loss_type="dapo",
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        use_vllm=False,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=a.seed,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
+        processing_class=tok,
+        callbacks=[timer],
+    )
     trainer.train()
     if len(timer.times) != a.iterations * steps or len(batch_rewards) != a.iterations:
-        raise RuntimeError(f"TRL ran {len(timer.times)} optimizer steps and {len(batch_rewards)} generation batches; "
-                           f"expected {a.iterations * steps} and {a.iterations}")
-    per_iteration = [sum(timer.times[i:i + steps]) for i in range(0, len(timer.times), steps)]
+        raise RuntimeError(
+            f"TRL ran {len(timer.times)} optimizer steps and {len(batch_rewards)} generation batches; "
+            f"expected {a.iterations * steps} and {a.iterations}"
+        )
+    per_iteration = [sum(timer.times[i : i + steps]) for i in range(0, len(timer.times), steps)]
     return per_iteration, batch_rewards, time.perf_counter() - t0
 
 
@@ -174,9 +244,11 @@ def build(work: Path, preset: str):
 def summary(name: str, times: list[float], rewards: list[float], wall: float) -> tuple[float, float]:
     per_it = statistics.median(times[1:] if len(times) > 1 else times)
     start, end = sum(rewards[:2]) / len(rewards[:2]), sum(rewards[-2:]) / len(rewards[-2:])
-    print(f"{name:8s} {per_it:.2f} s/iteration (median after the first; first {times[0]:.2f} s), mean reward of the "
-          f"first 2 / last 2 iterations {start:.3f} -> {end:.3f} (each: {' '.join(f'{r:.2f}' for r in rewards)}), "
-          f"total wall {wall:.0f} s")
+    print(
+        f"{name:8s} {per_it:.2f} s/iteration (median after the first; first {times[0]:.2f} s), mean reward of the "
+        f"first 2 / last 2 iterations {start:.3f} -> {end:.3f} (each: {' '.join(f'{r:.2f}' for r in rewards)}), "
+        f"total wall {wall:.0f} s"
+    )
     return per_it, end
 
 
@@ -203,8 +275,10 @@ def main() -> None:
     print(f"load average after genloop: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     t = summary("TRL", *run_trl(a, ckpt, prompts))
     print(f"load average after TRL: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"ratio TRL/genloop seconds per iteration = {t[0] / g[0]:.1f}x (goal > 1); mean reward after "
-          f"{a.iterations} iterations: genloop {g[1]:.3f} vs TRL {t[1]:.3f}")
+    print(
+        f"ratio TRL/genloop seconds per iteration = {t[0] / g[0]:.1f}x (goal > 1); mean reward after "
+        f"{a.iterations} iterations: genloop {g[1]:.3f} vs TRL {t[1]:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,16 @@ def count_generated(rows: list[list[int]], stop: list[int]) -> tuple[int, int]:
     return tokens, stopped
 
 
-def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], pad: int, threads: int,
-            temperature: float = 1.0):
+def hf_side(
+    ckpt: Path,
+    prompts: list[list[int]],
+    n: int,
+    max_new: int,
+    stop: list[int],
+    pad: int,
+    threads: int,
+    temperature: float = 1.0,
+):
     """A warmed-up HF model and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one batched
     ``generate`` over all prompts x n (left-padded, ``num_return_sequences``), seed ``r``."""
     import torch
@@ -77,14 +85,25 @@ def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: li
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     att = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding: decoder-only generation
-        ids[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        att[i, width - len(p) :] = 1
     # an explicit config: nothing from the checkpoint's generation_config.json (its eos, top-k) changes the settings
-    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n,
-                           eos_token_id=stop or None, pad_token_id=pad, max_new_tokens=max_new)
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=n,
+        eos_token_id=stop or None,
+        pad_token_id=pad,
+        max_new_tokens=max_new,
+    )
     with torch.no_grad():
-        model.generate(input_ids=ids[:2], attention_mask=att[:2],
-                       generation_config=GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4}))  # warm-up
+        model.generate(
+            input_ids=ids[:2],
+            attention_mask=att[:2],
+            generation_config=GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4}),
+        )  # warm-up
 
     def call(r: int) -> tuple[float, int, int]:
         torch.manual_seed(r)
@@ -98,8 +117,9 @@ def hf_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: li
     return call
 
 
-def vllm_side(ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], max_len: int,
-              temperature: float = 1.0):
+def vllm_side(
+    ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], max_len: int, temperature: float = 1.0
+):
     """A warmed-up ``RolloutWorker`` and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one
     ``generate`` over all prompts x n (token ids and their log-probs, what a rollout needs), seeds from ``r``."""
     from models.engine import EngineConfig
@@ -167,24 +187,38 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--vllm-bind", choices=["threads", "auto"], default="threads",
-                    help="threads: vLLM's worker computes on the first --threads CPUs, as HF does; auto: vLLM's default")
+    ap.add_argument(
+        "--vllm-bind",
+        choices=["threads", "auto"],
+        default="threads",
+        help="threads: vLLM's worker computes on the first --threads CPUs, as HF does; auto: vLLM's default",
+    )
     ap.add_argument("--sync-layers", type=int, default=16)
     ap.add_argument("--sync-dim", type=int, default=768)
     ap.add_argument("--skip-sync", action="store_true")
-    ap.add_argument("--policy", default="", help="a trained checkpoint (e.g. runs/demo/sft) instead of a random "
-                    "--preset model: its answers stop at a stop token, as rollouts do")
-    ap.add_argument("--prompts-from", default="", help="an sft-data folder: its held-out code-writing prompts, "
-                    "chat-formatted as rlhf sends them (needs --policy)")
+    ap.add_argument(
+        "--policy",
+        default="",
+        help="a trained checkpoint (e.g. runs/demo/sft) instead of a random "
+        "--preset model: its answers stop at a stop token, as rollouts do",
+    )
+    ap.add_argument(
+        "--prompts-from",
+        default="",
+        help="an sft-data folder: its held-out code-writing prompts, "
+        "chat-formatted as rlhf sends them (needs --policy)",
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     a = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     if a.threads > len(cpus):
         ap.error(f"--threads {a.threads}: this process may use only {len(cpus)} CPUs ({cpus})")
     if a.vllm_bind == "threads":  # read by vLLM's engine process when it starts its worker
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus[:a.threads])
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
-          f"threads {a.threads}, vLLM binding {os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}")
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus[: a.threads])
+    print(
+        f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
+        f"threads {a.threads}, vLLM binding {os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="genloop-rollout-bench-"))
     texts = stdlib_texts()
@@ -205,9 +239,9 @@ def main() -> None:
         if not a.policy:
             ap.error("--prompts-from needs --policy (a model trained on that chat format)")
         ps = load_prompts(a.prompts_from, tok, ChatFormat.from_checkpoint(ckpt), max_len - a.max_new_tokens, ["write"])
-        prompts = ps.ids[:a.prompts]
+        prompts = ps.ids[: a.prompts]
     else:
-        prompts = [tok.encode(t)[:a.prompt_tokens] for t in texts[:a.prompts]]
+        prompts = [tok.encode(t)[: a.prompt_tokens] for t in texts[: a.prompts]]
     stop = [tok.eot_id, tok.im_end_id]
     rows = len(prompts) * a.n
     hf = hf_side(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads, a.temperature)
@@ -219,30 +253,45 @@ def main() -> None:
         res["HF generate"].append(hf(r))
         res["vLLM rollout"].append(vl(r))
         (hs, ht, _), (vs, vt, _) = res["HF generate"][-1], res["vLLM rollout"][-1]
-        print(f"round {r + 1}/{a.repeats}: HF {ht / hs:.1f} tokens/s, vLLM {vt / vs:.1f} tokens/s, load average "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"round {r + 1}/{a.repeats}: HF {ht / hs:.1f} tokens/s, vLLM {vt / vs:.1f} tokens/s, load average "
+            f"{os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     for name, runs in res.items():
         rates = [t / s for s, t, _ in runs]
-        print(f"{name + ':':14s} {' '.join(f'{t}' for _, t, _ in runs)} tokens ({rows} rows each, "
-              f"{' '.join(str(k) for _, _, k in runs)} stopped early) in {' '.join(f'{s:.2f}' for s, _, _ in runs)} s "
-              f"= {statistics.median(rates):.1f} tokens/s (median of {a.repeats})"
-              + (" with log-probs" if name.startswith("vLLM") else ""))
+        print(
+            f"{name + ':':14s} {' '.join(f'{t}' for _, t, _ in runs)} tokens ({rows} rows each, "
+            f"{' '.join(str(k) for _, _, k in runs)} stopped early) in {' '.join(f'{s:.2f}' for s, _, _ in runs)} s "
+            f"= {statistics.median(rates):.1f} tokens/s (median of {a.repeats})"
+            + (" with log-probs" if name.startswith("vLLM") else "")
+        )
     ratios = [(vt / vs) / (ht / hs) for (hs, ht, _), (vs, vt, _) in zip(res["HF generate"], res["vLLM rollout"])]
     ratio = statistics.median(ratios)
     print(f"per-round ratios: {' '.join(f'{x:.1f}' for x in ratios)}")
     del vl
     per_100m = float("nan")
     if not a.skip_sync:
-        big = ModelConfig(dim=a.sync_dim, n_layers=a.sync_layers, n_heads=a.sync_dim // 64, n_kv_heads=4,
-                          ffn_hidden=int(a.sync_dim * 8 / 3) // 64 * 64, max_seq_len=128)
+        big = ModelConfig(
+            dim=a.sync_dim,
+            n_layers=a.sync_layers,
+            n_heads=a.sync_dim // 64,
+            n_kv_heads=4,
+            ffn_hidden=int(a.sync_dim * 8 / 3) // 64 * 64,
+            max_seq_len=128,
+        )
         big_ckpt = build_checkpoint(work / "sync", big, tok)
         w, r, n_params = sync_seconds(big_ckpt)
         per_100m = (w + r) * 1e8 / n_params
-        print(f"weight sync:   {n_params / 1e6:.1f}M parameters in {w + r:.2f} s (write /dev/shm {w:.2f} s + reload "
-              f"in place {r:.2f} s, medians of 3) = {per_100m:.2f} s per 100M")
+        print(
+            f"weight sync:   {n_params / 1e6:.1f}M parameters in {w + r:.2f} s (write /dev/shm {w:.2f} s + reload "
+            f"in place {r:.2f} s, medians of 3) = {per_100m:.2f} s per 100M"
+        )
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"ratio vLLM/HF rollout tokens/s = {ratio:.1f}x (goal >= 5); weight sync {per_100m:.2f} s per 100M params "
-          "(goal <= 1)")
+    print(
+        f"ratio vLLM/HF rollout tokens/s = {ratio:.1f}x (goal >= 5); weight sync {per_100m:.2f} s per 100M params "
+        "(goal <= 1)"
+    )
 
 
 if __name__ == "__main__":

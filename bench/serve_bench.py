@@ -99,8 +99,9 @@ async def one_request(client, url: str, body: dict, headers: dict) -> dict:
     return {"status": 200, "latency": time.perf_counter() - t0, "ttft": ttft, "chunks": n_chunks}
 
 
-async def run_level(base: str, model: str, concurrency: int, n_requests: int, max_tokens: int, extra: dict,
-                    time_limit: float) -> dict:
+async def run_level(
+    base: str, model: str, concurrency: int, n_requests: int, max_tokens: int, extra: dict, time_limit: float
+) -> dict:
     import httpx
 
     url = base + "/v1/chat/completions"
@@ -110,8 +111,15 @@ async def run_level(base: str, model: str, concurrency: int, n_requests: int, ma
     async def worker(client):
         while queue:
             i = queue.pop()
-            body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True, **extra}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "stream": True,
+                "ignore_eos": True,
+                **extra,
+            }
             results.append(await one_request(client, url, body, {"Authorization": "Bearer bench"}))
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -126,10 +134,17 @@ async def run_level(base: str, model: str, concurrency: int, n_requests: int, ma
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)] if xs else float("nan")
 
-    return {"n": len(results), "ok": len(ok), "5xx": sum(r["status"] >= 500 for r in results),
-            "4xx": sum(400 <= r["status"] < 500 for r in results), "req_s": len(ok) / wall,
-            "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "ttft50": pct(ttft, 0.5),
-            "tok_s": len(ok) * max_tokens / wall}  # ignore_eos: every request generates exactly max_tokens
+    return {
+        "n": len(results),
+        "ok": len(ok),
+        "5xx": sum(r["status"] >= 500 for r in results),
+        "4xx": sum(400 <= r["status"] < 500 for r in results),
+        "req_s": len(ok) / wall,
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+        "ttft50": pct(ttft, 0.5),
+        "tok_s": len(ok) * max_tokens / wall,
+    }  # ignore_eos: every request generates exactly max_tokens
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -150,12 +165,29 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 def start_vllm(model: Path, port: int, max_num_seqs: int, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "bench", "--dtype", "float32", "--enforce-eager",
-           "--max-num-seqs", str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log",
-           "--uvicorn-log-level", "warning"]
-    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "bench",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--disable-log-stats",
+        "--disable-uvicorn-access-log",
+        "--uvicorn-log-level",
+        "warning",
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def main() -> int:
@@ -166,15 +198,25 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--level-time-limit", type=float, default=180.0)
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds over all servers per level, interleaved; the best round counts (a shared machine "
-                         "is noisy)")
-    ap.add_argument("--no-throughput-env", action="store_true",
-                    help="serve without Ray Serve's throughput settings (serve.app.THROUGHPUT_ENV), to measure them")
-    ap.add_argument("--no-direct-ingress", action="store_true",
-                    help="clients go through the Serve proxy (serve.direct_ingress=false), to measure direct ingress")
-    ap.add_argument("--stream-messages-per-s", type=float, default=None,
-                    help="serve.stream_messages_per_s (default: ServeConfig's)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds over all servers per level, interleaved; the best round counts (a shared machine is noisy)",
+    )
+    ap.add_argument(
+        "--no-throughput-env",
+        action="store_true",
+        help="serve without Ray Serve's throughput settings (serve.app.THROUGHPUT_ENV), to measure them",
+    )
+    ap.add_argument(
+        "--no-direct-ingress",
+        action="store_true",
+        help="clients go through the Serve proxy (serve.direct_ingress=false), to measure direct ingress",
+    )
+    ap.add_argument(
+        "--stream-messages-per-s", type=float, default=None, help="serve.stream_messages_per_s (default: ServeConfig's)"
+    )
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     n_reqs = [int(x) for x in args.requests.split(",")]
@@ -196,16 +238,22 @@ def main() -> int:
     vllm = None
     ok = False
     try:
-        cfg = ServeConfig(model=str(model), model_name="bench", knowledge=str(tmp / "state"), port=gport,
-                          app_name="bench", rate_limit_per_minute=0, max_tokens_cap=max(256, args.max_tokens),
-                          throughput_optimized=not args.no_throughput_env,
-                          direct_ingress=not args.no_direct_ingress,
-                          **({} if args.stream_messages_per_s is None
-                             else {"stream_messages_per_s": args.stream_messages_per_s}),
-                          engine=EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_gib=1),
-                          generator=DeploymentOptions(num_cpus=1, max_ongoing_requests=256),
-                          retriever=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256),
-                          ingress=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=512))
+        cfg = ServeConfig(
+            model=str(model),
+            model_name="bench",
+            knowledge=str(tmp / "state"),
+            port=gport,
+            app_name="bench",
+            rate_limit_per_minute=0,
+            max_tokens_cap=max(256, args.max_tokens),
+            throughput_optimized=not args.no_throughput_env,
+            direct_ingress=not args.no_direct_ingress,
+            **({} if args.stream_messages_per_s is None else {"stream_messages_per_s": args.stream_messages_per_s}),
+            engine=EngineConfig(max_num_seqs=args.max_num_seqs, kv_cache_gib=1),
+            generator=DeploymentOptions(num_cpus=1, max_ongoing_requests=256),
+            retriever=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256),
+            ingress=DeploymentOptions(num_cpus=0.25, max_ongoing_requests=512),
+        )
         os.environ.update(ray_env(cfg, None))  # before the local Ray starts: direct ingress, throughput settings
         init_ray()
         gbase = start(cfg)  # one server loads at a time: a 2-core machine times out starting both at once
@@ -213,38 +261,55 @@ def main() -> int:
         vllm = start_vllm(model, vport, args.max_num_seqs, tmp / "vllm.log")
         vbase = f"http://127.0.0.1:{vport}"
         wait_http(vbase + "/health", 600, vllm)
-        print(f"checkpoint {model}; knowledge store: {n_docs} documents; max_tokens={args.max_tokens}, "
-              f"ignore_eos, streamed chat completions, cpus={os.cpu_count()}")
-        servers = [("vllm serve", vbase, {}), ("genloop RAG off", gbase, {"rag": False}),
-                   ("genloop RAG on", gbase, {"rag": True})]
+        print(
+            f"checkpoint {model}; knowledge store: {n_docs} documents; max_tokens={args.max_tokens}, "
+            f"ignore_eos, streamed chat completions, cpus={os.cpu_count()}"
+        )
+        servers = [
+            ("vllm serve", vbase, {}),
+            ("genloop RAG off", gbase, {"rag": False}),
+            ("genloop RAG on", gbase, {"rag": True}),
+        ]
         for _name, base, extra in servers:  # warm-up: first requests compile/allocate
             asyncio.run(run_level(base, "bench", 2, 2, 4, extra, 120))
         table: dict[tuple[str, int], dict] = {}
-        print(f"{'server':<16} {'conc':>4} {'reqs':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
-              f"{'ttft50 s':>8} {'5xx':>3}")
+        print(
+            f"{'server':<16} {'conc':>4} {'reqs':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} "
+            f"{'ttft50 s':>8} {'5xx':>3}"
+        )
         for c, n in zip(levels, n_reqs):
             for rnd in range(args.repeats):
-                for name, base, extra in (servers if rnd % 2 == 0 else servers[::-1]):
+                for name, base, extra in servers if rnd % 2 == 0 else servers[::-1]:
                     r = asyncio.run(run_level(base, "bench", c, n, args.max_tokens, extra, args.level_time_limit))
                     if r["5xx"] or r["ok"] != n:
-                        raise SystemExit(f"{name} at concurrency {c}: {r['5xx']} 5xx, {r['4xx']} 4xx, "
-                                         f"{r['ok']}/{n} ok; see {tmp}")
+                        raise SystemExit(
+                            f"{name} at concurrency {c}: {r['5xx']} 5xx, {r['4xx']} 4xx, {r['ok']}/{n} ok; see {tmp}"
+                        )
                     if (name, c) not in table or r["req_s"] > table[(name, c)]["req_s"]:
                         table[(name, c)] = r
             for name, _, _ in servers:
                 r = table[(name, c)]
-                print(f"{name:<16} {c:>4} {r['ok']:>4} {r['req_s']:>7.2f} {r['tok_s']:>7.1f} {r['p50']:>7.3f} "
-                      f"{r['p99']:>7.3f} {r['ttft50']:>8.3f} {r['5xx']:>3}", flush=True)
+                print(
+                    f"{name:<16} {c:>4} {r['ok']:>4} {r['req_s']:>7.2f} {r['tok_s']:>7.1f} {r['p50']:>7.3f} "
+                    f"{r['p99']:>7.3f} {r['ttft50']:>8.3f} {r['5xx']:>3}",
+                    flush=True,
+                )
         ratios = [table[("genloop RAG off", c)]["req_s"] / table[("vllm serve", c)]["req_s"] for c in levels]
         rag = [table[("genloop RAG on", c)]["req_s"] / table[("vllm serve", c)]["req_s"] for c in levels]
-        print("per-level req/s ratio genloop/vllm, RAG off: " + ", ".join(f"c={c}: {x:.2f}x" for c, x in
-                                                                          zip(levels, ratios)))
-        print("per-level req/s ratio genloop/vllm, RAG on:  " + ", ".join(f"c={c}: {x:.2f}x" for c, x in
-                                                                          zip(levels, rag)))
+        print(
+            "per-level req/s ratio genloop/vllm, RAG off: "
+            + ", ".join(f"c={c}: {x:.2f}x" for c, x in zip(levels, ratios))
+        )
+        print(
+            "per-level req/s ratio genloop/vllm, RAG on:  " + ", ".join(f"c={c}: {x:.2f}x" for c, x in zip(levels, rag))
+        )
         gm = math.exp(statistics.fmean(math.log(x) for x in ratios))
         ok = True
-        print(f"genloop serve (RAG off) / vllm serve requests/s (geometric mean over concurrency "
-              f"{','.join(map(str, levels))}): {gm:.2f}x", flush=True)
+        print(
+            f"genloop serve (RAG off) / vllm serve requests/s (geometric mean over concurrency "
+            f"{','.join(map(str, levels))}): {gm:.2f}x",
+            flush=True,
+        )
         return 0
     finally:
         try:

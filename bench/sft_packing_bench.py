@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from models.chat import ChatFormat  # noqa: E402
 from models.tokenizer import train as train_bpe  # noqa: E402
 from models.transformer import Transformer, model_preset  # noqa: E402
+from pipelines.sft.data import SftDataConfig, build  # noqa: E402
 from pipelines.sft.rows import encode_samples, fill_ratio, make_rows  # noqa: E402
 from pipelines.train.loop import IGNORE  # noqa: E402
-from pipelines.sft.data import SftDataConfig, build  # noqa: E402
 
 
 def tokens_per_s(model: Transformer, rows: dict, batch: int, max_steps: int, pad_id: int) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def tokens_per_s(model: Transformer, rows: dict, batch: int, max_steps: int, pad
     for j, i in enumerate(steps):
         if j == 1:
             start = time.perf_counter()
-        b = {k: v[i:i + batch] for k, v in t.items()}
+        b = {k: v[i : i + batch] for k, v in t.items()}
         logits = model(b["input_ids"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"))
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
@@ -73,8 +73,10 @@ def main() -> None:
     counts: Counter = Counter()
     samples = encode_samples(convs, tok, ChatFormat(), args.seq_len, "assistant", "cut", counts)
     lens = sorted(len(s.input_ids) for s in samples)
-    print(f"{len(samples)} samples, length median {lens[len(lens) // 2]} max {lens[-1]}, seq_len {args.seq_len}, "
-          f"{dict(counts)}")
+    print(
+        f"{len(samples)} samples, length median {lens[len(lens) // 2]} max {lens[-1]}, seq_len {args.seq_len}, "
+        f"{dict(counts)}"
+    )
 
     results = {}
     for pack in (False, True):
@@ -86,8 +88,10 @@ def main() -> None:
         ans, real = tokens_per_s(model, rows, args.batch, args.steps, tok.pad_id)
         name = "packed" if pack else "padded"
         results[name] = ans
-        print(f"{name}: {len(rows['input_ids'])} rows, fill {fill:.1%} (wasted {1 - fill:.1%}), "
-              f"{ans:.0f} answer tok/s, {real:.0f} real tok/s")
+        print(
+            f"{name}: {len(rows['input_ids'])} rows, fill {fill:.1%} (wasted {1 - fill:.1%}), "
+            f"{ans:.0f} answer tok/s, {real:.0f} real tok/s"
+        )
     print(f"packed/padded answer tokens per second: {results['packed'] / results['padded']:.2f}x")
 
 

@@ -45,10 +45,14 @@ def main() -> None:
     for tok in (trained, Tokenizer.load("cl100k_base")):
         raw = tok.enc
         cases = {
-            "encode (per doc)": (lambda tok=tok: [tok.encode(t) for t in texts],
-                                 lambda raw=raw: [raw.encode_ordinary(t) for t in texts]),
-            "encode_batch": (lambda tok=tok: tok.encode_batch(texts),
-                             lambda raw=raw: raw.encode_ordinary_batch(texts, num_threads=8)),
+            "encode (per doc)": (
+                lambda tok=tok: [tok.encode(t) for t in texts],
+                lambda raw=raw: [raw.encode_ordinary(t) for t in texts],
+            ),
+            "encode_batch": (
+                lambda tok=tok: tok.encode_batch(texts),
+                lambda raw=raw: raw.encode_ordinary_batch(texts, num_threads=8),
+            ),
         }
         for name, (ours, base) in cases.items():
             assert ours() == base()
@@ -58,8 +62,10 @@ def main() -> None:
                 b.append(best_of(base, 1))
             ratio = min(b) / min(g)
             ratios.append(ratio)
-            print(f"{tok.name:14s} {name:17s} genloop {mb / min(g):6.2f} MB/s  tiktoken {mb / min(b):6.2f} MB/s  "
-                  f"ratio {ratio:.3f}")
+            print(
+                f"{tok.name:14s} {name:17s} genloop {mb / min(g):6.2f} MB/s  tiktoken {mb / min(b):6.2f} MB/s  "
+                f"ratio {ratio:.3f}"
+            )
     print(f"genloop/tiktoken throughput ratio (worst case): {min(ratios):.3f}")
 
 

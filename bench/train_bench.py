@@ -44,7 +44,7 @@ def plain_loop(build, blocks: np.ndarray, micro_rows: int, steps: int, warmup: i
             windows.append(tokens / (time.perf_counter() - t0))
             t0, tokens = time.perf_counter(), 0
         i = step % n
-        xb, yb = x[i * micro_rows:(i + 1) * micro_rows], y[i * micro_rows:(i + 1) * micro_rows]
+        xb, yb = x[i * micro_rows : (i + 1) * micro_rows], y[i * micro_rows : (i + 1) * micro_rows]
         loss = F.cross_entropy(model(xb).flatten(0, 1), yb.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -55,8 +55,9 @@ def plain_loop(build, blocks: np.ndarray, micro_rows: int, steps: int, warmup: i
     return float(np.median(windows[1:]))
 
 
-def genloop_loop(build, blocks: np.ndarray, strategy: str, micro: int, steps: int, warmup: int,
-                 reshard: str = "default") -> float:
+def genloop_loop(
+    build, blocks: np.ndarray, strategy: str, micro: int, steps: int, warmup: int, reshard: str = "default"
+) -> float:
     """tokens/s of ``fit`` with 2 workers x 1 thread (median over log windows after the warm-up window)."""
     import ray.data
 
@@ -64,9 +65,21 @@ def genloop_loop(build, blocks: np.ndarray, strategy: str, micro: int, steps: in
 
     ds = ray.data.from_numpy(blocks[:, :-1].astype(np.int32)).rename_columns({"data": "input_ids"})
     ds = ds.zip(ray.data.from_numpy(blocks[:, 1:].astype(np.int32)).rename_columns({"data": "labels"}))
-    cfg = TrainLoopConfig(steps=warmup + steps, micro_batch_size=micro, lr=1e-3, warmup_steps=1, strategy=strategy,
-                          num_workers=2, cpus_per_worker=1, log_every=warmup, eval_every=10**9, ckpt_every=0,
-                          name=f"bench-{strategy}", progress=False, fsdp_reshard_after_forward=reshard)
+    cfg = TrainLoopConfig(
+        steps=warmup + steps,
+        micro_batch_size=micro,
+        lr=1e-3,
+        warmup_steps=1,
+        strategy=strategy,
+        num_workers=2,
+        cpus_per_worker=1,
+        log_every=warmup,
+        eval_every=10**9,
+        ckpt_every=0,
+        name=f"bench-{strategy}",
+        progress=False,
+        fsdp_reshard_after_forward=reshard,
+    )
     with tempfile.TemporaryDirectory() as out:
         r = fit(cfg, build, ds, None, out)
     windows = [h["tokens_per_s"] for h in r.history if "tokens_per_s" in h][1:]  # drop the warm-up window
@@ -83,8 +96,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--only", choices=["ddp", "fsdp"], default=None)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best round of each side counts")
-    ap.add_argument("--fsdp-reshard", choices=["default", "always", "never"], default="default",
-                    help="train.fsdp_reshard_after_forward for the FSDP2 run")
+    ap.add_argument(
+        "--fsdp-reshard",
+        choices=["default", "always", "never"],
+        default="default",
+        help="train.fsdp_reshard_after_forward for the FSDP2 run",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -100,19 +117,27 @@ def main() -> None:
 
     rows = 2 * args.micro * 8
     blocks = np.random.default_rng(0).integers(0, args.vocab, size=(rows, args.seq + 1))
-    print(f"model {args.model} ({mcfg.num_params() / 1e6:.1f}M params), global batch {2 * args.micro} x {args.seq} "
-          f"tokens, {args.steps} timed steps, {args.repeats} rounds, {os.cpu_count()} CPUs")
+    print(
+        f"model {args.model} ({mcfg.num_params() / 1e6:.1f}M params), global batch {2 * args.micro} x {args.seq} "
+        f"tokens, {args.steps} timed steps, {args.repeats} rounds, {os.cpu_count()} CPUs"
+    )
     init_ray()
     strategies = [args.only] if args.only else ["ddp", "fsdp"]
     best: dict[str, float] = {}
     for rnd in range(args.repeats):
         got = {"plain": plain_loop(build, blocks, 2 * args.micro, args.steps, args.warmup, threads=2)}
         for strategy in strategies:
-            got[strategy] = genloop_loop(build, blocks, strategy, args.micro, args.steps, args.warmup,
-                                         args.fsdp_reshard)
-        print(f"round {rnd + 1}: plain PyTorch 1 process x 2 threads {got['plain']:.0f} tokens/s; " + "; ".join(
-            f"genloop Ray Train {k} 2 workers x 1 thread {got[k]:.0f} ({got[k] / got['plain']:.2f}x)"
-            for k in strategies), flush=True)
+            got[strategy] = genloop_loop(
+                build, blocks, strategy, args.micro, args.steps, args.warmup, args.fsdp_reshard
+            )
+        print(
+            f"round {rnd + 1}: plain PyTorch 1 process x 2 threads {got['plain']:.0f} tokens/s; "
+            + "; ".join(
+                f"genloop Ray Train {k} 2 workers x 1 thread {got[k]:.0f} ({got[k] / got['plain']:.2f}x)"
+                for k in strategies
+            ),
+            flush=True,
+        )
         for k, v in got.items():
             best[k] = max(best.get(k, 0.0), v)
     print(f"best rounds: plain {best['plain']:.0f} tokens/s; " + "; ".join(f"{k} {best[k]:.0f}" for k in strategies))

@@ -85,16 +85,18 @@ class SqliteVec:
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         with self.db:
-            self.db.executemany("INSERT INTO v(rowid, embedding) VALUES (?, ?)",
-                                [(int(i), r.tobytes()) for i, r in zip(ids, x)])
+            self.db.executemany(
+                "INSERT INTO v(rowid, embedding) VALUES (?, ?)", [(int(i), r.tobytes()) for i, r in zip(ids, x)]
+            )
 
     def delete(self, ids: np.ndarray) -> None:
         with self.db:
             self.db.executemany("DELETE FROM v WHERE rowid = ?", [(int(i),) for i in ids])
 
     def search(self, q: np.ndarray, k: int) -> np.ndarray:
-        rows = self.db.execute("SELECT rowid FROM v WHERE embedding MATCH ? AND k = ? ORDER BY distance",
-                               (q.tobytes(), k)).fetchall()
+        rows = self.db.execute(
+            "SELECT rowid FROM v WHERE embedding MATCH ? AND k = ? ORDER BY distance", (q.tobytes(), k)
+        ).fetchall()
         return np.array([r[0] for r in rows])
 
 
@@ -165,7 +167,7 @@ def bench(make: Callable[[int], object], x: np.ndarray, q: np.ndarray, truth: li
     ix = make(dim)
     t = time.perf_counter()
     for i in range(0, n, 1000):  # batches as a sync writes them
-        ix.add(ids[i:i + 1000], x[i:i + 1000])
+        ix.add(ids[i : i + 1000], x[i : i + 1000])
     build = time.perf_counter() - t
     # replace 100 documents' vectors (delete + add, the ids stay), then delete 100 others
     rep = ids[:100]
@@ -187,9 +189,15 @@ def bench(make: Callable[[int], object], x: np.ndarray, q: np.ndarray, truth: li
             raise AssertionError(f"{ix.name} returned a deleted id")
         hit += len(got & tr)
     lat_ms = np.array(lat) * 1000
-    return {"name": ix.name, "build_s": build, "replace100_ms": replace * 1000, "delete100_ms": delete * 1000,
-            "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
-            "recall10": hit / (k * len(q))}
+    return {
+        "name": ix.name,
+        "build_s": build,
+        "replace100_ms": replace * 1000,
+        "delete100_ms": delete * 1000,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "recall10": hit / (k * len(q)),
+    }
 
 
 def main() -> None:
@@ -216,16 +224,21 @@ def main() -> None:
         s[:, 100:200] = -np.inf  # deleted rows can never be nearest
         truth = [set((np.argsort(-row)[:10] + 1).tolist()) for row in s]
         print(f"\n{n} vectors x {a.dim} dims, {a.queries} queries, k=10, {a.threads} thread(s)")
-        print(f"{'index':28s} {'build s':>8s} {'repl100 ms':>10s} {'del100 ms':>9s} {'p50 ms':>7s} {'p99 ms':>7s} "
-              f"{'recall@10':>9s}")
+        print(
+            f"{'index':28s} {'build s':>8s} {'repl100 ms':>10s} {'del100 ms':>9s} {'p50 ms':>7s} {'p99 ms':>7s} "
+            f"{'recall@10':>9s}"
+        )
         for c in cands:
             try:
                 r = bench(c, x, q, truth)
             except ImportError as e:
                 print(f"{c.__name__:28s} not installed ({e})")
                 continue
-            print(f"{r['name']:28s} {r['build_s']:8.2f} {r['replace100_ms']:10.1f} {r['delete100_ms']:9.1f} "
-                  f"{r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['recall10']:9.3f}", flush=True)
+            print(
+                f"{r['name']:28s} {r['build_s']:8.2f} {r['replace100_ms']:10.1f} {r['delete100_ms']:9.1f} "
+                f"{r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['recall10']:9.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

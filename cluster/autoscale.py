@@ -85,7 +85,7 @@ def _group_pids(pgid: int) -> list[int]:
         except OSError:
             continue
         # "pid (comm) state ppid pgrp ..." -- comm may contain spaces/parens: split after the last ")"
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             pids.append(int(d.name))
     return pids
@@ -158,26 +158,52 @@ class LocalRayCluster:
                 self.cleanup()
                 if attempt == attempts:
                     raise
-                log.warning("local Ray head failed to start (attempt %d/%d), retrying: %s", attempt, attempts,
-                            str(e).strip().splitlines()[-1])
+                log.warning(
+                    "local Ray head failed to start (attempt %d/%d), retrying: %s",
+                    attempt,
+                    attempts,
+                    str(e).strip().splitlines()[-1],
+                )
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout_s: float) -> "LocalRayCluster":
         # a short path: Ray's unix sockets live under it and must stay under 108 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="glr-", dir="/tmp")
-        (self.gcs_port, self.dashboard_port, client_port, agent_listen, agent_grpc, runtime_env_port, metrics_port,
-         node_manager_port, object_manager_port) = free_ports(9)
+        (
+            self.gcs_port,
+            self.dashboard_port,
+            client_port,
+            agent_listen,
+            agent_grpc,
+            runtime_env_port,
+            metrics_port,
+            node_manager_port,
+            object_manager_port,
+        ) = free_ports(9)
         if self.token_auth and not self.token:
             self.token = new_token()
         ray_exe = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_exe) if ray_exe.exists() else "ray", "start", "--head", "--disable-usage-stats",
-               f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}",
-               f"--num-gpus={self.num_gpus}", f"--include-dashboard={'true' if self.dashboard else 'false'}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_listen}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_port}",
-               f"--metrics-export-port={metrics_port}", f"--node-manager-port={node_manager_port}",
-               f"--object-manager-port={object_manager_port}", "--object-store-memory=200000000"]
+        cmd = [
+            str(ray_exe) if ray_exe.exists() else "ray",
+            "start",
+            "--head",
+            "--disable-usage-stats",
+            f"--port={self.gcs_port}",
+            f"--temp-dir={self.temp_dir}",
+            f"--num-cpus={self.num_cpus}",
+            f"--num-gpus={self.num_gpus}",
+            f"--include-dashboard={'true' if self.dashboard else 'false'}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={client_port}",
+            f"--dashboard-agent-listen-port={agent_listen}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_port}",
+            f"--metrics-export-port={metrics_port}",
+            f"--node-manager-port={node_manager_port}",
+            f"--object-manager-port={object_manager_port}",
+            "--object-store-memory=200000000",
+        ]
         env = self.client_env()
         # job drivers run `python -m cluster.cli ...`: this interpreter's venv comes first on PATH
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -192,12 +218,21 @@ class LocalRayCluster:
             cfg_path = Path(self.temp_dir) / "autoscaling_config.json"
             cfg_path.write_text(json.dumps(cfg))
             cmd.append(f"--autoscaling-config={cfg_path}")
-            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_enable_autoscaler_v2="1",
-                       RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
-                       RAY_NODE_TYPE_NAME=cfg["head_node_type"])
+            env.update(
+                RAY_FAKE_CLUSTER="1",
+                AUTOSCALER_UPDATE_INTERVAL_S="1",
+                RAY_enable_autoscaler_v2="1",
+                RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
+                RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
+                RAY_NODE_TYPE_NAME=cfg["head_node_type"],
+            )
         start_log = Path(self.temp_dir) / "ray-start.log"
-        log.info("starting a local Ray head: GCS %s, dashboard %s, temp dir %s", self.gcs_port, self.dashboard_port,
-                 self.temp_dir)
+        log.info(
+            "starting a local Ray head: GCS %s, dashboard %s, temp dir %s",
+            self.gcs_port,
+            self.dashboard_port,
+            self.temp_dir,
+        )
         with open(start_log, "w") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self._pgid = proc.pid  # every Ray process of this head inherits this process group
@@ -219,8 +254,10 @@ class LocalRayCluster:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                req = urllib.request.Request(f"{self.dashboard_url}/api/version",
-                                             headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
+                req = urllib.request.Request(
+                    f"{self.dashboard_url}/api/version",
+                    headers={"Authorization": f"Bearer {self.token}"} if self.token else {},
+                )
                 with urllib.request.urlopen(req, timeout=5) as r:
                     if r.status == 200:
                         return
@@ -273,6 +310,7 @@ class LocalRayCluster:
 
 # -- the autoscaling proof ---------------------------------------------------------------------------------------
 
+
 def node_type_of(node: dict[str, Any], cfg: dict[str, Any]) -> str:
     """A live node's type: its genloop label, else the worker type whose GPU count matches, else the head."""
     labels = node.get("Labels") or {}
@@ -323,8 +361,9 @@ class Demand:
     count: int
 
 
-def prove_autoscaling(cfg: dict[str, Any], phases: list[Demand], work_s: float = 3.0, timeout_s: float = 150,
-                      poll_s: float = 1.0) -> dict[str, Any]:
+def prove_autoscaling(
+    cfg: dict[str, Any], phases: list[Demand], work_s: float = 3.0, timeout_s: float = 150, poll_s: float = 1.0
+) -> dict[str, Any]:
     """Run each phase's demand in turn (like stages: data, then training) on the connected autoscaling cluster,
     recording worker counts over time, then wait until the autoscaler has scaled back to zero workers.
 
@@ -356,8 +395,10 @@ def prove_autoscaling(cfg: dict[str, Any], phases: list[Demand], work_s: float =
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
             sample()
         if pending:
-            raise TimeoutError(f"{len(pending)} of {len(refs)} {phase.unit} units did not finish in {timeout_s:.0f}s; "
-                               f"workers seen: {timeline}")
+            raise TimeoutError(
+                f"{len(pending)} of {len(refs)} {phase.unit} units did not finish in {timeout_s:.0f}s; "
+                f"workers seen: {timeline}"
+            )
         types_by_id = {n["NodeID"]: node_type_of(n, cfg) for n in ray.nodes()}
         ran_on[phase.unit] = [types_by_id.get(r["node_id"], "unknown") for r in ray.get(refs)]
     t_done = time.monotonic() - t0

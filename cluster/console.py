@@ -42,8 +42,7 @@ class Console:
         sys.stderr.flush()
         self.log = open(self.log_path, "a", buffering=1, encoding="utf-8", errors="replace")
         self._saved_fds = (os.dup(1), os.dup(2))
-        self.term: TextIO = os.fdopen(os.dup(self._saved_fds[0]), "w", buffering=1, encoding="utf-8",
-                                      errors="replace")
+        self.term: TextIO = os.fdopen(os.dup(self._saved_fds[0]), "w", buffering=1, encoding="utf-8", errors="replace")
         self._saved_streams = (sys.stdout, sys.stderr)
         # C-level writes (Ray's core worker, vLLM's native code) land in the log file
         os.dup2(self.log.fileno(), 1)
@@ -98,7 +97,7 @@ class Console:
             return
         with self._lock:
             width = _columns(self._saved_fds[0])
-            self.term.write("\r" + line[:width - 1].ljust(min(width - 1, len(line) + 8)))
+            self.term.write("\r" + line[: width - 1].ljust(min(width - 1, len(line) + 8)))
             self.term.flush()
             self._bar_open = True
 
@@ -156,8 +155,11 @@ class _Router(io.TextIOBase):
             for piece in s.replace("\r", "\n").splitlines():
                 if BAR.search(piece):
                     c.bar(piece)
-        elif (not self.err and threading.current_thread() is self._main
-              and sys._getframe(1).f_code.co_filename != logging.__file__):  # print(), not a logging handler
+        elif (
+            not self.err
+            and threading.current_thread() is self._main
+            and sys._getframe(1).f_code.co_filename != logging.__file__
+        ):  # print(), not a logging handler
             self._line += s
             while "\n" in self._line:
                 line, self._line = self._line.split("\n", 1)
@@ -176,10 +178,15 @@ class _Router(io.TextIOBase):
 
 
 def _stream_handlers() -> list[logging.StreamHandler]:
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    return [
+        h
+        for lg in loggers
+        for h in lg.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
 
 
 def _columns(fd: int) -> int:

@@ -52,8 +52,10 @@ class DemoConfig:
 
     def validate(self) -> None:
         if self.eval.n_prompts < 1 or self.eval.max_new_tokens < 1 or self.smoke_questions < 1:
-            raise ConfigError(f"demo: eval.n_prompts ({self.eval.n_prompts}), eval.max_new_tokens "
-                              f"({self.eval.max_new_tokens}) and smoke_questions ({self.smoke_questions}) must be >= 1")
+            raise ConfigError(
+                f"demo: eval.n_prompts ({self.eval.n_prompts}), eval.max_new_tokens "
+                f"({self.eval.max_new_tokens}) and smoke_questions ({self.smoke_questions}) must be >= 1"
+            )
 
 
 def demo_config(preset: str) -> DemoConfig:
@@ -112,34 +114,121 @@ def steps(out: Path, preset: str) -> list[Step]:
     dc = demo_config(preset)
     return [
         Step("data", ["data", "--config", preset, "--out", f"{d}/data"], f"{d}/data"),
-        Step("pretrain", ["pretrain", "--config", preset, "--data", f"{d}/data", "--out", f"{d}/pretrain"],
-             f"{d}/pretrain"),
+        Step(
+            "pretrain",
+            ["pretrain", "--config", preset, "--data", f"{d}/data", "--out", f"{d}/pretrain"],
+            f"{d}/pretrain",
+        ),
         Step("sft-data", ["sft-data", "--config", preset, "--out", f"{d}/sft-data"], f"{d}/sft-data"),
-        Step("sft", ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data",
-                     "--out", f"{d}/sft"], f"{d}/sft"),
+        Step(
+            "sft",
+            ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data", "--out", f"{d}/sft"],
+            f"{d}/sft",
+        ),
         # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO (its reward and group
         # filter, and why: the preset's rlhf: section)
-        Step("pref-data", ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data",
-                           "--out", f"{d}/pref-data"], f"{d}/pref-data"),
-        Step("reward", ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data",
-                        "--out", f"{d}/reward"], f"{d}/reward"),
+        Step(
+            "pref-data",
+            [
+                "pref-data",
+                "--config",
+                preset,
+                "--policy",
+                f"{d}/sft",
+                "--prompts",
+                f"{d}/sft-data",
+                "--out",
+                f"{d}/pref-data",
+            ],
+            f"{d}/pref-data",
+        ),
+        Step(
+            "reward",
+            [
+                "reward",
+                "--config",
+                preset,
+                "--init-from",
+                f"{d}/sft",
+                "--data",
+                f"{d}/pref-data",
+                "--out",
+                f"{d}/reward",
+            ],
+            f"{d}/reward",
+        ),
         Step("rlhf", rlhf_argv(out, preset), f"{d}/rlhf"),
         # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
-        Step("eval", ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data",
-                      "--reference", f"{d}/sft", "--reward-model", f"{d}/reward", "--n-prompts",
-                      str(dc.eval.n_prompts), "--max-new-tokens", str(dc.eval.max_new_tokens),
-                      "--out", f"{d}/eval.json"], None),
+        Step(
+            "eval",
+            [
+                "eval",
+                "--policy",
+                f"{d}/sft",
+                "--policy",
+                f"{d}/rlhf",
+                "--prompts",
+                f"{d}/sft-data",
+                "--reference",
+                f"{d}/sft",
+                "--reward-model",
+                f"{d}/reward",
+                "--n-prompts",
+                str(dc.eval.n_prompts),
+                "--max-new-tokens",
+                str(dc.eval.max_new_tokens),
+                "--out",
+                f"{d}/eval.json",
+            ],
+            None,
+        ),
         # the knowledge store: stdlib packages plus the modules the smoke questions' functions come from
-        Step("knowledge", lambda: ["knowledge", "add", *(f"{stdlib}/{pkg}" for pkg in dc.knowledge),
-                                   *smoke_sources(f"{d}/sft-data", dc.smoke_questions), "--store", f"{d}/serve"],
-             None),
-        Step("serve", ["serve", "--config", preset, "--model", policy, "--knowledge", f"{d}/serve",
-                       "--smoke", str(dc.smoke_questions), "--smoke-questions", f"{d}/sft-data",
-                       "--smoke-out", f"{d}/serve/smoke.json"], None),
+        Step(
+            "knowledge",
+            lambda: [
+                "knowledge",
+                "add",
+                *(f"{stdlib}/{pkg}" for pkg in dc.knowledge),
+                *smoke_sources(f"{d}/sft-data", dc.smoke_questions),
+                "--store",
+                f"{d}/serve",
+            ],
+            None,
+        ),
+        Step(
+            "serve",
+            [
+                "serve",
+                "--config",
+                preset,
+                "--model",
+                policy,
+                "--knowledge",
+                f"{d}/serve",
+                "--smoke",
+                str(dc.smoke_questions),
+                "--smoke-questions",
+                f"{d}/sft-data",
+                "--smoke-out",
+                f"{d}/serve/smoke.json",
+            ],
+            None,
+        ),
         # the loop, once around: the ratings and preferences posted during serve --smoke, exported for the version
         # that was served: the next round's `genloop reward --data`
-        Step("feedback", lambda: ["feedback", "export", "--store", f"{d}/serve/feedback.db", *served_version(d),
-                                  "--out", f"{d}/serve/round1/prefs.jsonl"], None),
+        Step(
+            "feedback",
+            lambda: [
+                "feedback",
+                "export",
+                "--store",
+                f"{d}/serve/feedback.db",
+                *served_version(d),
+                "--out",
+                f"{d}/serve/round1/prefs.jsonl",
+            ],
+            None,
+        ),
         Step("lineage", ["lineage", policy], None),
     ]
 
@@ -184,8 +273,9 @@ class Outcome:
     seconds: float
 
 
-def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None,
-        verbose: bool = False) -> int:
+def run(
+    out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None, verbose: bool = False
+) -> int:
     from cluster.demo_summary import write_summary
 
     if fresh and out.exists():
@@ -199,10 +289,13 @@ def run(out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | 
     outcomes: list[Outcome] = []
     t_all = time.perf_counter()
     with Console(out / "demo.log", verbose=verbose) as con:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
-        con.say(f"genloop demo: {len(todo)} steps on the {preset!r} preset into {out}/ "
-                f"(Ray's and vLLM's logs: {out}/demo.log)")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
+        con.say(
+            f"genloop demo: {len(todo)} steps on the {preset!r} preset into {out}/ "
+            f"(Ray's and vLLM's logs: {out}/demo.log)"
+        )
         try:
             _run_steps(con, todo, outcomes, out)
         finally:  # the summary of what ran, whatever happened

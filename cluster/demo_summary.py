@@ -59,8 +59,9 @@ def _history(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
 
 
-def curve_rows(rows: Sequence[dict[str, Any]], key: str, what: str, x: str = "step",
-               fmt: str = ".4f") -> list[tuple[str, str]]:
+def curve_rows(
+    rows: Sequence[dict[str, Any]], key: str, what: str, x: str = "step", fmt: str = ".4f"
+) -> list[tuple[str, str]]:
     """Two summary rows for a curve: ``what`` over its first and its last k points, mean +- standard deviation; none
     for a curve of fewer than four points (no spread to give: its plot shows it)."""
     ends = curve_ends(rows, key, x)
@@ -71,8 +72,10 @@ def curve_rows(rows: Sequence[dict[str, Any]], key: str, what: str, x: str = "st
     def span(at: tuple[Any, Any]) -> str:
         return f"{x}s {at[0]}-{at[1]}"
 
-    return [(f"{what}, first {pts} ({span(ends.first_at)}), mean ± sd", _pm(ends.first, fmt)),
-            (f"{what}, last {pts} ({span(ends.last_at)}), mean ± sd", _pm(ends.last, fmt))]
+    return [
+        (f"{what}, first {pts} ({span(ends.first_at)}), mean ± sd", _pm(ends.first, fmt)),
+        (f"{what}, last {pts} ({span(ends.last_at)}), mean ± sd", _pm(ends.last, fmt)),
+    ]
 
 
 def _pm(ms: tuple[float, float], fmt: str) -> str:
@@ -134,6 +137,7 @@ def _copy_plot(src: Path, out: Path, name: str) -> str | None:
 
 # ---- per stage ----------------------------------------------------------------------------------------------------
 
+
 def data_section(out: Path, step: Any) -> Section | None:
     m = _manifest(out / "data")
     if not m:
@@ -142,17 +146,25 @@ def data_section(out: Path, step: Any) -> Section | None:
     dups = c.get("exact_duplicates", 0) + c.get("near_duplicates", 0)
     s = Section("data: clean, deduplicate, tokenize")
     s.rows = [("documents read", f"{c['read']:,}"), ("kept", f"{c['kept']:,}")]
-    s.rows += [(f"dropped by rule `{k}`", f"{v:,}") for k, v in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])]
-    s.rows += [("exact duplicates", f"{c.get('exact_duplicates', 0):,}"),
-               ("near duplicates (MinHash LSH)", f"{c.get('near_duplicates', 0):,}")]
+    s.rows += [
+        (f"dropped by rule `{k}`", f"{v:,}") for k, v in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])
+    ]
+    s.rows += [
+        ("exact duplicates", f"{c.get('exact_duplicates', 0):,}"),
+        ("near duplicates (MinHash LSH)", f"{c.get('near_duplicates', 0):,}"),
+    ]
     s.rows += [(f"malformed: {k}", f"{v:,}") for k, v in c.get("malformed", {}).items()]
     tok = c.get("tokens", {})
-    s.rows += [("tokens train / val", f"{tok.get('train', 0):,} / {tok.get('val', 0):,}"),
-               ("vocabulary", f"{c.get('n_vocab', '-')}"),
-               ("seconds", _num(m.get("metrics", {}).get("seconds"), ".0f"))]
+    s.rows += [
+        ("tokens train / val", f"{tok.get('train', 0):,} / {tok.get('val', 0):,}"),
+        ("vocabulary", f"{c.get('n_vocab', '-')}"),
+        ("seconds", _num(m.get("metrics", {}).get("seconds"), ".0f")),
+    ]
     accounted = c["kept"] + sum(c.get("dropped", {}).values()) + dups + sum(c.get("malformed", {}).values())
-    s.lines.append(f"Every document is accounted for: read {c['read']:,} = kept + dropped + duplicates + malformed "
-                   f"= {accounted:,}.")
+    s.lines.append(
+        f"Every document is accounted for: read {c['read']:,} = kept + dropped + duplicates + malformed "
+        f"= {accounted:,}."
+    )
     plot = _accounting_plot(c, out / "data_accounting.png")
     if plot:
         s.plots.append(("what happened to the documents read", plot))
@@ -169,9 +181,13 @@ def _accounting_plot(c: dict[str, Any], path: Path) -> str | None:
         return None
     # (label, count, colour): kept, then each drop rule, the duplicates, the malformed inputs
     items = [("kept", c["kept"], "tab:green")]
-    items += [(f"dropped: {k}", v, "tab:orange") for k, v in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])]
-    items += [("exact duplicates", c.get("exact_duplicates", 0), "tab:purple"),
-              ("near duplicates", c.get("near_duplicates", 0), "tab:purple")]
+    items += [
+        (f"dropped: {k}", v, "tab:orange") for k, v in sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])
+    ]
+    items += [
+        ("exact duplicates", c.get("exact_duplicates", 0), "tab:purple"),
+        ("near duplicates", c.get("near_duplicates", 0), "tab:purple"),
+    ]
     items += [(f"malformed: {k}", v, "tab:red") for k, v in c.get("malformed", {}).items()]
     items = [it for it in items if it[1]][::-1]  # top to bottom as listed
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(items) + 1.3))
@@ -195,12 +211,17 @@ def pretrain_section(out: Path, step: Any) -> Section | None:
         return None
     c, x = m.get("counts", {}), m.get("metrics", {})
     s = Section("pretrain: the transformer on the tokens (Ray Train)")
-    s.rows = [("parameters", f"{c.get('params', 0) / 1e6:.2f} M"), ("steps", f"{c.get('steps', 0):,}"),
-              ("tokens seen", f"{c.get('tokens', 0):,}")]
+    s.rows = [
+        ("parameters", f"{c.get('params', 0) / 1e6:.2f} M"),
+        ("steps", f"{c.get('steps', 0):,}"),
+        ("tokens seen", f"{c.get('tokens', 0):,}"),
+    ]
     s.rows += curve_rows(_history(out / "pretrain"), "loss", "train loss (one step per point)")
-    s.rows += [("validation loss (held-out blocks, last step)", _num(x.get("val_loss"))),
-               ("validation perplexity", _num(x.get("val_ppl"), ".1f")),
-               ("tokens / s", _num(x.get("tokens_per_s"), ".0f"))]
+    s.rows += [
+        ("validation loss (held-out blocks, last step)", _num(x.get("val_loss"))),
+        ("validation perplexity", _num(x.get("val_ppl"), ".1f")),
+        ("tokens / s", _num(x.get("tokens_per_s"), ".0f")),
+    ]
     plot = _copy_plot(out / "pretrain" / "loss_curve.png", out, "pretrain_loss.png")
     if plot:
         s.plots.append(("pretraining loss (train and validation)", plot))
@@ -213,9 +234,12 @@ def sft_data_section(out: Path, step: Any) -> Section | None:
         return None
     c = m.get("counts", {})
     s = Section("sft-data: an instruction set from the stdlib's documented functions")
-    s.rows = [("functions read", f"{c.get('functions', 0):,}"), ("train examples", f"{c.get('train', 0):,}"),
-              ("held-out examples", f"{c.get('val', 0):,}"),
-              ("tasks", ", ".join(f"{k[5:]} {v:,}" for k, v in c.items() if k.startswith("task_")))]
+    s.rows = [
+        ("functions read", f"{c.get('functions', 0):,}"),
+        ("train examples", f"{c.get('train', 0):,}"),
+        ("held-out examples", f"{c.get('val', 0):,}"),
+        ("tasks", ", ".join(f"{k[5:]} {v:,}" for k, v in c.items() if k.startswith("task_"))),
+    ]
     return s
 
 
@@ -226,16 +250,19 @@ def sft_section(out: Path, step: Any) -> Section | None:
     x = m.get("metrics", {})
     n = m.get("config", {}).get("eval", {}).get("prompts")  # the held-out prompts answered before and after
     s = Section("sft: instruction fine-tuning (loss on answers only)")
-    s.rows = [("held-out answer loss, before SFT", _num(x.get("heldout_answer_loss_before"))),
-              ("held-out answer loss, after SFT", _num(x.get("heldout_answer_loss_after"))),
-              ("parse rate before SFT (answers that parse and define a function)",
-               _pct_ci(x.get("parse_rate_before"), n)),
-              ("parse rate after SFT", _pct_ci(x.get("parse_rate_after"), n))]
+    s.rows = [
+        ("held-out answer loss, before SFT", _num(x.get("heldout_answer_loss_before"))),
+        ("held-out answer loss, after SFT", _num(x.get("heldout_answer_loss_after"))),
+        ("parse rate before SFT (answers that parse and define a function)", _pct_ci(x.get("parse_rate_before"), n)),
+        ("parse rate after SFT", _pct_ci(x.get("parse_rate_after"), n)),
+    ]
     s.rows += curve_rows(_history(out / "sft"), "loss", "train answer loss (one step per point)")
     s.rows += [("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
-    s.lines.append("Before and after, on the same held-out functions the model never saw (the loss on the same "
-                   "held-out rows; the parse rate with its 95% interval over the greedy answers). Samples: "
-                   "`sft/samples.jsonl`.")
+    s.lines.append(
+        "Before and after, on the same held-out functions the model never saw (the loss on the same "
+        "held-out rows; the parse rate with its 95% interval over the greedy answers). Samples: "
+        "`sft/samples.jsonl`."
+    )
     plot = _copy_plot(out / "sft" / "loss_curve.png", out, "sft_loss.png")
     if plot:
         s.plots.append(("SFT loss on answer tokens", plot))
@@ -258,15 +285,21 @@ def serve_section(out: Path, step: Any) -> Section | None:
     smoke = json.loads(f.read_text())
     answers = smoke.get("answers", [])
     ok = sum(a["parses"] for a in answers)
-    s = Section(f"serve: {smoke.get('model')} over OpenAI-compatible HTTP, with retrieval",
-                rows=[("held-out code-writing requests answered", str(len(answers))),
-                      ("answers that parse and define a function", f"{ok} of {len(answers)}")])
+    s = Section(
+        f"serve: {smoke.get('model')} over OpenAI-compatible HTTP, with retrieval",
+        rows=[
+            ("held-out code-writing requests answered", str(len(answers))),
+            ("answers that parse and define a function", f"{ok} of {len(answers)}"),
+        ],
+    )
     for i, a in enumerate(answers, 1):
         q = " ".join(a["question"].split())
-        s.lines.append(f"{i}. **{q[:160]}{'...' if len(q) > 160 else ''}**  \n"
-                       f"   parses as a function: {'yes' if a['parses'] else 'no'}; retrieval found: "
-                       f"{', '.join(f'`{x}`' for x in a['sources']) or 'nothing'}\n\n"
-                       f"   ```\n{_indent(_shown(a['answer']), '   ')}\n   ```")
+        s.lines.append(
+            f"{i}. **{q[:160]}{'...' if len(q) > 160 else ''}**  \n"
+            f"   parses as a function: {'yes' if a['parses'] else 'no'}; retrieval found: "
+            f"{', '.join(f'`{x}`' for x in a['sources']) or 'nothing'}\n\n"
+            f"   ```\n{_indent(_shown(a['answer']), '   ')}\n   ```"
+        )
     return s
 
 
@@ -292,13 +325,19 @@ def feedback_section(out: Path, step: Any) -> Section | None:
     pairs, rated = rows(prefs), rows(ratings)
     versions = sorted({str(r.get("model_version")) for r in [*pairs, *rated]})
     ups = sum(1 for r in rated if (r.get("score") or 0) > 0)  # score in [-1, 1]: up / 4-5 stars above 0
-    s = Section("feedback: one continuous-learning round (rated while serving, exported by model version)", rows=[
-        ("model version served and rated", ", ".join(versions) or "-"),
-        ("ratings (up / down)", f"{len(rated)} ({ups} / {len(rated) - ups})"),
-        ("preference pairs", str(len(pairs))),
-        ("exported to", f"`{prefs}`")])
-    s.lines.append(f"The next round's reward stage reads them: `genloop reward --init-from {out}/rlhf --data {prefs} "
-                   f"--out {out}/reward2`.")
+    s = Section(
+        "feedback: one continuous-learning round (rated while serving, exported by model version)",
+        rows=[
+            ("model version served and rated", ", ".join(versions) or "-"),
+            ("ratings (up / down)", f"{len(rated)} ({ups} / {len(rated) - ups})"),
+            ("preference pairs", str(len(pairs))),
+            ("exported to", f"`{prefs}`"),
+        ],
+    )
+    s.lines.append(
+        f"The next round's reward stage reads them: `genloop reward --init-from {out}/rlhf --data {prefs} "
+        f"--out {out}/reward2`."
+    )
     return s
 
 
@@ -319,10 +358,14 @@ def pref_data_section(out: Path, step: Any) -> Section | None:
     if not m:
         return None
     c, x = m.get("counts", {}), m.get("metrics", {})
-    return Section("pref-data: the SFT model's own answers, judged into preference pairs", rows=[
-        ("prompts x answers sampled", f"{c.get('prompts', 0):,} prompts, {c.get('samples', 0):,} answers"),
-        ("SFT answers the judge passes", _pct(x.get("policy_judge_pass_rate"))),
-        ("pairs (train / held-out)", f"{c.get('train_pairs', 0):,} / {c.get('val_pairs', 0):,}")])
+    return Section(
+        "pref-data: the SFT model's own answers, judged into preference pairs",
+        rows=[
+            ("prompts x answers sampled", f"{c.get('prompts', 0):,} prompts, {c.get('samples', 0):,} answers"),
+            ("SFT answers the judge passes", _pct(x.get("policy_judge_pass_rate"))),
+            ("pairs (train / held-out)", f"{c.get('train_pairs', 0):,} / {c.get('val_pairs', 0):,}"),
+        ],
+    )
 
 
 def reward_section(out: Path, step: Any) -> Section | None:
@@ -331,10 +374,14 @@ def reward_section(out: Path, step: Any) -> Section | None:
         return None
     x, c = m.get("metrics", {}), m.get("counts", {})
     n = c.get("val_pairs")  # the held-out pairs both accuracies are measured on
-    s = Section("reward: a Bradley-Terry reward model (the SFT trunk + a scalar head)", rows=[
-        ("held-out pairwise accuracy, untrained head", _pct_ci(x.get("heldout_pairwise_accuracy_before"), n)),
-        ("held-out pairwise accuracy, trained", _pct_ci(x.get("heldout_pairwise_accuracy"), n)),
-        ("held-out mean margin (chosen - rejected)", _num(x.get("heldout_mean_margin")))])
+    s = Section(
+        "reward: a Bradley-Terry reward model (the SFT trunk + a scalar head)",
+        rows=[
+            ("held-out pairwise accuracy, untrained head", _pct_ci(x.get("heldout_pairwise_accuracy_before"), n)),
+            ("held-out pairwise accuracy, trained", _pct_ci(x.get("heldout_pairwise_accuracy"), n)),
+            ("held-out mean margin (chosen - rejected)", _num(x.get("heldout_mean_margin"))),
+        ],
+    )
     s.rows += curve_rows(_history(out / "reward"), "loss", "train loss (one step per point)")
     s.rows += [("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
     return s
@@ -347,18 +394,23 @@ def rlhf_section(out: Path, step: Any) -> Section | None:
     c = m.get("counts", {})
     reward = m.get("config", {}).get("reward", "")
     rows = _history(out / "rlhf")
-    s = Section("rlhf: GRPO with vLLM rollout actors and a Ray Train learner", rows=[
-        ("reward", f"`{reward}`" if reward else "-"), ("iterations", _num(c.get("iterations"), "d"))])
+    s = Section(
+        "rlhf: GRPO with vLLM rollout actors and a Ray Train learner",
+        rows=[("reward", f"`{reward}`" if reward else "-"), ("iterations", _num(c.get("iterations"), "d"))],
+    )
     s.rows += curve_rows(rows, "reward_mean", "mean reward of an iteration's answers", x="iteration")
     if any("reward/judge_pass" in r for r in rows):
         s.rows += curve_rows(rows, "reward/judge_pass", "judge pass rate of an iteration's answers", x="iteration")
     s.rows += curve_rows(rows, "kl", "KL to the SFT model", x="iteration")
     sync = curve_ends(rows, "sync_s", "iteration")
-    s.rows.append(("weight sync into the engines, seconds (last iterations, mean ± sd)",
-                   _pm(sync.last, ".2f") if sync else "-"))
-    s.lines.append("Each iteration's numbers are over its own sampled answers, so single iterations are noisy: the "
-                   "rows give the mean ± standard deviation of the first and the last few; the held-out comparison "
-                   "below (greedy, SFT vs RLHF) is the measurement.")
+    s.rows.append(
+        ("weight sync into the engines, seconds (last iterations, mean ± sd)", _pm(sync.last, ".2f") if sync else "-")
+    )
+    s.lines.append(
+        "Each iteration's numbers are over its own sampled answers, so single iterations are noisy: the "
+        "rows give the mean ± standard deviation of the first and the last few; the held-out comparison "
+        "below (greedy, SFT vs RLHF) is the measurement."
+    )
     plot = _copy_plot(out / "rlhf" / "reward_curve.png", out, "rlhf_reward.png")
     if plot:
         s.plots.append(("RLHF reward per iteration", plot))
@@ -373,37 +425,63 @@ def eval_section(out: Path, step: Any) -> Section | None:
     if not rows:
         return None
     s = Section(f"SFT vs RLHF on {rows[0]['prompts']} held-out code-writing prompts ({rows[0]['decoding']})")
-    names = [Path(r["policy"]).parent.name if Path(r["policy"]).name == "model" else Path(r["policy"]).name
-             for r in rows]
+    names = [
+        Path(r["policy"]).parent.name if Path(r["policy"]).name == "model" else Path(r["policy"]).name for r in rows
+    ]
     ns = [int(r["prompts"]) * int(r.get("samples_per_prompt") or 1) for r in rows]  # answers judged per policy
-    table = [("judge pass rate (requested function and signature)",
-              [_pct_ci(r["judge_pass_rate"], n) for r, n in zip(rows, ns)]),
-             ("judge mean score", [_mean_ci(r["judge_mean"], r.get("judge_std"), n, bound01=True)
-                                   for r, n in zip(rows, ns)]),
-             ("mean reward-model score", [_mean_ci(r["rm_score_mean"], r.get("rm_score_std"), n)
-                                          for r, n in zip(rows, ns)]),
-             ("KL to the SFT model, per answer token", [_mean_ci(r["kl_to_reference"], r.get("kl_std"), n, ".4f")
-                                                        for r, n in zip(rows, ns)])]
-    s.lines.append("\n".join([f"| | {' | '.join(names)} |", f"| --- |{' ---: |' * len(names)}",
-                               *(f"| {what} | {' | '.join(vals)} |" for what, vals in table)]))
+    table = [
+        (
+            "judge pass rate (requested function and signature)",
+            [_pct_ci(r["judge_pass_rate"], n) for r, n in zip(rows, ns)],
+        ),
+        (
+            "judge mean score",
+            [_mean_ci(r["judge_mean"], r.get("judge_std"), n, bound01=True) for r, n in zip(rows, ns)],
+        ),
+        ("mean reward-model score", [_mean_ci(r["rm_score_mean"], r.get("rm_score_std"), n) for r, n in zip(rows, ns)]),
+        (
+            "KL to the SFT model, per answer token",
+            [_mean_ci(r["kl_to_reference"], r.get("kl_std"), n, ".4f") for r, n in zip(rows, ns)],
+        ),
+    ]
+    s.lines.append(
+        "\n".join(
+            [
+                f"| | {' | '.join(names)} |",
+                f"| --- |{' ---: |' * len(names)}",
+                *(f"| {what} | {' | '.join(vals)} |" for what, vals in table),
+            ]
+        )
+    )
     if len(rows) >= 2:
         d, lo, hi = rate_difference(rows[0]["judge_pass_rate"], ns[0], rows[-1]["judge_pass_rate"], ns[-1])
         verdict = "a difference" if lo > 0 or hi < 0 else "no difference this evaluation can tell from chance"
-        s.lines.append(f"Judge pass rate, {names[-1]} - {names[0]}: {100 * d:+.0f} points (95% CI {100 * lo:+.0f} to "
-                       f"{100 * hi:+.0f}): {verdict}. Intervals: Wilson for rates, Newcombe for the difference; a "
-                       "score's interval is from its per-answer standard deviation where recorded.")
+        s.lines.append(
+            f"Judge pass rate, {names[-1]} - {names[0]}: {100 * d:+.0f} points (95% CI {100 * lo:+.0f} to "
+            f"{100 * hi:+.0f}): {verdict}. Intervals: Wilson for rates, Newcombe for the difference; a "
+            "score's interval is from its per-answer standard deviation where recorded."
+        )
     return s
 
 
 SUMMARIES: dict[str, Callable[[Path, Any], Section | None]] = {
-    "data": data_section, "pretrain": pretrain_section, "sft-data": sft_data_section, "sft": sft_section,
-    "pref-data": pref_data_section, "reward": reward_section, "rlhf": rlhf_section, "eval": eval_section,
-    "knowledge": knowledge_section, "serve": serve_section, "feedback": feedback_section,
+    "data": data_section,
+    "pretrain": pretrain_section,
+    "sft-data": sft_data_section,
+    "sft": sft_section,
+    "pref-data": pref_data_section,
+    "reward": reward_section,
+    "rlhf": rlhf_section,
+    "eval": eval_section,
+    "knowledge": knowledge_section,
+    "serve": serve_section,
+    "feedback": feedback_section,
     "lineage": lineage_section,
 }
 
 
 # ---- the page -------------------------------------------------------------------------------------------------------
+
 
 def render(sections: Sequence[Section], outcomes: Sequence[Any], total_s: float, preset: str) -> str:
     md = [f"# genloop demo ({preset} preset)", "", "| step | status | seconds |", "| --- | --- | ---: |"]
@@ -427,18 +505,22 @@ def next_steps(out: Path, preset: str) -> str:
         name = data.get("model", name)
         q = next((a["question"] for a in data.get("answers", [])), q)
     body = json.dumps({"model": name, "messages": [{"role": "user", "content": q}], "max_tokens": 64})
-    return "\n".join([
-        "## Serve it yourself", "",
-        "```bash",
-        ". .venv/bin/activate",
-        f"genloop serve --config {preset} --model {policy_dir(out)} --knowledge {out}/serve   # Ctrl-C stops",
-        "# in another terminal:",
-        "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
-        f"  -d '{body.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'",
-        "```", "",
-        "Any OpenAI client works too (`base_url=\"http://127.0.0.1:8000/v1\"`); `genloop serve --help` lists the "
-        "options.",
-    ])
+    return "\n".join(
+        [
+            "## Serve it yourself",
+            "",
+            "```bash",
+            ". .venv/bin/activate",
+            f"genloop serve --config {preset} --model {policy_dir(out)} --knowledge {out}/serve   # Ctrl-C stops",
+            "# in another terminal:",
+            "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f"  -d '{body.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'",
+            "```",
+            "",
+            'Any OpenAI client works too (`base_url="http://127.0.0.1:8000/v1"`); `genloop serve --help` lists the '
+            "options.",
+        ]
+    )
 
 
 def write_summary(out: Path, steps: Sequence[Any], outcomes: Sequence[Any], total_s: float, preset: str) -> str:

@@ -19,8 +19,15 @@ def _grade(question: str, answer: str) -> tuple[float, float]:
     return judge(question, answer), signature_similarity(requested_signature(question), answer)
 
 
-def feedback_round(client: Any, model: str, questions: list[str], answers: list[dict], pairs: int = 2,
-                   temperature: float = 0.8, max_tokens: int | None = None) -> dict[str, int]:
+def feedback_round(
+    client: Any,
+    model: str,
+    questions: list[str],
+    answers: list[dict],
+    pairs: int = 2,
+    temperature: float = 0.8,
+    max_tokens: int | None = None,
+) -> dict[str, int]:
     """Rate every answered question that has a response id ('up' when the judge gives it at least the requested
     name, else 'down'), then for the first ``pairs`` questions ask for two sampled answers (``n=2``) and post the
     better one as chosen (judge score, then signature closeness; a tie posts nothing). ``client`` is an
@@ -34,8 +41,15 @@ def feedback_round(client: Any, model: str, questions: list[str], answers: list[
         ratings, ups = ratings + 1, ups + (rating == "up")
     for q in questions[:pairs]:
         extra = {"max_tokens": max_tokens} if max_tokens else {}
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], n=2,
-                                           temperature=temperature, seed=prefs, user="demo-user", **extra)
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": q}],
+            n=2,
+            temperature=temperature,
+            seed=prefs,
+            user="demo-user",
+            **extra,
+        )
         texts = [c.message.content or "" for c in sorted(r.choices, key=lambda c: c.index)]
         ids = [r.id, f"{r.id}.1"]  # the server records choice i of an n>1 answer as <id>.<i>
         g0, g1 = _grade(q, texts[0]), _grade(q, texts[1])

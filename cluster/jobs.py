@@ -27,8 +27,20 @@ from urllib.parse import urlparse
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded: virtualenvs, run outputs, caches, build metadata (.gitignore / .rayignore are honoured as well).
-DEFAULT_EXCLUDES = [".venv", "venv", "runs", ".git", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
-                    ".mypy_cache", ".ruff_cache", "/out", "/tmp"]
+DEFAULT_EXCLUDES = [
+    ".venv",
+    "venv",
+    "runs",
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "/out",
+    "/tmp",
+]
 # Options of `genloop submit` itself that may also follow the stage's options (no stage uses these names).
 TRAILING_FLAGS = {"--address": True, "--no-wait": False}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -55,6 +67,7 @@ What stages ask of the cluster (pipelines/resources.py), so the autoscaler adds 
 
 # ---- address and connection ---------------------------------------------------------------------------------------
 
+
 def job_server_address(explicit: str | None, fallback: str | None = None) -> str:
     """``http://HOST:PORT`` of the job server, from ``--address``, ``RAY_API_SERVER_ADDRESS`` or an http fallback."""
     candidates = [explicit, os.environ.get("RAY_API_SERVER_ADDRESS"), fallback]
@@ -63,12 +76,16 @@ def job_server_address(explicit: str | None, fallback: str | None = None) -> str
             continue
         if addr == "auto" or addr.startswith("ray://") or (addr is fallback and "://" not in addr):
             if addr is explicit:
-                raise ValueError(f"--address {addr}: genloop submit/jobs talk to the job server in the head's "
-                                 "dashboard; give its URL, e.g. --address http://127.0.0.1:8265")
+                raise ValueError(
+                    f"--address {addr}: genloop submit/jobs talk to the job server in the head's "
+                    "dashboard; give its URL, e.g. --address http://127.0.0.1:8265"
+                )
             continue  # a GCS address in RAY_ADDRESS is for stages, not for the Jobs API
         return addr if "://" in addr else f"http://{addr}"
-    raise ValueError("no job server address: pass --address http://HEAD:8265 (forward it from a cloud head with "
-                     "`ray dashboard ray-cluster.yaml`) or set RAY_API_SERVER_ADDRESS")
+    raise ValueError(
+        "no job server address: pass --address http://HEAD:8265 (forward it from a cloud head with "
+        "`ray dashboard ray-cluster.yaml`) or set RAY_API_SERVER_ADDRESS"
+    )
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S, note: str = "Nothing was submitted") -> None:
@@ -81,9 +98,11 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S, note: st
         with socket.create_connection((u.hostname, port), timeout=timeout_s):
             pass
     except OSError as e:
-        raise ValueError(f"cannot reach the Ray job server at {address} ({e.strerror or e}); is the cluster up? "
-                         "For a cloud cluster run `ray dashboard ray-cluster.yaml` and use "
-                         f"--address http://127.0.0.1:8265. {note}") from None
+        raise ValueError(
+            f"cannot reach the Ray job server at {address} ({e.strerror or e}); is the cluster up? "
+            "For a cloud cluster run `ray dashboard ray-cluster.yaml` and use "
+            f"--address http://127.0.0.1:8265. {note}"
+        ) from None
 
 
 def connect(address: str, note: str = "Nothing was submitted"):
@@ -97,12 +116,15 @@ def connect(address: str, note: str = "Nothing was submitted"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
         if any(w in str(e).lower() for w in ("401", "403", "unauthorized", "forbidden", "token")):
-            hint = (" The cluster uses token authentication: export RAY_AUTH_MODE=token and put the cluster's "
-                    "token in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it).")
+            hint = (
+                " The cluster uses token authentication: export RAY_AUTH_MODE=token and put the cluster's "
+                "token in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)."
+            )
         raise ValueError(f"cannot use the Ray job server at {address}: {first}.{hint} {note}") from None
 
 
 # ---- what is submitted ---------------------------------------------------------------------------------------------
+
 
 def split_submit_args(stage_args: list[str]) -> tuple[list[str], dict[str, Any]]:
     """``[STAGE, stage options..., --address A, --no-wait]`` -> (stage argv, {"address": A, "no_wait": True}).
@@ -146,8 +168,9 @@ def validate_stage_args(argv: list[str]) -> argparse.Namespace:
     except SystemExit as e:
         if e.code == 0:  # --help
             raise
-        raise ValueError(f"the {stage} stage rejects these options (see its usage above); nothing was submitted") \
-            from None
+        raise ValueError(
+            f"the {stage} stage rejects these options (see its usage above); nothing was submitted"
+        ) from None
     config = getattr(ns, "config", None)
     named = not config or ("/" not in config and not config.endswith((".yaml", ".yml")))
     if config and named:
@@ -175,8 +198,11 @@ def relative_outputs(argv: list[str]) -> list[str]:
     """Values of ``--out`` that are relative paths: on a cluster they would land in the job's temporary dir."""
     outs = []
     for i, tok in enumerate(argv):
-        value = tok.partition("=")[2] if tok.startswith("--out=") else (argv[i + 1] if tok == "--out" and
-                                                                         i + 1 < len(argv) else None)
+        value = (
+            tok.partition("=")[2]
+            if tok.startswith("--out=")
+            else (argv[i + 1] if tok == "--out" and i + 1 < len(argv) else None)
+        )
         if value and "://" not in value and not os.path.isabs(value):
             outs.append(value)
     return outs
@@ -216,8 +242,13 @@ def upload_files(working_dir: Path, excludes: list[str]) -> list[tuple[Path, int
     all_excludes = ray_constants.get_runtime_env_default_excludes() + list(excludes)
     quiet = logging.getLogger("genloop.jobs.upload")  # Ray logs every ignore file it honours at INFO
     quiet.setLevel(logging.WARNING)
-    _dir_travel(working_dir, [_get_excludes(working_dir, all_excludes)], handler,
-                include_gitignore=_include_gitignore(), logger=quiet)
+    _dir_travel(
+        working_dir,
+        [_get_excludes(working_dir, all_excludes)],
+        handler,
+        include_gitignore=_include_gitignore(),
+        logger=quiet,
+    )
     return files
 
 
@@ -235,15 +266,23 @@ def check_upload_size(working_dir: Path, excludes: list[str], limit: int | None 
         top = p.relative_to(working_dir).parts[0]
         by_top[top] = by_top.get(top, 0) + n
     biggest = ", ".join(f"{k} ({v / 2**20:.1f} MiB)" for k, v in sorted(by_top.items(), key=lambda kv: -kv[1])[:3])
-    raise ValueError(f"working dir {working_dir} would upload {total / 2**20:.1f} MiB, over Ray's limit of "
-                     f"{limit / 2**20:.1f} MiB; biggest entries: {biggest}. Exclude them (--exclude PATTERN, or "
-                     "list them in .rayignore) and keep data on shared storage (s3://...). Nothing was submitted")
+    raise ValueError(
+        f"working dir {working_dir} would upload {total / 2**20:.1f} MiB, over Ray's limit of "
+        f"{limit / 2**20:.1f} MiB; biggest entries: {biggest}. Exclude them (--exclude PATTERN, or "
+        "list them in .rayignore) and keep data on shared storage (s3://...). Nothing was submitted"
+    )
 
 
 # ---- following a job -----------------------------------------------------------------------------------------------
 
-def follow(client, job_id: str, write: Callable[[str], Any] = sys.stdout.write, poll_s: float = 1.0,
-           timeout_s: float | None = None) -> str:
+
+def follow(
+    client,
+    job_id: str,
+    write: Callable[[str], Any] = sys.stdout.write,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+) -> str:
     """Stream the job's logs until it ends; returns its final status (``SUCCEEDED`` / ``FAILED`` / ``STOPPED``)."""
 
     async def tail() -> None:

@@ -32,5 +32,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         # logical CPUs: a 2-core laptop still places a 2-worker trainer next to the driver's data tasks
         num_cpus = max(4, os.cpu_count() or 1)
     log.info("starting an embedded local Ray (num_cpus=%d)", num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-             runtime_env={"env_vars": LOCAL_ENV}, **kwargs)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        runtime_env={"env_vars": LOCAL_ENV},
+        **kwargs,
+    )

@@ -55,8 +55,9 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -67,8 +68,9 @@ def _raise_exception(message: str) -> None:
 @lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
     """The template compiled in the environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -90,8 +92,10 @@ class ChatFormat:
         path = Path(path)
         cfg_path = path / "tokenizer_config.json"
         if not cfg_path.exists():
-            raise ChatError(f"{cfg_path} not found: point at a checkpoint folder written by a genloop training stage "
-                            "or a Hugging Face model folder with its tokenizer files")
+            raise ChatError(
+                f"{cfg_path} not found: point at a checkpoint folder written by a genloop training stage "
+                "or a Hugging Face model folder with its tokenizer files"
+            )
         try:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
@@ -102,8 +106,10 @@ class ChatFormat:
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text()
         if not isinstance(template, str) or not template:
-            raise ChatError(f"{cfg_path} has no chat_template (nor is there a chat_template.jinja); re-export the "
-                            "checkpoint with save_checkpoint, or add the model's chat template")
+            raise ChatError(
+                f"{cfg_path} has no chat_template (nor is there a chat_template.jinja); re-export the "
+                "checkpoint with save_checkpoint, or add the model's chat template"
+            )
         special_map = path / "special_tokens_map.json"
         tokens = json.loads(special_map.read_text()) if special_map.is_file() else {}
         tokens.update({k: v for k, v in cfg.items() if v is not None})
@@ -114,8 +120,12 @@ class ChatFormat:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         try:
             return compile_template(self.template).render(
-                messages=list(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                **dict(self.variables))
+                messages=list(messages),
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **dict(self.variables),
+            )
         except jinja2.exceptions.TemplateError as e:
             raise ChatError(f"chat template failed on this conversation: {e}") from None
 
@@ -137,8 +147,10 @@ def assistant_spans(fmt: ChatFormat, messages: Sequence[Message]) -> tuple[str, 
         head = fmt.render(messages[:i], add_generation_prompt=True)
         upto = fmt.render(messages[: i + 1])
         if not full.startswith(upto) or not upto.startswith(head):
-            raise ChatError("chat template is not prefix-stable (rendering a conversation prefix changes earlier "
-                            "text), so assistant turns cannot be located; use a ChatML-like template")
+            raise ChatError(
+                "chat template is not prefix-stable (rendering a conversation prefix changes earlier "
+                "text), so assistant turns cannot be located; use a ChatML-like template"
+            )
         end = len(upto.rstrip())
         spans.append((len(head), max(end, len(head))))
     return full, spans
@@ -150,8 +162,9 @@ def token_byte_lengths(tok: Tokenizer, ids: Sequence[int]) -> list[int]:
     return [len(inv[i].encode()) if i in inv else len(tok.token_bytes(i)) for i in ids]
 
 
-def encode_chat(tok: Tokenizer, fmt: ChatFormat, messages: Sequence[Message],
-                train_on: str = "assistant") -> tuple[list[int], list[int]]:
+def encode_chat(
+    tok: Tokenizer, fmt: ChatFormat, messages: Sequence[Message], train_on: str = "assistant"
+) -> tuple[list[int], list[int]]:
     """(ids, mask): the rendered conversation's token ids and 1 where the loss applies, 0 elsewhere.
 
     ``train_on="assistant"``: 1 on each assistant turn's content and its closing end token; ``"all"``: 1 everywhere.

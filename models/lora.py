@@ -83,8 +83,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         setattr(parent, child, LoraLinear(module, cfg.rank, cfg.alpha, cfg.dropout))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("LoRA r=%d alpha=%g on %d layers: %d trainable of %d params (%.2f%%)", cfg.rank, cfg.alpha, len(targets),
-             n_train, n_all, 100 * n_train / max(n_all, 1))
+    log.info(
+        "LoRA r=%d alpha=%g on %d layers: %d trainable of %d params (%.2f%%)",
+        cfg.rank,
+        cfg.alpha,
+        len(targets),
+        n_train,
+        n_all,
+        100 * n_train / max(n_all, 1),
+    )
     return [n for n, _ in targets]
 
 
@@ -166,8 +173,13 @@ def load_peft_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def save_peft_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path, base_model: str = "",
-                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_peft_adapter(
+    model: nn.Module,
+    cfg: LoraConfig,
+    out: str | Path,
+    base_model: str = "",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
     ``state_dict`` overrides the module's (e.g. the full one gathered from FSDP)."""
     out = Path(out)
@@ -175,22 +187,31 @@ def save_peft_adapter(model: nn.Module, cfg: LoraConfig, out: str | Path, base_m
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to export; train with lora.rank > 0 or export a merged checkpoint")
-    save_file(peft_state_dict(state_dict if state_dict is not None else model.state_dict()),
-              str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base_model),
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-    }, indent=2) + "\n")
+    save_file(
+        peft_state_dict(state_dict if state_dict is not None else model.state_dict()),
+        str(out / ADAPTER_WEIGHTS),
+        metadata={"format": "pt"},
+    )
+    (out / ADAPTER_CONFIG).write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": str(base_model),
+                "r": cfg.rank,
+                "lora_alpha": cfg.alpha,
+                "lora_dropout": cfg.dropout,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+                "init_lora_weights": True,
+                "modules_to_save": None,
+                "use_rslora": False,
+                "use_dora": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return out

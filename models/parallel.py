@@ -39,9 +39,15 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
-def wrap_model(model: Transformer, strategy: Strategy, device: torch.device, activation_checkpointing: bool = False,
-               compile: bool = False, mixed_precision: bool | None = None,
-               reshard_after_forward: Literal["default", "always", "never"] = "default") -> nn.Module:
+def wrap_model(
+    model: Transformer,
+    strategy: Strategy,
+    device: torch.device,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    mixed_precision: bool | None = None,
+    reshard_after_forward: Literal["default", "always", "never"] = "default",
+) -> nn.Module:
     """The module to train: ``model`` moved to ``device`` and wrapped for ``strategy``.
 
     ``fsdp``: ``fully_shard`` each transformer block, then the root (embeddings, final norm, tied head);

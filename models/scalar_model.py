@@ -26,8 +26,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from models.checkpoint import (WEIGHTS, CheckpointError, hf_config, load_checkpoint, load_config, load_tokenizer,
-                               load_weights, save_tokenizer_files)
+from models.checkpoint import (
+    WEIGHTS,
+    CheckpointError,
+    hf_config,
+    load_checkpoint,
+    load_config,
+    load_tokenizer,
+    load_weights,
+    save_tokenizer_files,
+)
 from models.tokenizer import Tokenizer
 from models.transformer import ModelConfig, Transformer
 
@@ -51,8 +59,9 @@ class ScalarModel(Transformer):
         if hasattr(self, "score"):
             nn.init.normal_(self.score.weight, std=self.cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-position scores (B, T) in float32."""
         return self.score(self.hidden_states(input_ids, position_ids, doc_ids)).squeeze(-1).float()
 
@@ -78,8 +87,9 @@ def from_causal_lm(path: str | Path, head_std: float | None = None) -> tuple[Sca
     trunk = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
     missing, unexpected = model.load_state_dict(trunk, strict=False)
     if unexpected or [k for k in missing if k != "score.weight"]:
-        raise CheckpointError(f"{path}: trunk does not fit a scalar model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path}: trunk does not fit a scalar model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model, tok
 
 
@@ -87,9 +97,15 @@ def scalar_config(cfg: ModelConfig, tok: Tokenizer, dtype: str = "float32") -> d
     """``config.json`` of a ``LlamaForSequenceClassification`` (``Qwen2ForSequenceClassification`` for a Qwen2
     trunk) with one label (the score)."""
     hf = hf_config(cfg, tok, dtype)
-    hf.update(architectures=[ARCHITECTURES[cfg.family]], num_labels=1, id2label={"0": "LABEL_0"},
-              label2id={"LABEL_0": 0},
-              pad_token_id=tok.pad_id, tie_word_embeddings=False, use_cache=False)
+    hf.update(
+        architectures=[ARCHITECTURES[cfg.family]],
+        num_labels=1,
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        pad_token_id=tok.pad_id,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     return hf
 
 
@@ -114,11 +130,16 @@ def load_scalar_model(path: str | Path, device: str | torch.device = "cpu") -> t
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"scalar model {path} does not exist; pass the model folder `genloop reward` wrote")
-    arch = json.loads((path / "config.json").read_text()).get("architectures", []) if (
-        path / "config.json").exists() else []
+    arch = (
+        json.loads((path / "config.json").read_text()).get("architectures", [])
+        if (path / "config.json").exists()
+        else []
+    )
     if not set(arch) & set(ARCHITECTURES.values()):
-        raise CheckpointError(f"{path} is not a reward/value model (config.json architectures={arch}, expected "
-                              f"{' or '.join(ARCHITECTURES.values())}); pass the model folder `genloop reward` wrote")
+        raise CheckpointError(
+            f"{path} is not a reward/value model (config.json architectures={arch}, expected "
+            f"{' or '.join(ARCHITECTURES.values())}); pass the model folder `genloop reward` wrote"
+        )
     cfg = load_config(path)
     tok = load_tokenizer(path)
     model = load_weights(path, ScalarModel, cfg, device)

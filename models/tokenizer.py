@@ -28,9 +28,7 @@ CHAT_SPECIALS = (ENDOFTEXT, IM_START, IM_END, PAD)
 
 # Llama 3's pre-tokenizer split (cl100k's, without possessive quantifiers): the same regex runs identically in
 # tiktoken (fancy-regex) and in Hugging Face tokenizers (Oniguruma).
-DEFAULT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+DEFAULT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 # ChatML. Saved verbatim in every checkpoint's tokenizer_config.json; genloop renders conversations with this very
 # template (see models/chat.py), so training and serving format a conversation identically.
@@ -102,11 +100,14 @@ class Tokenizer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         ranks = self.enc._mergeable_ranks
-        lines = (base64.b64encode(tok).decode() + " " + str(rank) for tok, rank in sorted(ranks.items(), key=lambda x: x[1]))
+        lines = (
+            base64.b64encode(tok).decode() + " " + str(rank) for tok, rank in sorted(ranks.items(), key=lambda x: x[1])
+        )
         (out / RANKS_FILE).write_text("\n".join(lines) + "\n")
         spec = {k: v for k, v in self.spec.items() if k != "encoding"}
-        spec.update(ranks_file=RANKS_FILE, pattern=self.enc._pat_str, special_tokens=self.special_tokens,
-                    n_vocab=self.n_vocab)
+        spec.update(
+            ranks_file=RANKS_FILE, pattern=self.enc._pat_str, special_tokens=self.special_tokens, n_vocab=self.n_vocab
+        )
         (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         return out
 
@@ -137,7 +138,9 @@ class Tokenizer:
         try:
             meta = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path} is not valid JSON ({e}); re-create it with `genloop tokenizer train`") from None
+            raise TokenizerError(
+                f"{path} is not valid JSON ({e}); re-create it with `genloop tokenizer train`"
+            ) from None
         if "encoding" in meta:
             return named(meta["encoding"])
         ranks_path = path.parent / meta.get("ranks_file", RANKS_FILE)
@@ -146,7 +149,9 @@ class Tokenizer:
         except (OSError, ValueError) as e:
             raise TokenizerError(f"cannot read BPE ranks {ranks_path} ({e}); re-create the tokenizer") from None
         enc = tiktoken.Encoding(
-            name=meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
+            name=meta["name"],
+            pat_str=meta["pattern"],
+            mergeable_ranks=ranks,
             special_tokens={k: int(v) for k, v in meta["special_tokens"].items()},
         )
         if "n_vocab" in meta and enc.n_vocab != meta["n_vocab"]:
@@ -179,34 +184,48 @@ def named(name: str) -> Tokenizer:
     try:
         base = tiktoken.get_encoding(NAMED.get(name, name))
     except Exception as e:  # tiktoken raises ValueError / network errors depending on the name
-        raise TokenizerError(f"named encoding {name!r} is not available offline ({e}); use one of {list(NAMED)}") from None
+        raise TokenizerError(
+            f"named encoding {name!r} is not available offline ({e}); use one of {list(NAMED)}"
+        ) from None
     public = next((k for k, v in NAMED.items() if v == base.name), base.name)
     specials = with_chat_specials(base._mergeable_ranks, base._special_tokens)
-    enc = tiktoken.Encoding(name=public, pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-                            special_tokens=specials)
+    enc = tiktoken.Encoding(
+        name=public, pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks, special_tokens=specials
+    )
     return Tokenizer(enc, {"name": public, "encoding": public})
 
 
-def train(texts: Iterable[str], vocab_size: int, name: str = "genloop-bpe", pattern: str = DEFAULT_PATTERN,
-          min_frequency: int = 2) -> Tokenizer:
+def train(
+    texts: Iterable[str],
+    vocab_size: int,
+    name: str = "genloop-bpe",
+    pattern: str = DEFAULT_PATTERN,
+    min_frequency: int = 2,
+) -> Tokenizer:
     """Train a byte-level BPE with Hugging Face ``tokenizers`` (Rust) and re-express it as tiktoken ranks.
 
     Ranks: the 256 bytes by value, then each merge's result in merge order, which is exactly the priority
     tiktoken's merge loop applies. ``vocab_size`` counts the chat special tokens.
     """
-    from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     n_merges_max = vocab_size - 256 - len(CHAT_SPECIALS)
     if n_merges_max < 0:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: it must be at least {256 + len(CHAT_SPECIALS)}")
     hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=256 + n_merges_max, min_frequency=min_frequency, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+        vocab_size=256 + n_merges_max,
+        min_frequency=min_frequency,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
     )
     hf.train_from_iterator(texts, trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
@@ -244,7 +263,8 @@ def to_hf_tokenizer_json(tok: Tokenizer) -> str:
     Merges are recovered from ranks; ``ignore_merges`` makes a pre-token already in the vocab one token, as tiktoken
     does.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
 
     from models.hf_tokenizer import bytes_to_unicode
 
@@ -266,12 +286,21 @@ def to_hf_tokenizer_json(tok: Tokenizer) -> str:
                 local.append((rank, ranks[left], ranks[right], left, right))
         merges.extend(local)
     merges.sort(key=lambda m: (m[0], m[1], m[2]))
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(s(m[3]), s(m[4])) for m in merges], fuse_unk=False,
-                                byte_fallback=False, ignore_merges=True))
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(onig_pattern(tok.enc._pat_str)), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    hf = HFTokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(s(m[3]), s(m[4])) for m in merges],
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=True,
+        )
+    )
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(onig_pattern(tok.enc._pat_str)), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
@@ -292,5 +321,9 @@ def tokenizers_match(a, b) -> bool:
     kinds = {getattr(a, "kind", "tiktoken"), getattr(b, "kind", "tiktoken")}
     if kinds != {"tiktoken"}:
         return kinds == {"hf"} and a.fingerprint == b.fingerprint
-    return (a.n_vocab == b.n_vocab and a.special_tokens == b.special_tokens and a.enc._pat_str == b.enc._pat_str
-            and a.enc._mergeable_ranks == b.enc._mergeable_ranks)
+    return (
+        a.n_vocab == b.n_vocab
+        and a.special_tokens == b.special_tokens
+        and a.enc._pat_str == b.enc._pat_str
+        and a.enc._mergeable_ranks == b.enc._mergeable_ranks
+    )

@@ -89,12 +89,30 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # demo: sized for a 2-core CPU and ~7 minutes (more steps of a smaller model beat fewer of a bigger one there);
     # head_dim 32 is one vLLM's CPU attention supports
     "demo": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_hidden=512, max_seq_len=256),
-    "gpt2-124m": ModelConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden=2048, vocab_size=50304,
-                             max_seq_len=1024),
-    "llama-1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192, vocab_size=128256,
-                            max_seq_len=8192, rope_theta=500000.0),
-    "llama-8b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
-                            max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False),
+    "gpt2-124m": ModelConfig(
+        dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_hidden=2048, vocab_size=50304, max_seq_len=1024
+    ),
+    "llama-1b": ModelConfig(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=8192,
+        vocab_size=128256,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+    ),
+    "llama-8b": ModelConfig(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=14336,
+        vocab_size=128256,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -117,8 +135,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, float] | None = None,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: dict[str, float] | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """(head_dim/2,) inverse frequencies; with ``scaling`` those of Llama 3.1's ``llama3`` rope (transformers'
     ``_compute_llama3_parameters``): wavelengths shorter than ``original / high_freq_factor`` stay, those longer than
     ``original / low_freq_factor`` are divided by ``factor``, the ones between blend the two."""
@@ -135,8 +154,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, float] | None 
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                 scaling: dict[str, float] | None = None) -> tuple[torch.Tensor, ...]:
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict[str, float] | None = None
+) -> tuple[torch.Tensor, ...]:
     """cos, sin of shape (B, 1, T, head_dim) in the rotate-half layout Hugging Face Llama uses."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
@@ -158,8 +178,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: "KVCache | None" = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
@@ -193,8 +220,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: "KVCache | None" = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -263,8 +297,13 @@ class Transformer(nn.Module):
         x = self.hidden_states(input_ids, position_ids, doc_ids, cache)
         return x if hidden_only else self.lm_head(x)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """The trunk: final normed hidden states (B, T, dim), what a head (lm_head, a scalar score) reads. With
         ``cache``, the ``T`` tokens follow the ``len(cache)`` already seen (positions continue from there)."""
         B, T = input_ids.shape
@@ -307,8 +346,9 @@ def generate(
     if not prompt:
         raise ValueError("generate needs a non-empty prompt")
     if len(prompt) >= cfg.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.max_seq_len}; "
-                         "shorten it")
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens leaves no room in the context of {cfg.max_seq_len}; shorten it"
+        )
     model.eval()
     device = next(model.parameters()).device
     cache = KVCache(cfg.n_layers)

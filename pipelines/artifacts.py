@@ -55,8 +55,10 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad buckets
-            raise ArtifactError(f"cannot open {uri} ({e}); use a local path or an s3:// gs:// URI with credentials "
-                                "and endpoint in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+            raise ArtifactError(
+                f"cannot open {uri} ({e}); use a local path or an s3:// gs:// URI with credentials "
+                "and endpoint in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)"
+            ) from None
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
@@ -116,7 +118,7 @@ def list_files(uri: str | Path) -> list[str]:
     if info.type != pafs.FileType.Directory:
         return []
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    rels = sorted(e.path[len(path):].lstrip("/") for e in entries if e.type == pafs.FileType.File)
+    rels = sorted(e.path[len(path) :].lstrip("/") for e in entries if e.type == pafs.FileType.File)
     return [join(uri, *r.split("/")) for r in rels]
 
 
@@ -169,8 +171,9 @@ def upload_dir(local: str | Path, uri: str | Path) -> None:
     """Copy a local folder's files to ``uri`` (a URI or another local folder), keeping the tree."""
     fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    pafs.copy_files(
+        str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 class writable_dir:
@@ -215,9 +218,11 @@ def local_copy(uri: str | Path) -> str:
     if info.type == pafs.FileType.File:
         entries, base = [info], path.rsplit("/", 1)[0]
     else:
-        entries, base = [e for e in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                         if e.type == pafs.FileType.File], path
-    listing = sorted((e.path[len(base):].lstrip("/"), e.size, str(e.mtime)) for e in entries)
+        entries, base = (
+            [e for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if e.type == pafs.FileType.File],
+            path,
+        )
+    listing = sorted((e.path[len(base) :].lstrip("/"), e.size, str(e.mtime)) for e in entries)
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
     target = cache_root() / key
     if not target.exists():
@@ -251,8 +256,10 @@ def resolve_checkpoint(uri: str | Path) -> str:
         return uri
     if exists(join(uri, MODEL_DIR, "config.json")):
         return join(uri, MODEL_DIR)
-    raise ArtifactError(f"{uri}: no checkpoint there (expected config.json in it or in {MODEL_DIR}/); pass a model "
-                        "folder a genloop training stage wrote")
+    raise ArtifactError(
+        f"{uri}: no checkpoint there (expected config.json in it or in {MODEL_DIR}/); pass a model "
+        "folder a genloop training stage wrote"
+    )
 
 
 def checkpoint_dir(uri: str | Path) -> str:
@@ -272,7 +279,9 @@ def code_version() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         if sha:
             return sha + ("-dirty" if dirty else "")

@@ -53,16 +53,24 @@ def open_dataset(path: str) -> BlocksInfo:
     except ArtifactError as e:
         raise ArtifactError(f"--data {path}: {e}; make one with `genloop data ... --out DIR`") from None
     if m.get("stage") != "data":
-        raise ArtifactError(f"--data {path} is a {m.get('stage')!r} artifact, not a tokenized dataset from `genloop data`")
+        raise ArtifactError(
+            f"--data {path} is a {m.get('stage')!r} artifact, not a tokenized dataset from `genloop data`"
+        )
     if m.get("status") != "finished":
         raise ArtifactError(f"--data {path} is unfinished (status {m.get('status')!r}); re-run the data stage")
     for sub in (TRAIN, TOKENIZER_DIR):
         if not exists(join(path, sub)):
             raise ArtifactError(f"--data {path} lacks {sub}/; it is not a complete genloop tokenized dataset")
     counts = m.get("counts", {})
-    return BlocksInfo(path=path, seq_len=int(m["config"]["seq_len"]), train=join(path, TRAIN), val=join(path, VAL),
-                      tokenizer=join(path, TOKENIZER_DIR), train_blocks=int(counts.get("train_blocks", 0)),
-                      val_blocks=int(counts.get("val_blocks", 0)))
+    return BlocksInfo(
+        path=path,
+        seq_len=int(m["config"]["seq_len"]),
+        train=join(path, TRAIN),
+        val=join(path, VAL),
+        tokenizer=join(path, TOKENIZER_DIR),
+        train_blocks=int(counts.get("train_blocks", 0)),
+        val_blocks=int(counts.get("val_blocks", 0)),
+    )
 
 
 def write_shard(blocks: np.ndarray, out_dir: str, index: int) -> str:
@@ -104,8 +112,12 @@ class Tokenize:
         ids = self.tok.encode_batch(texts) if texts else []
         for x in ids:
             x.append(self.tok.eot_id)  # documents are joined by <|endoftext|>
-        return pa.table({"split": pa.array([split_of(hashes[i], self.val_fraction) for i in idx], type=pa.string()),
-                         TOKENS: pa.array(ids, type=pa.list_(pa.int32()))})
+        return pa.table(
+            {
+                "split": pa.array([split_of(hashes[i], self.val_fraction) for i in idx], type=pa.string()),
+                TOKENS: pa.array(ids, type=pa.list_(pa.int32())),
+            }
+        )
 
 
 def pack_batch(batch: pa.Table, packers: dict[str, "BlockPacker"]) -> None:
@@ -139,7 +151,7 @@ class BlockPacker:
         n = flat.size // self.width
         if n:
             self.blocks.append(flat[: n * self.width].reshape(n, self.width))
-        rest = flat[n * self.width:]
+        rest = flat[n * self.width :]
         self.pending, self.n_pending = [rest], rest.size
         while sum(b.shape[0] for b in self.blocks) >= self.per_shard:
             self._write(self.per_shard)

@@ -61,8 +61,9 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
 OPTIONAL_SECTIONS: frozenset[str] = frozenset({"plan"})
 
 
-def section_for(data: Mapping[str, Any], stage: str, cls: type, source: str = "the config",
-                required: bool = True) -> dict[str, Any]:
+def section_for(
+    data: Mapping[str, Any], stage: str, cls: type, source: str = "the config", required: bool = True
+) -> dict[str, Any]:
     """A preset's section for ``stage``; a file that is already a flat config for ``cls`` is used whole.
 
     An empty section (``stage:`` with nothing under it) is ``{}``: every default, on purpose. A missing section is a
@@ -87,8 +88,13 @@ def _is_flat(data: Mapping[str, Any], cls: type) -> bool:
     names = {f.name for f in dataclasses.fields(cls)}
     if not data or not set(data) <= names:
         return False
-    return all(not isinstance(v, Mapping) or _dataclass_in(hints[k]) is not None or typing.get_origin(hints[k]) is dict
-               or hints[k] is Any for k, v in data.items())
+    return all(
+        not isinstance(v, Mapping)
+        or _dataclass_in(hints[k]) is not None
+        or typing.get_origin(hints[k]) is dict
+        or hints[k] is Any
+        for k, v in data.items()
+    )
 
 
 def missing_section_message(data: Mapping[str, Any], stage: str, source: str) -> str:
@@ -96,8 +102,10 @@ def missing_section_message(data: Mapping[str, Any], stage: str, source: str) ->
     have = ", ".join(f"{k}:" for k in data) or "none"
     with_it = [q.stem for q in sorted(CONFIG_DIR.glob("*.yaml")) if _has_section(q, stage)]
     presets = f"; presets with one: {', '.join(with_it)}" if with_it else ""
-    return (f"{source} has no '{stage}:' section (its sections: {have}); add a '{stage}:' section to it (an empty "
-            f"'{stage}:' takes every default) or pass a --config that has one{presets}")
+    return (
+        f"{source} has no '{stage}:' section (its sections: {have}); add a '{stage}:' section to it (an empty "
+        f"'{stage}:' takes every default) or pass a --config that has one{presets}"
+    )
 
 
 def _has_section(path: Path, stage: str) -> bool:
@@ -121,8 +129,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(base: dict[str, Any], overrides: list[str] | Mapping[str, Any],
-                    cls: type | None = None) -> dict[str, Any]:
+def apply_overrides(
+    base: dict[str, Any], overrides: list[str] | Mapping[str, Any], cls: type | None = None
+) -> dict[str, Any]:
     """``base`` with each ``a.b=value`` set in order; with ``cls``, shorthands are expanded before each one."""
     out = expand_shorthands(cls, _deepcopy_dict(base)) if cls else _deepcopy_dict(base)
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
@@ -199,8 +208,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         hint = _nested_hint(cls, unknown[0], where)
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}' for {cls.__name__}; known keys: "
-                          f"{', '.join(sorted(fields))}{hint}")
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}' for {cls.__name__}; known keys: "
+            f"{', '.join(sorted(fields))}{hint}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
@@ -213,8 +224,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
 def _nested_hint(cls: type, name: str, where: str) -> str:
     """``; did you mean train.lr?`` when ``name`` is a key of one of ``cls``'s sections."""
     hints = typing.get_type_hints(cls)
-    found = [f"{where}{f.name}.{name}" for f in dataclasses.fields(cls)
-             if (tp := _dataclass_in(hints[f.name])) is not None and name in {g.name for g in dataclasses.fields(tp)}]
+    found = [
+        f"{where}{f.name}.{name}"
+        for f in dataclasses.fields(cls)
+        if (tp := _dataclass_in(hints[f.name])) is not None and name in {g.name for g in dataclasses.fields(tp)}
+    ]
     return f"; did you mean {' or '.join(found)}?" if found else ""
 
 
@@ -287,7 +301,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def build_config(
-    cls: type[T], stage: str, config: str | None = None, overrides: list[str] | Mapping[str, Any] = (),
+    cls: type[T],
+    stage: str,
+    config: str | None = None,
+    overrides: list[str] | Mapping[str, Any] = (),
     required: bool | None = None,
 ) -> T:
     """The stage's config: the dataclass defaults, then the preset/YAML section, then overrides.

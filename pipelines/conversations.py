@@ -30,7 +30,9 @@ def parse_record(obj: Any) -> tuple[list[Message] | None, str]:
             return None, "missing_fields"
     elif "prompt" in obj and "response" in obj:
         msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
-            {"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+            {"role": "user", "content": obj["prompt"]},
+            {"role": "assistant", "content": obj["response"]},
+        ]
     else:
         return None, "missing_fields"
     out, reason = _messages(msgs)
@@ -93,8 +95,10 @@ def read_prompt_rows(path: str, counts: Counter) -> list[tuple[list[Message], st
     """[(prompt messages, reference answer, columns)] from a JSONL file (local or URI), one per good row; bad lines
     counted in ``counts["bad_<reason>"]``, never raised."""
     if not exists(path):
-        raise FileNotFoundError(f"prompts file {path} does not exist; pass JSONL rows of {{\"prompt\": ...}} or "
-                                "{\"messages\": [...]} (sft-data or `genloop tasks` output)")
+        raise FileNotFoundError(
+            f'prompts file {path} does not exist; pass JSONL rows of {{"prompt": ...}} or '
+            '{"messages": [...]} (sft-data or `genloop tasks` output)'
+        )
     rows = []
     for n, _, obj in jsonl_lines(path):
         counts["lines"] += 1

@@ -124,8 +124,9 @@ def is_trivial(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
             continue
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):  # docstring, ``...``, a bare literal
             continue
-        if isinstance(stmt, ast.Return) and (stmt.value is None or (
-                isinstance(stmt.value, ast.Constant) and stmt.value.value is None)):
+        if isinstance(stmt, ast.Return) and (
+            stmt.value is None or (isinstance(stmt.value, ast.Constant) and stmt.value.value is None)
+        ):
             continue
         if isinstance(stmt, ast.Raise) and stmt.exc is not None:
             exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
@@ -185,8 +186,10 @@ def signature_similarity(sig: Signature | None, response: str) -> float:
 def signature_match(prompts: list[str], responses: list[str]) -> list[float]:
     """The reward-function form of ``signature_similarity`` (``fn:signature_match`` in RLHF)."""
     if len(prompts) != len(responses):
-        raise ValueError(f"signature_match got {len(prompts)} prompts but {len(responses)} responses; pass one "
-                         "response per prompt (repeat a prompt for each of its samples)")
+        raise ValueError(
+            f"signature_match got {len(prompts)} prompts but {len(responses)} responses; pass one "
+            "response per prompt (repeat a prompt for each of its samples)"
+        )
     return [signature_similarity(requested_signature(p), r) for p, r in zip(prompts, responses)]
 
 
@@ -198,6 +201,8 @@ def judge(prompt: str, response: str) -> float:
 def code_judge(prompts: list[str], responses: list[str]) -> list[float]:
     """The reward-function form (``fn:code_judge`` in RLHF): one score per (prompt, response) pair."""
     if len(prompts) != len(responses):
-        raise ValueError(f"code_judge got {len(prompts)} prompts but {len(responses)} responses; pass one response "
-                         "per prompt (repeat a prompt for each of its samples)")
+        raise ValueError(
+            f"code_judge got {len(prompts)} prompts but {len(responses)} responses; pass one response "
+            "per prompt (repeat a prompt for each of its samples)"
+        )
     return [judge(p, r) for p, r in zip(prompts, responses)]

@@ -78,8 +78,9 @@ def absolute_paths(cfg: T, *keys: str) -> T:
     return dataclasses.replace(cfg, **{k: absolute(getattr(cfg, k)) or getattr(cfg, k) for k in keys})
 
 
-def begin_stage(stage: str, out: str, config: Any, inputs: Inputs = (), overwrite: bool = False,
-                resume: bool = True) -> StageRun:
+def begin_stage(
+    stage: str, out: str, config: Any, inputs: Inputs = (), overwrite: bool = False, resume: bool = True
+) -> StageRun:
     """Check the inputs and ``out``, clear a previous run when it must go, start the manifest (module docstring).
 
     ``inputs``: ``{option: path or paths}`` (the option names a missing input in the error; empty values are
@@ -96,8 +97,9 @@ def begin_stage(stage: str, out: str, config: Any, inputs: Inputs = (), overwrit
     if previous is not None and (overwrite or not resume):
         cleared = _clear(stage, out, paths, previous)
     elif previous is not None:
-        log.info("%s: %s holds an unfinished %s run: continuing it (pass --overwrite to start afresh)", stage, out,
-                 stage)
+        log.info(
+            "%s: %s holds an unfinished %s run: continuing it (pass --overwrite to start afresh)", stage, out, stage
+        )
     manifest = Manifest.begin(stage, out, config, inputs=paths, overwrite=overwrite)
     return StageRun(stage, out, manifest, cleared)
 
@@ -133,9 +135,11 @@ def check_out(stage: str, out: str, overwrite: bool) -> dict[str, Any] | None:
         return None
     if not exists(join(out, MANIFEST)):
         if _entries(out):
-            raise ArtifactError(f"--out {out} holds files but no {MANIFEST}: it is not a genloop artifact, so genloop "
-                                "neither writes into it nor clears it (also with --overwrite); choose a new or empty "
-                                "folder")
+            raise ArtifactError(
+                f"--out {out} holds files but no {MANIFEST}: it is not a genloop artifact, so genloop "
+                "neither writes into it nor clears it (also with --overwrite); choose a new or empty "
+                "folder"
+            )
         return None
     try:
         previous = read_manifest(out)
@@ -143,11 +147,15 @@ def check_out(stage: str, out: str, overwrite: bool) -> dict[str, Any] | None:
         previous = {"stage": "?", "status": "corrupt"}
     if not overwrite:
         if previous.get("status") == "finished":
-            raise ArtifactError(f"{out} already holds a finished {previous.get('stage')} artifact; pass --overwrite "
-                                "(overwrite=true) to replace it, or choose another --out")
+            raise ArtifactError(
+                f"{out} already holds a finished {previous.get('stage')} artifact; pass --overwrite "
+                "(overwrite=true) to replace it, or choose another --out"
+            )
         if previous.get("stage") != stage:
-            raise ArtifactError(f"{out} holds an unfinished {previous.get('stage')} artifact, not a {stage} one; pass "
-                                "--overwrite (overwrite=true) to replace it, or choose another --out")
+            raise ArtifactError(
+                f"{out} holds an unfinished {previous.get('stage')} artifact, not a {stage} one; pass "
+                "--overwrite (overwrite=true) to replace it, or choose another --out"
+            )
     return previous
 
 
@@ -170,16 +178,23 @@ def _clear(stage: str, out: str, inputs: Sequence[str], previous: dict[str, Any]
     stays a genloop artifact if this is interrupted); refused when that would remove an input or another artifact."""
     for path in inputs:
         if _checkable(path) and _inside(absolute(path) or path, out):
-            raise ArtifactError(f"{stage}: input {path} is inside --out {out}, which --overwrite would clear; copy it "
-                                "elsewhere first, or choose another --out")
+            raise ArtifactError(
+                f"{stage}: input {path} is inside --out {out}, which --overwrite would clear; copy it "
+                "elsewhere first, or choose another --out"
+            )
     fs, base = filesystem(out)
     entries = _entries(out)
     top = f"{base.rstrip('/')}/{MANIFEST}"
-    nested = [e.path for e in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-              if e.type == pafs.FileType.File and e.base_name == MANIFEST and e.path != top]
+    nested = [
+        e.path
+        for e in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        if e.type == pafs.FileType.File and e.base_name == MANIFEST and e.path != top
+    ]
     if nested:
-        raise ArtifactError(f"{out} holds another genloop artifact ({nested[0].rsplit('/', 1)[0]}), which clearing "
-                            f"{out} would delete; move it out first, or choose another --out")
+        raise ArtifactError(
+            f"{out} holds another genloop artifact ({nested[0].rsplit('/', 1)[0]}), which clearing "
+            f"{out} would delete; move it out first, or choose another --out"
+        )
     removed = 0
     for e in entries:
         if e.base_name == MANIFEST:
@@ -189,6 +204,12 @@ def _clear(stage: str, out: str, inputs: Sequence[str], previous: dict[str, Any]
         else:
             fs.delete_file(e.path)
         removed += 1
-    log.info("%s: cleared %d entries of the previous %s %s run in %s", stage, removed, previous.get("status"),
-             previous.get("stage"), out)
+    log.info(
+        "%s: cleared %d entries of the previous %s %s run in %s",
+        stage,
+        removed,
+        previous.get("status"),
+        previous.get("stage"),
+        out,
+    )
     return removed

@@ -30,16 +30,17 @@ class ResourceAsk:
 # ScalingConfig `resources_per_worker`, actor / deployment options).
 ASKS: dict[str, ResourceAsk] = {
     "data_task": ResourceAsk("data", "one Ray Data map_batches task (clean, dedup, tokenize)", cpus=1),
-    "train_worker": ResourceAsk("pretrain", "one Ray Train worker (DDP/FSDP2 rank)", cpus=4, gpus=1,
-                                node_type="gpu-8x"),
+    "train_worker": ResourceAsk(
+        "pretrain", "one Ray Train worker (DDP/FSDP2 rank)", cpus=4, gpus=1, node_type="gpu-8x"
+    ),
     "sft_worker": ResourceAsk("sft", "one Ray Train worker", cpus=4, gpus=1, node_type="gpu-1x"),
     "reward_worker": ResourceAsk("reward", "one Ray Train worker", cpus=4, gpus=1, node_type="gpu-1x"),
     "rollout_engine": ResourceAsk("rlhf", "one vLLM rollout actor", cpus=2, gpus=1, node_type="gpu-1x"),
     "learner_worker": ResourceAsk("rlhf", "one learner rank", cpus=4, gpus=1, node_type="gpu-8x"),
-    "reward_scorer": ResourceAsk("rlhf", "one reward-model actor scoring rollouts", cpus=1, gpus=1,
-                                 node_type="gpu-1x"),
-    "serve_replica": ResourceAsk("serve", "one Ray Serve generator replica (vLLM engine)", cpus=2, gpus=1,
-                                 node_type="gpu-1x"),
+    "reward_scorer": ResourceAsk("rlhf", "one reward-model actor scoring rollouts", cpus=1, gpus=1, node_type="gpu-1x"),
+    "serve_replica": ResourceAsk(
+        "serve", "one Ray Serve generator replica (vLLM engine)", cpus=2, gpus=1, node_type="gpu-1x"
+    ),
 }
 
 
@@ -82,6 +83,8 @@ def check_placement(what: str, parts: Sequence[tuple[str, int, float, float]], u
 
 def table() -> str:
     """The table as text (for ``genloop submit --help`` and the README)."""
-    rows = [f"  {name:15s} {a.stage:9s} CPU {a.cpus:<4g} GPU {a.gpus:<3g} -> {a.node_type:10s} {a.unit}"
-            for name, a in ASKS.items()]
+    rows = [
+        f"  {name:15s} {a.stage:9s} CPU {a.cpus:<4g} GPU {a.gpus:<3g} -> {a.node_type:10s} {a.unit}"
+        for name, a in ASKS.items()
+    ]
     return "\n".join(rows)

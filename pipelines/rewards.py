@@ -103,8 +103,9 @@ def number_answer(prompts: list[str], responses: list[str], answer: list[Any]) -
     out = []
     for r, a in zip(responses, answer):
         got, want = last_number(r), _as_number(a)
-        out.append(1.0 if got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
-                   else 0.0)
+        out.append(
+            1.0 if got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9) else 0.0
+        )
     return out
 
 
@@ -122,6 +123,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     def deco(fn: RewardFn) -> RewardFn:
         BUILTINS[name] = fn
         return fn
+
     return deco
 
 
@@ -160,8 +162,10 @@ def parse_reward_spec(spec: str) -> list[RewardPart]:
                 parts.append(RewardPart(name, "fn", f"{path}:{func}", weight))
             else:
                 if body not in BUILTINS:
-                    raise RewardError(f"unknown reward function {body!r} in --reward; built-ins: "
-                                      f"{', '.join(sorted(BUILTINS))}, or fn:path/to/file.py:func for your own")
+                    raise RewardError(
+                        f"unknown reward function {body!r} in --reward; built-ins: "
+                        f"{', '.join(sorted(BUILTINS))}, or fn:path/to/file.py:func for your own"
+                    )
                 parts.append(RewardPart(body, "fn", body, weight))
         else:
             body = raw[3:] if raw.startswith("rm:") else raw
@@ -181,8 +185,10 @@ def load_function(part: RewardPart) -> RewardFn:
         return BUILTINS[part.target]
     path, _, func = part.target.rpartition(":")
     if not os.path.isfile(path):
-        raise RewardError(f"reward function file {path} does not exist (from fn:{part.target}); pass an existing "
-                          "Python file: fn:path/to/file.py:func")
+        raise RewardError(
+            f"reward function file {path} does not exist (from fn:{part.target}); pass an existing "
+            "Python file: fn:path/to/file.py:func"
+        )
     spec = importlib.util.spec_from_file_location(f"genloop_reward_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     try:
@@ -214,12 +220,18 @@ def column_use(fn: Callable[..., Any]) -> ColumnUse:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
     rest = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p not in positional[:2]]
-    return ColumnUse(takes_all, frozenset(p.name for p in rest),
-                     frozenset(p.name for p in rest if p.default is p.empty))
+    return ColumnUse(
+        takes_all, frozenset(p.name for p in rest), frozenset(p.name for p in rest if p.default is p.empty)
+    )
 
 
-def call_reward(name: str, fn: Callable[..., Any], prompts: list[str], responses: list[str],
-                columns: Mapping[str, Sequence[Any]] | None = None) -> list[float]:
+def call_reward(
+    name: str,
+    fn: Callable[..., Any],
+    prompts: list[str],
+    responses: list[str],
+    columns: Mapping[str, Sequence[Any]] | None = None,
+) -> list[float]:
     """``fn(prompts, responses, **columns it takes)`` checked: one finite float per pair, else a ``RewardError``
     naming ``name``."""
     kwargs: dict[str, list[Any]] = {}
@@ -228,26 +240,35 @@ def call_reward(name: str, fn: Callable[..., Any], prompts: list[str], responses
         for k, v in columns.items():
             if use.all or k in use.named:
                 if len(v) != len(responses):
-                    raise RewardError(f"column {k!r} has {len(v)} values for {len(responses)} answers (internal: "
-                                      "columns must be aligned with the responses)")
+                    raise RewardError(
+                        f"column {k!r} has {len(v)} values for {len(responses)} answers (internal: "
+                        "columns must be aligned with the responses)"
+                    )
                 kwargs[k] = list(v)
     try:
         out = fn(list(prompts), list(responses), **kwargs)
     except Exception as e:
-        raise RewardError(f"reward function {name} raised {type(e).__name__}: {e} (on a batch of {len(prompts)} "
-                          "answers); fix the function or drop it from --reward") from e
+        raise RewardError(
+            f"reward function {name} raised {type(e).__name__}: {e} (on a batch of {len(prompts)} "
+            "answers); fix the function or drop it from --reward"
+        ) from e
     try:
         scores = [float(x) for x in out]
     except (TypeError, ValueError) as e:
-        raise RewardError(f"reward function {name} must return a list of numbers, got {type(out).__name__} "
-                          f"({e})") from None
+        raise RewardError(
+            f"reward function {name} must return a list of numbers, got {type(out).__name__} ({e})"
+        ) from None
     if len(scores) != len(prompts):
-        raise RewardError(f"reward function {name} returned {len(scores)} scores for {len(prompts)} answers; it must "
-                          "return one score per (prompt, response) pair")
+        raise RewardError(
+            f"reward function {name} returned {len(scores)} scores for {len(prompts)} answers; it must "
+            "return one score per (prompt, response) pair"
+        )
     bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
     if bad:
-        raise RewardError(f"reward function {name} returned a non-finite score ({scores[bad[0]]}) for answer "
-                          f"{bad[0]}; return finite floats")
+        raise RewardError(
+            f"reward function {name} returned a non-finite score ({scores[bad[0]]}) for answer "
+            f"{bad[0]}; return finite floats"
+        )
     return scores
 
 
@@ -287,12 +308,19 @@ class RewardSet:
                     problems.append(f"fn:{name} needs the column {col!r}, which {missing} of {n_rows} rows lack")
         if problems:
             have = ", ".join(sorted(k for k, v in columns.items() if any(x is not None for x in v))) or "none"
-            raise RewardError(f"{source}: {'; '.join(problems)} (the rows' columns: {have}); give every row the "
-                              f'field, e.g. {{"prompt": "Compute 47+38.", "answer": "85"}} (`genloop tasks '
-                              "arithmetic` writes such rows), or drop the function from --reward")
+            raise RewardError(
+                f"{source}: {'; '.join(problems)} (the rows' columns: {have}); give every row the "
+                f'field, e.g. {{"prompt": "Compute 47+38.", "answer": "85"}} (`genloop tasks '
+                "arithmetic` writes such rows), or drop the function from --reward"
+            )
 
-    def score(self, prompts: list[str], responses: list[str], rm_score: Callable[[], list[float]] | None = None,
-              columns: Mapping[str, Sequence[Any]] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        rm_score: Callable[[], list[float]] | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
+    ) -> tuple[list[float], dict[str, list[float]]]:
         """(total per answer, {part name: its unweighted scores}). ``columns``: the prompt rows' other fields, each
         a list aligned with ``responses``."""
         parts: dict[str, list[float]] = {}
@@ -332,10 +360,10 @@ class RewardModelWorker:
         seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
         with torch.no_grad():
             for lo in range(0, len(seqs), self.micro):
-                chunk = seqs[lo:lo + self.micro]
+                chunk = seqs[lo : lo + self.micro]
                 ids = torch.full((len(chunk), max(len(s) for s in chunk)), self.pad_id, dtype=torch.long)
                 for i, s in enumerate(chunk):
-                    ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+                    ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
                 ids = ids.to(self.device)
                 out += sequence_scores(self.model(ids), ids, self.pad_id).float().cpu().tolist()
         return out
@@ -348,6 +376,8 @@ def function_rewards(spec: str | None) -> "RewardSet | None":
         return None
     rs = RewardSet.from_spec(spec)
     if rs.reward_model is not None:
-        raise RewardError(f"--reward {spec!r} has an rm: part; here --reward takes fn: parts only (genloop eval scores "
-                          "with a reward model through --reward-model)")
+        raise RewardError(
+            f"--reward {spec!r} has an rm: part; here --reward takes fn: parts only (genloop eval scores "
+            "with a reward model through --reward-model)"
+        )
     return rs

@@ -48,7 +48,7 @@ def operand_range(digits: int) -> tuple[int, int]:
     """Inclusive bounds of a ``digits``-digit operand (1 digit: 0..9)."""
     if digits < 1 or digits > 9:
         raise ValueError(f"--digits {digits}: use 1..9")
-    return (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    return (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
 
 
 def problem_key(a: int, op: str, b: int) -> tuple[int, str, int]:
@@ -71,8 +71,9 @@ def problem_row(a: int, op: str, b: int) -> dict[str, Any]:
     return {"prompt": TEMPLATE.format(a=a, op=op, b=b), "answer": str(solve(a, op, b)), "a": a, "op": op, "b": b}
 
 
-def arithmetic_problems(n: int, heldout: int, digits: int = 2, ops: str = "+",
-                        seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def arithmetic_problems(
+    n: int, heldout: int, digits: int = 2, ops: str = "+", seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train rows, held-out rows): ``n`` + ``heldout`` distinct problems drawn with ``random.Random(seed)``."""
     if n < 1 or heldout < 0:
         raise ValueError(f"--n {n} must be >= 1 and --heldout {heldout} >= 0")
@@ -81,8 +82,10 @@ def arithmetic_problems(n: int, heldout: int, digits: int = 2, ops: str = "+",
     total = n + heldout
     space = space_size(digits, op_list)
     if total > space:
-        raise ValueError(f"{n} + {heldout} problems asked but only {space} distinct {digits}-digit problems exist "
-                         f"with ops {','.join(op_list)}; lower --n / --heldout or raise --digits")
+        raise ValueError(
+            f"{n} + {heldout} problems asked but only {space} distinct {digits}-digit problems exist "
+            f"with ops {','.join(op_list)}; lower --n / --heldout or raise --digits"
+        )
     rng = random.Random(seed)
     seen: set[tuple[int, str, int]] = set()
     rows: list[dict[str, Any]] = []
@@ -119,13 +122,21 @@ def run_arithmetic(cfg: ArithmeticConfig) -> dict[str, Any]:
     write_text(join(out, TRAIN_FILE), jsonl_text(train))
     write_text(join(out, HELDOUT_FILE), jsonl_text(held))
     answers = [int(r["answer"]) for r in train + held]
-    counts = {"train": len(train), "heldout": len(held),
-              "space": space_size(cfg.digits, parse_ops(cfg.ops))}
-    metrics = {"answer_min": min(answers), "answer_max": max(answers),
-               "answer_digits_mean": sum(len(str(abs(x))) for x in answers) / len(answers),
-               "log10_space": math.log10(counts["space"])}
+    counts = {"train": len(train), "heldout": len(held), "space": space_size(cfg.digits, parse_ops(cfg.ops))}
+    metrics = {
+        "answer_min": min(answers),
+        "answer_max": max(answers),
+        "answer_digits_mean": sum(len(str(abs(x))) for x in answers) / len(answers),
+        "log10_space": math.log10(counts["space"]),
+    }
     manifest.finish(counts=counts, metrics=metrics)
-    log.info("tasks arithmetic: %d train + %d held-out problems (%s, %d digits, seed %d) -> %s", len(train),
-             len(held), cfg.ops, cfg.digits, cfg.seed, out)
-    return {"out": out, "train": join(out, TRAIN_FILE), "heldout": join(out, HELDOUT_FILE),
-            **counts}
+    log.info(
+        "tasks arithmetic: %d train + %d held-out problems (%s, %d digits, seed %d) -> %s",
+        len(train),
+        len(held),
+        cfg.ops,
+        cfg.digits,
+        cfg.seed,
+        out,
+    )
+    return {"out": out, "train": join(out, TRAIN_FILE), "heldout": join(out, HELDOUT_FILE), **counts}

@@ -14,8 +14,16 @@ Step = tuple[int, str, "str | None", list[int], list]
 
 
 class Answer:
-    def __init__(self, tok: Tokenizer, stop_ids: list[int], stops: list[str], n: int, chat: bool,
-                 logprobs: bool, copies: bool = False) -> None:
+    def __init__(
+        self,
+        tok: Tokenizer,
+        stop_ids: list[int],
+        stops: list[str],
+        n: int,
+        chat: bool,
+        logprobs: bool,
+        copies: bool = False,
+    ) -> None:
         """``copies``: the engine makes one sample and every choice is a copy of it (greedy decoding with n > 1)."""
         self.tok, self.chat, self.want_logprobs, self.copies = tok, chat, logprobs, copies
         self.streams = [TextStream(tok, set(stop_ids), stops) for _ in range(n)]
@@ -82,8 +90,11 @@ class Answer:
         out = []
         for i, st in enumerate(self.streams):
             self.offsets[i] = 0
-            c: dict[str, Any] = {"index": i, "logprobs": self.logprobs(i, self.lp_ids[i], self.lps[i]),
-                                 "finish_reason": self.finish[i] or "length"}
+            c: dict[str, Any] = {
+                "index": i,
+                "logprobs": self.logprobs(i, self.lp_ids[i], self.lps[i]),
+                "finish_reason": self.finish[i] or "length",
+            }
             c.update({"message": {"role": "assistant", "content": st.text}} if self.chat else {"text": st.text})
             out.append(c)
         return out
@@ -99,8 +110,10 @@ class Answer:
         """Chat streams open each choice with its role."""
         if not self.chat:
             return []
-        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(len(self.streams))]
+        return [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(len(self.streams))
+        ]
 
     def chunk_choices(self, step: Step) -> list[dict[str, Any]]:
         """A step as streamed choices: its text (with its tokens' log-probs), then its finish reason on its own."""
@@ -108,9 +121,15 @@ class Answer:
         out: list[dict[str, Any]] = []
         lp = self.logprobs(i, ids, lps) if ids else None
         if delta or lp:
-            out.append({"index": i, "delta": {"content": delta}, "logprobs": lp, "finish_reason": None} if self.chat
-                       else {"index": i, "text": delta, "logprobs": lp, "finish_reason": None})
+            out.append(
+                {"index": i, "delta": {"content": delta}, "logprobs": lp, "finish_reason": None}
+                if self.chat
+                else {"index": i, "text": delta, "logprobs": lp, "finish_reason": None}
+            )
         if finish is not None:
-            out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish} if self.chat
-                       else {"index": i, "text": "", "logprobs": None, "finish_reason": finish})
+            out.append(
+                {"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}
+                if self.chat
+                else {"index": i, "text": "", "logprobs": None, "finish_reason": finish}
+            )
         return out

@@ -61,8 +61,16 @@ def _sse(obj: dict) -> bytes:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator, retriever, feedback, cfg: ServeConfig, key_hashes: frozenset[str] = frozenset(),
-                 admin_hashes: frozenset[str] = frozenset(), deployment_id: str = "") -> None:
+    def __init__(
+        self,
+        generator,
+        retriever,
+        feedback,
+        cfg: ServeConfig,
+        key_hashes: frozenset[str] = frozenset(),
+        admin_hashes: frozenset[str] = frozenset(),
+        deployment_id: str = "",
+    ) -> None:
         from models.chat import ChatFormat
         from models.checkpoint import load_tokenizer
         from pipelines.artifacts import checkpoint_dir
@@ -79,8 +87,11 @@ class Ingress:
 
         self.live_board = live_board(self.app_name)  # which checkpoint a switch made live (serve.live)
         self.versions = VersionSwitch(
-            generator, local, record=lambda model, version: record_live(self.live_board, deployment_id, model, version),
-            running=lambda: running_replicas(self.app_name, "Generator"))
+            generator,
+            local,
+            record=lambda model, version: record_live(self.live_board, deployment_id, model, version),
+            running=lambda: running_replicas(self.app_name, "Generator"),
+        )
         self.tok = load_tokenizer(local)
         self.fmt = ChatFormat.from_checkpoint(local)
         self.context_len = context_length(cfg, local)
@@ -104,8 +115,11 @@ class Ingress:
             who = caller if caller != "anon" else f"ip:{request.client.host if request.client else '?'}"
             wait = self.limiter.allow(who)
             if wait > 0:
-                err = APIError(429, f"rate limit of {self.cfg.rate_limit_per_minute} requests/minute reached; retry "
-                                    f"in {wait:.1f}s", code="rate_limit_exceeded")
+                err = APIError(
+                    429,
+                    f"rate limit of {self.cfg.rate_limit_per_minute} requests/minute reached; retry in {wait:.1f}s",
+                    code="rate_limit_exceeded",
+                )
                 err.retry_after = wait  # type: ignore[attr-defined]
                 raise err
         if model is None:
@@ -128,22 +142,32 @@ class Ingress:
 
     def _check_model(self, name: str) -> None:
         if name != self.name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.name!r} (GET /v1/models)",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {self.name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
         n = self.cfg.default_max_tokens if requested is None else requested
         if n < 1:
             raise APIError(400, f"max_tokens must be >= 1, got {n}", param="max_tokens")
         if n > self.cfg.max_tokens_cap:
-            raise APIError(400, f"max_tokens {n} is over this server's cap of {self.cfg.max_tokens_cap}",
-                           param="max_tokens")
+            raise APIError(
+                400, f"max_tokens {n} is over this server's cap of {self.cfg.max_tokens_cap}", param="max_tokens"
+            )
         if requested is None:  # default: shrink to fit, as long as at least one token fits
             n = min(n, self.context_len - prompt_len)
         if n < 1 or prompt_len + n > self.context_len:
-            raise APIError(400, f"this model's context is {self.context_len} tokens; the prompt has {prompt_len} "
-                                f"and max_tokens is {max(n, 1)} ({prompt_len + max(n, 1)} in all); shorten the "
-                                "prompt or lower max_tokens", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {self.context_len} tokens; the prompt has {prompt_len} "
+                f"and max_tokens is {max(n, 1)} ({prompt_len + max(n, 1)} in all); shorten the "
+                "prompt or lower max_tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         return n
 
     def _params(self, req, max_tokens: int) -> dict[str, Any]:
@@ -151,14 +175,30 @@ class Ingress:
         req.check_options()
         rf = req.response_format
         if rf is not None and rf.type != "text" and not self.cfg.structured_outputs:
-            raise APIError(400, "response_format is off on this server (serve.structured_outputs=false)",
-                           param="response_format", code="unsupported_option")
-        return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop_token_ids=self.stop_ids,
-                    seed=req.seed, ignore_eos=req.ignore_eos, n=req.n, logprobs=req.top_logprobs_k(),
-                    top_k=req.top_k or -1, min_p=req.min_p, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                    logit_bias=req.bias(self.tok.n_vocab), json_object=bool(rf and rf.type == "json_object"),
-                    json_schema=rf.schema() if rf else None)
+            raise APIError(
+                400,
+                "response_format is off on this server (serve.structured_outputs=false)",
+                param="response_format",
+                code="unsupported_option",
+            )
+        return dict(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop_token_ids=self.stop_ids,
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+            n=req.n,
+            logprobs=req.top_logprobs_k(),
+            top_k=req.top_k or -1,
+            min_p=req.min_p,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logit_bias=req.bias(self.tok.n_vocab),
+            json_object=bool(rf and rf.type == "json_object"),
+            json_schema=rf.schema() if rf else None,
+        )
 
     async def _start(self, prompt_ids: list[int], params: dict, rid: str):
         """Start generating: (model version, first piece or None, the rest of the stream). Waits until the engine
@@ -204,8 +244,13 @@ class Ingress:
     def _record(self, rid: str, version: str, answer: Answer, record: dict) -> None:
         """Every choice goes to the feedback store: choice 0 as the response id, choice i > 0 as ``<id>.<i>``."""
         for i, text in enumerate(answer.texts()):
-            self.responses.add(response_id=rid if i == 0 else f"{rid}.{i}", model=self.name, response=text,
-                               model_version=version, **record)
+            self.responses.add(
+                response_id=rid if i == 0 else f"{rid}.{i}",
+                model=self.name,
+                response=text,
+                model_version=version,
+                **record,
+            )
 
     # ---- routes ----------------------------------------------------------------------------------------------------
     @api.get("/health")
@@ -216,9 +261,19 @@ class Ingress:
     async def models(self, request: Request) -> dict:
         await self._begin(request, rate_limited=False)
         live = await _call(self.generator.info.remote())
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "genloop", "max_model_len": self.context_len,
-                                            "model_version": live["model_version"]}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "genloop",
+                    "max_model_len": self.context_len,
+                    "model_version": live["model_version"],
+                }
+            ],
+        }
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -238,10 +293,12 @@ class Ingress:
         ns = self._namespace(caller, req.user) if req.user else None
         if req.rag or ns:
             query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-            found = await _call(self.retriever.context.remote(query, ns, self.cfg.rag_top_k if req.rag else 0,
-                                                              self.cfg.memory_top_k))
-            prompt_ids, _, docs, n_facts = augment(self.tok, self.fmt, messages, found["passages"], found["facts"],
-                                                   self.context_len - max_tokens)
+            found = await _call(
+                self.retriever.context.remote(query, ns, self.cfg.rag_top_k if req.rag else 0, self.cfg.memory_top_k)
+            )
+            prompt_ids, _, docs, n_facts = augment(
+                self.tok, self.fmt, messages, found["passages"], found["facts"], self.context_len - max_tokens
+            )
         extra = {"rag": {"documents": [{"id": d["doc_id"], "title": d["title"]} for d in docs], "memories": n_facts}}
         return await self._answer(True, req, prompt_ids, params, extra, dict(prompt=plain_text, messages=messages))
 
@@ -257,8 +314,11 @@ class Ingress:
         else:
             bad = [i for i in prompt if not 0 <= i < self.tok.n_vocab]
             if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{self.tok.n_vocab - 1})",
-                               param="prompt")
+                raise APIError(
+                    400,
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{self.tok.n_vocab - 1})",
+                    param="prompt",
+                )
             prompt_text, prompt_ids = self.tok.decode(prompt), list(prompt)
         max_tokens = self._max_tokens(req.max_tokens if req.max_tokens is not None else None, len(prompt_ids))
         params = self._params(req, max_tokens)
@@ -271,27 +331,57 @@ class Ingress:
         obj = "chat.completion" if chat else "text_completion"
         if params["n"] > 1 and params["temperature"] == 0:  # greedy: n copies of one answer (vLLM refuses n > 1)
             params["n"] = 1
-        answer = Answer(self.tok, self.stop_ids, req.stops(), req.n, chat, params["logprobs"] is not None,
-                        copies=params["n"] == 1)
+        answer = Answer(
+            self.tok, self.stop_ids, req.stops(), req.n, chat, params["logprobs"] is not None, copies=params["n"] == 1
+        )
         version, first, gen = await self._start(prompt_ids, params, rid)
         if req.stream:
-            return self._stream_response(rid, obj + ".chunk" if chat else obj, prompt_ids, answer, version, first,
-                                         gen, extra, record,
-                                         bool(req.stream_options and req.stream_options.include_usage))
+            return self._stream_response(
+                rid,
+                obj + ".chunk" if chat else obj,
+                prompt_ids,
+                answer,
+                version,
+                first,
+                gen,
+                extra,
+                record,
+                bool(req.stream_options and req.stream_options.include_usage),
+            )
         async for _ in self._steps(answer, first, gen):
             pass
         self._record(rid, version, answer, record)
         return JSONResponse(
-            {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "model_version": version,
-             "choices": answer.choices(), "usage": self._usage(len(prompt_ids), answer.n_generated()), **extra},
-            headers={"X-Model-Version": version})
+            {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": self.name,
+                "model_version": version,
+                "choices": answer.choices(),
+                "usage": self._usage(len(prompt_ids), answer.n_generated()),
+                **extra,
+            },
+            headers={"X-Model-Version": version},
+        )
 
     @staticmethod
     def _usage(n_prompt: int, n_completion: int) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
-    def _stream_response(self, rid: str, obj: str, prompt_ids: list[int], answer: Answer, version: str, first, gen,
-                         extra: dict, record: dict, include_usage: bool) -> StreamingResponse:
+    def _stream_response(
+        self,
+        rid: str,
+        obj: str,
+        prompt_ids: list[int],
+        answer: Answer,
+        version: str,
+        first,
+        gen,
+        extra: dict,
+        record: dict,
+        include_usage: bool,
+    ) -> StreamingResponse:
         created = int(time.time())
         head = {"id": rid, "object": obj, "created": created, "model": self.name, "model_version": version}
 
@@ -319,8 +409,11 @@ class Ingress:
                 yield _sse(error_body(f"generation failed ({type(e).__name__})", "server_error"))
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid, "X-Model-Version": version})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": rid, "X-Model-Version": version},
+        )
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict:
@@ -338,9 +431,13 @@ class Ingress:
         else:
             data = vectors
         n = sum(len(x) for x in inputs)
-        return {"object": "list", "model": self.name, "model_version": version,
-                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-                "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return {
+            "object": "list",
+            "model": self.name,
+            "model_version": version,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
 
     def _embedding_inputs(self, inp) -> list[list[int]]:
         """``input`` (str, [str], [int] or [[int]]) as token-id lists, each non-empty and within the context."""
@@ -351,19 +448,29 @@ class Ingress:
         if all(isinstance(x, int) for x in inp):
             inp = [inp]
         if len(inp) > self.cfg.max_embedding_inputs:
-            raise APIError(400, f"input has {len(inp)} items, over this server's limit of "
-                                f"{self.cfg.max_embedding_inputs} per request", param="input")
+            raise APIError(
+                400,
+                f"input has {len(inp)} items, over this server's limit of {self.cfg.max_embedding_inputs} per request",
+                param="input",
+            )
         out = []
         for j, x in enumerate(inp):
             ids = self.tok.encode(x) if isinstance(x, str) else list(x)
             if not ids:
                 raise APIError(400, f"input[{j}] is empty", param="input")
             if any(not 0 <= i < self.tok.n_vocab for i in ids):
-                raise APIError(400, f"input[{j}] holds a token id outside the vocabulary (0..{self.tok.n_vocab - 1})",
-                               param="input")
+                raise APIError(
+                    400,
+                    f"input[{j}] holds a token id outside the vocabulary (0..{self.tok.n_vocab - 1})",
+                    param="input",
+                )
             if len(ids) > self.context_len:
-                raise APIError(400, f"input[{j}] has {len(ids)} tokens; this model's context is {self.context_len}",
-                               param="input", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"input[{j}] has {len(ids)} tokens; this model's context is {self.context_len}",
+                    param="input",
+                    code="context_length_exceeded",
+                )
             out.append(ids)
         return out
 
@@ -399,9 +506,13 @@ class Ingress:
         docs = req.docs()
         for d in docs:
             if len(d.text) > self.cfg.max_document_chars:
-                raise APIError(413, f"document {d.id or d.title or ''!r} has {len(d.text)} characters, over the "
-                                    f"limit of {self.cfg.max_document_chars}; split it", param="text",
-                               code="document_too_large")
+                raise APIError(
+                    413,
+                    f"document {d.id or d.title or ''!r} has {len(d.text)} characters, over the "
+                    f"limit of {self.cfg.max_document_chars}; split it",
+                    param="text",
+                    code="document_too_large",
+                )
             if not d.text.strip():
                 raise APIError(400, "document text is empty", param="text")
         added = await _call(self.retriever.add_documents.remote([d.model_dump() for d in docs]))
@@ -462,7 +573,8 @@ class Ingress:
             out = await _call(self.feedback.prefer.remote(req.chosen_id, req.rejected_id, who=caller))
         else:
             if req.response_id is None or req.rating is None:
-                raise APIError(400, "send 'response_id' and 'rating' (up/down or 1..5), or 'chosen_id' and "
-                                    "'rejected_id'")
+                raise APIError(
+                    400, "send 'response_id' and 'rating' (up/down or 1..5), or 'chosen_id' and 'rejected_id'"
+                )
             out = await _call(self.feedback.rate.remote(req.response_id, req.rating, who=caller))
         return dict(out, object="feedback")

@@ -60,8 +60,17 @@ from serve.generator import Generator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["THROUGHPUT_ENV", "DeploymentOptions", "ServeConfig", "app_builder", "build_app", "direct_ingress_env",
-           "ray_env", "start", "use_direct_ingress"]
+__all__ = [
+    "THROUGHPUT_ENV",
+    "DeploymentOptions",
+    "ServeConfig",
+    "app_builder",
+    "build_app",
+    "direct_ingress_env",
+    "ray_env",
+    "start",
+    "use_direct_ingress",
+]
 
 
 def build_app(cfg: ServeConfig):
@@ -72,21 +81,43 @@ def build_app(cfg: ServeConfig):
     check_config(cfg)
     # replicas may run elsewhere (another cwd or node): hand them absolute paths (a model URI stays a URI)
     knowledge, memory_db, feedback_db = (str(Path(p).resolve()) for p in cfg.state_paths())
-    cfg = replace(cfg, model=absolute(resolve_checkpoint(cfg.model)), model_name=cfg.served_name(),
-                  knowledge=knowledge, memory_db=memory_db, feedback_db=feedback_db)
+    cfg = replace(
+        cfg,
+        model=absolute(resolve_checkpoint(cfg.model)),
+        model_name=cfg.served_name(),
+        knowledge=knowledge,
+        memory_db=memory_db,
+        feedback_db=feedback_db,
+    )
     keys = load_api_keys(cfg.api_key_file) if cfg.api_key_file else frozenset()
     admin = load_api_keys(cfg.admin_key_file) if cfg.admin_key_file else frozenset()
     env = THROUGHPUT_ENV if cfg.throughput_optimized else None
     deployment_id = uuid.uuid4().hex  # replicas started after a version switch find the live model under it
     generator = Generator.options(**cfg.generator.serve_options(env)).bind(
-        cfg.model, cfg.engine, cfg.stream_messages_per_s, cfg.max_stream_interval_ms, cfg.switch_drain_timeout_s,
-        cfg.structured_outputs, deployment_id, cfg.json_any_whitespace)
+        cfg.model,
+        cfg.engine,
+        cfg.stream_messages_per_s,
+        cfg.max_stream_interval_ms,
+        cfg.switch_drain_timeout_s,
+        cfg.structured_outputs,
+        deployment_id,
+        cfg.json_any_whitespace,
+    )
     retriever = RetrieverServer.options(**cfg.retriever.serve_options(env)).bind(
-        knowledge, memory_db, cfg.chunk_chars, cfg.chunk_overlap, cfg.max_document_chars, cfg.rag_embedder,
-        cfg.rag_rrf_k, cfg.rag_candidates, cfg.rag_reindex)
+        knowledge,
+        memory_db,
+        cfg.chunk_chars,
+        cfg.chunk_overlap,
+        cfg.max_document_chars,
+        cfg.rag_embedder,
+        cfg.rag_rrf_k,
+        cfg.rag_candidates,
+        cfg.rag_reindex,
+    )
     feedback = FeedbackServer.options(**cfg.feedback.serve_options(env)).bind(feedback_db)
-    return Ingress.options(**cfg.ingress.serve_options(env)).bind(generator, retriever, feedback, cfg, keys, admin,
-                                                                  deployment_id)
+    return Ingress.options(**cfg.ingress.serve_options(env)).bind(
+        generator, retriever, feedback, cfg, keys, admin, deployment_id
+    )
 
 
 def app_builder(args: dict[str, Any]):
@@ -108,15 +139,27 @@ def start(cfg: ServeConfig, blocking: bool = False) -> str:
     import ray
 
     if not ray.is_initialized():
-        raise RuntimeError("serve.app.start deploys on a running Ray: set os.environ from ray_env(cfg, address), "
-                           "start Ray (cluster.runtime.init_ray), then call start")
+        raise RuntimeError(
+            "serve.app.start deploys on a running Ray: set os.environ from ray_env(cfg, address), "
+            "start Ray (cluster.runtime.init_ray), then call start"
+        )
     app = build_app(cfg)
     proxy_port = cfg.port
     if direct_ingress_on(cfg):
         proxy_port = spare_port(cfg.host)
-        log.info("direct ingress: the ingress replica serves %s:%d, the Serve proxy %s:%d", cfg.host, cfg.port,
-                 cfg.host, proxy_port)
+        log.info(
+            "direct ingress: the ingress replica serves %s:%d, the Serve proxy %s:%d",
+            cfg.host,
+            cfg.port,
+            cfg.host,
+            proxy_port,
+        )
     serve.start(http_options={"host": cfg.host, "port": proxy_port})
-    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking,
-              logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"})
+    serve.run(
+        app,
+        name=cfg.app_name,
+        route_prefix=cfg.route_prefix,
+        blocking=blocking,
+        logging_config={"enable_access_log": cfg.access_log, "log_level": "INFO" if cfg.access_log else "WARNING"},
+    )
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -41,8 +41,11 @@ def authorize_admin(header: str | None, admin_hashes: frozenset[str]) -> None:
     """An admin route's guard: 403 when no admin key is configured (the routes are off) or the key is not an admin
     key, 401 when no key is sent."""
     if not admin_hashes:
-        raise APIError(403, "admin routes are off on this server; start it with serve.admin_key_file=FILE (one "
-                            "admin key per line)", code="admin_disabled")
+        raise APIError(
+            403,
+            "admin routes are off on this server; start it with serve.admin_key_file=FILE (one admin key per line)",
+            code="admin_disabled",
+        )
     if not header or not header.lower().startswith("bearer ") or not header[7:].strip():
         raise APIError(401, "missing admin key: send 'Authorization: Bearer ADMIN_KEY'", code="invalid_admin_key")
     if hashlib.sha256(header[7:].strip().encode()).hexdigest() not in admin_hashes:

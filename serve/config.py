@@ -109,8 +109,12 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_num_seqs=32))
     generator: DeploymentOptions = field(default_factory=DeploymentOptions)
     retriever: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.25))
-    ingress: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256))
-    feedback: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
+    ingress: DeploymentOptions = field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.25, max_ongoing_requests=256)
+    )
+    feedback: DeploymentOptions = field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256)
+    )
 
     def served_name(self) -> str:
         return self.model_name or name(self.model)
@@ -120,7 +124,11 @@ class ServeConfig:
         from serve.knowledge import store_path
 
         base = store_path(self.knowledge).parent
-        return (self.knowledge, self.memory_db or str(base / "memory.db"), self.feedback_db or str(base / "feedback.db"))
+        return (
+            self.knowledge,
+            self.memory_db or str(base / "memory.db"),
+            self.feedback_db or str(base / "feedback.db"),
+        )
 
 
 def check_config(cfg: ServeConfig) -> None:
@@ -136,11 +144,15 @@ def check_config(cfg: ServeConfig) -> None:
     load_config(checkpoint_dir(cfg.model))
     for key in ("knowledge", "memory_db", "feedback_db"):
         if is_uri(getattr(cfg, key)):
-            raise ValueError(f"serve.{key}={getattr(cfg, key)}: the stores are SQLite files on a local disk; give a "
-                             "local path (load documents from object storage with `genloop knowledge add s3://...`)")
+            raise ValueError(
+                f"serve.{key}={getattr(cfg, key)}: the stores are SQLite files on a local disk; give a "
+                "local path (load documents from object storage with `genloop knowledge add s3://...`)"
+            )
     if cfg.admin_key_file and not Path(cfg.admin_key_file).is_file():
-        raise FileNotFoundError(f"serve.admin_key_file={cfg.admin_key_file} does not exist; write one admin key per "
-                                "line or leave it empty (admin routes off)")
+        raise FileNotFoundError(
+            f"serve.admin_key_file={cfg.admin_key_file} does not exist; write one admin key per "
+            "line or leave it empty (admin routes off)"
+        )
     from serve.embeddings import POOLINGS
 
     if cfg.embedding_pooling not in POOLINGS:
@@ -149,13 +161,15 @@ def check_config(cfg: ServeConfig) -> None:
 
     check_embedder_spec(cfg.rag_embedder)
     if cfg.rag_rrf_k < 0 or cfg.rag_candidates < 1:
-        raise ValueError(f"serve: need rag_rrf_k >= 0 and rag_candidates >= 1, got {cfg.rag_rrf_k} and "
-                         f"{cfg.rag_candidates}")
+        raise ValueError(
+            f"serve: need rag_rrf_k >= 0 and rag_candidates >= 1, got {cfg.rag_rrf_k} and {cfg.rag_candidates}"
+        )
     if cfg.switch_drain_timeout_s <= 0 or cfg.max_embedding_inputs < 1:
         raise ValueError("serve: switch_drain_timeout_s must be > 0 and max_embedding_inputs >= 1")
     if cfg.default_max_tokens < 1 or cfg.max_tokens_cap < cfg.default_max_tokens:
-        raise ValueError(f"serve: need 1 <= default_max_tokens ({cfg.default_max_tokens}) <= max_tokens_cap "
-                         f"({cfg.max_tokens_cap})")
+        raise ValueError(
+            f"serve: need 1 <= default_max_tokens ({cfg.default_max_tokens}) <= max_tokens_cap ({cfg.max_tokens_cap})"
+        )
 
 
 def context_length(cfg: ServeConfig, local_model: str) -> int:
@@ -177,10 +191,14 @@ def use_direct_ingress(cfg: ServeConfig, address: str | None) -> bool:
         log.info("direct ingress off: joining a running Ray, whose Serve proxy listens on port %d", cfg.port)
         return False
     if cfg.ingress.autoscaling or cfg.ingress.num_replicas != 1:
-        log.info("direct ingress off: %s ingress replicas share port %d through the Serve proxy",
-                 "autoscaled" if cfg.ingress.autoscaling else cfg.ingress.num_replicas, cfg.port)
+        log.info(
+            "direct ingress off: %s ingress replicas share port %d through the Serve proxy",
+            "autoscaled" if cfg.ingress.autoscaling else cfg.ingress.num_replicas,
+            cfg.port,
+        )
         return False
     return True
+
 
 def ray_env(cfg: ServeConfig, address: str | None) -> dict[str, str]:
     """What a command puts in ``os.environ`` before it starts Ray to serve ``cfg`` (the controller, proxy and
@@ -199,8 +217,9 @@ def ray_env(cfg: ServeConfig, address: str | None) -> dict[str, str]:
 
 def direct_ingress_on(cfg: ServeConfig) -> bool:
     """Was the running Ray started with direct ingress on ``cfg.port`` (``ray_env``)?"""
-    return (os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
-            and os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT") == str(cfg.port))
+    return os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1" and os.environ.get(
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+    ) == str(cfg.port)
 
 
 def spare_port(host: str) -> int:

@@ -45,7 +45,7 @@ class TextStream:
         safe = len(text) if self.stopped else len(text) - self.hold
         while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
             safe -= 1
-        delta = text[self.sent:safe] if safe > self.sent else ""
+        delta = text[self.sent : safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return delta
 
@@ -57,7 +57,7 @@ class TextStream:
 
     def flush(self) -> str:
         """What is left to send once generation ended."""
-        delta = self.text[self.sent:]
+        delta = self.text[self.sent :]
         self.sent = len(self.text)
         return delta
 

@@ -51,13 +51,15 @@ class Embedder:
         device = next(self.model.parameters()).device
         out: list[list[float]] = []
         for i in range(0, len(inputs), self.batch):
-            rows = inputs[i:i + self.batch]
+            rows = inputs[i : i + self.batch]
             T = max(len(r) for r in rows)
             ids = torch.zeros(len(rows), T, dtype=torch.long, device=device)
             mask = torch.zeros(len(rows), T, device=device)
             for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.tensor(r, device=device)
-                mask[j, :len(r)] = 1.0
-            hidden = self.model.hidden_states(ids)  # (B, T, dim); causal: padding on the right changes nothing before it
+                ids[j, : len(r)] = torch.tensor(r, device=device)
+                mask[j, : len(r)] = 1.0
+            hidden = self.model.hidden_states(
+                ids
+            )  # (B, T, dim); causal: padding on the right changes nothing before it
             out += pool(hidden, mask, how).cpu().tolist()
         return out

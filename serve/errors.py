@@ -20,12 +20,21 @@ log = logging.getLogger(__name__)
 class APIError(Exception):
     """An error the client caused (or 5xx); rendered as OpenAI's error body with ``status``."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
-             422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "invalid_request_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or self.TYPES.get(status, "server_error")
@@ -88,17 +97,21 @@ def install_error_handlers(api: FastAPI) -> None:
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         err = (e.errors() or [{}])[0]
         loc = ".".join(str(x) for x in err.get("loc", ()))
-        return JSONResponse(error_body(f"{loc}: {err.get('msg', 'invalid')}", "invalid_request_error", loc or None),
-                            status_code=422)
+        return JSONResponse(
+            error_body(f"{loc}: {err.get('msg', 'invalid')}", "invalid_request_error", loc or None), status_code=422
+        )
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         typ = APIError.TYPES.get(e.status_code, "invalid_request_error")
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", typ),
-                            status_code=e.status_code)
+        return JSONResponse(
+            error_body(f"{request.method} {request.url.path}: {e.detail}", typ), status_code=e.status_code
+        )
 
     @api.exception_handler(Exception)
     async def _server_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error ({type(e).__name__}); the request was not completed",
-                                       "server_error"), status_code=500)
+        return JSONResponse(
+            error_body(f"internal error ({type(e).__name__}); the request was not completed", "server_error"),
+            status_code=500,
+        )

@@ -46,8 +46,12 @@ def rating_score(rating: Any) -> float:
     """``"up"``/``"down"`` -> 1/-1, integers 1..5 -> (n - 3) / 2; anything else is a FeedbackError."""
     if isinstance(rating, str) and rating.lower() in RATINGS:
         return RATINGS[rating.lower()]
-    if isinstance(rating, (int, float)) and not isinstance(rating, bool) and float(rating).is_integer() \
-            and 1 <= rating <= 5:
+    if (
+        isinstance(rating, (int, float))
+        and not isinstance(rating, bool)
+        and float(rating).is_integer()
+        and 1 <= rating <= 5
+    ):
         return (float(rating) - 3.0) / 2.0
     raise FeedbackError(f"rating must be 'up', 'down' or an integer 1..5, got {rating!r}")
 
@@ -82,7 +86,8 @@ class FeedbackStore:
             "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, messages TEXT, "
             "response TEXT, created REAL, model_version TEXT)",
             "CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, rejected_id TEXT, "
-            "rating TEXT, score REAL, who TEXT, created REAL)")
+            "rating TEXT, score REAL, who TEXT, created REAL)",
+        )
         # a store written before responses named their model version: its old responses have none (NULL)
         add_columns(self._db, "responses", {"model_version": "TEXT"})
         with self._db:
@@ -95,23 +100,48 @@ class FeedbackStore:
         if not isinstance(r, dict) or not isinstance(r.get("response_id"), str) or not r["response_id"]:
             raise FeedbackError(f"a response record needs a non-empty string 'response_id', got {r!r:.200}")
         try:
-            row = (r["response_id"], r["model"], r["prompt"],
-                   json.dumps(storable(r["messages"])) if r.get("messages") is not None else None, r["response"], now,
-                   r.get("model_version"))
+            row = (
+                r["response_id"],
+                r["model"],
+                r["prompt"],
+                json.dumps(storable(r["messages"])) if r.get("messages") is not None else None,
+                r["response"],
+                now,
+                r.get("model_version"),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise FeedbackError(f"response record {r.get('response_id')!r} is malformed ({type(e).__name__}: "
-                                f"{e})") from None
+            raise FeedbackError(
+                f"response record {r.get('response_id')!r} is malformed ({type(e).__name__}: {e})"
+            ) from None
         bad = [v for v in row if v is not None and not isinstance(v, (str, float))]
         if bad:
-            raise FeedbackError(f"response record {r['response_id']!r} holds a {type(bad[0]).__name__} where text "
-                                "belongs")
+            raise FeedbackError(
+                f"response record {r['response_id']!r} holds a {type(bad[0]).__name__} where text belongs"
+            )
         return tuple(storable(v) for v in row)
 
-    def record_response(self, response_id: str, model: str, prompt: str, response: str,
-                        messages: list[dict] | None = None, model_version: str | None = None) -> None:
+    def record_response(
+        self,
+        response_id: str,
+        model: str,
+        prompt: str,
+        response: str,
+        messages: list[dict] | None = None,
+        model_version: str | None = None,
+    ) -> None:
         """``model_version``: the digest of the checkpoint that answered (what the response itself names)."""
-        self.record_responses([{"response_id": response_id, "model": model, "prompt": prompt, "response": response,
-                                "messages": messages, "model_version": model_version}])
+        self.record_responses(
+            [
+                {
+                    "response_id": response_id,
+                    "model": model,
+                    "prompt": prompt,
+                    "response": response,
+                    "messages": messages,
+                    "model_version": model_version,
+                }
+            ]
+        )
 
     def record_responses(self, records: list[dict]) -> int:
         """Several ``record_response`` keyword dicts (``model_version`` optional in each) in one transaction;
@@ -143,30 +173,43 @@ class FeedbackStore:
 
     def response(self, response_id: str) -> dict | None:
         with self._lock:
-            row = self._db.execute("SELECT id, model, prompt, messages, response, model_version FROM responses "
-                                   "WHERE id = ?", (response_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT id, model, prompt, messages, response, model_version FROM responses WHERE id = ?",
+                (response_id,),
+            ).fetchone()
         if row is None:
             return None
-        return {"id": row[0], "model": row[1], "prompt": row[2],
-                "messages": json.loads(row[3]) if row[3] else None, "response": row[4], "model_version": row[5]}
+        return {
+            "id": row[0],
+            "model": row[1],
+            "prompt": row[2],
+            "messages": json.loads(row[3]) if row[3] else None,
+            "response": row[4],
+            "model_version": row[5],
+        }
 
     def versions(self) -> dict[str | None, int]:
         """``{model_version: responses recorded}`` (None: responses recorded without a version), most first."""
         with self._lock:
-            rows = self._db.execute("SELECT model_version, COUNT(*) AS n FROM responses GROUP BY model_version "
-                                    "ORDER BY n DESC, model_version").fetchall()
+            rows = self._db.execute(
+                "SELECT model_version, COUNT(*) AS n FROM responses GROUP BY model_version "
+                "ORDER BY n DESC, model_version"
+            ).fetchall()
         return {v: int(n) for v, n in rows}
 
     def _need(self, response_id: Any, field: str) -> dict:
         if not isinstance(response_id, str) or not response_id:
             raise FeedbackError(f"'{field}' must be the id of a response this server returned")
         if storable(response_id) != response_id:  # no id this server returned holds text SQLite cannot hold
-            raise NotFound(f"no response with id {storable(response_id)!r} ('{field}'); use the 'id' of a "
-                           "completion this server returned")
+            raise NotFound(
+                f"no response with id {storable(response_id)!r} ('{field}'); use the 'id' of a "
+                "completion this server returned"
+            )
         r = self.response(response_id)
         if r is None:
-            raise NotFound(f"no response with id {response_id!r} ('{field}'); use the 'id' of a completion "
-                           "this server returned")
+            raise NotFound(
+                f"no response with id {response_id!r} ('{field}'); use the 'id' of a completion this server returned"
+            )
         return r
 
     def rate(self, response_id: str, rating: Any, who: str = "") -> dict:
@@ -174,8 +217,10 @@ class FeedbackStore:
         self._need(response_id, "response_id")
         fid = "fb-" + uuid.uuid4().hex[:16]
         with self._lock, self._db:
-            self._db.execute("INSERT INTO feedback VALUES (?, 'rating', ?, NULL, ?, ?, ?, ?)",
-                             (fid, response_id, json.dumps(rating), score, who, time.time()))
+            self._db.execute(
+                "INSERT INTO feedback VALUES (?, 'rating', ?, NULL, ?, ?, ?, ?)",
+                (fid, response_id, json.dumps(rating), score, who, time.time()),
+            )
         return {"id": fid, "kind": "rating", "response_id": response_id, "score": score}
 
     def prefer(self, chosen_id: str, rejected_id: str, who: str = "") -> dict:
@@ -183,12 +228,15 @@ class FeedbackStore:
         if chosen_id == rejected_id:
             raise FeedbackError("'chosen_id' and 'rejected_id' are the same response; compare two responses")
         if chosen["prompt"] != rejected["prompt"]:
-            raise FeedbackError("the two responses answer different prompts; a preference compares two answers to "
-                                "the same prompt")
+            raise FeedbackError(
+                "the two responses answer different prompts; a preference compares two answers to the same prompt"
+            )
         fid = "fb-" + uuid.uuid4().hex[:16]
         with self._lock, self._db:
-            self._db.execute("INSERT INTO feedback VALUES (?, 'preference', ?, ?, NULL, NULL, ?, ?)",
-                             (fid, chosen_id, rejected_id, who, time.time()))
+            self._db.execute(
+                "INSERT INTO feedback VALUES (?, 'preference', ?, ?, NULL, NULL, ?, ?)",
+                (fid, chosen_id, rejected_id, who, time.time()),
+            )
         return {"id": fid, "kind": "preference", "chosen_id": chosen_id, "rejected_id": rejected_id}
 
     def preference_rows(self, model_version: str | None = None) -> list[dict]:
@@ -201,20 +249,30 @@ class FeedbackStore:
             explicit = self._db.execute(
                 "SELECT c.prompt, c.response, r.response, c.messages, c.model_version, r.model_version FROM feedback f "
                 "JOIN responses c ON c.id = f.response_id JOIN responses r ON r.id = f.rejected_id "
-                "WHERE f.kind = 'preference'" + only + " ORDER BY f.created", {"v": model_version}).fetchall()
+                "WHERE f.kind = 'preference'" + only + " ORDER BY f.created",
+                {"v": model_version},
+            ).fetchall()
             # pairs from ratings: an up-rated (score > 0) and a down-rated (score < 0) response to the same prompt
             derived = self._db.execute(
                 "SELECT g.prompt, g.response, b.response, g.messages, g.model_version, b.model_version FROM "
                 "(SELECT r.* FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.kind='rating' "
                 " AND f.score > 0) g JOIN "
                 "(SELECT r.* FROM feedback f JOIN responses r ON r.id = f.response_id WHERE f.kind='rating' "
-                " AND f.score < 0) b ON g.prompt = b.prompt AND g.id != b.id" + both +
-                " ORDER BY g.created, b.created", {"v": model_version}).fetchall()
+                " AND f.score < 0) b ON g.prompt = b.prompt AND g.id != b.id" + both + " ORDER BY g.created, b.created",
+                {"v": model_version},
+            ).fetchall()
 
         def row(p: str, c: str, r: str, m: str | None, vc: str | None, vr: str | None, source: str) -> dict:
-            return {"prompt": p, "chosen": c, "rejected": r, "messages": json.loads(m) if m else None,
-                    "source": source, "model_version": vc if vc == vr else None, "chosen_model_version": vc,
-                    "rejected_model_version": vr}
+            return {
+                "prompt": p,
+                "chosen": c,
+                "rejected": r,
+                "messages": json.loads(m) if m else None,
+                "source": source,
+                "model_version": vc if vc == vr else None,
+                "chosen_model_version": vc,
+                "rejected_model_version": vr,
+            }
 
         out = [row(*x, "user") for x in explicit]
         seen = {(o["prompt"], o["chosen"], o["rejected"]) for o in out}
@@ -232,9 +290,19 @@ class FeedbackStore:
             rows = self._db.execute(
                 "SELECT r.prompt, r.response, f.rating, f.score, r.messages, r.model_version FROM feedback f "
                 "JOIN responses r ON r.id = f.response_id WHERE f.kind = 'rating'" + only + " ORDER BY f.created",
-                {"v": model_version}).fetchall()
-        return [{"prompt": p, "response": resp, "rating": json.loads(rt), "score": s,
-                 "messages": json.loads(m) if m else None, "model_version": v} for p, resp, rt, s, m, v in rows]
+                {"v": model_version},
+            ).fetchall()
+        return [
+            {
+                "prompt": p,
+                "response": resp,
+                "rating": json.loads(rt),
+                "score": s,
+                "messages": json.loads(m) if m else None,
+                "model_version": v,
+            }
+            for p, resp, rt, s, m, v in rows
+        ]
 
     def export(self, out: str | Path, ratings_out: str | Path | None = None, model_version: str | None = None) -> dict:
         """Write preferences to ``out`` and ratings to ``ratings_out`` (default ``<out stem>.ratings.jsonl``); with
@@ -244,8 +312,10 @@ class FeedbackStore:
             known = self.versions()
             if model_version not in known:
                 have = ", ".join(f"{v} ({n} responses)" for v, n in known.items() if v is not None) or "none"
-                raise FeedbackError(f"no response of model version {model_version!r} is in {self.path}; versions "
-                                    f"recorded: {have}. Pass one of them (every response names its model_version)")
+                raise FeedbackError(
+                    f"no response of model version {model_version!r} is in {self.path}; versions "
+                    f"recorded: {have}. Pass one of them (every response names its model_version)"
+                )
         out = Path(out)
         ratings_out = Path(ratings_out) if ratings_out else out.with_name(out.stem + ".ratings.jsonl")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +325,13 @@ class FeedbackStore:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             tmp.replace(path)
-        return {"preferences": len(prefs), "ratings": len(ratings), "out": str(out), "ratings_out": str(ratings_out),
-                "model_version": model_version}
+        return {
+            "preferences": len(prefs),
+            "ratings": len(ratings),
+            "out": str(out),
+            "ratings_out": str(ratings_out),
+            "model_version": model_version,
+        }
 
 
 class ResponseBatcher:
@@ -271,8 +346,9 @@ class ResponseBatcher:
     records the store takes are recorded, the ones it refuses are dropped with an error in the log and counted in
     ``rejected``, so one bad record never blocks the others, nor every later batch."""
 
-    def __init__(self, send: Callable[[list[dict]], Awaitable[Any]], interval_s: float = 0.1,
-                 max_pending: int = 100_000) -> None:
+    def __init__(
+        self, send: Callable[[list[dict]], Awaitable[Any]], interval_s: float = 0.1, max_pending: int = 100_000
+    ) -> None:
         self.send, self.interval_s, self.max_pending = send, interval_s, max_pending
         self.pending: list[dict] = []
         self.dropped = 0
@@ -308,8 +384,11 @@ class ResponseBatcher:
                 if not refused_data(e):
                     self.pending[:0] = batch
                     raise
-                log.warning("the feedback store refused a batch of %d responses (%s); recording them one by one",
-                            len(batch), unwrap(e))
+                log.warning(
+                    "the feedback store refused a batch of %d responses (%s); recording them one by one",
+                    len(batch),
+                    unwrap(e),
+                )
                 await self._one_by_one(batch)
             except BaseException:
                 self.pending[:0] = batch
@@ -326,8 +405,11 @@ class ResponseBatcher:
                     self.pending[:0] = batch[i:]
                     raise
                 self.rejected += 1
-                log.error("response %r not recorded for feedback: the store refused it (%s)",
-                          record.get("response_id"), unwrap(e))
+                log.error(
+                    "response %r not recorded for feedback: the store refused it (%s)",
+                    record.get("response_id"),
+                    unwrap(e),
+                )
             except BaseException:
                 self.pending[:0] = batch[i:]
                 raise

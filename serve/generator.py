@@ -95,10 +95,17 @@ class Generator:
     """Holds one vLLM ``AsyncLLM`` (CUDA build on GPUs, CPU build here); token ids in, token id pieces out.
     ``model`` may be a URI: the replica downloads it once into its node's cache."""
 
-    def __init__(self, model: str, engine: EngineConfig, stream_messages_per_s: float = 0.0,
-                 max_stream_interval_ms: float = 250.0, drain_timeout_s: float = 120.0,
-                 structured_outputs: bool = True, deployment_id: str = "",
-                 json_any_whitespace: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        engine: EngineConfig,
+        stream_messages_per_s: float = 0.0,
+        max_stream_interval_ms: float = 250.0,
+        drain_timeout_s: float = 120.0,
+        structured_outputs: bool = True,
+        deployment_id: str = "",
+        json_any_whitespace: bool = False,
+    ) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM's first import in this replica
         from models.engine import WEIGHT_SYNC_EXTENSION, make_async_engine
         from pipelines.artifacts import checkpoint_dir
@@ -118,8 +125,13 @@ class Generator:
         version = live[1] if live is not None else model_version(model, local)
         self.model, self.version, self.weights = model, version, weight_files(local)
         self.local = local
-        self.engine = make_async_engine(local, engine, worker_extension_cls=WEIGHT_SYNC_EXTENSION,
-                                         tokenizer=structured_outputs, json_any_whitespace=json_any_whitespace)
+        self.engine = make_async_engine(
+            local,
+            engine,
+            worker_extension_cls=WEIGHT_SYNC_EXTENSION,
+            tokenizer=structured_outputs,
+            json_any_whitespace=json_any_whitespace,
+        )
         self.rate = stream_messages_per_s
         self.max_interval = max_stream_interval_ms / 1000.0
         self.drain_timeout_s = drain_timeout_s
@@ -142,8 +154,9 @@ class Generator:
         self.active += 1
         return self.version
 
-    async def generate(self, prompt_ids: list[int], params: dict[str, Any], request_id: str
-                       ) -> AsyncIterator[str | Piece]:
+    async def generate(
+        self, prompt_ids: list[int], params: dict[str, Any], request_id: str
+    ) -> AsyncIterator[str | Piece]:
         """Streams the model version (first item, a str), then pieces ``{sample index: (new_ids, finish_reason,
         logprobs)}``; ``params`` are ``models.engine.streaming_params`` keyword args. Pieces are coalesced
         (``coalesce``) at active streams / ``stream_messages_per_s`` seconds (capped at ``max_stream_interval_ms``):
@@ -154,8 +167,9 @@ class Generator:
         version = await self._admit()
         try:
             yield version
-            async for piece in coalesce(stream_outputs(self.engine, prompt_ids, streaming_params(**params),
-                                                       request_id), self.interval):
+            async for piece in coalesce(
+                stream_outputs(self.engine, prompt_ids, streaming_params(**params), request_id), self.interval
+            ):
                 yield piece
         finally:
             self.active -= 1
@@ -174,8 +188,12 @@ class Generator:
             self.active -= 1
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.model, "model_version": self.version, "switching": not self.admitting.is_set(),
-                "replica": self.replica}
+        return {
+            "model": self.model,
+            "model_version": self.version,
+            "switching": not self.admitting.is_set(),
+            "replica": self.replica,
+        }
 
     async def switch(self, model: str, version: str) -> dict[str, Any]:
         """Serve the checkpoint ``model`` (checked by the caller: ``serve.versions.incompatibilities`` is empty) as
@@ -196,9 +214,13 @@ class Generator:
             try:
                 while self.active:
                     if time.perf_counter() - t0 > self.drain_timeout_s:
-                        raise SwitchError(f"{self.active} requests were still running after {self.drain_timeout_s:.0f}"
-                                          f" s (serve.switch_drain_timeout_s); {self.version} keeps serving; retry "
-                                          "later", 503, "switch_busy")
+                        raise SwitchError(
+                            f"{self.active} requests were still running after {self.drain_timeout_s:.0f}"
+                            f" s (serve.switch_drain_timeout_s); {self.version} keeps serving; retry "
+                            "later",
+                            503,
+                            "switch_busy",
+                        )
                     await asyncio.sleep(0.005)
                 t1 = time.perf_counter()
                 try:
@@ -206,8 +228,12 @@ class Generator:
                 except Exception as e:  # noqa: BLE001  (put the old weights back, then refuse)
                     log.exception("reloading %s failed; restoring %s", model, self.version)
                     await reload_async_engine(self.engine, self.weights)
-                    raise SwitchError(f"checkpoint {model} did not load ({type(e).__name__}: {e}); version "
-                                      f"{self.version} keeps serving", 400, "checkpoint_load_failed") from None
+                    raise SwitchError(
+                        f"checkpoint {model} did not load ({type(e).__name__}: {e}); version "
+                        f"{self.version} keeps serving",
+                        400,
+                        "checkpoint_load_failed",
+                    ) from None
                 old = self.version
                 self.model, self.version, self.weights, self.local = model, version, files, local
                 self.embedder = None
@@ -215,8 +241,9 @@ class Generator:
                 self.admitting.set()
             t2 = time.perf_counter()
             log.info("switched %s -> %s in place (drain %.3fs, reload %.3fs)", old, version, t1 - t0, t2 - t1)
-            return dict(self.info(), changed=True, previous_version=old, drain_s=round(t1 - t0, 4),
-                        reload_s=round(t2 - t1, 4))
+            return dict(
+                self.info(), changed=True, previous_version=old, drain_s=round(t1 - t0, 4), reload_s=round(t2 - t1, 4)
+            )
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -241,16 +268,24 @@ class Generator:
             return
         if live is None or live[1] in (self.version, self.failed_version):
             return
-        log.warning("replica %s serves %s but %s is live (a switch did not reach it): switching", self.replica,
-                    self.version, live[1])
+        log.warning(
+            "replica %s serves %s but %s is live (a switch did not reach it): switching",
+            self.replica,
+            self.version,
+            live[1],
+        )
         self.catch_up = asyncio.get_running_loop().create_task(self._catch_up(*live))
 
     async def _catch_up(self, model: str, version: str) -> None:
         try:
             await self.switch(model, version)
         except Exception:  # noqa: BLE001  (logged; this version is not retried by the health checks)
-            log.exception("replica %s could not switch to the live version %s; it keeps serving %s", self.replica,
-                          version, self.version)
+            log.exception(
+                "replica %s could not switch to the live version %s; it keeps serving %s",
+                self.replica,
+                version,
+                self.version,
+            )
             self.failed_version = version
 
     def __del__(self) -> None:

@@ -42,10 +42,13 @@ SAVE_EVERY_S = 30.0  # the index file is rewritten at most this often (and after
 # the raw title/body are stored for display (UNINDEXED); their code-aware terms (serve.terms) are what BM25 ranks.
 # `tokenchars '._'` keeps a whole identifier (json.loads, snake_case) one token. No stemming: porter cost 6 points
 # of recall@5 on half of the stdlib question set (0.846 vs 0.914 with plain terms, 0.857 vs 0.903 code-aware)
-CHUNKS_SCHEMA = ("CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title UNINDEXED, "
-                 "body UNINDEXED, t_title, t_path, t_body, tokenize = \"unicode61 tokenchars '._'\")")
-INSERT_CHUNK = ("INSERT INTO chunks (rowid, doc_id, seq, title, body, t_title, t_path, t_body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+CHUNKS_SCHEMA = (
+    "CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title UNINDEXED, "
+    "body UNINDEXED, t_title, t_path, t_body, tokenize = \"unicode61 tokenchars '._'\")"
+)
+INSERT_CHUNK = (
+    "INSERT INTO chunks (rowid, doc_id, seq, title, body, t_title, t_path, t_body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 BUMP_GENERATION = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
 
 
@@ -177,16 +180,25 @@ class KnowledgeStore:
     document's title and its document's path (the id). Hybrid ranking (``search`` with an embedder): the ``candidates``
     best chunks of each side fused by reciprocal rank fusion (``rrf``, 1-based ranks, ``rrf_k`` = 60)."""
 
-    def __init__(self, path: str | Path, chunk_chars: int = 600, chunk_overlap: int = 80,
-                 max_document_chars: int = 1_000_000, embedder: "Embedder | None" = None, rrf_k: float = 60.0,
-                 candidates: int = 50, reindex: bool = False,
-                 weights: tuple[float, float, float] = LEXICAL_WEIGHTS) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        chunk_chars: int = 600,
+        chunk_overlap: int = 80,
+        max_document_chars: int = 1_000_000,
+        embedder: "Embedder | None" = None,
+        rrf_k: float = 60.0,
+        candidates: int = 50,
+        reindex: bool = False,
+        weights: tuple[float, float, float] = LEXICAL_WEIGHTS,
+    ) -> None:
         self.path = store_path(path)
         self.chunk_chars, self.chunk_overlap, self.max_document_chars = chunk_chars, chunk_overlap, max_document_chars
         self.embedder, self.rrf_k, self.candidates, self.weights = embedder, rrf_k, candidates, tuple(weights)
         if rrf_k < 0 or candidates < 1 or len(self.weights) != 3:
-            raise KnowledgeError(f"need rrf_k >= 0, candidates >= 1 and 3 lexical weights; got {rrf_k}, {candidates}, "
-                                 f"{self.weights}")
+            raise KnowledgeError(
+                f"need rrf_k >= 0, candidates >= 1 and 3 lexical weights; got {rrf_k}, {candidates}, {self.weights}"
+            )
         self._lock = threading.Lock()
         self._db = open_db(
             self.path,
@@ -194,7 +206,8 @@ class KnowledgeStore:
             "CREATE TABLE IF NOT EXISTS documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, "
             "n_chunks INTEGER, added_at REAL, content_hash TEXT, source TEXT)",
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')")
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0')",
+        )
         # stores written before `knowledge sync` existed: documents without hash and owner (a sync re-reads them)
         add_columns(self._db, "documents", {"content_hash": "TEXT", "source": "TEXT"})
         with self._db:
@@ -229,8 +242,10 @@ class KnowledgeStore:
                     self._db.executemany(INSERT_CHUNK, [[i] + _chunk_row(d, int(s), t, b) for i, d, s, t, b in old])
                     self._db.execute("DROP TABLE chunks_old")
                     log.info("knowledge store %s: re-indexed %d chunks with code-aware terms", self.path, len(old))
-            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('next_chunk', "
-                             "(SELECT COALESCE(MAX(rowid), 0) + 1 FROM chunks))")
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('next_chunk', "
+                "(SELECT COALESCE(MAX(rowid), 0) + 1 FROM chunks))"
+            )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -245,8 +260,10 @@ class KnowledgeStore:
         then the vectors are rebuilt with the new one)."""
         e = self.embedder
         if e.max_chars < self.chunk_chars:
-            raise VectorError(f"chunks of up to {self.chunk_chars} characters are over what embedder {e.identity} "
-                              f"takes whole ({e.max_chars}); lower chunk_chars to {e.max_chars} or less")
+            raise VectorError(
+                f"chunks of up to {self.chunk_chars} characters are over what embedder {e.identity} "
+                f"takes whole ({e.max_chars}); lower chunk_chars to {e.max_chars} or less"
+            )
         with self._lock, self._db:
             self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('embedder', ?)", (e.identity,))
             had = self._meta("embedder")
@@ -255,9 +272,11 @@ class KnowledgeStore:
                     raise VectorError(
                         f"knowledge store {self.path} is indexed for embedder {had}, this retriever is configured "
                         f"with {e.identity}: configure {had}, or re-embed the store with the new one (reindex: "
-                        "serve.rag_reindex=true, or --reindex)")
-                log.warning("knowledge store %s: embedder %s replaces %s; its vectors are rebuilt", self.path,
-                            e.identity, had)
+                        "serve.rag_reindex=true, or --reindex)"
+                    )
+                log.warning(
+                    "knowledge store %s: embedder %s replaces %s; its vectors are rebuilt", self.path, e.identity, had
+                )
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'embedder'", (e.identity,))
 
     def close(self) -> None:
@@ -272,8 +291,10 @@ class KnowledgeStore:
         if not isinstance(text, str) or not text.strip():
             raise KnowledgeError("document text is empty; send non-empty 'text'")
         if len(text) > self.max_document_chars:
-            raise KnowledgeError(f"document has {len(text)} characters, over the limit of {self.max_document_chars}; "
-                                 "split it into several documents")
+            raise KnowledgeError(
+                f"document has {len(text)} characters, over the limit of {self.max_document_chars}; "
+                "split it into several documents"
+            )
         doc_id = doc_id or doc_id_for(text)
         if not isinstance(doc_id, str) or len(doc_id) > 512 or not doc_id.strip():
             raise KnowledgeError("document id must be a non-empty string of at most 512 characters")
@@ -294,8 +315,16 @@ class KnowledgeStore:
         none of it. Returns ``{"added", "replaced", "removed", "chunks"}``. Chunking and term splitting happen
         before the write lock is taken; with the vector index open in this process, it is caught up right after
         (a document added over HTTP is searchable by vectors on the next request without waiting for it)."""
-        chunked = [(d, [_chunk_row(d.id, i, d.title, c)
-                        for i, c in enumerate(chunk_text(d.text, self.chunk_chars, self.chunk_overlap))]) for d in puts]
+        chunked = [
+            (
+                d,
+                [
+                    _chunk_row(d.id, i, d.title, c)
+                    for i, c in enumerate(chunk_text(d.text, self.chunk_chars, self.chunk_overlap))
+                ],
+            )
+            for d in puts
+        ]
         out = {"added": 0, "replaced": 0, "removed": 0, "chunks": 0}
         now = time.time()
         with self._lock, self._db:
@@ -308,12 +337,15 @@ class KnowledgeStore:
                 out["replaced" if self._delete(d.id) else "added"] += 1
                 self._db.executemany(INSERT_CHUNK, [[next_id + i] + r for i, r in enumerate(rows)])
                 next_id += len(rows)
-                self._db.execute("INSERT INTO documents (id, title, n_chars, n_chunks, added_at, content_hash, source) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 (d.id, d.title, len(d.text), len(rows), now, content_hash(d.text), d.source))
+                self._db.execute(
+                    "INSERT INTO documents (id, title, n_chars, n_chunks, added_at, content_hash, source) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (d.id, d.title, len(d.text), len(rows), now, content_hash(d.text), d.source),
+                )
                 out["chunks"] += len(rows)
-            self._db.executemany("UPDATE documents SET source = ? WHERE id = ?",
-                                 [(src, i) for i, src in (claim or {}).items()])
+            self._db.executemany(
+                "UPDATE documents SET source = ? WHERE id = ?", [(src, i) for i, src in (claim or {}).items()]
+            )
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_chunk'", (str(next_id),))
         if self._index is not None:
             self._catch_up()
@@ -335,16 +367,18 @@ class KnowledgeStore:
 
     def get(self, doc_id: str) -> dict | None:
         with self._lock:
-            row = self._db.execute("SELECT id, title, n_chars, n_chunks, added_at, content_hash, source FROM documents "
-                                   "WHERE id = ?", (doc_id,)).fetchone()
-        return None if row is None else dict(zip(("id", "title", "chars", "chunks", "added_at", "hash", "source"),
-                                                 row))
+            row = self._db.execute(
+                "SELECT id, title, n_chars, n_chunks, added_at, content_hash, source FROM documents WHERE id = ?",
+                (doc_id,),
+            ).fetchone()
+        return None if row is None else dict(zip(("id", "title", "chars", "chunks", "added_at", "hash", "source"), row))
 
     def ids(self, prefix: str = "") -> list[str]:
         """Every document id starting with ``prefix``, sorted."""
         with self._lock:
-            rows = self._db.execute("SELECT id FROM documents WHERE substr(id, 1, ?) = ? ORDER BY id",
-                                    (len(prefix), prefix)).fetchall()
+            rows = self._db.execute(
+                "SELECT id FROM documents WHERE substr(id, 1, ?) = ? ORDER BY id", (len(prefix), prefix)
+            ).fetchall()
         return [r[0] for r in rows]
 
     def owned(self, source: str, prefix: str) -> dict[str, tuple[str | None, str | None]]:
@@ -353,7 +387,8 @@ class KnowledgeStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, source, content_hash FROM documents WHERE source = ? OR substr(id, 1, ?) = ?",
-                (source, len(prefix), prefix)).fetchall()
+                (source, len(prefix), prefix),
+            ).fetchall()
         return {i: (s, h) for i, s, h in rows}
 
     def chunk_texts(self) -> list[tuple[str, str, str]]:
@@ -382,12 +417,16 @@ class KnowledgeStore:
             ranked = self._dense(query, k)
         else:
             n = max(k, self.candidates)
-            ranked = rrf([[i for i, _ in self._lexical(query, n)], [i for i, _ in self._dense(query, n)]],
-                         self.rrf_k)[:k]
+            ranked = rrf([[i for i, _ in self._lexical(query, n)], [i for i, _ in self._dense(query, n)]], self.rrf_k)[
+                :k
+            ]
         rows = self._rows([i for i, _ in ranked])
         # a chunk deleted since its id was ranked is not in `rows`: it is dropped, never returned
-        return [Passage(doc_id=rows[i][0], title=rows[i][2], chunk=int(rows[i][1]), text=rows[i][3], score=s)
-                for i, s in ranked if i in rows]
+        return [
+            Passage(doc_id=rows[i][0], title=rows[i][2], chunk=int(rows[i][1]), text=rows[i][3], score=s)
+            for i, s in ranked
+            if i in rows
+        ]
 
     def _lexical(self, query: str, n: int) -> list[tuple[int, float]]:
         """(chunk id, BM25 relevance) of the ``n`` best chunks."""
@@ -399,7 +438,9 @@ class KnowledgeStore:
             # bm25() is "lower is better" (negative); weights follow the column order (UNINDEXED ones: 0)
             rows = self._db.execute(
                 f"SELECT rowid, bm25(chunks, 0, 0, 0, 0, {wt:g}, {wp:g}, {wb:g}) AS r FROM chunks WHERE chunks "
-                "MATCH ? ORDER BY r LIMIT ?", (q, n)).fetchall()
+                "MATCH ? ORDER BY r LIMIT ?",
+                (q, n),
+            ).fetchall()
         return [(int(i), -float(r)) for i, r in rows]
 
     def _dense(self, query: str, n: int) -> list[tuple[int, float]]:
@@ -417,8 +458,9 @@ class KnowledgeStore:
         if not ids:
             return {}
         with self._lock:
-            rows = self._db.execute(f"SELECT rowid, doc_id, seq, title, body FROM chunks WHERE rowid IN "
-                                    f"({','.join('?' * len(ids))})", ids).fetchall()
+            rows = self._db.execute(
+                f"SELECT rowid, doc_id, seq, title, body FROM chunks WHERE rowid IN ({','.join('?' * len(ids))})", ids
+            ).fetchall()
         return {int(r[0]): r[1:] for r in rows}
 
     # ---- the vector index ----------------------------------------------------------------------------------------
@@ -448,19 +490,27 @@ class KnowledgeStore:
             new = sorted(now - self._index.ids)
             t0 = time.perf_counter()
             for i in range(0, len(new), EMBED_BATCH):
-                rows = self._rows(new[i:i + EMBED_BATCH])
-                ids = [j for j in new[i:i + EMBED_BATCH] if j in rows]  # deleted meanwhile: next catch-up
+                rows = self._rows(new[i : i + EMBED_BATCH])
+                ids = [j for j in new[i : i + EMBED_BATCH] if j in rows]  # deleted meanwhile: next catch-up
                 vecs = e.embed([embed_text(rows[j][0], rows[j][2], rows[j][3]) for j in ids])
                 if vecs.shape != (len(ids), self._index.dim):
-                    raise VectorError(f"embedder {e.identity} returned vectors of shape {vecs.shape} for "
-                                      f"{len(ids)} texts; the index has {self._index.dim} dimensions")
+                    raise VectorError(
+                        f"embedder {e.identity} returned vectors of shape {vecs.shape} for "
+                        f"{len(ids)} texts; the index has {self._index.dim} dimensions"
+                    )
                 self._index.add(ids, vecs)
                 out["embedded"] += len(ids)
             self._vgen = gen
             if out["removed"] or out["embedded"]:
                 self._dirty = True
-                log.info("vector index %s: %d embedded (%.1f s), %d removed, %d vectors", self.index_base,
-                         out["embedded"], time.perf_counter() - t0, out["removed"], len(self._index))
+                log.info(
+                    "vector index %s: %d embedded (%.1f s), %d removed, %d vectors",
+                    self.index_base,
+                    out["embedded"],
+                    time.perf_counter() - t0,
+                    out["removed"],
+                    len(self._index),
+                )
             if self._dirty and (out["embedded"] >= 1000 or time.monotonic() - self._saved_at > SAVE_EVERY_S):
                 self._save_index()
         return out

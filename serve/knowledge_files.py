@@ -69,8 +69,11 @@ def iter_files(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUF
             yield p, p.parent
         else:
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in suffixes and not any(part.startswith(".") for part in
-                                                                            f.relative_to(p).parts):
+                if (
+                    f.is_file()
+                    and f.suffix.lower() in suffixes
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                ):
                     yield f, p
 
 
@@ -99,9 +102,12 @@ def source_files(paths: Iterable[str]) -> Iterable[tuple[str, str]]:
             continue
         base = p.rstrip("/") + "/"
         for f in files:
-            rel = f[len(base):]
-            if rel.lower().endswith(TEXT_SUFFIXES) and not any(part.startswith(".") for part in rel.split("/")) \
-                    and f not in seen:
+            rel = f[len(base) :]
+            if (
+                rel.lower().endswith(TEXT_SUFFIXES)
+                and not any(part.startswith(".") for part in rel.split("/"))
+                and f not in seen
+            ):
                 seen.add(f)
                 yield f, document_id(_label(p), rel)
 

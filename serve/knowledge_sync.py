@@ -71,23 +71,38 @@ class SyncReport:
         return dict(sorted(Counter(s["reason"] for s in self.skipped).items()))
 
     def counts(self) -> dict[str, int | dict[str, int]]:
-        return {"added": self.added, "replaced": self.replaced, "removed": self.removed, "unchanged": self.unchanged,
-                "skipped": len(self.skipped), "skipped_by_reason": self.skipped_by_reason(), "chunks": self.chunks,
-                "batches": self.batches}
+        return {
+            "added": self.added,
+            "replaced": self.replaced,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "skipped": len(self.skipped),
+            "skipped_by_reason": self.skipped_by_reason(),
+            "chunks": self.chunks,
+            "batches": self.batches,
+        }
 
     def line(self) -> str:
         why = ", ".join(f"{n} {r}" for r, n in self.skipped_by_reason().items())
-        return (f"{self.added} added, {self.replaced} replaced, {self.removed} removed, {self.unchanged} unchanged, "
-                f"{len(self.skipped)} skipped" + (f" ({why})" if why else ""))
+        return (
+            f"{self.added} added, {self.replaced} replaced, {self.removed} removed, {self.unchanged} unchanged, "
+            f"{len(self.skipped)} skipped" + (f" ({why})" if why else "")
+        )
 
 
 class FolderSync:
     """Syncs one folder into one store; keep the object across passes (``--watch``) so unchanged files are not
     re-read. ``suffixes`` (e.g. ``(".md", ".txt")``) limits the files looked at; None: every non-hidden file."""
 
-    def __init__(self, store: KnowledgeStore, root: str | Path, prefix: str | None = None,
-                 suffixes: tuple[str, ...] | None = None, batch_files: int = 64,
-                 batch_chars: int = 4_000_000) -> None:
+    def __init__(
+        self,
+        store: KnowledgeStore,
+        root: str | Path,
+        prefix: str | None = None,
+        suffixes: tuple[str, ...] | None = None,
+        batch_files: int = 64,
+        batch_chars: int = 4_000_000,
+    ) -> None:
         if batch_files < 1 or batch_chars < 1:
             raise ValueError(f"batch_files and batch_chars must be >= 1, got {batch_files} and {batch_chars}")
         self.store = store
@@ -107,8 +122,10 @@ class FolderSync:
         if kind == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{self.root} does not exist; pass the folder the knowledge store should follow")
         if kind != pafs.FileType.Directory:
-            raise ValueError(f"{self.root} is a file, not a folder; `knowledge sync` follows a folder "
-                             "(use `knowledge add FILE` for one file)")
+            raise ValueError(
+                f"{self.root} is a file, not a folder; `knowledge sync` follows a folder "
+                "(use `knowledge add FILE` for one file)"
+            )
 
     # ---- listing -------------------------------------------------------------------------------------------------
 
@@ -140,7 +157,7 @@ class FolderSync:
         else:
             fs, path = filesystem(self.root)
             for e in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
-                rel = e.path[len(path):].lstrip("/")
+                rel = e.path[len(path) :].lstrip("/")
                 if e.type == pafs.FileType.File and self._wanted(rel):
                     out[rel] = FileStat(join(self.root, *rel.split("/")), e.size or 0, e.mtime_ns)
         return dict(sorted(out.items()))
@@ -190,9 +207,14 @@ class FolderSync:
             doc_id = document_id(self.prefix, rel)
             owner, stored = known.get(doc_id, (None, None))
             if doc_id in known and owner not in (None, self.source):
-                report.skipped.append({"path": st.uri, "reason": "id_conflict", "message":
-                                       f"document id {doc_id!r} belongs to the synced folder {owner}; pass --prefix "
-                                       "to give this folder's documents other ids"})
+                report.skipped.append(
+                    {
+                        "path": st.uri,
+                        "reason": "id_conflict",
+                        "message": f"document id {doc_id!r} belongs to the synced folder {owner}; pass --prefix "
+                        "to give this folder's documents other ids",
+                    }
+                )
                 continue
             h = self._trusted_hash(rel, st, now_ns)
             if h is not None and owner == self.source and h == stored:
@@ -200,8 +222,9 @@ class FolderSync:
                 report.unchanged += 1
                 continue
             try:
-                text = read_document(st.uri, self.store.max_document_chars, st.size if st.mtime_ns is not None
-                                     else None)
+                text = read_document(
+                    st.uri, self.store.max_document_chars, st.size if st.mtime_ns is not None else None
+                )
             except Unusable as e:
                 report.skipped.append({"path": st.uri, "reason": e.reason, "message": str(e)})
                 self._cache.pop(rel, None)
@@ -232,7 +255,7 @@ class FolderSync:
         first = gone[: max(0, self.batch_files - len(puts) - len(claims))]
         flush(first)
         for i in range(len(first), len(gone), self.batch_files):
-            flush(gone[i:i + self.batch_files])
+            flush(gone[i : i + self.batch_files])
         for rel in set(self._cache) - set(files):
             del self._cache[rel]
         report.seconds += time.perf_counter() - t0
@@ -243,8 +266,12 @@ class FolderSync:
             self._cache[rel] = (st.size, st.mtime_ns, h)
 
 
-def watch(sync: FolderSync, interval_s: float, stop: threading.Event | None = None,
-          on_pass: Callable[[int, SyncReport], None] | None = None) -> tuple[int, SyncReport, SyncReport]:
+def watch(
+    sync: FolderSync,
+    interval_s: float,
+    stop: threading.Event | None = None,
+    on_pass: Callable[[int, SyncReport], None] | None = None,
+) -> tuple[int, SyncReport, SyncReport]:
     """Sync every ``interval_s`` seconds until ``stop`` is set or Ctrl-C (KeyboardInterrupt, caught here: the
     transaction in flight rolls back, committed batches stay). A pass that fails (folder missing for a moment,
     store locked) is logged and retried at the next interval. ``on_pass(n, report)`` after each pass.

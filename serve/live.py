@@ -38,8 +38,9 @@ def _name(app_name: str) -> str:
 def live_board(app_name: str):
     """The application's ``LiveModel`` actor, made when missing (the ingress makes it at start: starting an actor
     takes a worker process, which a switch should not wait for)."""
-    return LiveModel.options(name=_name(app_name), namespace=NAMESPACE, lifetime="detached",
-                             get_if_exists=True).remote()
+    return LiveModel.options(
+        name=_name(app_name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
 
 
 def record_live(board, deployment_id: str, model: str, version: str) -> None:

@@ -38,13 +38,16 @@ class MemoryStore:
             self.path,
             "CREATE TABLE IF NOT EXISTS facts (id TEXT PRIMARY KEY, ns TEXT NOT NULL, fact TEXT NOT NULL, added_at REAL)",
             "CREATE INDEX IF NOT EXISTS facts_ns ON facts(ns, added_at)",
-            "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(id UNINDEXED, ns UNINDEXED, fact)")
+            "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(id UNINDEXED, ns UNINDEXED, fact)",
+        )
 
     def add(self, ns: str, fact: str) -> dict:
         if not isinstance(fact, str) or not fact.strip():
             raise MemoryStoreError("'fact' must be a non-empty string")
         if len(fact) > MAX_FACT_CHARS:
-            raise MemoryStoreError(f"a fact has at most {MAX_FACT_CHARS} characters (got {len(fact)}); keep facts short")
+            raise MemoryStoreError(
+                f"a fact has at most {MAX_FACT_CHARS} characters (got {len(fact)}); keep facts short"
+            )
         fid = "mem-" + uuid.uuid4().hex[:16]
         now = time.time()
         with self._lock, self._db:
@@ -54,7 +57,9 @@ class MemoryStore:
 
     def list(self, ns: str) -> list[dict]:
         with self._lock:
-            rows = self._db.execute("SELECT id, fact, added_at FROM facts WHERE ns = ? ORDER BY added_at", (ns,)).fetchall()
+            rows = self._db.execute(
+                "SELECT id, fact, added_at FROM facts WHERE ns = ? ORDER BY added_at", (ns,)
+            ).fetchall()
         return [{"id": i, "fact": f, "created": int(t)} for i, f, t in rows]
 
     def delete(self, ns: str, fact_id: str) -> bool:
@@ -69,12 +74,18 @@ class MemoryStore:
             return []
         q = fts_query(query)
         with self._lock:
-            hits = [] if not q else self._db.execute(
-                "SELECT fact FROM facts_fts WHERE facts_fts MATCH ? AND ns = ? ORDER BY bm25(facts_fts) LIMIT ?",
-                (q, ns, k)).fetchall()
+            hits = (
+                []
+                if not q
+                else self._db.execute(
+                    "SELECT fact FROM facts_fts WHERE facts_fts MATCH ? AND ns = ? ORDER BY bm25(facts_fts) LIMIT ?",
+                    (q, ns, k),
+                ).fetchall()
+            )
             facts = [h[0] for h in hits]
             if len(facts) < k:
-                recent = self._db.execute("SELECT fact FROM facts WHERE ns = ? ORDER BY added_at DESC LIMIT ?",
-                                          (ns, k)).fetchall()
+                recent = self._db.execute(
+                    "SELECT fact FROM facts WHERE ns = ? ORDER BY added_at DESC LIMIT ?", (ns, k)
+                ).fetchall()
                 facts += [r[0] for r in recent if r[0] not in facts][: k - len(facts)]
         return facts

@@ -43,30 +43,110 @@ SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "
 PREFIX = "stdlib"
 
 # lead-ins that say nothing about the subject (matched at the start, case-insensitive, longest first)
-LEAD_INS = sorted([
-    "this module provides", "this module implements", "this module contains", "this module defines", "this module",
-    "the module", "a module for", "a module to", "module for", "module to", "module that", "module which",
-    "provides", "implements", "contains", "defines", "support for", "utilities for", "utility functions for",
-    "functions for", "functions to", "routines for", "tools for", "classes for", "implementation of",
-    "an implementation of", "interface to", "helpers for", "code for", "stuff to", "a simple", "simple",
-    "basic", "some", "various", "a", "an", "the",
-], key=len, reverse=True)
+LEAD_INS = sorted(
+    [
+        "this module provides",
+        "this module implements",
+        "this module contains",
+        "this module defines",
+        "this module",
+        "the module",
+        "a module for",
+        "a module to",
+        "module for",
+        "module to",
+        "module that",
+        "module which",
+        "provides",
+        "implements",
+        "contains",
+        "defines",
+        "support for",
+        "utilities for",
+        "utility functions for",
+        "functions for",
+        "functions to",
+        "routines for",
+        "tools for",
+        "classes for",
+        "implementation of",
+        "an implementation of",
+        "interface to",
+        "helpers for",
+        "code for",
+        "stuff to",
+        "a simple",
+        "simple",
+        "basic",
+        "some",
+        "various",
+        "a",
+        "an",
+        "the",
+    ],
+    key=len,
+    reverse=True,
+)
 
 # generic English synonyms, written once for this rule set (no word in it was picked by looking at retrieval)
 SYNONYMS = {
-    "create": "make", "creates": "makes", "creating": "making", "generate": "produce", "generating": "producing",
-    "retrieve": "fetch", "retrieving": "fetching", "directory": "folder", "directories": "folders",
-    "function": "routine", "functions": "routines", "utilities": "helpers", "utility": "helper",
-    "manipulate": "change", "manipulating": "changing", "manipulation": "changing", "convert": "turn",
-    "converting": "turning", "conversion": "turning", "construct": "build", "constructing": "building",
-    "obtain": "get", "determine": "find out", "execute": "run", "executing": "running", "execution": "running",
-    "terminate": "stop", "display": "show", "displaying": "showing", "compute": "calculate",
-    "computing": "calculating", "arbitrary": "any", "numerous": "many", "implementation": "code",
-    "interface": "API", "module": "library", "modules": "libraries", "object": "value", "objects": "values",
-    "parse": "read", "parsing": "reading", "parser": "reader", "represent": "stand for", "representing":
-    "standing for", "handle": "deal with", "handling": "dealing with", "support": "help", "supports": "helps",
-    "useful": "handy", "large": "big", "small": "little", "fast": "quick", "quickly": "fast",
-    "extension": "add-on", "extensions": "add-ons", "specified": "given", "specify": "give",
+    "create": "make",
+    "creates": "makes",
+    "creating": "making",
+    "generate": "produce",
+    "generating": "producing",
+    "retrieve": "fetch",
+    "retrieving": "fetching",
+    "directory": "folder",
+    "directories": "folders",
+    "function": "routine",
+    "functions": "routines",
+    "utilities": "helpers",
+    "utility": "helper",
+    "manipulate": "change",
+    "manipulating": "changing",
+    "manipulation": "changing",
+    "convert": "turn",
+    "converting": "turning",
+    "conversion": "turning",
+    "construct": "build",
+    "constructing": "building",
+    "obtain": "get",
+    "determine": "find out",
+    "execute": "run",
+    "executing": "running",
+    "execution": "running",
+    "terminate": "stop",
+    "display": "show",
+    "displaying": "showing",
+    "compute": "calculate",
+    "computing": "calculating",
+    "arbitrary": "any",
+    "numerous": "many",
+    "implementation": "code",
+    "interface": "API",
+    "module": "library",
+    "modules": "libraries",
+    "object": "value",
+    "objects": "values",
+    "parse": "read",
+    "parsing": "reading",
+    "parser": "reader",
+    "represent": "stand for",
+    "representing": "standing for",
+    "handle": "deal with",
+    "handling": "dealing with",
+    "support": "help",
+    "supports": "helps",
+    "useful": "handy",
+    "large": "big",
+    "small": "little",
+    "fast": "quick",
+    "quickly": "fast",
+    "extension": "add-on",
+    "extensions": "add-ons",
+    "specified": "given",
+    "specify": "give",
 }
 TEMPLATES = ("Which part of the standard library deals with {}?", "Where do I find code for {}?")
 
@@ -139,7 +219,7 @@ def question_from(doc_id: str, docstring: str) -> str | None:
         changed = False
         for lead in LEAD_INS:
             if s.lower().startswith(lead + " "):
-                s, changed = s[len(lead) + 1:], True
+                s, changed = s[len(lead) + 1 :], True
                 break
     words = [SYNONYMS.get(w.lower(), w) if w.islower() or w.istitle() else w for w in s.split()]
     s = " ".join(words).strip(" .:;,-")
@@ -186,7 +266,7 @@ def load_questions(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e})") from None
         if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("doc"), str):
-            raise ValueError(f"{path}:{n}: need {{\"question\": str, \"doc\": str}}, got {line[:80]!r}")
+            raise ValueError(f'{path}:{n}: need {{"question": str, "doc": str}}, got {line[:80]!r}')
         out.append(r)
     if not out:
         raise ValueError(f"{path} holds no questions")
@@ -212,8 +292,9 @@ def metrics(rankings: list[list[str]], expected: list[str], ks: tuple[int, ...] 
     return out
 
 
-def evaluate(questions: list[dict], rankers: dict[str, Callable[[str], list[str]]],
-             ks: tuple[int, ...] = (1, 5)) -> dict[str, dict]:
+def evaluate(
+    questions: list[dict], rankers: dict[str, Callable[[str], list[str]]], ks: tuple[int, ...] = (1, 5)
+) -> dict[str, dict]:
     """``{ranker name: metrics + {"n", "misses"}}``; ``rankers`` map a question to document ids best first."""
     expected = [q["doc"] for q in questions]
     out = {}
@@ -221,6 +302,6 @@ def evaluate(questions: list[dict], rankers: dict[str, Callable[[str], list[str]
         rankings = [rank(q["question"]) for q in questions]
         m = metrics(rankings, expected, ks)
         m["n"] = len(questions)
-        m["misses"] = [q["question"] for q, r in zip(questions, rankings) if q["doc"] not in r[:max(ks)]]
+        m["misses"] = [q["question"] for q, r in zip(questions, rankings) if q["doc"] not in r[: max(ks)]]
         out[name] = m
     return out

@@ -28,21 +28,41 @@ FACTS_HEADER = "What you know about the user:"
 class Retriever:
     """The knowledge store and the memory store behind one object; every method returns plain data."""
 
-    def __init__(self, knowledge: str | Path, memory_db: str | Path, chunk_chars: int = 600, chunk_overlap: int = 80,
-                 max_document_chars: int = 200_000, embedder: str = "", rrf_k: float = 60.0, candidates: int = 50,
-                 reindex: bool = False) -> None:
+    def __init__(
+        self,
+        knowledge: str | Path,
+        memory_db: str | Path,
+        chunk_chars: int = 600,
+        chunk_overlap: int = 80,
+        max_document_chars: int = 200_000,
+        embedder: str = "",
+        rrf_k: float = 60.0,
+        candidates: int = 50,
+        reindex: bool = False,
+    ) -> None:
         """``embedder``: a ``serve.vectors.load_embedder`` spec; empty: BM25 alone. With one, the vector index is
         loaded, or rebuilt from the store when missing or corrupt, before the first request."""
         from serve.vectors import load_embedder
 
-        self.knowledge = KnowledgeStore(knowledge, chunk_chars, chunk_overlap, max_document_chars,
-                                        embedder=load_embedder(embedder), rrf_k=rrf_k, candidates=candidates,
-                                        reindex=reindex)
+        self.knowledge = KnowledgeStore(
+            knowledge,
+            chunk_chars,
+            chunk_overlap,
+            max_document_chars,
+            embedder=load_embedder(embedder),
+            rrf_k=rrf_k,
+            candidates=candidates,
+            reindex=reindex,
+        )
         self.memory = MemoryStore(memory_db)
         if self.knowledge.embedder is not None:
             r = self.knowledge.reindex()
-            log.info("retriever: vector index of %s: %d vectors (%d embedded now)", self.knowledge.embedder.identity,
-                     r.get("vectors", 0), r["embedded"])
+            log.info(
+                "retriever: vector index of %s: %d vectors (%d embedded now)",
+                self.knowledge.embedder.identity,
+                r.get("vectors", 0),
+                r["embedded"],
+            )
         log.info("retriever: %d documents in %s, memory in %s", self.knowledge.count(), self.knowledge.path, memory_db)
 
     def context(self, query: str, ns: str | None, k_docs: int, k_facts: int) -> dict[str, Any]:
@@ -81,8 +101,14 @@ def _truncate(tok: Tokenizer, text: str, n_tokens: int) -> str:
     return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens]).rstrip("\ufffd") + " ..."
 
 
-def augment(tok: Tokenizer, fmt: ChatFormat, messages: Sequence[dict], passages: Sequence[dict],
-            facts: Sequence[str], budget: int) -> tuple[list[int], list[dict], list[dict], int]:
+def augment(
+    tok: Tokenizer,
+    fmt: ChatFormat,
+    messages: Sequence[dict],
+    passages: Sequence[dict],
+    facts: Sequence[str],
+    budget: int,
+) -> tuple[list[int], list[dict], list[dict], int]:
     """Prompt ids with retrieved context in a system message, at most ``budget`` tokens in all.
 
     Returns ``(prompt_ids, messages_used, passages_used, n_facts_used)``. Facts go first (they are short and

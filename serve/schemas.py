@@ -17,8 +17,12 @@ def validation_error(e: ValidationError) -> APIError:
     """pydantic's first complaint as a 422 naming the field."""
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-    return APIError(422, f"{loc or 'body'}: {err.get('msg', 'invalid value')}", param=loc or None,
-                    code="invalid_type" if "type" in err.get("type", "") else "invalid_value")
+    return APIError(
+        422,
+        f"{loc or 'body'}: {err.get('msg', 'invalid value')}",
+        param=loc or None,
+        code="invalid_type" if "type" in err.get("type", "") else "invalid_value",
+    )
 
 
 def unencodable(data: Any) -> str | None:
@@ -51,8 +55,11 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
     a string holds text UTF-8 cannot hold (a lone surrogate: no store, log or response could keep it), 422 when
     fields are wrong."""
     if len(raw) > max_bytes:
-        raise APIError(413, f"request body is {len(raw)} bytes, over the limit of {max_bytes}; send less per request",
-                       code="request_too_large")
+        raise APIError(
+            413,
+            f"request body is {len(raw)} bytes, over the limit of {max_bytes}; send less per request",
+            code="request_too_large",
+        )
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -63,9 +70,13 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     bad = unencodable(data)
     if bad is not None:
-        raise APIError(400, f"{bad}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
-                            "pair), which is not a character; send valid Unicode text", param=bad.split(" ")[0],
-                       code="invalid_unicode")
+        raise APIError(
+            400,
+            f"{bad}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
+            "pair), which is not a character; send valid Unicode text",
+            param=bad.split(" ")[0],
+            code="invalid_unicode",
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -88,8 +99,12 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, "only text content parts are supported ({'type': 'text', 'text': ...})",
-                               param="messages", code="unsupported_content")
+                raise APIError(
+                    400,
+                    "only text content parts are supported ({'type': 'text', 'text': ...})",
+                    param="messages",
+                    code="unsupported_content",
+                )
             parts.append(part["text"])
         return "".join(parts)
 
@@ -112,8 +127,11 @@ class ResponseFormat(BaseModel):
         js = self.json_schema or {}
         schema = js.get("schema")
         if not isinstance(schema, dict):
-            raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
-                           param="response_format")
+            raise APIError(
+                400,
+                "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                param="response_format",
+            )
         return schema
 
 
@@ -128,10 +146,14 @@ UNSUPPORTED = {
     "echo": "echoing the prompt is not supported",
     "suffix": "suffix (insertion) is not supported",
     "best_of": "best_of is not supported (use n)",
-    "audio": "audio output is not supported", "modalities": "only text output is supported",
-    "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
-    "web_search_options": "web search is not supported", "store": "stored completions are not supported",
-    "metadata": "stored completions are not supported", "service_tier": "service tiers are not supported",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this model does not reason",
+    "web_search_options": "web search is not supported",
+    "store": "stored completions are not supported",
+    "metadata": "stored completions are not supported",
+    "service_tier": "service tiers are not supported",
 }
 HARMLESS = {"echo": False, "store": False, "parallel_tool_calls": None, "tool_choice": "none"}
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -171,8 +193,12 @@ class _Sampling(_Req):
             if key == "best_of" and value in (None, self.n):
                 continue
             why = UNSUPPORTED.get(key, "this server does not know this option")
-            raise APIError(400, f"option '{key}' is not supported: {why}; remove it from the request", param=key,
-                           code="unsupported_option")
+            raise APIError(
+                400,
+                f"option '{key}' is not supported: {why}; remove it from the request",
+                param=key,
+                code="unsupported_option",
+            )
 
     def bias(self, n_vocab: int) -> dict[int, float] | None:
         """``logit_bias`` as token id -> bias, checked against the vocabulary."""
@@ -181,8 +207,9 @@ class _Sampling(_Req):
         out: dict[int, float] = {}
         for k, v in self.logit_bias.items():
             if not k.lstrip("-").isdigit() or not 0 <= int(k) < n_vocab:
-                raise APIError(400, f"logit_bias key {k!r} is not a token id of this model (0..{n_vocab - 1})",
-                               param="logit_bias")
+                raise APIError(
+                    400, f"logit_bias key {k!r} is not a token id of this model (0..{n_vocab - 1})", param="logit_bias"
+                )
             if not -100.0 <= v <= 100.0:
                 raise APIError(400, f"logit_bias value {v} for token {k} is outside [-100, 100]", param="logit_bias")
             out[int(k)] = float(v)
@@ -207,8 +234,12 @@ class ChatRequest(_Sampling):
         for i, m in enumerate(self.messages):
             for key, value in (m.model_extra or {}).items():
                 if value not in (None, [], "", {}):
-                    raise APIError(400, f"messages[{i}].{key} is not supported by this server's chat format; remove "
-                                        "it", param=f"messages[{i}].{key}", code="unsupported_option")
+                    raise APIError(
+                        400,
+                        f"messages[{i}].{key} is not supported by this server's chat format; remove it",
+                        param=f"messages[{i}].{key}",
+                        code="unsupported_option",
+                    )
 
     def top_logprobs_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -250,11 +281,18 @@ class EmbeddingRequest(_Req):
     user: str | None = None
 
     def check_options(self) -> None:
-        for key in (self.model_extra or {}):
-            why = "the embedding's size is the model's hidden size" if key == "dimensions" else \
-                "this server does not know this option"
-            raise APIError(400, f"option '{key}' is not supported: {why}; remove it from the request", param=key,
-                           code="unsupported_option")
+        for key in self.model_extra or {}:
+            why = (
+                "the embedding's size is the model's hidden size"
+                if key == "dimensions"
+                else "this server does not know this option"
+            )
+            raise APIError(
+                400,
+                f"option '{key}' is not supported: {why}; remove it from the request",
+                param=key,
+                code="unsupported_option",
+            )
 
 
 class AdminModelRequest(BaseModel):

@@ -113,12 +113,15 @@ class LsaEmbedder:
         """Each text's normalised TF-IDF weights ``{term id: weight}``: ``embed`` is the normalised sum of the
         weighted rows of ``proj`` (what ``pipelines.embed.train`` fine-tunes)."""
         m = self._tfidf(texts)
-        return [dict(zip(m.indices[m.indptr[i]:m.indptr[i + 1]].tolist(), m.data[m.indptr[i]:m.indptr[i + 1]].tolist()))
-                for i in range(m.shape[0])]
+        return [
+            dict(zip(m.indices[m.indptr[i] : m.indptr[i + 1]].tolist(), m.data[m.indptr[i] : m.indptr[i + 1]].tolist()))
+            for i in range(m.shape[0])
+        ]
 
     @classmethod
-    def fit(cls, texts: list[str], dim: int = 256, max_vocab: int = 100_000, max_df: float = 0.05,
-            seed: int = 0) -> "LsaEmbedder":
+    def fit(
+        cls, texts: list[str], dim: int = 256, max_vocab: int = 100_000, max_df: float = 0.05, seed: int = 0
+    ) -> "LsaEmbedder":
         """``max_df``: terms in more than this share of the chunks are left out (function words, ``self``,
         ``return``): in a short query they would otherwise pull toward whatever chunk is full of them."""
         from scipy.sparse.linalg import svds
@@ -129,8 +132,10 @@ class LsaEmbedder:
         top = max_df * len(texts)
         terms = sorted((t for t, n in df.items() if 2 <= n <= top), key=lambda t: (-df[t], t))[:max_vocab]
         if len(terms) <= dim or len(texts) <= dim:
-            raise VectorError(f"LSA with {dim} dimensions needs more than {dim} chunks and terms; the store has "
-                              f"{len(texts)} chunks and {len(terms)} terms in two or more of them: lower --dim")
+            raise VectorError(
+                f"LSA with {dim} dimensions needs more than {dim} chunks and terms; the store has "
+                f"{len(texts)} chunks and {len(terms)} terms in two or more of them: lower --dim"
+            )
         vocab = {t: i for i, t in enumerate(terms)}
         idf = np.array([math.log(len(texts) / df[t]) + 1.0 for t in terms], np.float32)
         tmp = cls(vocab, idf, np.zeros((len(terms), 1), np.float32), "lsa:unfitted")
@@ -156,8 +161,10 @@ class LsaEmbedder:
             meta = json.loads((p / "lsa.json").read_text())
             proj = np.load(p / "lsa.npy")
         except (OSError, ValueError) as e:
-            raise VectorError(f"embedder lsa:{p}: cannot read lsa.json / lsa.npy ({e}); fit one with "
-                              "`genloop knowledge embedder --store DB --out DIR`") from None
+            raise VectorError(
+                f"embedder lsa:{p}: cannot read lsa.json / lsa.npy ({e}); fit one with "
+                "`genloop knowledge embedder --store DB --out DIR`"
+            ) from None
         if proj.ndim != 2 or proj.shape[0] != len(meta["terms"]):
             raise VectorError(f"embedder lsa:{p}: lsa.npy is {proj.shape}, expected ({len(meta['terms'])}, dim)")
         return cls({t: i for i, t in enumerate(meta["terms"])}, np.array(meta["idf"]), proj, lsa_identity(p))
@@ -195,8 +202,12 @@ class CheckpointEmbedder:
         ids = [self.tok.encode(t)[: self.context] or [0] for t in texts]
         cut = sum(len(self.tok.encode(t)) > self.context for t in texts)
         if cut:
-            log.warning("checkpoint embedder: %d of %d inputs were over the context of %d tokens and were cut to it",
-                        cut, len(texts), self.context)
+            log.warning(
+                "checkpoint embedder: %d of %d inputs were over the context of %d tokens and were cut to it",
+                cut,
+                len(texts),
+                self.context,
+            )
         return np.asarray(self.hidden.embed(ids, self.pooling), np.float32)
 
 
@@ -230,8 +241,10 @@ def load_embedder(spec: str) -> Embedder | None:
         return CheckpointEmbedder(arg)
     if Path(spec).is_dir() and (Path(spec) / "config.json").exists():
         return CheckpointEmbedder(spec)
-    raise VectorError(f"embedder {spec!r}: use hash:DIM, lsa:DIR (genloop knowledge embedder) or ckpt:DIR "
-                      "(a genloop checkpoint); empty for lexical retrieval alone")
+    raise VectorError(
+        f"embedder {spec!r}: use hash:DIM, lsa:DIR (genloop knowledge embedder) or ckpt:DIR "
+        "(a genloop checkpoint); empty for lexical retrieval alone"
+    )
 
 
 FAISS_THREADS = 1  # one query is one small matmul: OpenMP threads only add barriers (9.4 -> 2.3 ms at 27k x 256)
@@ -257,8 +270,10 @@ class VectorIndex:
             return
         vectors = np.ascontiguousarray(vectors, np.float32)
         if vectors.shape != (len(ids), self.dim):
-            raise VectorError(f"vectors of shape {vectors.shape} for an index of {len(ids)} x {self.dim}: the "
-                              f"embedder's dimension does not match the index")
+            raise VectorError(
+                f"vectors of shape {vectors.shape} for an index of {len(ids)} x {self.dim}: the "
+                f"embedder's dimension does not match the index"
+            )
         again = [int(i) for i in ids if int(i) in self.ids]
         if again:
             self.remove(again)
@@ -312,10 +327,23 @@ class VectorIndex:
         except (OSError, ValueError, RuntimeError) as e:  # faiss raises RuntimeError on a corrupt file
             log.warning("vector index %s: unreadable (%s), rebuilding it from the store", idx, e)
             return None
-        if m.get("identity") != identity or m.get("dim") != dim or index.d != dim or ids is None \
-                or len(ids) != m.get("count"):
-            log.warning("vector index %s: written for %s (%s dims, %s vectors), configured %s (%d dims); rebuilding "
-                        "it from the store", idx, m.get("identity"), m.get("dim"), m.get("count"), identity, dim)
+        if (
+            m.get("identity") != identity
+            or m.get("dim") != dim
+            or index.d != dim
+            or ids is None
+            or len(ids) != m.get("count")
+        ):
+            log.warning(
+                "vector index %s: written for %s (%s dims, %s vectors), configured %s (%d dims); rebuilding "
+                "it from the store",
+                idx,
+                m.get("identity"),
+                m.get("dim"),
+                m.get("count"),
+                identity,
+                dim,
+            )
             return None
         out = cls(dim, identity)
         out.index = index

@@ -70,8 +70,10 @@ def weight_files(local: str | Path) -> list[str]:
         if missing:
             raise SwitchError(f"{local}: weight shards {missing[:3]} named in {WEIGHTS_INDEX} are missing")
         return [str(local / s) for s in shards]
-    raise SwitchError(f"{local} holds no weights (model.safetensors or {WEIGHTS_INDEX}); pass a checkpoint folder a "
-                      "genloop training stage wrote")
+    raise SwitchError(
+        f"{local} holds no weights (model.safetensors or {WEIGHTS_INDEX}); pass a checkpoint folder a "
+        "genloop training stage wrote"
+    )
 
 
 def weights_digest(local: str | Path) -> str:
@@ -114,8 +116,9 @@ def weight_shapes(local: str | Path) -> dict[str, tuple[int, ...]]:
                 for k in st.keys():
                     shapes[k] = tuple(st.get_slice(k).get_shape())
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-            raise SwitchError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); re-export the "
-                              "checkpoint") from None
+            raise SwitchError(
+                f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); re-export the checkpoint"
+            ) from None
     return shapes
 
 
@@ -127,16 +130,26 @@ def incompatibilities(live: str | Path, new: str | Path) -> list[str]:
     cfgs = []
     for folder in (live, new):
         try:
-            cfgs.append({k: v for k, v in json.loads((folder / "config.json").read_text()).items()
-                         if k not in IGNORED_CONFIG_KEYS})
+            cfgs.append(
+                {
+                    k: v
+                    for k, v in json.loads((folder / "config.json").read_text()).items()
+                    if k not in IGNORED_CONFIG_KEYS
+                }
+            )
         except (OSError, json.JSONDecodeError) as e:
-            raise SwitchError(f"{folder / 'config.json'} is missing or corrupt ({e}); re-export the checkpoint") \
-                from None
+            raise SwitchError(
+                f"{folder / 'config.json'} is missing or corrupt ({e}); re-export the checkpoint"
+            ) from None
     keys = sorted(set(cfgs[0]) | set(cfgs[1]), key=str)
-    out += [f"config.json {k}: {cfgs[0].get(k)!r} -> {cfgs[1].get(k)!r}" for k in keys
-            if cfgs[0].get(k) != cfgs[1].get(k)]
-    out += [f"{f} differs (another tokenizer or chat template)" for f in TOKENIZER_FILES
-            if _file_digest(live / f) != _file_digest(new / f)]
+    out += [
+        f"config.json {k}: {cfgs[0].get(k)!r} -> {cfgs[1].get(k)!r}" for k in keys if cfgs[0].get(k) != cfgs[1].get(k)
+    ]
+    out += [
+        f"{f} differs (another tokenizer or chat template)"
+        for f in TOKENIZER_FILES
+        if _file_digest(live / f) != _file_digest(new / f)
+    ]
     if not out:  # same config: the weights must still hold the same tensors
         a, b = weight_shapes(live), weight_shapes(new)
         missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -144,8 +157,9 @@ def incompatibilities(live: str | Path, new: str | Path) -> list[str]:
             out.append(f"weights lack {missing[:3]}")
         if extra:
             out.append(f"weights have unexpected tensors {extra[:3]}")
-        out += [f"weight {k} has shape {b[k]}, the live model {a[k]}" for k in sorted(set(a) & set(b))
-                if a[k] != b[k]][:3]
+        out += [f"weight {k} has shape {b[k]}, the live model {a[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]][
+            :3
+        ]
     return out
 
 
@@ -157,8 +171,12 @@ def check_checkpoint(model: str, live_local: str | Path) -> tuple[str, str, str]
     from pipelines.artifacts import checkpoint_dir, is_uri, resolve_checkpoint
 
     if not model or not (is_uri(model) or Path(model).is_absolute()):
-        raise SwitchError(f"model {model!r}: give an absolute checkpoint path or a URI (the server resolves paths "
-                          "on its own machine, not in your working directory)", 400, "checkpoint_invalid")
+        raise SwitchError(
+            f"model {model!r}: give an absolute checkpoint path or a URI (the server resolves paths "
+            "on its own machine, not in your working directory)",
+            400,
+            "checkpoint_invalid",
+        )
     try:
         resolved = resolve_checkpoint(model)
         local = checkpoint_dir(resolved)
@@ -170,15 +188,20 @@ def check_checkpoint(model: str, live_local: str | Path) -> tuple[str, str, str]
     except CheckpointError as e:
         raise SwitchError(f"checkpoint {model} does not load: {e}", 400, "checkpoint_invalid") from None
     if tok.n_vocab > cfg.vocab_size:
-        raise SwitchError(f"checkpoint {model}: its tokenizer has {tok.n_vocab} tokens, its config {cfg.vocab_size}",
-                          400, "checkpoint_invalid")
+        raise SwitchError(
+            f"checkpoint {model}: its tokenizer has {tok.n_vocab} tokens, its config {cfg.vocab_size}",
+            400,
+            "checkpoint_invalid",
+        )
     diffs = incompatibilities(live_local, local)
     if diffs:
         raise SwitchError(
             f"checkpoint {model} cannot replace the live model in place: {'; '.join(diffs[:4])}. Switching to "
             "another architecture or tokenizer needs new generator and ingress replicas, which this server does not "
             f"do while serving: start a new application (`genloop serve --model {model}`) and move clients to it",
-            409, "incompatible_checkpoint")
+            409,
+            "incompatible_checkpoint",
+        )
     return resolved, local, model_version(resolved, local)
 
 
@@ -192,8 +215,12 @@ def running_replicas(app_name: str, deployment: str = "Generator") -> int:
 
     app = serve.status().applications.get(app_name)
     if app is None or deployment not in app.deployments:
-        raise SwitchError(f"Ray Serve reports no deployment {deployment!r} in application {app_name!r}; the switch "
-                          "cannot tell which replicas to reach", 503, "switch_failed")
+        raise SwitchError(
+            f"Ray Serve reports no deployment {deployment!r} in application {app_name!r}; the switch "
+            "cannot tell which replicas to reach",
+            503,
+            "switch_failed",
+        )
     states = app.deployments[deployment].replica_states
     return sum(int(n) for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
 
@@ -204,8 +231,9 @@ def _replica_error(e: BaseException) -> SwitchError:
     cause = unwrap(e)
     if isinstance(cause, SwitchError):
         return cause
-    return SwitchError(f"a generator replica failed during the switch ({type(cause).__name__}: {cause})", 503,
-                       "switch_failed")
+    return SwitchError(
+        f"a generator replica failed during the switch ({type(cause).__name__}: {cause})", 503, "switch_failed"
+    )
 
 
 class VersionSwitch:
@@ -220,9 +248,16 @@ class VersionSwitch:
     sent again, every ``poll_s`` seconds for up to ``settle_s`` (``Generator.switch`` is idempotent: a replica on
     the new version answers ``changed: False``)."""
 
-    def __init__(self, generator: Any, live_local: str | Path, record: Callable[[str, str], None],
-                 running: Callable[[], int], settle_s: float = 30.0, poll_s: float = 0.5,
-                 replica_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        generator: Any,
+        live_local: str | Path,
+        record: Callable[[str, str], None],
+        running: Callable[[], int],
+        settle_s: float = 30.0,
+        poll_s: float = 0.5,
+        replica_timeout_s: float | None = None,
+    ) -> None:
         self.generator, self.live_local, self.record, self.running = generator, live_local, record, running
         self.settle_s, self.poll_s, self.replica_timeout_s = settle_s, poll_s, replica_timeout_s
         self.lock = asyncio.Lock()
@@ -234,7 +269,8 @@ class VersionSwitch:
         while True:
             try:
                 results = await self.generator.broadcast("switch", model, version).results_async(
-                    timeout_s=self.replica_timeout_s, return_exceptions=True)
+                    timeout_s=self.replica_timeout_s, return_exceptions=True
+                )
             except Exception as e:  # noqa: BLE001  (no replica to reach, a timeout: a clear 503)
                 raise _replica_error(e) from None
             failed = [r for r in results if isinstance(r, BaseException)]
@@ -246,9 +282,13 @@ class VersionSwitch:
             if len(reached) >= want:
                 return list(reached.values())
             if time.monotonic() >= deadline:
-                raise SwitchError(f"the switch to {version} reached {len(reached)} of the {want} running generator "
-                                  f"replicas within {self.settle_s:.0f}s (Ray Serve's handle does not see the others "
-                                  "yet); retry the switch", 503, "switch_incomplete")
+                raise SwitchError(
+                    f"the switch to {version} reached {len(reached)} of the {want} running generator "
+                    f"replicas within {self.settle_s:.0f}s (Ray Serve's handle does not see the others "
+                    "yet); retry the switch",
+                    503,
+                    "switch_incomplete",
+                )
             await asyncio.sleep(self.poll_s)
 
     async def switch(self, model: str) -> dict[str, Any]:
@@ -265,19 +305,36 @@ class VersionSwitch:
             try:
                 results = await self._everywhere(resolved, version)
             except SwitchError as e:
-                log.warning("switch to %s failed (%s); switching the replicas back to %s", version, e,
-                            live["model_version"])
+                log.warning(
+                    "switch to %s failed (%s); switching the replicas back to %s", version, e, live["model_version"]
+                )
                 await asyncio.to_thread(self.record, live["model"], live["model_version"])
                 try:
                     await self._everywhere(live["model"], live["model_version"])
                 except SwitchError as back:
-                    log.error("switching back to %s failed too (%s): the generator replicas may serve different "
-                              "versions until the next switch", live["model_version"], back)
+                    log.error(
+                        "switching back to %s failed too (%s): the generator replicas may serve different "
+                        "versions until the next switch",
+                        live["model_version"],
+                        back,
+                    )
                 raise
-            log.info("model version %s -> %s (%s) on %d generator replicas", live["model_version"], version,
-                     resolved, len(results))
-            return {"object": "model_switch", "model": resolved, "model_version": version,
-                    "previous_version": live["model_version"], "mode": "in_place", "replicas": len(results),
-                    "drain_s": max((r.get("drain_s", 0.0) for r in results), default=0.0),
-                    "reload_s": max((r.get("reload_s", 0.0) for r in results), default=0.0),
-                    "check_s": round(checked - t0, 3), "seconds": round(time.perf_counter() - t0, 3)}
+            log.info(
+                "model version %s -> %s (%s) on %d generator replicas",
+                live["model_version"],
+                version,
+                resolved,
+                len(results),
+            )
+            return {
+                "object": "model_switch",
+                "model": resolved,
+                "model_version": version,
+                "previous_version": live["model_version"],
+                "mode": "in_place",
+                "replicas": len(results),
+                "drain_s": max((r.get("drain_s", 0.0) for r in results), default=0.0),
+                "reload_s": max((r.get("reload_s", 0.0) for r in results), default=0.0),
+                "check_s": round(checked - t0, 3),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }

@@ -90,13 +90,28 @@ def served(ray_session, tiny_checkpoint, tmp_path_factory):
     (state / "keys.txt").write_text("# test keys\n" + SERVE_KEYS[0] + "\n\n" + SERVE_KEYS[1] + "\n")
     (state / "admin.txt").write_text(SERVE_ADMIN_KEY + "\n")
     port = free_port()
-    cfg = ServeConfig(model=str(tiny_checkpoint), model_name="tiny", knowledge=str(state),
-                      api_key_file=str(state / "keys.txt"), admin_key_file=str(state / "admin.txt"),
-                      host="127.0.0.1", port=port, app_name=SERVE_APP, route_prefix=SERVE_PREFIX,
-                      max_body_bytes=20_000, max_document_chars=5_000, max_tokens_cap=64, default_max_tokens=16,
-                      rate_limit_per_minute=0, chunk_chars=200, chunk_overlap=20,
-                      engine=EngineConfig(max_num_seqs=8, kv_cache_gib=1), generator=DeploymentOptions(num_cpus=1),
-                      retriever=DeploymentOptions(num_cpus=0.1), ingress=DeploymentOptions(num_cpus=0.1))
+    cfg = ServeConfig(
+        model=str(tiny_checkpoint),
+        model_name="tiny",
+        knowledge=str(state),
+        api_key_file=str(state / "keys.txt"),
+        admin_key_file=str(state / "admin.txt"),
+        host="127.0.0.1",
+        port=port,
+        app_name=SERVE_APP,
+        route_prefix=SERVE_PREFIX,
+        max_body_bytes=20_000,
+        max_document_chars=5_000,
+        max_tokens_cap=64,
+        default_max_tokens=16,
+        rate_limit_per_minute=0,
+        chunk_chars=200,
+        chunk_overlap=20,
+        engine=EngineConfig(max_num_seqs=8, kv_cache_gib=1),
+        generator=DeploymentOptions(num_cpus=1),
+        retriever=DeploymentOptions(num_cpus=0.1),
+        ingress=DeploymentOptions(num_cpus=0.1),
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def up() -> None:
@@ -104,8 +119,13 @@ def served(ray_session, tiny_checkpoint, tmp_path_factory):
 
     up()
     _served["up"] = True
-    yield {"base": f"http://127.0.0.1:{port}{SERVE_PREFIX}", "cfg": cfg, "restart": up, "state": state,
-           "app": SERVE_APP}
+    yield {
+        "base": f"http://127.0.0.1:{port}{SERVE_PREFIX}",
+        "cfg": cfg,
+        "restart": up,
+        "state": state,
+        "app": SERVE_APP,
+    }
     _close_served()
 
 
@@ -127,5 +147,3 @@ def pytest_runtest_teardown(item, nextitem):
     yield  # the item's own fixtures (a module's put-back) are torn down first
     if _last_served_user and item.nodeid == _last_served_user[0]:
         _close_served()
-
-

@@ -41,7 +41,7 @@ def make_dataset(out: Path, tok, texts: list[str], seq_len: int, val_blocks: int
         ids += doc + [tok.eot_id]
     n = len(ids) // (seq_len + 1)
     blocks = np.asarray(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
-    train, val = blocks[: n - val_blocks], blocks[n - val_blocks:]
+    train, val = blocks[: n - val_blocks], blocks[n - val_blocks :]
     m = Manifest.begin("data", str(out), {"seq_len": seq_len})
     half = len(train) // 2
     write_shard(train[:half], str(out / "train"), 0)
@@ -85,13 +85,14 @@ def vocabulary(n: int = 3000, seed: int = 0) -> list[str]:
 
 def prose_words(rng: np.random.Generator, vocab: list[str], n: int) -> list[str]:
     """Random words with a stop word every ~4 words (natural enough for Gopher's and C4's rules)."""
-    return [_STOP[rng.integers(len(_STOP))] if rng.random() < 0.25 else vocab[rng.integers(len(vocab))]
-            for _ in range(n)]
+    return [
+        _STOP[rng.integers(len(_STOP))] if rng.random() < 0.25 else vocab[rng.integers(len(vocab))] for _ in range(n)
+    ]
 
 
 def render(words: list[str], per_line: int = 12) -> str:
     """Lines of ``per_line`` words, each a sentence ending with a period."""
-    lines = [" ".join(words[i:i + per_line]).capitalize() + "." for i in range(0, len(words), per_line)]
+    lines = [" ".join(words[i : i + per_line]).capitalize() + "." for i in range(0, len(words), per_line)]
     return "\n".join(lines) + "\n"
 
 
@@ -106,8 +107,8 @@ def edit(words: list[str], k: int, rng: np.random.Generator, vocab: list[str]) -
 
 def jaccard(a: list[str], b: list[str], n: int = 5) -> float:
     """True Jaccard of the word n-gram sets, computed without hashing."""
-    sa = {tuple(w.lower() for w in a[i:i + n]) for i in range(len(a) - n + 1)}
-    sb = {tuple(w.lower() for w in b[i:i + n]) for i in range(len(b) - n + 1)}
+    sa = {tuple(w.lower() for w in a[i : i + n]) for i in range(len(a) - n + 1)}
+    sb = {tuple(w.lower() for w in b[i : i + n]) for i in range(len(b) - n + 1)}
     return len(sa & sb) / len(sa | sb)
 
 
@@ -149,8 +150,16 @@ def planted_prefs(path: Path, n: int = 160, seed: int = 0) -> Path:
             name = rng.choice(["add", "scale", "shift", "clip", "mix", "join", "merge"]) + "_" + rng.choice("abcdefgh")
             a, b = rng.sample(["x", "y", "z", "n"], 2)
             prompt = f"Write a Python function `def {name}({a}, {b})` that combines them."
-            f.write(json.dumps({"prompt": prompt, "chosen": f"def {name}({a}, {b}):\n    return {a} + {b}",
-                                "rejected": f"def {name}({a}, {b}):\n    return {a} * {b}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "chosen": f"def {name}({a}, {b}):\n    return {a} + {b}",
+                        "rejected": f"def {name}({a}, {b}):\n    return {a} * {b}",
+                    }
+                )
+                + "\n"
+            )
         f.write("{broken json\n")  # counted and quarantined, not fatal
         f.write(json.dumps({"prompt": "no answers"}) + "\n")
     return path

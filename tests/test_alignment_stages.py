@@ -26,9 +26,19 @@ def test_reward_model_learns_planted_preferences_under_fsdp(ray_session, tiny_ch
     from pipelines.prefs.reward import RewardConfig, run
 
     data = planted_prefs(tmp_path / "prefs.jsonl")
-    cfg = build_config(RewardConfig, "reward", "tiny", {
-        "init_from": str(tiny_checkpoint), "data": str(data), "out": str(tmp_path / "rm"),
-        "train.strategy": "fsdp", "train.num_workers": 2, "train.micro_batch_size": 4})
+    cfg = build_config(
+        RewardConfig,
+        "reward",
+        "tiny",
+        {
+            "init_from": str(tiny_checkpoint),
+            "data": str(data),
+            "out": str(tmp_path / "rm"),
+            "train.strategy": "fsdp",
+            "train.num_workers": 2,
+            "train.micro_batch_size": 4,
+        },
+    )
     res = run(cfg)
     # a fresh small head scores both sides alike (loss ~ log 2); after training the planted order is learnt
     assert res["heldout_pairwise_accuracy"] >= 0.9 and res["counts"]["val_pairs"] >= 10
@@ -43,8 +53,12 @@ def test_reward_model_learns_planted_preferences_under_fsdp(ray_session, tiny_ch
     model_dir = tmp_path / "rm" / "model"
     ours, tok = load_scalar_model(model_dir)
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    ids = torch.tensor([tok.encode("def f(x, y):\n    return x + y") + [tok.pad_id] * 3,
-                        tok.encode("def f(x, y):\n    return x * y") + [tok.pad_id] * 3])
+    ids = torch.tensor(
+        [
+            tok.encode("def f(x, y):\n    return x + y") + [tok.pad_id] * 3,
+            tok.encode("def f(x, y):\n    return x * y") + [tok.pad_id] * 3,
+        ]
+    )
     with torch.no_grad():
         mine = sequence_scores(ours.eval()(ids), ids, tok.pad_id)
         theirs = hf(input_ids=ids).logits.squeeze(-1)
@@ -55,8 +69,9 @@ def test_dpo_preference_accuracy_rises(ray_session, tiny_checkpoint, tmp_path):
     from pipelines.prefs.dpo import DpoConfig, run
 
     data = planted_prefs(tmp_path / "prefs.jsonl")
-    cfg = build_config(DpoConfig, "dpo", "tiny", {"init_from": str(tiny_checkpoint), "data": str(data),
-                                                  "out": str(tmp_path / "dpo")})
+    cfg = build_config(
+        DpoConfig, "dpo", "tiny", {"init_from": str(tiny_checkpoint), "data": str(data), "out": str(tmp_path / "dpo")}
+    )
     res = run(cfg)
     # at the start the policy IS the reference: every implicit reward is 0, so no pair counts as preferred
     hist = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").open()]
@@ -72,15 +87,37 @@ def _sft_data(folder: Path) -> Path:
     explain line (not code-writing: skipped) and a malformed line."""
     folder.mkdir()
     rows = []
-    for i, (name, args, body) in enumerate([("inc", "x", "x + 1"), ("neg", "x", "-x"), ("dbl", "x", "2 * x"),
-                                            ("sq", "x", "x * x"), ("half", "x", "x / 2"), ("add", "a, b", "a + b"),
-                                            ("sub", "a, b", "a - b"), ("mul", "a, b", "a * b")]):
+    for i, (name, args, body) in enumerate(
+        [
+            ("inc", "x", "x + 1"),
+            ("neg", "x", "-x"),
+            ("dbl", "x", "2 * x"),
+            ("sq", "x", "x * x"),
+            ("half", "x", "x / 2"),
+            ("add", "a, b", "a + b"),
+            ("sub", "a, b", "a - b"),
+            ("mul", "a, b", "a * b"),
+        ]
+    ):
         prompt = WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=f"def {name}({args})", doc="Compute it.")
-        rows.append({"messages": [{"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": f"def {name}({args}):\n    return {body}"}],
-                     "meta": {"task": "write"}})
-    rows.append({"messages": [{"role": "user", "content": "What does this do?\n```python\nx = 1\n```"},
-                              {"role": "assistant", "content": "Sets x."}], "meta": {"task": "explain"}})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": f"def {name}({args}):\n    return {body}"},
+                ],
+                "meta": {"task": "write"},
+            }
+        )
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": "What does this do?\n```python\nx = 1\n```"},
+                {"role": "assistant", "content": "Sets x."},
+            ],
+            "meta": {"task": "explain"},
+        }
+    )
     lines = [json.dumps(r) for r in rows] + ["not json"]
     (folder / "train.jsonl").write_text("\n".join(lines[:6] + lines[8:]) + "\n")
     (folder / "val.jsonl").write_text("\n".join(lines[6:8]) + "\n")
@@ -95,13 +132,32 @@ def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, ti
     first = json.loads((sft / "train.jsonl").read_text().splitlines()[0])
     user, ref = first["messages"][0]["content"], first["messages"][1]["content"]
     human = tmp_path / "human.jsonl"
-    human.write_text("\n".join([
-        json.dumps({"prompt": user, "chosen": ref, "rejected": "pass", "messages": [{"role": "user", "content": user}],
-                    "source": "user"}),
-        json.dumps({"prompt": "Say hi", "chosen": "hi", "rejected": "bye", "messages": None, "source": "ratings"}),
-        "{oops"]) + "\n")
-    cfg = build_config(PrefDataConfig, "pref-data", "tiny", {
-        "policy": str(tiny_checkpoint), "prompts": str(sft), "out": str(tmp_path / "pd"), "human": str(human)})
+    human.write_text(
+        "\n".join(
+            [
+                json.dumps(
+                    {
+                        "prompt": user,
+                        "chosen": ref,
+                        "rejected": "pass",
+                        "messages": [{"role": "user", "content": user}],
+                        "source": "user",
+                    }
+                ),
+                json.dumps(
+                    {"prompt": "Say hi", "chosen": "hi", "rejected": "bye", "messages": None, "source": "ratings"}
+                ),
+                "{oops",
+            ]
+        )
+        + "\n"
+    )
+    cfg = build_config(
+        PrefDataConfig,
+        "pref-data",
+        "tiny",
+        {"policy": str(tiny_checkpoint), "prompts": str(sft), "out": str(tmp_path / "pd"), "human": str(human)},
+    )
     res = run(cfg)
     c = res["counts"]
     assert c["prompts"] == 8 and c["skipped_not_code_writing"] == 1 and c["bad_prompt_not_json"] == 1

@@ -33,20 +33,27 @@ def _chain(tmp_path):
     (pt / "model" / "config.json").write_text("{}")
     Manifest.begin("sft-data", str(tmp_path / "sd"), {}, inputs=[str(raw)]).finish()
     (tmp_path / "sd" / "train.jsonl").write_text("")
-    Manifest.begin("sft", str(tmp_path / "sft"), {}, inputs=[str(pt / "model"), str(tmp_path / "sd" / "train.jsonl")]
-                   ).finish()
+    Manifest.begin(
+        "sft", str(tmp_path / "sft"), {}, inputs=[str(pt / "model"), str(tmp_path / "sd" / "train.jsonl")]
+    ).finish()
     return raw
 
 
 def test_lineage_walks_paths_inside_artifacts_back_to_the_raw_corpus(tmp_path):
     raw = _chain(tmp_path)
     inputs = read_manifest(str(tmp_path / "sft"))["inputs"]
-    assert [(i.get("artifact"), i["stage"]) for i in inputs] == [(str(tmp_path / "pt"), "pretrain"),
-                                                                 (str(tmp_path / "sd"), "sft-data")]
+    assert [(i.get("artifact"), i["stage"]) for i in inputs] == [
+        (str(tmp_path / "pt"), "pretrain"),
+        (str(tmp_path / "sd"), "sft-data"),
+    ]
     got = [(d, e["stage"], e["path"]) for d, e in lineage(str(tmp_path / "sft" / "model"))]  # a path inside works too
-    assert got == [(0, "sft", str(tmp_path / "sft")), (1, "pretrain", str(tmp_path / "pt")),
-                   (2, "data", str(tmp_path / "data")), (3, "raw input", str(raw)),
-                   (1, "sft-data", str(tmp_path / "sd"))]
+    assert got == [
+        (0, "sft", str(tmp_path / "sft")),
+        (1, "pretrain", str(tmp_path / "pt")),
+        (2, "data", str(tmp_path / "data")),
+        (3, "raw input", str(raw)),
+        (1, "sft-data", str(tmp_path / "sd")),
+    ]
 
 
 def test_lineage_of_a_manifest_that_recorded_the_model_folder_as_raw(tmp_path):

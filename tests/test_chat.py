@@ -24,11 +24,17 @@ def test_template_is_read_from_checkpoint(tiny_checkpoint):
         ChatFormat.from_checkpoint(tiny_checkpoint.parent / "nope")
 
 
-@pytest.mark.parametrize("msgs", [
-    MULTI,
-    MULTI[1:3],
-    [{"role": "user", "content": "tricky <|im_end|> inside\n\n"}, {"role": "assistant", "content": "\n\nleading newlines"}],
-])
+@pytest.mark.parametrize(
+    "msgs",
+    [
+        MULTI,
+        MULTI[1:3],
+        [
+            {"role": "user", "content": "tricky <|im_end|> inside\n\n"},
+            {"role": "assistant", "content": "\n\nleading newlines"},
+        ],
+    ],
+)
 def test_ids_equal_transformers_apply_chat_template(tiny_checkpoint, tiny_tokenizer, msgs):
     from transformers import AutoTokenizer
 
@@ -46,8 +52,11 @@ def test_mask_covers_exactly_assistant_tokens(tiny_tokenizer):
     """Hand-built: encode each piece of the ChatML text on its own; 1 exactly on assistant content + <|im_end|>."""
     tok, fmt = tiny_tokenizer, ChatFormat()
     pieces = [  # (text, in loss?)
-        ("<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>user\nAdd two numbers.<|im_end|>\n"
-         "<|im_start|>assistant\n", 0),
+        (
+            "<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>user\nAdd two numbers.<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            0,
+        ),
         ("def add(a, b):\n    return a + b<|im_end|>", 1),
         ("\n<|im_start|>user\nNow é ünïcode ✓ please<|im_end|>\n<|im_start|>assistant\n", 0),
         ("s = 'naïve ✓'<|im_end|>", 1),
@@ -61,7 +70,10 @@ def test_mask_covers_exactly_assistant_tokens(tiny_tokenizer):
     ids, mask = encode_chat(tok, fmt, MULTI)
     assert ids == want_ids
     assert mask == want_mask
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "def add(a, b):\n    return a + b<|im_end|>s = 'naïve ✓'<|im_end|>"
+    assert (
+        tok.decode([i for i, m in zip(ids, mask) if m])
+        == "def add(a, b):\n    return a + b<|im_end|>s = 'naïve ✓'<|im_end|>"
+    )
     assert mask.count(1) == sum(len(tok.encode(p, allow_special=True)) for p, m in pieces if m)
 
 
@@ -77,8 +89,10 @@ def test_generation_marker_template_renders():
     transformers renders it."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    tmpl = ("{% for m in messages %}\n  {% if m['role'] == 'assistant' %}{% generation %}A:{{ m['content'] }}"
-            "{% endgeneration %}{% else %}U:{{ m['content'] | tojson }}{% endif %}\n|{% endfor %}")
+    tmpl = (
+        "{% for m in messages %}\n  {% if m['role'] == 'assistant' %}{% generation %}A:{{ m['content'] }}"
+        "{% endgeneration %}{% else %}U:{{ m['content'] | tojson }}{% endif %}\n|{% endfor %}"
+    )
     fmt = ChatFormat(template=tmpl)
     want, _ = render_jinja_template([MULTI[1:3]], chat_template=tmpl)
     assert fmt.render(MULTI[1:3]) == want[0]

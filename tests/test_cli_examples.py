@@ -145,6 +145,7 @@ def is_placeholder(argv: list[str]) -> bool:
 
 # ---- README -----------------------------------------------------------------------------------------------------
 
+
 def test_every_readme_genloop_line_builds_its_config():
     lines = readme_command_lines(readme_text())
     assert len(lines) >= 15, "the README's command examples were not found"
@@ -226,8 +227,14 @@ def test_every_readme_config_command_finds_its_sections_in_the_preset():
         for section in sections:
             assert section in load_yaml(preset), f"README: `genloop {name} --config {preset}` needs {section}:"
             seen.add((preset, section))
-    assert {("demo", "sft"), ("llama-1b", "sft"), ("llama-1b", "sft-data"), ("llama-1b", "serve"),
-            ("llama-8b", "pretrain"), ("domain", "pretrain")} <= seen, sorted(seen)
+    assert {
+        ("demo", "sft"),
+        ("llama-1b", "sft"),
+        ("llama-1b", "sft-data"),
+        ("llama-1b", "serve"),
+        ("llama-8b", "pretrain"),
+        ("domain", "pretrain"),
+    } <= seen, sorted(seen)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama-8b"])
@@ -240,14 +247,20 @@ def test_cluster_presets_size_every_training_stage_for_gpus(preset):
     from pipelines.rlhf.config import RlhfConfig
     from pipelines.sft.stage import SftConfig
 
-    for cls, section in ((PretrainConfig, "pretrain"), (SftConfig, "sft"), (RewardConfig, "reward"),
-                         (DpoConfig, "dpo"), (RlhfConfig, "rlhf")):
+    for cls, section in (
+        (PretrainConfig, "pretrain"),
+        (SftConfig, "sft"),
+        (RewardConfig, "reward"),
+        (DpoConfig, "dpo"),
+        (RlhfConfig, "rlhf"),
+    ):
         train = build_config(cls, section, preset).train
         assert train.use_gpu is True and train.num_workers >= 4, (preset, section, train)
     assert build_config(SftConfig, "sft", preset).seq_len >= 1024
 
 
 # ---- --help -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", [c.name for c in COMMANDS])
 def test_every_help_example_builds_its_config(name):
@@ -295,6 +308,7 @@ def test_a_wrong_example_is_caught():
 
 
 # ---- the demo -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("preset", ["demo", "tiny"])
 def test_every_demo_step_builds_its_config(tmp_path, preset):

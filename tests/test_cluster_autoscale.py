@@ -16,9 +16,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_autoscaler_adds_workers_for_stage_demand_and_removes_them_when_idle():
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "autoscale-proof", "--data-tasks", "2", "--gpu-units", "1",
-                             "--work-s", "2", "--timeout-s", "200"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "autoscale-proof",
+            "--data-tasks",
+            "2",
+            "--gpu-units",
+            "1",
+            "--work-s",
+            "2",
+            "--timeout-s",
+            "200",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=330)
     except subprocess.TimeoutExpired:

@@ -82,8 +82,10 @@ def test_editing_the_marked_lines_is_enough_to_retarget_the_cluster():
     those values gives a config Ray validates, with the new region / types / bucket everywhere they are used."""
     lines = CLOUD.read_text().splitlines()
     marked = [i for i, ln in enumerate(lines) if "# EDIT:" in ln]
-    new_values = {"region": "eu-central-1", "InstanceType": iter(["c7i.2xlarge", "c7i.8xlarge", "g6.2xlarge",
-                                                                  "p5.48xlarge"])}
+    new_values = {
+        "region": "eu-central-1",
+        "InstanceType": iter(["c7i.2xlarge", "c7i.8xlarge", "g6.2xlarge", "p5.48xlarge"]),
+    }
     old_values = []
     for i in marked:
         code, _, comment = lines[i].partition("#")
@@ -103,8 +105,12 @@ def test_editing_the_marked_lines_is_enough_to_retarget_the_cluster():
     full = ray_validate(cfg)
     assert full["provider"]["region"] == "eu-central-1"
     types = {k: v["node_config"]["InstanceType"] for k, v in full["available_node_types"].items()}
-    assert types == {"head": "c7i.2xlarge", "cpu-worker": "c7i.8xlarge", "gpu-1x": "g6.2xlarge",
-                     "gpu-8x": "p5.48xlarge"}
+    assert types == {
+        "head": "c7i.2xlarge",
+        "cpu-worker": "c7i.8xlarge",
+        "gpu-1x": "g6.2xlarge",
+        "gpu-8x": "p5.48xlarge",
+    }
     setup = "\n".join(cfg["setup_commands"])
     assert "GENLOOP_BUCKET=other-bucket" in setup and "mount-s3 --read-only $GENLOOP_BUCKET" in setup
 

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def genloop(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 def no_cluster_env() -> dict:
@@ -27,9 +28,11 @@ def no_cluster_env() -> dict:
 
 # ---- checks that need no cluster --------------------------------------------------------------------------------
 
+
 def test_submit_options_may_follow_the_stage_options():
-    argv, own = jobs.split_submit_args(["data", "--config", "tiny", "--address", "http://h:8265", "--no-wait",
-                                        "seq_len=32"])
+    argv, own = jobs.split_submit_args(
+        ["data", "--config", "tiny", "--address", "http://h:8265", "--no-wait", "seq_len=32"]
+    )
     assert argv == ["data", "--config", "tiny", "seq_len=32"] and own == {"address": "http://h:8265", "no_wait": True}
     argv, own = jobs.split_submit_args(["pretrain", "--address=http://h:1", "--out", "s3://b/p"])
     assert argv == ["pretrain", "--out", "s3://b/p"] and own == {"address": "http://h:1"}
@@ -52,8 +55,10 @@ def test_job_server_address(monkeypatch):
 
 
 def test_entrypoint_runs_the_uploaded_cli_with_quoting():
-    assert jobs.entrypoint(["data", "--out", "/data/my runs/x", "seq_len=32"]) == \
-        "python -m cluster.cli data --out '/data/my runs/x' seq_len=32"
+    assert (
+        jobs.entrypoint(["data", "--out", "/data/my runs/x", "seq_len=32"])
+        == "python -m cluster.cli data --out '/data/my runs/x' seq_len=32"
+    )
     assert jobs.entrypoint(["sft"], log_level="DEBUG") == "python -m cluster.cli --log-level DEBUG sft"
     assert jobs.relative_outputs(["data", "--out", "runs/x"]) == ["runs/x"]
     assert jobs.relative_outputs(["data", "--out=s3://b/x", "--input", "rel"]) == []
@@ -62,7 +67,7 @@ def test_entrypoint_runs_the_uploaded_cli_with_quoting():
 def test_upload_size_follows_rays_exclusions_and_limit(tmp_path):
     wd = tmp_path / "proj"
     (wd / "pkg").mkdir(parents=True)
-    (wd / "pkg" / "a.py").write_text("x = 1\n" * 1000)                  # 6000 bytes, uploaded
+    (wd / "pkg" / "a.py").write_text("x = 1\n" * 1000)  # 6000 bytes, uploaded
     for skipped in (".venv", "runs", "__pycache__", "ignored"):
         (wd / skipped).mkdir()
         (wd / skipped / "big.bin").write_bytes(os.urandom(50_000))
@@ -74,8 +79,12 @@ def test_upload_size_follows_rays_exclusions_and_limit(tmp_path):
     from ray._private import ray_constants
     from ray._private.runtime_env.packaging import create_package
 
-    create_package(str(wd), tmp_path / "ray.zip", include_gitignore=True,
-                   excludes=ray_constants.get_runtime_env_default_excludes() + jobs.DEFAULT_EXCLUDES)
+    create_package(
+        str(wd),
+        tmp_path / "ray.zip",
+        include_gitignore=True,
+        excludes=ray_constants.get_runtime_env_default_excludes() + jobs.DEFAULT_EXCLUDES,
+    )
     assert (tmp_path / "ray.zip").stat().st_size == size, "the estimate is the size of Ray's own package"
     # over the limit: refused, naming the biggest entry and what to do
     (wd / "data").mkdir()
@@ -108,8 +117,17 @@ def test_bad_submissions_are_one_clear_line_and_submit_nothing(tmp_path):
     big = tmp_path / "big"
     big.mkdir()
     (big / "blob.bin").write_bytes(os.urandom(3_000_000))
-    r = genloop("submit", "--working-dir", str(big), "data", "--config", "tiny", "--address", "http://127.0.0.1:9",
-                env={**env, "RAY_max_grpc_message_size": "1000000"})
+    r = genloop(
+        "submit",
+        "--working-dir",
+        str(big),
+        "data",
+        "--config",
+        "tiny",
+        "--address",
+        "http://127.0.0.1:9",
+        env={**env, "RAY_max_grpc_message_size": "1000000"},
+    )
     assert r.returncode == 1 and "over Ray's limit of 1.0 MiB" in r.stderr and "blob.bin" in r.stderr, r.stderr
 
 
@@ -121,6 +139,7 @@ def test_submit_help_shows_the_resource_table_and_stage_help():
 
 
 # ---- a real head with the job server ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def head():
@@ -153,8 +172,22 @@ def job_ids(head) -> set[str]:
 @pytest.mark.slow
 def test_submit_data_stage_as_a_job(head, corpus, tmp_path):
     out = tmp_path / "data"
-    r = genloop("submit", "--submission-id", "genloop-test-data", "data", "--config", "tiny", "--input", str(corpus),
-                "--out", str(out), "--address", head.dashboard_url, env=head.client_env(), timeout=600)
+    r = genloop(
+        "submit",
+        "--submission-id",
+        "genloop-test-data",
+        "data",
+        "--config",
+        "tiny",
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--address",
+        head.dashboard_url,
+        env=head.client_env(),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "submitted job genloop-test-data: python -m cluster.cli data --config tiny" in r.stdout
     assert f"data -> {out}" in r.stdout, "the job's logs were followed"
@@ -174,9 +207,22 @@ def test_submit_data_stage_as_a_job(head, corpus, tmp_path):
 
 @pytest.mark.slow
 def test_failing_job_reports_failed_with_its_error(head, tmp_path):
-    r = genloop("submit", "--submission-id", "genloop-test-fail", "data", "--config", "tiny", "--input",
-                str(tmp_path / "missing" / "*.txt"), "--out", str(tmp_path / "out"), "--address", head.dashboard_url,
-                env=head.client_env(), timeout=300)
+    r = genloop(
+        "submit",
+        "--submission-id",
+        "genloop-test-fail",
+        "data",
+        "--config",
+        "tiny",
+        "--input",
+        str(tmp_path / "missing" / "*.txt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--address",
+        head.dashboard_url,
+        env=head.client_env(),
+        timeout=300,
+    )
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "job genloop-test-fail (data) FAILED" in r.stderr and "matches no files" in r.stderr
     status = genloop("jobs", "status", "genloop-test-fail", "--address", head.dashboard_url, env=head.client_env())
@@ -201,8 +247,20 @@ def test_rejected_submissions_leave_no_job_behind(head, tmp_path):
 @pytest.mark.slow
 def test_no_wait_then_stop(head, tmp_path):
     # the tokenizer stage on the whole stdlib runs long enough to be stopped
-    r = genloop("submit", "--no-wait", "--submission-id", "genloop-test-stop", "tokenizer", "train", "--out",
-                str(tmp_path / "tok"), "--address", head.dashboard_url, env=head.client_env(), timeout=120)
+    r = genloop(
+        "submit",
+        "--no-wait",
+        "--submission-id",
+        "genloop-test-stop",
+        "tokenizer",
+        "train",
+        "--out",
+        str(tmp_path / "tok"),
+        "--address",
+        head.dashboard_url,
+        env=head.client_env(),
+        timeout=120,
+    )
     assert r.returncode == 0 and "submitted job genloop-test-stop" in r.stdout, r.stderr
     assert "genloop jobs logs genloop-test-stop --follow" in r.stdout
     stop = genloop("jobs", "stop", "genloop-test-stop", "--address", head.dashboard_url, env=head.client_env())

@@ -36,13 +36,16 @@ def test_unknown_key_names_the_key_and_the_known_ones():
         from_dict(Outer, {"model": {"dimm": 3}})
 
 
-@pytest.mark.parametrize("data,msg", [
-    ({"steps": "ten"}, "steps.*integer"),
-    ({"lr": "fast"}, "lr.*number"),
-    ({"strategy": "zero3"}, "strategy.*one of"),
-    ({"flag": "maybe"}, "flag.*true or false"),
-    ({"model": 3}, "model.*mapping"),
-])
+@pytest.mark.parametrize(
+    "data,msg",
+    [
+        ({"steps": "ten"}, "steps.*integer"),
+        ({"lr": "fast"}, "lr.*number"),
+        ({"strategy": "zero3"}, "strategy.*one of"),
+        ({"flag": "maybe"}, "flag.*true or false"),
+        ({"model": 3}, "model.*mapping"),
+    ],
+)
 def test_wrong_types_are_clear_errors(data, msg):
     with pytest.raises(ConfigError, match=msg):
         from_dict(Outer, data)
@@ -104,6 +107,7 @@ def test_unknown_key_that_lives_in_a_section_suggests_the_dotted_key():
 
 # ---- a missing section is an error, never a silent run on the defaults --------------------------------------------
 
+
 def test_missing_section_names_the_file_the_section_and_the_sections_it_has(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("data:\n  seq_len: 64\npretrain:\n  steps: 3\n")
@@ -119,8 +123,11 @@ def test_missing_section_names_the_file_the_section_and_the_sections_it_has(tmp_
 
 def test_a_shipped_preset_without_the_section_is_an_error_too():
     """A shipped preset without the stage's section fails the same way (domain has only data: and pretrain:)."""
-    with pytest.raises(ConfigError, match=r"configs/domain\.yaml has no 'rlhf:' section \(its sections: data:, "
-                                          r"pretrain:\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"configs/domain\.yaml has no 'rlhf:' section \(its sections: data:, "
+        r"pretrain:\)",
+    ):
         build_config(Outer, "rlhf", "domain")
 
 

@@ -60,8 +60,8 @@ def test_word_hashes_are_case_insensitive_and_distinct():
 
 
 def test_shingles_count_and_short_text():
-    assert shingle_hashes("a b c d e f g", 5).size == 3          # 7 words -> 3 distinct 5-grams
-    assert shingle_hashes("a b c", 5).size == 1                  # shorter than n: one shingle
+    assert shingle_hashes("a b c d e f g", 5).size == 3  # 7 words -> 3 distinct 5-grams
+    assert shingle_hashes("a b c", 5).size == 1  # shorter than n: one shingle
     assert shingle_hashes("", 5).size == 0
 
 
@@ -75,8 +75,8 @@ def test_signature_estimates_jaccard_with_minhash_variance():
         j = 600 / 1000
         errs.append(np.mean(signature(base, a, b) == signature(other, a, b)) - j)
     sd = np.sqrt(j * (1 - j) / 112)
-    assert abs(np.mean(errs)) < 0.015                              # unbiased
-    assert np.std(errs) < 1.3 * sd                                  # as good as ideal MinHash
+    assert abs(np.mean(errs)) < 0.015  # unbiased
+    assert np.std(errs) < 1.3 * sd  # as good as ideal MinHash
 
 
 def test_content_hash_is_stable():
@@ -97,8 +97,9 @@ def lsh_losers(texts: list[str], cfg: MinHashConfig) -> set[str]:
             buckets[band].append(i)
     edges = []
     for members in buckets.values():
-        edges += bucket_edges([ids[i] for i in members], np.stack([sigs[i] for i in members]), cfg.threshold,
-                              cfg.max_bucket_pairs)
+        edges += bucket_edges(
+            [ids[i] for i in members], np.stack([sigs[i] for i in members]), cfg.threshold, cfg.max_bucket_pairs
+        )
     return set(survivors(edges))
 
 
@@ -120,19 +121,19 @@ def test_planted_pairs_recall_and_precision():
 def test_huge_bucket_is_bounded_and_still_one_cluster():
     n, max_pairs = 3000, 8
     sig = np.arange(112, dtype=np.uint32)
-    ids = [f"k{i:06d}" for i in range(n)][::-1]                     # unsorted input
+    ids = [f"k{i:06d}" for i in range(n)][::-1]  # unsorted input
     edges = bucket_edges(ids, np.tile(sig, (n, 1)), threshold=0.7, max_pairs=max_pairs)
-    assert len(edges) <= n * max_pairs                              # not n^2 / 2 = 4.5M
+    assert len(edges) <= n * max_pairs  # not n^2 / 2 = 4.5M
     losers = set(survivors(edges))
-    assert len(losers) == n - 1 and "k000000" not in losers         # one component, smallest id survives
+    assert len(losers) == n - 1 and "k000000" not in losers  # one component, smallest id survives
 
 
 def test_bucket_edges_confirm_by_signature_agreement():
     a = np.arange(112, dtype=np.uint32)
     b = a.copy()
-    b[:40] += 1000                                                  # agrees on 72/112 = 0.64 < 0.7
+    b[:40] += 1000  # agrees on 72/112 = 0.64 < 0.7
     c = a.copy()
-    c[:20] += 1000                                                  # agrees on 92/112 = 0.82
+    c[:20] += 1000  # agrees on 92/112 = 0.82
     assert bucket_edges(["x", "y"], np.stack([a, b]), 0.7, 8) == []
     assert bucket_edges(["y", "x"], np.stack([c, a]), 0.7, 8) == [("x", "y")]
 

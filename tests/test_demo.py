@@ -43,16 +43,25 @@ def test_console_routes_chatter_to_the_log_and_results_to_the_terminal(tmp_path)
     for chatter in ("plan line", "raylet C-level warning", "worker chatter", "noisy warning"):
         assert chatter not in term and chatter not in r.stderr
     log = log_path.read_text()
-    for line in ("== step one", "result 42", "plan line", "raylet C-level warning", "worker chatter",
-                 "noisy warning"):
+    for line in ("== step one", "result 42", "plan line", "raylet C-level warning", "worker chatter", "noisy warning"):
         assert line in log
     assert "5/10" not in log, "bar redraws stay out of the log"
 
 
 def _write_manifest(path: Path, counts: dict, metrics: dict | None = None, config: dict | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.json").write_text(json.dumps({"stage": path.name, "status": "finished", "counts": counts,
-                                                    "metrics": metrics or {}, "config": config or {}, "inputs": []}))
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stage": path.name,
+                "status": "finished",
+                "counts": counts,
+                "metrics": metrics or {},
+                "config": config or {},
+                "inputs": [],
+            }
+        )
+    )
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
@@ -64,39 +73,118 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
     from cluster.demo_summary import write_summary
 
     out = tmp_path / "demo"
-    _write_manifest(out / "data", {"read": 100, "kept": 80, "dropped": {"code_long_lines": 7, "gopher_symbols": 3},
-                                   "exact_duplicates": 4, "near_duplicates": 5, "malformed": {"empty": 1},
-                                   "tokens": {"train": 9000, "val": 300}, "n_vocab": 2048},
-                    {"seconds": 12.5})
-    _write_manifest(out / "pretrain", {"steps": 900, "tokens": 1_843_200, "params": 2_345_678},
-                    {"loss": 2.51, "val_loss": 2.6789, "val_ppl": 14.57, "tokens_per_s": 2900.0})
+    _write_manifest(
+        out / "data",
+        {
+            "read": 100,
+            "kept": 80,
+            "dropped": {"code_long_lines": 7, "gopher_symbols": 3},
+            "exact_duplicates": 4,
+            "near_duplicates": 5,
+            "malformed": {"empty": 1},
+            "tokens": {"train": 9000, "val": 300},
+            "n_vocab": 2048,
+        },
+        {"seconds": 12.5},
+    )
+    _write_manifest(
+        out / "pretrain",
+        {"steps": 900, "tokens": 1_843_200, "params": 2_345_678},
+        {"loss": 2.51, "val_loss": 2.6789, "val_ppl": 14.57, "tokens_per_s": 2900.0},
+    )
     # a noisy falling loss: 10 logged steps; the summary gives the mean +- sd of the first and last 3
-    _write_history(out / "pretrain", [{"step": 10 * i, "loss": v} for i, v in
-                                      enumerate([6.0, 5.0, 4.0, 3.2, 3.0, 2.9, 2.7, 2.5, 2.6, 2.4], 1)]
-                   + [{"step": 100, "val_loss": 2.6789}])
-    _write_manifest(out / "sft", {}, {"heldout_answer_loss_before": 3.2, "heldout_answer_loss_after": 1.4,
-                                      "parse_rate_before": 0.0, "parse_rate_after": 0.5625, "steps": 300},
-                    {"eval": {"prompts": 16}})
+    _write_history(
+        out / "pretrain",
+        [{"step": 10 * i, "loss": v} for i, v in enumerate([6.0, 5.0, 4.0, 3.2, 3.0, 2.9, 2.7, 2.5, 2.6, 2.4], 1)]
+        + [{"step": 100, "val_loss": 2.6789}],
+    )
+    _write_manifest(
+        out / "sft",
+        {},
+        {
+            "heldout_answer_loss_before": 3.2,
+            "heldout_answer_loss_after": 1.4,
+            "parse_rate_before": 0.0,
+            "parse_rate_after": 0.5625,
+            "steps": 300,
+        },
+        {"eval": {"prompts": 16}},
+    )
     _write_history(out / "sft", [{"step": s, "loss": 2.0 - s / 1000} for s in range(10, 310, 10)])
     (out / "serve").mkdir()
-    (out / "serve" / "smoke.json").write_text(json.dumps({"model": "sft", "answers": [
-        {"question": "Write a Python function `def f(x)` that does the following: Return x.",
-         "answer": "def f(x):\n    return x", "parses": True, "sources": ["json/__init__.py"]},
-        {"question": "Implement `def g()` in Python. Do nothing.", "answer": "g g g", "parses": False,
-         "sources": []}]}))
-    _write_manifest(out / "reward", {"val_pairs": 40}, {"heldout_pairwise_accuracy_before": 0.5,
-                                                        "heldout_pairwise_accuracy": 0.875,
-                                                        "heldout_mean_margin": 1.25, "steps": 40})
-    _write_manifest(out / "rlhf", {"iterations": 12}, {"reward_mean_first": 0.41, "reward_mean_last": 0.77, "kl_last": 0.0123},
-                    {"reward": "rm:runs/demo/reward:0.1,fn:judge_pass"})
+    (out / "serve" / "smoke.json").write_text(
+        json.dumps(
+            {
+                "model": "sft",
+                "answers": [
+                    {
+                        "question": "Write a Python function `def f(x)` that does the following: Return x.",
+                        "answer": "def f(x):\n    return x",
+                        "parses": True,
+                        "sources": ["json/__init__.py"],
+                    },
+                    {
+                        "question": "Implement `def g()` in Python. Do nothing.",
+                        "answer": "g g g",
+                        "parses": False,
+                        "sources": [],
+                    },
+                ],
+            }
+        )
+    )
+    _write_manifest(
+        out / "reward",
+        {"val_pairs": 40},
+        {
+            "heldout_pairwise_accuracy_before": 0.5,
+            "heldout_pairwise_accuracy": 0.875,
+            "heldout_mean_margin": 1.25,
+            "steps": 40,
+        },
+    )
+    _write_manifest(
+        out / "rlhf",
+        {"iterations": 12},
+        {"reward_mean_first": 0.41, "reward_mean_last": 0.77, "kl_last": 0.0123},
+        {"reward": "rm:runs/demo/reward:0.1,fn:judge_pass"},
+    )
     rewards = [0.41, 0.30, 0.52, 0.45, 0.50, 0.61, 0.55, 0.70, 0.58, 0.66, 0.77, 0.62]
-    _write_history(out / "rlhf", [{"iteration": i, "reward_mean": r, "reward/judge_pass": r / 2, "kl": 0.001 * i,
-                                   "sync_s": 0.3} for i, r in enumerate(rewards, 1)])
-    (out / "eval.json").write_text(json.dumps({"policies": [
-        {"policy": str(out / "sft" / "model"), "prompts": 48, "decoding": "greedy", "judge_pass_rate": 0.25,
-         "judge_mean": 0.5, "rm_score_mean": -0.5, "kl_to_reference": 0.0, "answer_tokens_mean": 30.0},
-        {"policy": str(out / "rlhf" / "model"), "prompts": 48, "decoding": "greedy", "judge_pass_rate": 0.5,
-         "judge_mean": 0.75, "rm_score_mean": 0.25, "kl_to_reference": 0.031, "answer_tokens_mean": 28.0}]}))
+    _write_history(
+        out / "rlhf",
+        [
+            {"iteration": i, "reward_mean": r, "reward/judge_pass": r / 2, "kl": 0.001 * i, "sync_s": 0.3}
+            for i, r in enumerate(rewards, 1)
+        ],
+    )
+    (out / "eval.json").write_text(
+        json.dumps(
+            {
+                "policies": [
+                    {
+                        "policy": str(out / "sft" / "model"),
+                        "prompts": 48,
+                        "decoding": "greedy",
+                        "judge_pass_rate": 0.25,
+                        "judge_mean": 0.5,
+                        "rm_score_mean": -0.5,
+                        "kl_to_reference": 0.0,
+                        "answer_tokens_mean": 30.0,
+                    },
+                    {
+                        "policy": str(out / "rlhf" / "model"),
+                        "prompts": 48,
+                        "decoding": "greedy",
+                        "judge_pass_rate": 0.5,
+                        "judge_mean": 0.75,
+                        "rm_score_mean": 0.25,
+                        "kl_to_reference": 0.031,
+                        "answer_tokens_mean": 28.0,
+                    },
+                ]
+            }
+        )
+    )
     outcomes = [Outcome("data", "ok", 12.0), Outcome("pretrain", "skipped", 0.0), Outcome("sft", "failed (1)", 3.0)]
     text = write_summary(out, steps(out, "demo"), outcomes, 15.0, "demo")
     md = (out / "summary.md").read_text()
@@ -127,18 +215,27 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
     # alignment: reward model accuracy, reward curve ends, SFT vs RLHF side by side on held-out prompts
     assert "| held-out pairwise accuracy, untrained head | 50% (95% CI 35-65%, n=40) |" in md
     assert "| held-out pairwise accuracy, trained | 88% (95% CI 74-95%, n=40) |" in md
-    assert "| mean reward of an iteration's answers, first 4 points (iterations 1-4), mean ± sd | 0.4200 ± 0.0920 |" \
-        in md
-    assert "| mean reward of an iteration's answers, last 4 points (iterations 9-12), mean ± sd | 0.6575 ± 0.0818 |" \
-        in md
+    assert (
+        "| mean reward of an iteration's answers, first 4 points (iterations 1-4), mean ± sd | 0.4200 ± 0.0920 |" in md
+    )
+    assert (
+        "| mean reward of an iteration's answers, last 4 points (iterations 9-12), mean ± sd | 0.6575 ± 0.0818 |" in md
+    )
     assert "judge pass rate of an iteration's answers, last 4 points" in md
     assert "0.41 -> 0.77" not in md and "0.4100 -> 0.7700" not in md and "first -> last" not in md
-    assert "SFT vs RLHF on 48 held-out code-writing prompts (greedy)" in md and "| | sft | rlhf |\n| --- | ---: | ---: |" in md
-    assert "| judge pass rate (requested function and signature) | 25% (95% CI 15-39%, n=48) | " \
-           "50% (95% CI 36-64%, n=48) |" in md
+    assert (
+        "SFT vs RLHF on 48 held-out code-writing prompts (greedy)" in md
+        and "| | sft | rlhf |\n| --- | ---: | ---: |" in md
+    )
+    assert (
+        "| judge pass rate (requested function and signature) | 25% (95% CI 15-39%, n=48) | "
+        "50% (95% CI 36-64%, n=48) |" in md
+    )
     assert "| judge mean score | 0.500 ± 0.141 (95% CI at most, n=48) | 0.750 ± 0.122 (95% CI at most, n=48) |" in md
-    assert "| KL to the SFT model, per answer token | 0.0000 (n=48; spread not recorded) | " \
-           "0.0310 (n=48; spread not recorded) |" in md
+    assert (
+        "| KL to the SFT model, per answer token | 0.0000 (n=48; spread not recorded) | "
+        "0.0310 (n=48; spread not recorded) |" in md
+    )
     assert "Judge pass rate, rlhf - sft: +25 points (95% CI +6 to +42): a difference." in md
     # a stage without an artifact is left out, not reported with made-up numbers
     assert "sft-data:" not in md and "## feedback" not in md
@@ -151,9 +248,21 @@ def test_summary_curl_example_is_valid_json_in_shell_quotes(tmp_path):
 
     out = tmp_path / "d"
     (out / "serve").mkdir(parents=True)
-    (out / "serve" / "smoke.json").write_text(json.dumps({"model": "sft", "answers": [
-        {"question": "Implement `def it's(x)` in Python. Don't \"fail\".", "answer": "", "parses": False,
-         "sources": []}]}))
+    (out / "serve" / "smoke.json").write_text(
+        json.dumps(
+            {
+                "model": "sft",
+                "answers": [
+                    {
+                        "question": "Implement `def it's(x)` in Python. Don't \"fail\".",
+                        "answer": "",
+                        "parses": False,
+                        "sources": [],
+                    }
+                ],
+            }
+        )
+    )
     text = next_steps(out, "demo")
     curl = text.split("curl ", 1)[1].split("\n```")[0].replace("\\\n", " ")
     argv = shlex.split("curl " + curl)
@@ -166,8 +275,20 @@ def test_demo_steps_are_a_list_to_extend_and_serve_the_policy(tmp_path):
     from cluster.demo import policy_dir, steps
 
     names = [s.name for s in steps(tmp_path, "demo")]
-    assert names == ["data", "pretrain", "sft-data", "sft", "pref-data", "reward", "rlhf", "eval", "knowledge",
-                     "serve", "feedback", "lineage"]
+    assert names == [
+        "data",
+        "pretrain",
+        "sft-data",
+        "sft",
+        "pref-data",
+        "reward",
+        "rlhf",
+        "eval",
+        "knowledge",
+        "serve",
+        "feedback",
+        "lineage",
+    ]
     assert policy_dir(tmp_path).endswith("/rlhf"), "the demo serves the RLHF policy"
     serve = next(s for s in steps(tmp_path, "demo") if s.name == "serve").argv()
     assert serve[serve.index("--model") + 1] == policy_dir(tmp_path)

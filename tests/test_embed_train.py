@@ -68,7 +68,15 @@ def test_training_raises_held_out_recall_on_a_toy_corpus(tmp_path):
     rows = [pair(i) for i in range(20)]
     tq, td = [r[0] for r in rows] * 20, [r[1] for r in rows] * 20
     init = torch.randn(40, 16, generator=g) * 0.1
-    weight, rep = train(init, tq, td, [r[0] for r in rows], [r[1] for r in rows],
-                        EmbedTrainConfig(epochs=6, batch=20, lr=0.05, width=8), str(tmp_path), in_process=True)
+    weight, rep = train(
+        init,
+        tq,
+        td,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        EmbedTrainConfig(epochs=6, batch=20, lr=0.05, width=8),
+        str(tmp_path),
+        in_process=True,
+    )
     assert rep["after"]["recall@1"] > rep["before"]["recall@1"] + 0.3 and rep["after"]["recall@5"] >= 0.9
     assert weight.shape == (40, 16) and rep["losses"][-1] < rep["losses"][0]

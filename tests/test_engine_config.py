@@ -19,8 +19,9 @@ def test_seeded_sampling_survives_prompts_over_one_steps_token_budget(tiny_check
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
 
     tok = load_tokenizer(tiny_checkpoint)
-    worker = RolloutWorker(str(tiny_checkpoint), EngineConfig(max_model_len=128, max_num_seqs=64),
-                           [tok.eot_id, tok.im_end_id])
+    worker = RolloutWorker(
+        str(tiny_checkpoint), EngineConfig(max_model_len=128, max_num_seqs=64), [tok.eot_id, tok.im_end_id]
+    )
     prompts = [[(7 * i + j) % 200 + 10 for j in range(100)] for i in range(64)]
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
     first = worker.generate(prompts, 2, sampling, list(range(64)))

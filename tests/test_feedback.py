@@ -41,18 +41,39 @@ def test_feedback_export_round_trip(tmp_path, capsys):
     assert run_export(argparse.Namespace(store=str(db), out=str(out), ratings_out=None)) == 0
     assert "1 preference pairs" in capsys.readouterr().out  # the rating-derived pair duplicates the explicit one
     prefs = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert prefs == [{"prompt": p, "chosen": "Hello!", "rejected": "go away", "messages": msgs, "source": "user",
-                      "model_version": None, "chosen_model_version": None, "rejected_model_version": None}]
+    assert prefs == [
+        {
+            "prompt": p,
+            "chosen": "Hello!",
+            "rejected": "go away",
+            "messages": msgs,
+            "source": "user",
+            "model_version": None,
+            "chosen_model_version": None,
+            "rejected_model_version": None,
+        }
+    ]
     ratings = [json.loads(ln) for ln in (tmp_path / "out" / "prefs.ratings.jsonl").read_text().splitlines()]
-    assert [(r["response"], r["rating"], r["score"]) for r in ratings] == [("Hello!", "up", 1.0),
-                                                                           ("go away", 1, -1.0), ("x", 4, 0.5)]
+    assert [(r["response"], r["rating"], r["score"]) for r in ratings] == [
+        ("Hello!", "up", 1.0),
+        ("go away", 1, -1.0),
+        ("x", 4, 0.5),
+    ]
     # ratings alone make pairs too; the store is durable across reopen
     fs2 = FeedbackStore(db)
     fs2.record_response("r4", "m", p, "Hi there", msgs)
     fs2.rate("r4", 5)
     rows = fs2.preference_rows()
-    assert {"prompt": p, "chosen": "Hi there", "rejected": "go away", "messages": msgs, "source": "ratings",
-            "model_version": None, "chosen_model_version": None, "rejected_model_version": None} in rows
+    assert {
+        "prompt": p,
+        "chosen": "Hi there",
+        "rejected": "go away",
+        "messages": msgs,
+        "source": "ratings",
+        "model_version": None,
+        "chosen_model_version": None,
+        "rejected_model_version": None,
+    } in rows
     with pytest.raises(FileNotFoundError):
         run_export(argparse.Namespace(store=str(tmp_path / "none.db"), out=str(out), ratings_out=None))
 
@@ -99,13 +120,22 @@ def test_text_sqlite_cannot_hold_is_made_storable_and_a_malformed_record_skipped
     keeps such text with U+FFFD in its place and skips a malformed record, recording the rest of its batch."""
     fs = FeedbackStore(tmp_path / "feedback.db")
     msgs = [{"role": "user", "content": "hi \ud800 there"}]
-    n = fs.record_responses([
-        {"response_id": "r0", "model": "m", "prompt": "p", "response": "fine", "messages": None},
-        {"response_id": "bad", "model": "m", "prompt": "p \udc00", "response": "x\ud83d", "messages": msgs},
-        {"response_id": 7, "model": "m", "prompt": "p", "response": "id is no string"},
-        {"response_id": "nokeys"},
-        {"response_id": "r1", "model": "m", "prompt": "p", "response": "also fine", "messages": None,
-         "model_version": "v1"}])
+    n = fs.record_responses(
+        [
+            {"response_id": "r0", "model": "m", "prompt": "p", "response": "fine", "messages": None},
+            {"response_id": "bad", "model": "m", "prompt": "p \udc00", "response": "x\ud83d", "messages": msgs},
+            {"response_id": 7, "model": "m", "prompt": "p", "response": "id is no string"},
+            {"response_id": "nokeys"},
+            {
+                "response_id": "r1",
+                "model": "m",
+                "prompt": "p",
+                "response": "also fine",
+                "messages": None,
+                "model_version": "v1",
+            },
+        ]
+    )
     assert n == 3
     bad = fs.response("bad")
     assert "\ufffd" in bad["prompt"] and "\ufffd" in bad["response"] and "\ufffd" in bad["messages"][0]["content"]
@@ -204,23 +234,30 @@ def test_export_by_model_version_keeps_one_versions_ratings_and_pairs(tmp_path):
     assert fs.versions() == {"v1": 4, "v2": 4} and fs.response("v1-sort-good")["model_version"] == "v1"
     ratings = fs.rating_rows("v1")
     assert [(r["response"], r["score"], r["model_version"]) for r in ratings] == [
-        ("old good answer to sort a list", 1.0, "v1"), ("old bad answer to sort a list", -1.0, "v1"),
-        ("old good answer to reverse a string", 1.0, "v1"), ("old bad answer to reverse a string", -1.0, "v1")]
+        ("old good answer to sort a list", 1.0, "v1"),
+        ("old bad answer to sort a list", -1.0, "v1"),
+        ("old good answer to reverse a string", 1.0, "v1"),
+        ("old bad answer to reverse a string", -1.0, "v1"),
+    ]
     v1 = fs.preference_rows("v1")
     assert [(r["chosen"], r["rejected"], r["source"], r["model_version"]) for r in v1] == [
         ("old good answer to sort a list", "old bad answer to sort a list", "ratings", "v1"),
-        ("old good answer to reverse a string", "old bad answer to reverse a string", "ratings", "v1")]
+        ("old good answer to reverse a string", "old bad answer to reverse a string", "ratings", "v1"),
+    ]
     v2 = fs.preference_rows("v2")
-    assert [(r["chosen"], r["source"]) for r in v2] == [("new good answer to sort a list", "user"),
-                                                        ("new good answer to reverse a string", "ratings")]
+    assert [(r["chosen"], r["source"]) for r in v2] == [
+        ("new good answer to sort a list", "user"),
+        ("new good answer to reverse a string", "ratings"),
+    ]
     assert all(r["chosen_model_version"] == r["rejected_model_version"] == "v2" for r in v2)
     every = fs.preference_rows()
     cross = [r for r in every if r["chosen_model_version"] != r["rejected_model_version"]]
     # the explicit cross-version preference, plus rating-derived pairs of an up-rated and a down-rated answer of
     # the same prompt from the two versions (2 prompts x 2 directions)
     assert len(cross) == 5 and all(r["model_version"] is None for r in cross)
-    assert ("new good answer to reverse a string", "old good answer to reverse a string") in \
-        [(r["chosen"], r["rejected"]) for r in cross]
+    assert ("new good answer to reverse a string", "old good answer to reverse a string") in [
+        (r["chosen"], r["rejected"]) for r in cross
+    ]
     assert len(every) == len(v1) + len(v2) + len(cross)
     assert len(fs.rating_rows()) == 8 and fs.rating_rows("v3") == []
     # the export is what `genloop reward --data` reads: every line a valid pair, none quarantined
@@ -238,14 +275,31 @@ def test_cli_export_model_version(tmp_path, capsys):
 
     versioned_store(tmp_path / "feedback.db")
     out = tmp_path / "exp" / "prefs-v2.jsonl"
-    assert main(["feedback", "export", "--store", str(tmp_path / "feedback.db"), "--out", str(out),
-                 "--model-version", "v2"]) == 0
+    assert (
+        main(
+            ["feedback", "export", "--store", str(tmp_path / "feedback.db"), "--out", str(out), "--model-version", "v2"]
+        )
+        == 0
+    )
     assert "wrote 2 preference pairs" in capsys.readouterr().out
     assert {json.loads(ln)["model_version"] for ln in out.read_text().splitlines()} == {"v2"}
     ratings = [json.loads(ln) for ln in (tmp_path / "exp" / "prefs-v2.ratings.jsonl").read_text().splitlines()]
     assert len(ratings) == 4 and {r["model_version"] for r in ratings} == {"v2"}
-    assert main(["feedback", "export", "--store", str(tmp_path / "feedback.db"), "--out", str(out),
-                 "--model-version", "nope"]) == 1
+    assert (
+        main(
+            [
+                "feedback",
+                "export",
+                "--store",
+                str(tmp_path / "feedback.db"),
+                "--out",
+                str(out),
+                "--model-version",
+                "nope",
+            ]
+        )
+        == 1
+    )
     assert "versions recorded: v1 (4 responses), v2 (4 responses)" in capsys.readouterr().err
     assert main(["feedback", "export", "--store", str(tmp_path / "feedback.db"), "--out", str(out)]) == 0
     # every version: v1's 2 pairs, v2's 2, and the 5 across versions (see the test above)
@@ -257,23 +311,39 @@ def test_a_store_from_before_versions_is_migrated_in_place(tmp_path):
 
     db = tmp_path / "feedback.db"
     with sqlite3.connect(db) as c:  # the schema genloop wrote before responses named their model version
-        c.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, messages TEXT, "
-                  "response TEXT, created REAL)")
-        c.execute("CREATE TABLE feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, rejected_id TEXT, "
-                  "rating TEXT, score REAL, who TEXT, created REAL)")
+        c.execute(
+            "CREATE TABLE responses (id TEXT PRIMARY KEY, model TEXT, prompt TEXT, messages TEXT, "
+            "response TEXT, created REAL)"
+        )
+        c.execute(
+            "CREATE TABLE feedback (id TEXT PRIMARY KEY, kind TEXT, response_id TEXT, rejected_id TEXT, "
+            "rating TEXT, score REAL, who TEXT, created REAL)"
+        )
         c.execute("INSERT INTO responses VALUES ('old', 'm', 'p', NULL, 'an old answer', 1.0)")
         c.execute("INSERT INTO feedback VALUES ('fb-1', 'rating', 'old', NULL, '\"up\"', 1.0, '', 2.0)")
     fs = FeedbackStore(db)
     with sqlite3.connect(db) as c:
         assert "model_version" in [r[1] for r in c.execute("PRAGMA table_info(responses)")]
     assert fs.response("old")["model_version"] is None
-    fs.record_responses([{"response_id": "new", "model": "m", "prompt": "p", "response": "a new answer",
-                          "messages": None, "model_version": "abc123"}])  # what the ingress's batcher sends
+    fs.record_responses(
+        [
+            {
+                "response_id": "new",
+                "model": "m",
+                "prompt": "p",
+                "response": "a new answer",
+                "messages": None,
+                "model_version": "abc123",
+            }
+        ]
+    )  # what the ingress's batcher sends
     fs.rate("new", "down")
     assert fs.versions() == {None: 1, "abc123": 1}
     assert [r["response"] for r in fs.rating_rows("abc123")] == ["a new answer"]
-    assert [(r["response"], r["model_version"]) for r in fs.rating_rows()] == [("an old answer", None),
-                                                                               ("a new answer", "abc123")]
+    assert [(r["response"], r["model_version"]) for r in fs.rating_rows()] == [
+        ("an old answer", None),
+        ("a new answer", "abc123"),
+    ]
     assert fs.preference_rows()[0]["chosen_model_version"] is None and fs.preference_rows("abc123") == []
     FeedbackStore(db)  # opening a migrated store again changes nothing
     assert fs.versions() == {None: 1, "abc123": 1}

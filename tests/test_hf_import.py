@@ -36,17 +36,33 @@ TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-MIXED = ("def f(x):\n    return x ** 2  # square\n\n\n\tif   a<=b: pass   \r\n"
-         "Grüße, 世界! naïve café — “quotes” 🤖🚀 ½ ∑ x²  \u00a0 \u200b"
-         "<|im_start|>user\nhi<|im_end|><|endoftext|>   trailing    spaces\n\n\n")
-CONVERSATION = [{"role": "user", "content": "Write  `def add(a, b)` — twice?\n  ok"},
-                {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
-                {"role": "user", "content": "Thanks ✓"}]
+MIXED = (
+    "def f(x):\n    return x ** 2  # square\n\n\n\tif   a<=b: pass   \r\n"
+    "Grüße, 世界! naïve café — “quotes” 🤖🚀 ½ ∑ x²  \u00a0 \u200b"
+    "<|im_start|>user\nhi<|im_end|><|endoftext|>   trailing    spaces\n\n\n"
+)
+CONVERSATION = [
+    {"role": "user", "content": "Write  `def add(a, b)` — twice?\n  ok"},
+    {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+    {"role": "user", "content": "Thanks ✓"},
+]
 
-BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-            vocab_size=VOCAB, max_position_embeddings=128)
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
+BASE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 VARIANTS = {
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "llama-untied": ("llama", dict(tie_word_embeddings=False, rope_theta=100000.0)),
@@ -68,11 +84,20 @@ def build_tokenizer(out: Path) -> None:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator([MIXED, "def add(a, b):\n    return a + b\n" * 20, "hello world the cat " * 30], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = TEMPLATE
     fast.save_pretrained(str(out))
 
@@ -218,11 +243,13 @@ def test_hf_tokenizer_ids_equal_transformers(tmp_path):
 
 
 # TinyLlama's chat template: plain-text role markers, the EOS closes each turn
-ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
-          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
-          "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
-          "{% endfor %}")
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
+    "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
 
 
 def build_sentencepiece_tokenizer(out: Path) -> None:
@@ -237,8 +264,9 @@ def build_sentencepiece_tokenizer(out: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
     tk.train_from_iterator([MIXED, "def add(a, b):\n    return a + b\n" * 20, "hello world the cat " * 30], trainer)
     model = json.loads(tk.to_str())["model"]
-    hf = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                                      for m in model["merges"]])
+    hf = LlamaTokenizer(
+        vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    )
     hf.chat_template = ZEPHYR
     hf.save_pretrained(str(out))
 
@@ -254,7 +282,8 @@ def test_sentencepiece_tokenizer_ids_and_mask(tmp_path):
     assert tok.token_bytes(hf.convert_tokens_to_ids("<0x0A>")) == b"\n"
     fmt = ChatFormat.from_checkpoint(tmp_path)
     assert encode_prompt(tok, fmt, CONVERSATION) == hf_ids(
-        hf.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=True))
+        hf.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=True)
+    )
     ids, mask = encode_chat(tok, fmt, CONVERSATION[:2])
     assert ids == hf_ids(hf.apply_chat_template(CONVERSATION[:2], tokenize=True))
     answer = tok.decode([i for i, m in zip(ids, mask) if m])
@@ -268,25 +297,44 @@ def test_sentencepiece_tokenizer_ids_and_mask(tmp_path):
 
 def write_config(folder: Path, **fields) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": VOCAB}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": VOCAB,
+    }
     cfg.update(fields)
     (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     return folder
 
 
-@pytest.mark.parametrize("fields, named", [
-    (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "MistralForCausalLM"),
-    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "GPT2LMHeadModel"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}), "yarn"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
-    (dict(sliding_window=4096), "sliding_window"),
-    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, sliding_window=64,
-          max_window_layers=0), "sliding-window"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(head_dim=32), "head_dim"),
-])
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "MistralForCausalLM"),
+        (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "GPT2LMHeadModel"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}), "yarn"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
+        (dict(sliding_window=4096), "sliding_window"),
+        (
+            dict(
+                architectures=["Qwen2ForCausalLM"],
+                model_type="qwen2",
+                use_sliding_window=True,
+                sliding_window=64,
+                max_window_layers=0,
+            ),
+            "sliding-window",
+        ),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(head_dim=32), "head_dim"),
+    ],
+)
 def test_unsupported_models_are_refused_before_any_work(tmp_path, fields, named):
     folder = write_config(tmp_path / "m", **fields)  # no weights, no tokenizer: the config alone is refused
     with pytest.raises(UnsupportedModelError, match=named):
@@ -297,8 +345,16 @@ def test_unsupported_models_are_refused_before_any_work(tmp_path, fields, named)
 
 def test_qwen2_sliding_window_off_is_accepted(tmp_path):
     """Qwen2.5 configs name a sliding_window but switch it off (use_sliding_window: false): full attention."""
-    cfg = load_config(write_config(tmp_path, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-                                   use_sliding_window=False, sliding_window=32768, max_window_layers=21))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            use_sliding_window=False,
+            sliding_window=32768,
+            max_window_layers=21,
+        )
+    )
     assert cfg.qkv_bias and cfg.family == "qwen2"
 
 
@@ -360,6 +416,7 @@ def test_import_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
 
 def write_gguf(path: Path, arch: str) -> None:
     import numpy as np
+
     gguf = pytest.importorskip("gguf")
 
     w = gguf.GGUFWriter(str(path), arch)

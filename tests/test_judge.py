@@ -19,27 +19,31 @@ def test_requested_signature_from_every_sft_data_prompt(template):
 
 def test_requested_signature_forms():
     assert requested_signature("Implement `async def fetch(url, *, timeout=3, **kw)` now") == Signature(
-        "fetch", ("url", "timeout", "**kw"))
+        "fetch", ("url", "timeout", "**kw")
+    )
     assert requested_signature("Write `split(s, /, sep, *parts)`.") == Signature("split", ("s", "sep", "*parts"))
     assert requested_signature("What does `x + 1` mean?") is None  # backticks, but no signature
     assert requested_signature("no backticks at all") is None
 
 
-@pytest.mark.parametrize("response,score", [
-    ("", 0.0),
-    ("def clamp(x, lo=0, hi=1):\n    return (", 0.0),  # does not parse
-    ("I cannot do that.", 0.0),
-    ("# a comment\nimport os", 0.25),  # parses, defines nothing
-    ("def other(x):\n    return x", 0.5),  # a function, not the requested one
-    ("def clamp(value):\n    return value", 0.75),  # right name, wrong parameters
-    ("def clamp(x, lo=0, hi=1):\n    pass", 0.75),  # right signature, trivial body
-    ('def clamp(x, lo, hi):\n    """Clamp."""\n    ...', 0.75),
-    ("def clamp(x, lo, hi):\n    raise NotImplementedError()", 0.75),
-    (GOOD, 1.0),
-    ("Here it is:\n```python\n" + GOOD + "\n```\nDone.", 1.0),  # fenced
-    ("```py\nimport math\n\ndef helper(a):\n    return a\n\n" + GOOD + "\n```", 1.0),  # the best function counts
-    ("class C:\n    def clamp(x, lo, hi):\n        return x", 1.0),
-])
+@pytest.mark.parametrize(
+    "response,score",
+    [
+        ("", 0.0),
+        ("def clamp(x, lo=0, hi=1):\n    return (", 0.0),  # does not parse
+        ("I cannot do that.", 0.0),
+        ("# a comment\nimport os", 0.25),  # parses, defines nothing
+        ("def other(x):\n    return x", 0.5),  # a function, not the requested one
+        ("def clamp(value):\n    return value", 0.75),  # right name, wrong parameters
+        ("def clamp(x, lo=0, hi=1):\n    pass", 0.75),  # right signature, trivial body
+        ('def clamp(x, lo, hi):\n    """Clamp."""\n    ...', 0.75),
+        ("def clamp(x, lo, hi):\n    raise NotImplementedError()", 0.75),
+        (GOOD, 1.0),
+        ("Here it is:\n```python\n" + GOOD + "\n```\nDone.", 1.0),  # fenced
+        ("```py\nimport math\n\ndef helper(a):\n    return a\n\n" + GOOD + "\n```", 1.0),  # the best function counts
+        ("class C:\n    def clamp(x, lo, hi):\n        return x", 1.0),
+    ],
+)
 def test_judge_grades(response, score):
     prompt = WRITE_PROMPTS[0].format(sig=SIG, doc="Limit x to [lo, hi].")
     assert judge(prompt, response) == score

@@ -103,13 +103,21 @@ def test_knowledge_cli_bulk_add_counts_and_quarantines(tmp_path, capsys):
     (docs / "skip.bin").write_bytes(b"ignored suffix")
     store = tmp_path / "store"
     q = tmp_path / "quarantine.jsonl"
-    args = argparse.Namespace(paths=[str(docs)], store=str(store), chunk_chars=600, chunk_overlap=80,
-                              max_document_chars=1_000_000, quarantine=str(q))
+    args = argparse.Namespace(
+        paths=[str(docs)],
+        store=str(store),
+        chunk_chars=600,
+        chunk_overlap=80,
+        max_document_chars=1_000_000,
+        quarantine=str(q),
+    )
     assert run_add(args) == 0
     out = capsys.readouterr().out
     assert "2 added, 0 replaced" in out and "2 skipped" in out
-    assert sorted(json.loads(ln)["path"].rsplit("/", 1)[1] for ln in q.read_text().splitlines()) == ["bin.txt",
-                                                                                                    "empty.txt"]
+    assert sorted(json.loads(ln)["path"].rsplit("/", 1)[1] for ln in q.read_text().splitlines()) == [
+        "bin.txt",
+        "empty.txt",
+    ]
     run_add(args)
     assert "0 added, 2 replaced" in capsys.readouterr().out
     s = KnowledgeStore(store)

@@ -56,8 +56,14 @@ def test_sync_follows_add_edit_delete_rename_and_skips_what_is_not_text(tmp_path
     assert (r.added, r.replaced, r.removed, r.unchanged) == (5, 0, 0, 0)
     assert r.skipped_by_reason() == {"binary": 1, "empty": 1, "too_large": 1}
     assert sorted(Path(s["path"]).name for s in r.skipped) == ["big.txt", "empty.txt", "logo.png"]
-    assert ids(store) == ["by-hand", "docs/api/json.txt", "docs/guide.md", "docs/old_name.md",
-                          "docs/pkg_a/__init__.py", "docs/pkg_b/__init__.py"]  # two __init__.py, two ids
+    assert ids(store) == [
+        "by-hand",
+        "docs/api/json.txt",
+        "docs/guide.md",
+        "docs/old_name.md",
+        "docs/pkg_a/__init__.py",
+        "docs/pkg_b/__init__.py",
+    ]  # two __init__.py, two ids
     assert top(store, "quokka") == "docs/pkg_a/__init__.py" and top(store, "narwhal") == "docs/pkg_b/__init__.py"
     assert store.get("docs/guide.md")["title"] == "guide.md"
 
@@ -71,8 +77,15 @@ def test_sync_follows_add_edit_delete_rename_and_skips_what_is_not_text(tmp_path
     r = sync.sync()
     assert (r.added, r.replaced, r.removed, r.unchanged) == (3, 1, 2, 2)  # added: new, renamed, empty.txt
     assert r.skipped_by_reason() == {"binary": 2, "too_large": 1} and r.batches == 1  # one transaction
-    assert ids(store) == ["by-hand", "docs/empty.txt", "docs/guide.md", "docs/new.md", "docs/pkg_a/__init__.py",
-                          "docs/pkg_b/__init__.py", "docs/renamed.md"]
+    assert ids(store) == [
+        "by-hand",
+        "docs/empty.txt",
+        "docs/guide.md",
+        "docs/new.md",
+        "docs/pkg_a/__init__.py",
+        "docs/pkg_b/__init__.py",
+        "docs/renamed.md",
+    ]
     assert top(store, "walrus operator") is None and top(store, "match statement") == "docs/guide.md"
     assert top(store, "json loads") is None and top(store, "pangolins") == "docs/new.md"
     assert top(store, "axolotls") == "docs/renamed.md" and top(store, "pelicans") == "by-hand"
@@ -142,10 +155,13 @@ def test_batches_are_transactions_and_an_older_store_is_migrated(tmp_path):
     db_path = tmp_path / "old" / "knowledge.db"
     db_path.parent.mkdir()
     with sqlite3.connect(db_path) as db:
-        db.execute("CREATE TABLE documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, "
-                   "n_chunks INTEGER, added_at REAL)")
-        db.execute("CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, "
-                   "tokenize='unicode61')")
+        db.execute(
+            "CREATE TABLE documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, "
+            "n_chunks INTEGER, added_at REAL)"
+        )
+        db.execute(
+            "CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, tokenize='unicode61')"
+        )
         db.execute("INSERT INTO documents VALUES ('d/f0.txt', 'f0.txt', 20, 1, 0)")
         db.execute("INSERT INTO chunks VALUES ('d/f0.txt', 0, 'f0.txt', 'stale text about kiwis')")
     store = KnowledgeStore(db_path)
@@ -177,8 +193,9 @@ def test_watch_in_a_thread_picks_up_a_change_and_stops(tmp_path):
     stop = threading.Event()
     seen: list[tuple[int, int]] = []
     result: list = []
-    t = threading.Thread(target=lambda: result.append(watch(FolderSync(store, docs), 0.05, stop,
-                                                            lambda n, r: seen.append((n, r.added)))))
+    t = threading.Thread(
+        target=lambda: result.append(watch(FolderSync(store, docs), 0.05, stop, lambda n, r: seen.append((n, r.added))))
+    )
     t.start()
     deadline = time.time() + 30
     while not seen and time.time() < deadline:
@@ -203,9 +220,20 @@ def test_cli_sync_and_watch_until_ctrl_c(tmp_path, capsys):
     write(docs / "b.bin", b"\x00\x01")
     store = tmp_path / "kb"
     q = tmp_path / "skipped.jsonl"
-    args = argparse.Namespace(action="sync", folder=str(docs), store=str(store), chunk_chars=600, chunk_overlap=80,
-                              max_document_chars=1_000_000, quarantine=str(q), prefix=None, suffixes=None,
-                              batch_files=64, watch=False, interval=1.0)
+    args = argparse.Namespace(
+        action="sync",
+        folder=str(docs),
+        store=str(store),
+        chunk_chars=600,
+        chunk_overlap=80,
+        max_document_chars=1_000_000,
+        quarantine=str(q),
+        prefix=None,
+        suffixes=None,
+        batch_files=64,
+        watch=False,
+        interval=1.0,
+    )
     assert run_sync(args) == 0
     out = capsys.readouterr().out
     assert "1 added, 0 replaced, 0 removed, 0 unchanged, 1 skipped (1 binary)" in out and "b.bin: binary" in out
@@ -215,8 +243,19 @@ def test_cli_sync_and_watch_until_ctrl_c(tmp_path, capsys):
 
     # --watch as a user runs it: a separate process, a change while it runs, then Ctrl-C (SIGINT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "cluster.cli", "knowledge", "sync", str(docs), "--store", str(store), "--watch",
-           "--interval", "0.2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "knowledge",
+        "sync",
+        str(docs),
+        "--store",
+        str(store),
+        "--watch",
+        "--interval",
+        "0.2",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         reader = KnowledgeStore(store)
@@ -254,8 +293,11 @@ def test_running_retriever_sees_each_sync_on_its_next_query(ray_session, tmp_pat
     sync = FolderSync(store, docs)
     assert sync.sync().added == 2
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    handle = serve.run(RetrieverServer.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        str(state), str(state / "memory.db")), name="ksync-test", route_prefix=None)
+    handle = serve.run(
+        RetrieverServer.options(ray_actor_options={"num_cpus": 0.1}).bind(str(state), str(state / "memory.db")),
+        name="ksync-test",
+        route_prefix=None,
+    )
 
     def found(query: str) -> list[tuple[str, str]]:
         ctx = handle.context.remote(query, None, 3, 0).result(timeout_s=60)
@@ -286,9 +328,14 @@ def test_sync_follows_a_folder_on_object_storage(tmp_path, monkeypatch):
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for k, v in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(k, v)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()

@@ -22,16 +22,22 @@ def lm_store(path: Path, n: int, seq: int = 8, seed: int = 0) -> RowStore:
     ids[:, 0] = np.arange(n)
     labels = ids.copy()
     labels[:, :2] = IGNORE  # two unlabelled tokens a row: units = seq - 2
-    return write_rows(array_batches({"input_ids": ids, "labels": labels}, batch_rows=7), str(path), LMObjective(),
-                      "rows")
+    return write_rows(
+        array_batches({"input_ids": ids, "labels": labels}, batch_rows=7), str(path), LMObjective(), "rows"
+    )
 
 
-def global_batches(store: RowStore, B: int, world: int, steps: int, consumed: int = 0, seed: int = 3,
-                   prefetch: int = 0) -> list[list[int]]:
+def global_batches(
+    store: RowStore, B: int, world: int, steps: int, consumed: int = 0, seed: int = 3, prefetch: int = 0
+) -> list[list[int]]:
     """The row ids of each global batch as the ranks of a ``world``-worker run read them (rank order)."""
-    per_rank = [[rows["input_ids"][:, 0].tolist() for _, rows, _ in
-                 RankLoader(store, B, r, world, seed, True, prefetch=prefetch).batches(consumed, steps)]
-                for r in range(world)]
+    per_rank = [
+        [
+            rows["input_ids"][:, 0].tolist()
+            for _, rows, _ in RankLoader(store, B, r, world, seed, True, prefetch=prefetch).batches(consumed, steps)
+        ]
+        for r in range(world)
+    ]
     return [sum((per_rank[r][s] for r in range(world)), []) for s in range(steps)]
 
 
@@ -52,8 +58,10 @@ def test_store_reads_exactly_the_rows_asked_for(tmp_path):
 
 
 def test_store_rejects_ragged_rows_and_unfinished_folders(tmp_path):
-    bad = [{"input_ids": np.zeros((2, 4)), "labels": np.zeros((2, 4))},
-           {"input_ids": np.zeros((2, 5)), "labels": np.zeros((2, 5))}]
+    bad = [
+        {"input_ids": np.zeros((2, 4)), "labels": np.zeros((2, 4))},
+        {"input_ids": np.zeros((2, 5)), "labels": np.zeros((2, 5))},
+    ]
     with pytest.raises(ValueError, match="same length"):
         write_rows(bad, str(tmp_path / "ragged"), LMObjective(), "rows")
     with pytest.raises(ValueError, match="needs row columns"):
@@ -141,8 +149,9 @@ def _blocks(n=48, seq=32, vocab=200, seed=5):
 
 
 @pytest.mark.slow
-def test_checkpoint_at_2_workers_resumes_at_1_and_matches_an_uninterrupted_run(ray_session, tmp_path,
-                                                                             tiny_tokenizer_dir):
+def test_checkpoint_at_2_workers_resumes_at_1_and_matches_an_uninterrupted_run(
+    ray_session, tmp_path, tiny_tokenizer_dir
+):
     """DDP on 2 workers dies after its step-2 checkpoint; the same command with 1 worker (same global batch of 4
     rows: 2 micro-batches of 2) resumes from consumed_samples = 8 and ends with the weights and loss curve of an
     uninterrupted single-process run."""
@@ -153,20 +162,50 @@ def test_checkpoint_at_2_workers_resumes_at_1_and_matches_an_uninterrupted_run(r
 
     blocks = _blocks()
     rows = {"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]}
-    common = dict(steps=4, micro_batch_size=2, global_batch_size=4, lr=3e-3, warmup_steps=1, log_every=1,
-                  eval_every=100, ckpt_every=2, progress=False, name="elastic")
+    common = dict(
+        steps=4,
+        micro_batch_size=2,
+        global_batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        log_every=1,
+        eval_every=100,
+        ckpt_every=2,
+        progress=False,
+        name="elastic",
+    )
     export = hf_export(str(tiny_tokenizer_dir))
-    ref = fit(TrainLoopConfig(strategy="none", **common), tiny_builder(1024), rows, None, str(tmp_path / "ref"),
-              export=export, in_process=True)
+    ref = fit(
+        TrainLoopConfig(strategy="none", **common),
+        tiny_builder(1024),
+        rows,
+        None,
+        str(tmp_path / "ref"),
+        export=export,
+        in_process=True,
+    )
     out = tmp_path / "elastic"
     with pytest.raises(Exception):  # rank 1 exits at step 3 and no restart is allowed: the job dies
-        fit(TrainLoopConfig(strategy="ddp", num_workers=2, inject_failure_at=3, **common), tiny_builder(1024), rows,
-            None, str(out), export=export)
+        fit(
+            TrainLoopConfig(strategy="ddp", num_workers=2, inject_failure_at=3, **common),
+            tiny_builder(1024),
+            rows,
+            None,
+            str(out),
+            export=export,
+        )
     assert (out / ".injected_failure_3").exists()
     state = (out / "train_runs" / "elastic" / "step_00000002" / "loop_state.json").read_text()
     assert '"consumed_samples": 8' in state and '"world": 2' in state
-    got = fit(TrainLoopConfig(strategy="none", **common), tiny_builder(1024), rows, None, str(out), export=export,
-              in_process=True)
+    got = fit(
+        TrainLoopConfig(strategy="none", **common),
+        tiny_builder(1024),
+        rows,
+        None,
+        str(out),
+        export=export,
+        in_process=True,
+    )
     assert [h["step"] for h in got.history] == [1, 2, 3, 4]
     np.testing.assert_allclose([h["loss"] for h in got.history], [h["loss"] for h in ref.history], rtol=1e-4)
     assert got.metrics["consumed_samples"] == 16

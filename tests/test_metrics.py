@@ -28,8 +28,17 @@ DEVICE_NAMES: dict[str, list[str]] = {
     "l4": ["NVIDIA L4", "L4"],
     "b200": ["NVIDIA B200", "B200"],
 }
-NOT_IN_TABLE = ["Tesla T4", "Tesla V100-SXM2-16GB", "NVIDIA L40S", "NVIDIA L40", "NVIDIA GB200",
-                "NVIDIA GeForce RTX 4090", "NVIDIA A10G", "NVIDIA H800", ""]
+NOT_IN_TABLE = [
+    "Tesla T4",
+    "Tesla V100-SXM2-16GB",
+    "NVIDIA L40S",
+    "NVIDIA L40",
+    "NVIDIA GB200",
+    "NVIDIA GeForce RTX 4090",
+    "NVIDIA A10G",
+    "NVIDIA H800",
+    "",
+]
 
 
 def test_every_row_has_device_names_and_a_sourced_dense_peak():

@@ -63,8 +63,15 @@ def test_checkpoint_round_trip(tmp_path, tiny_checkpoint):
     m2, _ = load_checkpoint(tmp_path / "again")
     assert torch.equal(m(x), m2(x))
     files = {p.name for p in tiny_checkpoint.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "tokenizer.tiktoken", "tokenizer_spec.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "tokenizer.tiktoken",
+        "tokenizer_spec.json",
+    } <= files
     assert json.loads((tiny_checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
@@ -90,7 +97,9 @@ def test_transformers_tokenizer_gives_the_same_ids_and_chat_template(tiny_checkp
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text, allow_special=True), text
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rendered = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path, tiny_checkpoint):
@@ -130,7 +139,7 @@ def _greedy_full(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_kv_cache_forward_matches_full_forward(tiny_checkpoint):

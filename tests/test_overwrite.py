@@ -100,11 +100,31 @@ def test_preference_stages_overwrite(ray_session, tiny_checkpoint, tmp_path, sta
     out = tmp_path / stage
 
     def run(lr: float, overwrite: bool) -> None:
-        train(build_config(Config, stage, "tiny", {
-            "init_from": str(tiny_checkpoint), "data": str(data), "out": str(out), "train.lr": lr,
-            "overwrite": overwrite, "in_process": True, "train.strategy": "none", "train.micro_batch_size": 4,
-            "seq_len": 64, "train.steps": 2, "train.warmup_steps": 0, "train.min_lr": 1e-4, "train.log_every": 0,
-            "train.eval_every": 0, "train.eval_batches": 0, "train.ckpt_every": 0}))
+        train(
+            build_config(
+                Config,
+                stage,
+                "tiny",
+                {
+                    "init_from": str(tiny_checkpoint),
+                    "data": str(data),
+                    "out": str(out),
+                    "train.lr": lr,
+                    "overwrite": overwrite,
+                    "in_process": True,
+                    "train.strategy": "none",
+                    "train.micro_batch_size": 4,
+                    "seq_len": 64,
+                    "train.steps": 2,
+                    "train.warmup_steps": 0,
+                    "train.min_lr": 1e-4,
+                    "train.log_every": 0,
+                    "train.eval_every": 0,
+                    "train.eval_batches": 0,
+                    "train.ckpt_every": 0,
+                },
+            )
+        )
 
     run(LR_FIRST, False)
     first = model_weights(out / "model")

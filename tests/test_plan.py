@@ -23,8 +23,16 @@ def run_shape(config, overrides=None):
 # GPT-3 175B (Brown et al. 2020, Table 2.1): 96 layers, d_model 12288, 96 heads, context 2048, vocab 50257. Its MLP is
 # two d x 4d matrices (8d^2 parameters); genloop's SwiGLU has three d x f matrices, so f = 8d/3 = 32768 gives the
 # same parameter count and the same 6N.
-GPT3 = ModelConfig(dim=12288, n_layers=96, n_heads=96, n_kv_heads=96, ffn_hidden=32768, vocab_size=50257,
-                   max_seq_len=2048, tie_embeddings=True)
+GPT3 = ModelConfig(
+    dim=12288,
+    n_layers=96,
+    n_heads=96,
+    n_kv_heads=96,
+    ffn_hidden=32768,
+    vocab_size=50257,
+    max_seq_len=2048,
+    tie_embeddings=True,
+)
 
 
 def test_gpt3_175b_training_flops_match_the_published_3_14e23():
@@ -61,8 +69,9 @@ def test_flops_per_token_by_hand_and_the_output_projection_counted():
     assert f["total"] == 6 * 7_504_658_432 + 12 * 32 * 4096 * 4096 == pytest.approx(5.147e10, rel=1e-4)
     assert f["output_head"] / f["dense_6nd"] == pytest.approx(0.070, abs=0.001)
     # a 135M model with a 49K vocabulary (SmolLM-135M's shape): the tied output projection is a fifth of the 6ND
-    small = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536, vocab_size=49152,
-                        max_seq_len=2048)
+    small = ModelConfig(
+        dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536, vocab_size=49152, max_seq_len=2048
+    )
     assert plan.param_counts(small)["total"] == pytest.approx(134.5e6, rel=0.001)
     f = plan.training_flops(small, seq_len=2048, tokens=1)
     assert f["output_head"] / f["dense_6nd"] == pytest.approx(0.21, abs=0.005)
@@ -91,8 +100,12 @@ def test_llama_8b_preset_has_llama_3_8b_parameter_count():
     assert counts["embedding"] == 2 * 128256 * 4096  # untied input and output tables
     assert counts["non_embedding"] + counts["embedding"] == counts["total"]
     assert counts["root"] + 32 * counts["per_block"] == counts["total"]
-    assert (shape.seq_len, shape.micro_batch_size, shape.strategy, shape.activation_checkpointing) == \
-        (4096, 2, "fsdp", True)
+    assert (shape.seq_len, shape.micro_batch_size, shape.strategy, shape.activation_checkpointing) == (
+        4096,
+        2,
+        "fsdp",
+        True,
+    )
 
 
 def _saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, ckpt: bool) -> int:
@@ -117,10 +130,13 @@ def _saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: t
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_hidden=688, vocab_size=1024, max_seq_len=128),
-    ModelConfig(dim=192, n_layers=3, n_heads=6, n_kv_heads=6, ffn_hidden=512, vocab_size=2048, max_seq_len=128),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_hidden=688, vocab_size=1024, max_seq_len=128),
+        ModelConfig(dim=192, n_layers=3, n_heads=6, n_kv_heads=6, ffn_hidden=512, vocab_size=2048, max_seq_len=128),
+    ],
+)
 @pytest.mark.parametrize("dtype,act_bytes", [(torch.float32, 4), (torch.bfloat16, 2)])
 def test_activation_estimate_matches_what_autograd_saves(cfg, dtype, act_bytes):
     batch, seq = 2, 96
@@ -165,8 +181,16 @@ def test_plan_for_llama_8b_on_1024_h100s():
     assert p["compute_optimal_tokens"] == pytest.approx(20 * p["params"]["total"])
     assert p["fits"] and p["chosen"] == "fsdp_ckpt"
     text = plan.format_plan(p)
-    for needle in ("parameters:", "training FLOPs", "FSDP2+ckpt", "fewest GPUs", "tokens/s", "days", "GPU-hours",
-                   "cost: $"):
+    for needle in (
+        "parameters:",
+        "training FLOPs",
+        "FSDP2+ckpt",
+        "fewest GPUs",
+        "tokens/s",
+        "days",
+        "GPU-hours",
+        "cost: $",
+    ):
         assert needle in text
     json.dumps(p)  # JSON-ready
 
@@ -215,8 +239,9 @@ def test_predict_run_and_its_log_line():
     from types import SimpleNamespace
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=192, vocab_size=1024, max_seq_len=64)
-    tc = SimpleNamespace(micro_batch_size=4, num_workers=2, strategy="fsdp", activation_checkpointing=False,
-                         cpus_per_worker=1)  # the train section's fields predict_run reads
+    tc = SimpleNamespace(
+        micro_batch_size=4, num_workers=2, strategy="fsdp", activation_checkpointing=False, cpus_per_worker=1
+    )  # the train section's fields predict_run reads
     pred = plan.predict_run(cfg, 64, tc, use_gpu=False)
     assert pred["memory"]["params"] == pytest.approx(4 * cfg.num_params() / 2)  # sharded over the 2 workers
     assert pred["memory"]["activations"] == plan.activation_bytes(cfg, 64, 4, 4, False)["blocks"]  # fp32 on CPU
@@ -232,9 +257,26 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="genloop")
     command.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "plan.json"
-    args = parser.parse_args(["plan", "--config", "llama-8b", "--tokens", "15e12", "--gpu", "h100", "--gpus", "1024",
-                              "--mfu", "0.4", "--price-per-gpu-hour", "2.5", "--json", str(out),
-                              "train.micro_batch_size=1"])
+    args = parser.parse_args(
+        [
+            "plan",
+            "--config",
+            "llama-8b",
+            "--tokens",
+            "15e12",
+            "--gpu",
+            "h100",
+            "--gpus",
+            "1024",
+            "--mfu",
+            "0.4",
+            "--price-per-gpu-hour",
+            "2.5",
+            "--json",
+            str(out),
+            "train.micro_batch_size=1",
+        ]
+    )
     assert command.run(args) == 0
     text = capsys.readouterr().out
     assert "8.03B total" in text and "1024 x NVIDIA H100" in text and "cost: $" in text

@@ -42,8 +42,9 @@ def test_model_is_a_typed_section_with_a_preset_shorthand():
     assert (cfg.model.preset, cfg.model.dim, cfg.model.n_heads) == ("tiny", 128, 4)
     mc = model_config(cfg, n_vocab=1030, seq_len=64)
     assert (mc.dim, mc.n_heads, mc.n_layers) == (128, 4, model_preset("tiny").n_layers)
-    assert build_config(PretrainConfig, "pretrain", "tiny", ["model=demo", "model.n_layers=1"]).model == \
-        ModelSection(preset="demo", n_layers=1)
+    assert build_config(PretrainConfig, "pretrain", "tiny", ["model=demo", "model.n_layers=1"]).model == ModelSection(
+        preset="demo", n_layers=1
+    )
     assert build_config(PretrainConfig, "pretrain", "demo", {"model.preset": "tiny"}).model.preset == "tiny"
     with pytest.raises(ConfigError, match="unknown config key 'model.layers'.*n_layers"):
         build_config(PretrainConfig, "pretrain", "tiny", ["model.layers=1"])
@@ -87,27 +88,44 @@ def test_bad_input_is_one_clear_line_before_anything_starts(tmp_path, capsys, ti
     out = str(tmp_path / "o")
     err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(tmp_path), "--out", out])
     assert err.startswith("genloop pretrain: error: --data") and "not a genloop artifact" in err
-    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--out", out,
-                              "--seq-len", "64"])
+    err = _cli_error(
+        capsys, ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--out", out, "--seq-len", "64"]
+    )
     assert "seq_len=64 is longer than the blocks" in err and "\n" not in err
     other = make_dataset(tmp_path / "other", train(stdlib_texts(4), vocab_size=600), stdlib_texts(6), seq_len=32)
-    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(other), "--out", out,
-                              "--init-from", str(tiny_checkpoint)])
+    err = _cli_error(
+        capsys,
+        ["pretrain", "--config", "tiny", "--data", str(other), "--out", out, "--init-from", str(tiny_checkpoint)],
+    )
     assert "--init-from" in err and "re-tokenize the data" in err
     assert not (tmp_path / "o").exists()  # nothing was started
 
 
 @pytest.mark.slow
 def test_more_workers_than_the_cluster_has_fails_up_front(ray_session, tmp_path, capsys, tiny_data):
-    err = _cli_error(capsys, ["pretrain", "--config", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "o"),
-                              "--num-workers", "64", "train.micro_batch_size=1"])
+    err = _cli_error(
+        capsys,
+        [
+            "pretrain",
+            "--config",
+            "tiny",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "o"),
+            "--num-workers",
+            "64",
+            "train.micro_batch_size=1",
+        ],
+    )
     assert "needs 64 CPUs but the Ray cluster has" in err and "--num-workers" in err
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
-def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(ray_session, tmp_path, capsys, tiny_data,
-                                                                          tiny_checkpoint, monkeypatch):
+def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(
+    ray_session, tmp_path, capsys, tiny_data, tiny_checkpoint, monkeypatch
+):
     import os
 
     from transformers import AutoModelForCausalLM
@@ -117,8 +135,23 @@ def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(ray_
     # relative paths, as a user types them: Ray Train workers run elsewhere and must still find them
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "domain"
-    argv = ["pretrain", "--config", "tiny", "--data", os.path.relpath(tiny_data), "--init-from",
-            os.path.relpath(tiny_checkpoint), "--out", "domain", "--steps", "4", "train.lr=1e-4", "train.min_lr=1e-5", "train.eval_every=2", "train.ckpt_every=2"]
+    argv = [
+        "pretrain",
+        "--config",
+        "tiny",
+        "--data",
+        os.path.relpath(tiny_data),
+        "--init-from",
+        os.path.relpath(tiny_checkpoint),
+        "--out",
+        "domain",
+        "--steps",
+        "4",
+        "train.lr=1e-4",
+        "train.min_lr=1e-5",
+        "train.eval_every=2",
+        "train.ckpt_every=2",
+    ]
     assert main(argv) == 0
     assert "pretrain: 4 steps" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
@@ -138,8 +171,9 @@ def test_domain_fine_tune_from_checkpoint_writes_a_model_transformers_loads(ray_
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
     # --init-from takes the artifact folder too
-    assert plan(PretrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init_from=str(out))).init_from == \
-        str(out / "model")
+    assert plan(PretrainConfig(data=str(tiny_data), out=str(tmp_path / "x"), init_from=str(out))).init_from == str(
+        out / "model"
+    )
     # --overwrite at another lr trains afresh (nothing resumed from the finished run); a plain re-run is refused
     from tests.helpers import model_weights, weights_differ
 

@@ -61,10 +61,13 @@ def test_lexical_search_matches_identifier_parts_and_weights_the_path(tmp_path):
 
 def test_old_store_is_reindexed_with_code_aware_terms(tmp_path):
     db = sqlite3.connect(tmp_path / "knowledge.db")
-    db.execute("CREATE TABLE documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, n_chunks INTEGER, "
-               "added_at REAL, content_hash TEXT, source TEXT)")
-    db.execute("CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, "
-               "tokenize='unicode61')")
+    db.execute(
+        "CREATE TABLE documents (id TEXT PRIMARY KEY, title TEXT NOT NULL, n_chars INTEGER, n_chunks INTEGER, "
+        "added_at REAL, content_hash TEXT, source TEXT)"
+    )
+    db.execute(
+        "CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, seq UNINDEXED, title, body, tokenize='unicode61')"
+    )
     db.execute("INSERT INTO documents VALUES ('a', 'A', 20, 1, 0, NULL, NULL)")
     db.execute("INSERT INTO chunks VALUES ('a', 0, 'A', 'call TemporaryDirectory now')")
     db.commit()
@@ -193,15 +196,18 @@ def test_rag_eval_on_a_planted_store_gives_the_hand_counted_recall(tmp_path, cap
 
     # hand count: q1 rank 1, q2 rank 2, q3 not found -> recall@1 1/3, recall@5 2/3, MRR (1 + 1/2 + 0) / 3
     assert metrics([["a", "b"], ["b", "a"], ["c"]], ["a", "a", "z"]) == pytest.approx(
-        {"recall@1": 1 / 3, "recall@5": 2 / 3, "mrr": 0.5})
+        {"recall@1": 1 / 3, "recall@5": 2 / 3, "mrr": 0.5}
+    )
     s = KnowledgeStore(tmp_path / "store", chunk_chars=60, chunk_overlap=0)
     s.add("zebra", "Zebras have black and white stripes. " * 4)  # several chunks, one document in the ranking
     s.add("lion", "Lions are big cats that roar. Lions hunt zebras.")
     s.add("moon", "The moon orbits the earth.")
-    qs = [{"question": "striped zebras black white", "doc": "zebra"},  # rank 1
-          {"question": "what do lions hunt", "doc": "lion"},  # rank 1
-          {"question": "zebras", "doc": "lion"},  # rank 2: zebra's chunks outscore it, counted once
-          {"question": "orbit of mars", "doc": "moon"}]  # "orbit" != "orbits" (no stemming): not found
+    qs = [
+        {"question": "striped zebras black white", "doc": "zebra"},  # rank 1
+        {"question": "what do lions hunt", "doc": "lion"},  # rank 1
+        {"question": "zebras", "doc": "lion"},  # rank 2: zebra's chunks outscore it, counted once
+        {"question": "orbit of mars", "doc": "moon"},
+    ]  # "orbit" != "orbits" (no stemming): not found
     assert doc_ranking(s, "zebras", "lexical", 10) == ["zebra", "lion"]
     r = evaluate(qs, {"bm25": lambda q: doc_ranking(s, q, "lexical", 10)})["bm25"]
     assert (r["recall@1"], r["recall@5"], r["mrr"]) == pytest.approx((2 / 4, 3 / 4, (1 + 1 + 0.5 + 0) / 4))
@@ -209,9 +215,20 @@ def test_rag_eval_on_a_planted_store_gives_the_hand_counted_recall(tmp_path, cap
     s.close()
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
-    args = argparse.Namespace(write_questions=None, k=5, depth=10, questions=str(qfile), store=str(tmp_path / "store"),
-                              embedder="hash:64", rrf_k=60.0, candidates=10, reindex=False, build_stdlib=False,
-                              show_misses=0, json=str(tmp_path / "r.json"))
+    args = argparse.Namespace(
+        write_questions=None,
+        k=5,
+        depth=10,
+        questions=str(qfile),
+        store=str(tmp_path / "store"),
+        embedder="hash:64",
+        rrf_k=60.0,
+        candidates=10,
+        reindex=False,
+        build_stdlib=False,
+        show_misses=0,
+        json=str(tmp_path / "r.json"),
+    )
     assert cmd.run(args) == 0
     out = capsys.readouterr().out
     assert "BM25" in out and "hybrid RRF k=60" in out and "0.500     0.750     0.625" in out

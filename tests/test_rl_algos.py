@@ -22,7 +22,7 @@ def test_grpo_group_normalisation_and_dr_grpo_without_std():
     assert torch.allclose(adv, expect, atol=1e-5)
     assert torch.equal(adv, ret)
     adv_nostd, _ = algos.get_adv_estimator("grpo")(scores, mask, group_size=2, norm_std=False)
-    assert torch.allclose(adv_nostd, t([.5, .5], [-.5, 0], [-.5, -.5], [.5, .5], [0, 0], [0, 0]))
+    assert torch.allclose(adv_nostd, t([0.5, 0.5], [-0.5, 0], [-0.5, -0.5], [0.5, 0.5], [0, 0], [0, 0]))
     with pytest.raises(ValueError, match="group_size=4"):
         algos.grpo_advantages(scores, mask, group_size=4)
 
@@ -56,8 +56,9 @@ def test_clipped_surrogate_asymmetric_eps_and_clip_fraction():
     loss3, _ = algos.clipped_surrogate(t([0.5]).log(), torch.zeros(1, 1), t([-1.0]), torch.ones(1, 1), 0.2, 0.2)
     assert loss3.item() == pytest.approx(0.8)
     # token-mean over a global token count (data-parallel invariance) and IS weights scale each token
-    loss4, _ = algos.clipped_surrogate(torch.zeros(1, 2), torch.zeros(1, 2), t([1.0, 1.0]), t([1.0, 0.0]),
-                                       is_weights=t([0.5, 1.0]), n_tokens=4)
+    loss4, _ = algos.clipped_surrogate(
+        torch.zeros(1, 2), torch.zeros(1, 2), t([1.0, 1.0]), t([1.0, 0.0]), is_weights=t([0.5, 1.0]), n_tokens=4
+    )
     assert loss4.item() == pytest.approx(-0.5 / 4)
 
 
@@ -153,9 +154,16 @@ def test_experience_groups_takes_whole_groups_in_order():
     from pipelines.rlhf.experience import Experience
 
     n = 6  # 3 groups of 2
-    exp = Experience([[i] for i in range(n)], [[10 + i] for i in range(n)], [[-0.1 * i] for i in range(n)],
-                     [float(i) for i in range(n)], {"p": [float(-i) for i in range(n)]}, [i == 5 for i in range(n)],
-                     [f"p{i}" for i in range(n)], [f"r{i}" for i in range(n)])
+    exp = Experience(
+        [[i] for i in range(n)],
+        [[10 + i] for i in range(n)],
+        [[-0.1 * i] for i in range(n)],
+        [float(i) for i in range(n)],
+        {"p": [float(-i) for i in range(n)]},
+        [i == 5 for i in range(n)],
+        [f"p{i}" for i in range(n)],
+        [f"r{i}" for i in range(n)],
+    )
     sub = exp.groups([0, 2], 2)
     assert sub.prompt_ids == [[0], [1], [4], [5]] and sub.response_ids == [[10], [11], [14], [15]]
     assert sub.scores == [0.0, 1.0, 4.0, 5.0] and sub.parts == {"p": [0.0, -1.0, -4.0, -5.0]}

@@ -34,10 +34,20 @@ def toy_inputs(tmp_path_factory):
     (d / "toy_reward.py").write_text(TOY_REWARD)
     with open(d / "prompts.jsonl", "w") as f:
         for i in range(16):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"Write a Python function `f{i}(x)` that returns x plus {i}."},
-                {"role": "assistant", "content": f"def f{i}(x):\n    return x + {i}"}], "meta": {"task": "write"},
-                "fname": f"f{i}", "plus": i}) + "\n")  # columns, for reward functions that read them
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Write a Python function `f{i}(x)` that returns x plus {i}."},
+                            {"role": "assistant", "content": f"def f{i}(x):\n    return x + {i}"},
+                        ],
+                        "meta": {"task": "write"},
+                        "fname": f"f{i}",
+                        "plus": i,
+                    }
+                )
+                + "\n"
+            )  # columns, for reward functions that read them
     return d
 
 
@@ -46,8 +56,12 @@ def tiny_config(policy, inputs, out, *overrides):
     from pipelines.rlhf.config import RlhfConfig
 
     base = section_for(load_yaml("tiny"), "rlhf", RlhfConfig)
-    base.update(policy=str(policy), prompts=str(inputs / "prompts.jsonl"), out=str(out),
-                reward=f"fn:{inputs / 'toy_reward.py'}:whitespace")
+    base.update(
+        policy=str(policy),
+        prompts=str(inputs / "prompts.jsonl"),
+        out=str(out),
+        reward=f"fn:{inputs / 'toy_reward.py'}:whitespace",
+    )
     return from_dict(RlhfConfig, apply_overrides(base, list(overrides)))
 
 
@@ -107,8 +121,9 @@ def test_engines_decode_what_genloop_decodes_before_and_after_a_weight_push(ray_
     assert ray_session.get(engines[1].greedy.remote(prompts, GREEDY_TOKENS)) == ours  # the other engine untouched
 
 
-def test_after_one_update_every_engine_decodes_the_learners_new_weights(ray_session, engines, tiny_checkpoint,
-                                                                       toy_inputs, tmp_path):
+def test_after_one_update_every_engine_decodes_the_learners_new_weights(
+    ray_session, engines, tiny_checkpoint, toy_inputs, tmp_path
+):
     from models.checkpoint import load_tokenizer
     from pipelines.rlhf.stage import run
 
@@ -121,8 +136,14 @@ def test_after_one_update_every_engine_decodes_the_learners_new_weights(ray_sess
 
     rm, rm_tok = from_causal_lm(tiny_checkpoint)
     save_scalar_model(rm, rm_tok, tmp_path / "rm")
-    cfg = tiny_config(tiny_checkpoint, toy_inputs, tmp_path / "one", "rollout.engines=2", "iterations=1",
-                      f"reward=rm:{tmp_path / 'rm'}:0.5,fn:{toy_inputs / 'toy_reward.py'}:whitespace")
+    cfg = tiny_config(
+        tiny_checkpoint,
+        toy_inputs,
+        tmp_path / "one",
+        "rollout.engines=2",
+        "iterations=1",
+        f"reward=rm:{tmp_path / 'rm'}:0.5,fn:{toy_inputs / 'toy_reward.py'}:whitespace",
+    )
     res = run(cfg, engines=engines)
     after = learner_greedy(res.model_dir, prompts, stop)
     assert after != before, "one update did not change the policy's greedy answers"
@@ -160,9 +181,23 @@ def test_toy_reward_rises_with_real_vllm_actors(ray_session, engines, tiny_check
     assert len(r) == 10
     start, end = sum(r[:2]) / 2, sum(r[-2:]) / 2
     assert end > start + 0.15, f"{algo}: mean reward did not rise clearly: {[round(x, 3) for x in r]}"
-    keys = {"reward_mean", "reward_std", "reward/toy_reward.whitespace", "kl", "entropy", "response_len", "clip_frac",
-            "mismatch_kl", "rollout_tokens_per_s", "learner_tokens_per_s", "sync_s", "t_generate", "t_score",
-            "t_learn", "t_sync"}
+    keys = {
+        "reward_mean",
+        "reward_std",
+        "reward/toy_reward.whitespace",
+        "kl",
+        "entropy",
+        "response_len",
+        "clip_frac",
+        "mismatch_kl",
+        "rollout_tokens_per_s",
+        "learner_tokens_per_s",
+        "sync_s",
+        "t_generate",
+        "t_score",
+        "t_learn",
+        "t_sync",
+    }
     assert keys <= set(res.history[-1])
     if algo == "ppo":
         assert "value_loss" in res.history[-1]
@@ -173,16 +208,24 @@ def test_toy_reward_rises_with_real_vllm_actors(ray_session, engines, tiny_check
     load_checkpoint(out / "model")  # the final policy is a checkpoint genloop (and so serve) loads
 
 
-def test_oversampled_groups_that_differ_fill_the_batch_first(ray_session, engines, tiny_checkpoint, toy_inputs,
-                                                              tmp_path):
+def test_oversampled_groups_that_differ_fill_the_batch_first(
+    ray_session, engines, tiny_checkpoint, toy_inputs, tmp_path
+):
     """``rollout.oversample=3``: 3 x 4 groups sampled, the 4 trained on are the ones whose filter part differs first,
     so the batch's kept share is min(informative groups, 4) / 4, whatever the share among all sampled groups."""
     from pipelines.rlhf.stage import run
 
     fn = f"fn:{toy_inputs / 'toy_reward.py'}"
-    cfg = tiny_config(tiny_checkpoint, toy_inputs, tmp_path / "over", "rollout.engines=2", "iterations=3",
-                      "rollout.oversample=3", "update.filter_groups=toy_reward.length_mod5",
-                      f"reward={fn}:whitespace,{fn}:length_mod5,{fn}:columns_match:0")
+    cfg = tiny_config(
+        tiny_checkpoint,
+        toy_inputs,
+        tmp_path / "over",
+        "rollout.engines=2",
+        "iterations=3",
+        "rollout.oversample=3",
+        "update.filter_groups=toy_reward.length_mod5",
+        f"reward={fn}:whitespace,{fn}:length_mod5,{fn}:columns_match:0",
+    )
     res = run(cfg, engines=engines)
     assert len(res.history) == 3
     for row in res.history:
@@ -193,15 +236,24 @@ def test_oversampled_groups_that_differ_fill_the_batch_first(ray_session, engine
     assert any(row["groups_kept"] > row["groups_informative"] for row in res.history)  # the pick did something
 
 
-def test_killed_rollout_actor_and_learner_rank_restart_from_the_last_checkpoint(ray_session, engines, tiny_checkpoint,
-                                                                               toy_inputs, tmp_path):
+def test_killed_rollout_actor_and_learner_rank_restart_from_the_last_checkpoint(
+    ray_session, engines, tiny_checkpoint, toy_inputs, tmp_path
+):
     from pipelines.rlhf.stage import run
 
     out = tmp_path / "faults"
     fn = f"fn:{toy_inputs / 'toy_reward.py'}"
-    cfg = tiny_config(tiny_checkpoint, toy_inputs, out, "rollout.engines=2", "iterations=4", "train.ckpt_every=1",
-                      "rollout.inject_failure_at=1", "train.inject_failure_at=3",
-                      f"reward={fn}:whitespace,{fn}:columns_match:0")
+    cfg = tiny_config(
+        tiny_checkpoint,
+        toy_inputs,
+        out,
+        "rollout.engines=2",
+        "iterations=4",
+        "train.ckpt_every=1",
+        "rollout.inject_failure_at=1",
+        "train.inject_failure_at=3",
+        f"reward={fn}:whitespace,{fn}:columns_match:0",
+    )
     res = run(cfg, engines=engines)
     # after both restarts the resumed iterations' answers still got their own rows' columns
     assert [r["reward/toy_reward.columns_match"] for r in res.history] == [1.0] * 4

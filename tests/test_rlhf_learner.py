@@ -12,12 +12,20 @@ from pipelines.rlhf.learner import Learner, collate, logp_and_entropy, response_
 def make_cfg(policy, algo="grpo", **kl):
     from pipelines.config import from_dict
 
-    return from_dict(RlhfConfig, {
-        "policy": str(policy), "prompts": "x", "out": "x", "reward": "fn:code_judge", "algo": algo,
-        "rollout": {"prompts_per_iter": 2, "group_size": 2},
-        "update": {"epochs": 1, "minibatches": 1, "is_cap": 2.0},
-        "kl": kl or {"coef": 0.0},
-        "train": {"strategy": "none", "num_workers": 1, "micro_batch_size": 4, "lr": 1e-2, "grad_clip": 0.0}})
+    return from_dict(
+        RlhfConfig,
+        {
+            "policy": str(policy),
+            "prompts": "x",
+            "out": "x",
+            "reward": "fn:code_judge",
+            "algo": algo,
+            "rollout": {"prompts_per_iter": 2, "group_size": 2},
+            "update": {"epochs": 1, "minibatches": 1, "is_cap": 2.0},
+            "kl": kl or {"coef": 0.0},
+            "train": {"strategy": "none", "num_workers": 1, "micro_batch_size": 4, "lr": 1e-2, "grad_clip": 0.0},
+        },
+    )
 
 
 def test_collate_positions_give_the_log_probs_of_a_plain_forward(tiny_checkpoint):
@@ -31,20 +39,20 @@ def test_collate_positions_give_the_log_probs_of_a_plain_forward(tiny_checkpoint
     for i, (p, a) in enumerate(zip(prompts, answers)):
         lsm = torch.log_softmax(model(torch.tensor([p + a]))[0].float(), -1)
         want = [lsm[len(p) - 1 + j, t] for j, t in enumerate(a)]
-        assert torch.allclose(logp[i, :len(a)], torch.stack(want), atol=1e-5)
+        assert torch.allclose(logp[i, : len(a)], torch.stack(want), atol=1e-5)
 
 
 def experience(learner, scores):
     prompts = [[5, 6, 7], [5, 6, 7], [20, 21], [20, 21]]
     answers = [[30, 31, 32], [40, 41], [50, 51, 52, 53], [60]]
     pre = learner._precompute(prompts, answers)
-    rollout = [pre["old_logp"][i, :len(a)].tolist() for i, a in enumerate(answers)]  # the engine agrees exactly
+    rollout = [pre["old_logp"][i, : len(a)].tolist() for i, a in enumerate(answers)]  # the engine agrees exactly
     return Experience(prompts, answers, rollout, scores, {"r": scores}, [False] * 4, ["p"] * 4, ["a"] * 4)
 
 
 def answer_logp(learner, exp):
     pre = learner._precompute(exp.prompt_ids, exp.response_ids)
-    return [float(pre["old_logp"][i, :len(a)].sum()) for i, a in enumerate(exp.response_ids)]
+    return [float(pre["old_logp"][i, : len(a)].sum()) for i, a in enumerate(exp.response_ids)]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
@@ -84,7 +92,9 @@ def test_kl_to_reference_is_zero_for_itself_and_positive_for_another_model(tiny_
                 p.add_(0.05 * torch.randn_like(p))
     save_checkpoint(model, tok, tmp_path / "other")
     prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
-    assert kl_to_reference(str(tiny_checkpoint), str(tiny_checkpoint), prompts, answers, 0) == pytest.approx(0, abs=1e-6)
+    assert kl_to_reference(str(tiny_checkpoint), str(tiny_checkpoint), prompts, answers, 0) == pytest.approx(
+        0, abs=1e-6
+    )
     assert kl_to_reference(str(tmp_path / "other"), str(tiny_checkpoint), prompts, answers, 0) > 1e-4
 
 
@@ -100,12 +110,20 @@ def parity_cfg(policy, algo, strategy, world):
     from pipelines.config import from_dict
 
     kl = {"coef": 0.1, "mode": "loss", "estimator": "k3"} if algo == "grpo" else {"coef": 0.1, "mode": "reward"}
-    cfg = from_dict(RlhfConfig, {
-        "policy": str(policy), "prompts": "x", "out": "x", "reward": "fn:code_judge", "algo": algo,
-        "rollout": {"prompts_per_iter": 4, "group_size": 2},
-        "update": {"epochs": 2, "minibatches": 2, "is_cap": 1.5},
-        "kl": kl,
-        "train": {"strategy": strategy, "num_workers": world, "micro_batch_size": 1, "lr": 1e-3, "grad_clip": 0.5}})
+    cfg = from_dict(
+        RlhfConfig,
+        {
+            "policy": str(policy),
+            "prompts": "x",
+            "out": "x",
+            "reward": "fn:code_judge",
+            "algo": algo,
+            "rollout": {"prompts_per_iter": 4, "group_size": 2},
+            "update": {"epochs": 2, "minibatches": 2, "is_cap": 1.5},
+            "kl": kl,
+            "train": {"strategy": strategy, "num_workers": world, "micro_batch_size": 1, "lr": 1e-3, "grad_clip": 0.5},
+        },
+    )
     cfg.validate()
     return cfg
 
@@ -116,8 +134,10 @@ def parity_experience(policy) -> Experience:
     prompts = [PARITY_PROMPTS[i // 2] for i in range(8)]
     pre = learner._precompute(prompts, PARITY_ANSWERS)
     g = torch.Generator().manual_seed(1)
-    rollout = [(pre["old_logp"][i, :len(a)] + 0.3 * torch.randn(len(a), generator=g)).tolist()
-               for i, a in enumerate(PARITY_ANSWERS)]
+    rollout = [
+        (pre["old_logp"][i, : len(a)] + 0.3 * torch.randn(len(a), generator=g)).tolist()
+        for i, a in enumerate(PARITY_ANSWERS)
+    ]
     scores = [1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 0.7]
     return Experience(prompts, PARITY_ANSWERS, rollout, scores, {"r": scores}, [False] * 8, ["p"] * 8, ["a"] * 8)
 
@@ -191,11 +211,20 @@ def test_one_update_on_fsdp2_and_ddp_with_two_ranks_equals_one_process(tiny_chec
             assert_same_weights(sd, want[algo][0], f"{strategy} x2 {algo} policy")
             if algo == "ppo":
                 assert_same_weights(vsd, want[algo][1], f"{strategy} x2 ppo value model")
-            for key in ("kl", "entropy", "mismatch_kl", "is_clip_frac", "clip_frac", "policy_loss", "grad_norm",
-                        "value_loss"):
+            for key in (
+                "kl",
+                "entropy",
+                "mismatch_kl",
+                "is_clip_frac",
+                "clip_frac",
+                "policy_loss",
+                "grad_norm",
+                "value_loss",
+            ):
                 if key in want[algo][2]:
-                    assert stats[key] == pytest.approx(want[algo][2][key], rel=1e-4, abs=1e-7), \
+                    assert stats[key] == pytest.approx(want[algo][2][key], rel=1e-4, abs=1e-7), (
                         f"{strategy} x2 {algo} {key}"
+                    )
 
 
 def test_filtered_group_gets_no_policy_gradient(tiny_checkpoint):

@@ -45,10 +45,12 @@ def test_user_file_function(tmp_path):
 
 def test_raising_wrong_length_and_non_finite_functions_are_clear_errors(tmp_path):
     f = tmp_path / "bad.py"
-    f.write_text("def boom(prompts, responses):\n    raise KeyError('oops')\n"
-                 "def short(prompts, responses):\n    return [1.0]\n"
-                 "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
-                 "def text(prompts, responses):\n    return 'abc'\n")
+    f.write_text(
+        "def boom(prompts, responses):\n    raise KeyError('oops')\n"
+        "def short(prompts, responses):\n    return [1.0]\n"
+        "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
+        "def text(prompts, responses):\n    return 'abc'\n"
+    )
     with pytest.raises(RewardError, match=r"bad.boom raised KeyError: 'oops'"):
         RewardSet.from_spec(f"fn:{f}:boom").score(["p"] * 2, ["a", "b"])
     with pytest.raises(RewardError, match=r"bad.short returned 1 scores for 2 answers"):
@@ -74,10 +76,15 @@ def test_reward_model_spec_and_tokenizer_mismatch_refused_before_any_work(tmp_pa
     torch.manual_seed(0)
     save_scalar_model(ScalarModel(model_preset("tiny").for_tokenizer(other.n_vocab)), other, tmp_path / "rm")
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": PROMPT},
-                                                {"role": "assistant", "content": GOOD}]}) + "\n")
-    cfg = RlhfConfig(policy=str(tiny_checkpoint), reward=f"{tmp_path}/rm,fn:code_judge", prompts=str(prompts),
-                     out=str(tmp_path / "out"))
+    prompts.write_text(
+        json.dumps({"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}]}) + "\n"
+    )
+    cfg = RlhfConfig(
+        policy=str(tiny_checkpoint),
+        reward=f"{tmp_path}/rm,fn:code_judge",
+        prompts=str(prompts),
+        out=str(tmp_path / "out"),
+    )
     with pytest.raises(RewardError, match="different|uses tokenizer"):
         plan(cfg)
     assert not (tmp_path / "out").exists()  # refused before any work
@@ -89,10 +96,14 @@ def test_bad_prompt_lines_are_counted_and_none_usable_is_one_clear_error(tmp_pat
     from pipelines.rlhf.experience import load_prompts, prompt_order
 
     tok, fmt = load_tokenizer(tiny_checkpoint), ChatFormat.from_checkpoint(tiny_checkpoint)
-    good = {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}],
-            "meta": {"task": "write"}}
-    explain = {"messages": [{"role": "user", "content": "What does this do?"},
-                            {"role": "assistant", "content": "It adds."}], "meta": {"task": "explain"}}
+    good = {
+        "messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}],
+        "meta": {"task": "write"},
+    }
+    explain = {
+        "messages": [{"role": "user", "content": "What does this do?"}, {"role": "assistant", "content": "It adds."}],
+        "meta": {"task": "explain"},
+    }
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"text": "x"}), json.dumps(explain)]) + "\n")
     ps = load_prompts(str(f), tok, fmt, max_prompt_tokens=200, tasks=["write"])

@@ -52,8 +52,13 @@ def test_models_health_and_chat(server):
     assert httpx.get(server["base"] + "/health").json()["status"] == "ok"
     c = client(server)
     assert [m.id for m in c.models.list().data] == ["tiny"]
-    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=8,
-                                  temperature=0.0, extra_body={"rag": False})
+    r = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=8,
+        temperature=0.0,
+        extra_body={"rag": False},
+    )
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
     assert 1 <= r.usage.completion_tokens <= 8
@@ -61,20 +66,40 @@ def test_models_health_and_chat(server):
     assert (r.choices[0].finish_reason == "length") == (r.usage.completion_tokens == 8)
     assert r.model_extra["rag"] == {"documents": [], "memories": 0}
     # greedy is deterministic: the same request gives the same answer
-    r2 = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=8,
-                                   temperature=0.0, extra_body={"rag": False})
+    r2 = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=8,
+        temperature=0.0,
+        extra_body={"rag": False},
+    )
     assert r2.choices[0].message.content == r.choices[0].message.content
 
 
 def test_chat_streaming_matches_non_streaming(server):
     c = client(server)
     msgs = [{"role": "user", "content": "count to three"}]
-    full = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0.0, seed=1,
-                                     extra_body={"rag": False, "ignore_eos": True})
+    full = c.chat.completions.create(
+        model="tiny",
+        messages=msgs,
+        max_tokens=12,
+        temperature=0.0,
+        seed=1,
+        extra_body={"rag": False, "ignore_eos": True},
+    )
     assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
-    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0.0, seed=1,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"rag": False, "ignore_eos": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=12,
+            temperature=0.0,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"rag": False, "ignore_eos": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(ch.id == chunks[0].id for ch in chunks)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -86,16 +111,30 @@ def test_chat_streaming_matches_non_streaming(server):
 
 def test_completions_and_stream_wire_format(server):
     c = client(server)
-    r = c.completions.create(model="tiny", prompt="def main():", max_tokens=6, temperature=0.0,
-                             extra_body={"ignore_eos": True})
+    r = c.completions.create(
+        model="tiny", prompt="def main():", max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True}
+    )
     assert r.object == "text_completion" and r.usage.completion_tokens == 6
-    pieces = [ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="def main():", max_tokens=6,
-                                                                 temperature=0.0, stream=True,
-                                                                 extra_body={"ignore_eos": True})]
+    pieces = [
+        ch.choices[0].text
+        for ch in c.completions.create(
+            model="tiny",
+            prompt="def main():",
+            max_tokens=6,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    ]
     assert "".join(pieces) == r.choices[0].text
     # the raw SSE stream ends with data: [DONE]
-    with httpx.stream("POST", server["base"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY_A}"},
-                      json={"model": "tiny", "prompt": "x = ", "max_tokens": 3, "stream": True}, timeout=60) as resp:
+    with httpx.stream(
+        "POST",
+        server["base"] + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+        json={"model": "tiny", "prompt": "x = ", "max_tokens": 3, "stream": True},
+        timeout=60,
+    ) as resp:
         lines = [ln for ln in resp.iter_lines() if ln]
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
@@ -108,8 +147,12 @@ def test_document_added_over_http_is_retrieved_and_survives_a_store_restart(serv
     r = post(server, "/v1/documents", doc)
     assert r.status_code == 200, r.text
     assert r.json()["data"][0]["id"] == "zebra-facts" and r.json()["data"][0]["chunks"] >= 2
-    ask = dict(model="tiny", messages=[{"role": "user", "content": "tell me about quagga zebras"}], max_tokens=4,
-               temperature=0.0)
+    ask = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "tell me about quagga zebras"}],
+        max_tokens=4,
+        temperature=0.0,
+    )
     out = c.chat.completions.create(**ask)
     assert {"id": "zebra-facts", "title": "Zebras"} in out.model_extra["rag"]["documents"]
     # the context went into the prompt: more prompt tokens than without RAG
@@ -125,8 +168,11 @@ def test_document_added_over_http_is_retrieved_and_survives_a_store_restart(serv
     import ray
 
     def retriever_replicas() -> list[str]:
-        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{server['app']}#Retriever#")]
+        return [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{server['app']}#Retriever#")
+        ]
 
     (old,) = retriever_replicas()
     ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
@@ -141,30 +187,38 @@ def test_document_added_over_http_is_retrieved_and_survives_a_store_restart(serv
     assert retriever_replicas() != [old]  # a new process answered
     assert {"id": "zebra-facts", "title": "Zebras"} in again.model_extra["rag"]["documents"]
     # delete removes it from retrieval; deleting twice is a 404
-    assert httpx.delete(server["base"] + "/v1/documents/zebra-facts",
-                        headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
+    assert (
+        httpx.delete(
+            server["base"] + "/v1/documents/zebra-facts", headers={"Authorization": f"Bearer {KEY_A}"}
+        ).status_code
+        == 200
+    )
     gone = client(server).chat.completions.create(**ask)
     assert gone.model_extra["rag"]["documents"] == []
-    assert_error(httpx.delete(server["base"] + "/v1/documents/zebra-facts",
-                              headers={"Authorization": f"Bearer {KEY_A}"}), 404)
+    assert_error(
+        httpx.delete(server["base"] + "/v1/documents/zebra-facts", headers={"Authorization": f"Bearer {KEY_A}"}), 404
+    )
 
 
 def test_feedback_round_trip_to_export(server, tmp_path):
     from cluster.commands.feedback import run as run_export
 
     c = client(server)
-    ask = dict(model="tiny", messages=[{"role": "user", "content": "write a haiku"}], max_tokens=6,
-               extra_body={"rag": False})
+    ask = dict(
+        model="tiny", messages=[{"role": "user", "content": "write a haiku"}], max_tokens=6, extra_body={"rag": False}
+    )
     a = c.chat.completions.create(temperature=0.0, **ask)
     b = c.chat.completions.create(temperature=1.0, seed=7, **ask)
     assert post(server, "/v1/feedback", {"response_id": a.id, "rating": "up"}).status_code == 200
     assert post(server, "/v1/feedback", {"response_id": b.id, "rating": 2}).status_code == 200
     assert post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": b.id}).status_code == 200
     # the feedback deployment's errors cross a Ray handle and still answer as what they are (not 500)
-    assert_error(post(server, "/v1/feedback", {"response_id": "chatcmpl-nope", "rating": "up"}), 404,
-                 "response_not_found")
-    assert_error(post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": "chatcmpl-nope"}), 404,
-                 "response_not_found")
+    assert_error(
+        post(server, "/v1/feedback", {"response_id": "chatcmpl-nope", "rating": "up"}), 404, "response_not_found"
+    )
+    assert_error(
+        post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": "chatcmpl-nope"}), 404, "response_not_found"
+    )
     assert_error(post(server, "/v1/feedback", {"response_id": a.id, "rating": 9}), 400)
     assert_error(post(server, "/v1/feedback", {"chosen_id": a.id, "rejected_id": a.id}), 400)
     import argparse
@@ -173,8 +227,11 @@ def test_feedback_round_trip_to_export(server, tmp_path):
     run_export(argparse.Namespace(store=str(server["state"] / "feedback.db"), out=str(out), ratings_out=None))
     prefs = [json.loads(ln) for ln in out.read_text().splitlines()]
     ratings = [json.loads(ln) for ln in (tmp_path / "prefs.ratings.jsonl").read_text().splitlines()]
-    mine = [p for p in prefs if p["chosen"] == a.choices[0].message.content
-            and p["rejected"] == b.choices[0].message.content]
+    mine = [
+        p
+        for p in prefs
+        if p["chosen"] == a.choices[0].message.content and p["rejected"] == b.choices[0].message.content
+    ]
     assert mine and mine[0]["prompt"].endswith("<|im_start|>assistant\n") and "write a haiku" in mine[0]["prompt"]
     assert mine[0]["messages"] == [{"role": "user", "content": "write a haiku"}]
     by_resp = {r["response"]: r["score"] for r in ratings}
@@ -185,18 +242,27 @@ def test_memory_is_private_per_user_and_key(server):
     c = client(server)
     r = post(server, "/v1/memory", {"user": "alice", "fact": "alice keeps a pet iguana named Rex"})
     assert r.status_code == 200, r.text
-    assert [f["fact"] for f in get(server, "/v1/memory", user="alice").json()["data"]] == \
-        ["alice keeps a pet iguana named Rex"]
+    assert [f["fact"] for f in get(server, "/v1/memory", user="alice").json()["data"]] == [
+        "alice keeps a pet iguana named Rex"
+    ]
     assert get(server, "/v1/memory", user="bob").json()["data"] == []
     assert get(server, "/v1/memory", key=KEY_B, user="alice").json()["data"] == []  # another key's "alice"
-    ask = dict(model="tiny", messages=[{"role": "user", "content": "what pet do I have?"}], max_tokens=4,
-               extra_body={"rag": False})
+    ask = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "what pet do I have?"}],
+        max_tokens=4,
+        extra_body={"rag": False},
+    )
     assert c.chat.completions.create(user="alice", **ask).model_extra["rag"]["memories"] == 1
     assert c.chat.completions.create(user="bob", **ask).model_extra["rag"]["memories"] == 0
     assert client(server, KEY_B).chat.completions.create(user="alice", **ask).model_extra["rag"]["memories"] == 0
     fid = get(server, "/v1/memory", user="alice").json()["data"][0]["id"]
-    assert_error(httpx.delete(server["base"] + f"/v1/memory/{fid}", params={"user": "bob"},
-                              headers={"Authorization": f"Bearer {KEY_A}"}), 404)  # bob cannot delete alice's
+    assert_error(
+        httpx.delete(
+            server["base"] + f"/v1/memory/{fid}", params={"user": "bob"}, headers={"Authorization": f"Bearer {KEY_A}"}
+        ),
+        404,
+    )  # bob cannot delete alice's
 
 
 def test_bad_input_gets_openai_errors_and_server_keeps_serving(server):
@@ -209,8 +275,9 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(server):
     assert_error(post(server, "/v1/feedback", {"response_id": "a", "rating": "up"}, key="nope"), 401)
     assert_error(get(server, "/v1/memory", key="nope", user="alice"), 401)
     # 400: malformed JSON, empty messages, context overflow (with the numbers), max_tokens over the cap
-    assert_error(post(server, "/v1/chat/completions", None, raw=b'{"model": "tiny", "messages": ['), 400,
-                 "invalid_json")
+    assert_error(
+        post(server, "/v1/chat/completions", None, raw=b'{"model": "tiny", "messages": ['), 400, "invalid_json"
+    )
     c = client(server)
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="tiny", messages=[], max_tokens=4)

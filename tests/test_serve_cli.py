@@ -28,8 +28,10 @@ def test_direct_ingress_only_where_it_can_work(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert not use_direct_ingress(ServeConfig(), None)
     env = direct_ingress_env(8123)
-    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
-        ("8123", "8124")  # Ray's range excludes its upper bound: exactly one port
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "8123",
+        "8124",
+    )  # Ray's range excludes its upper bound: exactly one port
 
 
 @pytest.mark.slow
@@ -38,9 +40,29 @@ def test_genloop_serve_smoke_answers_through_direct_ingress(tiny_checkpoint, tmp
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--config", "tiny", "--model",
-                        str(tiny_checkpoint), "--knowledge", str(tmp_path / "state"), "--port", str(port),
-                        "--smoke", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            "--config",
+            "tiny",
+            "--model",
+            str(tiny_checkpoint),
+            "--knowledge",
+            str(tmp_path / "state"),
+            "--port",
+            str(port),
+            "--smoke",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"at http://127.0.0.1:{port}/v1" in r.stdout
     assert "models: [('tiny', 'w-" in r.stdout  # name and model version (a bare checkpoint: weights hash)
@@ -52,7 +74,8 @@ def test_genloop_serve_smoke_answers_through_direct_ingress(tiny_checkpoint, tmp
     version = re.search(r"models: \[\('tiny', '([^']+)'\)\]", r.stdout).group(1)
     from serve.feedback import FeedbackStore
 
-    out = FeedbackStore(str(tmp_path / "state" / "feedback.db")).export(str(tmp_path / "p.jsonl"),
-                                                                         model_version=version)
+    out = FeedbackStore(str(tmp_path / "state" / "feedback.db")).export(
+        str(tmp_path / "p.jsonl"), model_version=version
+    )
     assert out["ratings"] == 1 and out["preferences"] == int(m.group(4))
     assert f"direct ingress: the ingress replica serves 127.0.0.1:{port}" in r.stderr

@@ -38,10 +38,10 @@ def test_interval_merges_pieces_first_alone_last_keeps_finish():
     log: list = []
     out = asyncio.run(_collect(coalesce(_source(40, 0.002, log), lambda: 0.03)))
     ids = [i for piece, _ in out for i in piece]
-    assert ids == list(range(40))                    # nothing lost or reordered
-    assert out[0] == ([0], None)                     # time to first token: the first piece goes out alone
+    assert ids == list(range(40))  # nothing lost or reordered
+    assert out[0] == ([0], None)  # time to first token: the first piece goes out alone
     assert out[-1][1] == "stop" and all(f is None for _, f in out[:-1])
-    assert len(out) < 20                             # ~2 ms pieces gathered over 30 ms windows
+    assert len(out) < 20  # ~2 ms pieces gathered over 30 ms windows
 
 
 def test_error_in_source_is_raised_and_early_stop_cancels_source():
@@ -53,7 +53,7 @@ def test_error_in_source_is_raised_and_early_stop_cancels_source():
         gen = coalesce(_source(1000, 0.001, log), lambda: 0.0)
         got = [(p[0][0], p[0][1]) for p in (await gen.__anext__(), await gen.__anext__())]
         await gen.aclose()
-        await asyncio.sleep(0.01)                    # let the cancelled source task run its finally
+        await asyncio.sleep(0.01)  # let the cancelled source task run its finally
         return got
 
     log.clear()

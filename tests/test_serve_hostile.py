@@ -30,15 +30,17 @@ def server(served):
     return served
 
 
-def call(server, method: str, path: str, body: Any = None, key: str | None = KEY, raw: bytes | None = None,
-         **params) -> httpx.Response:
+def call(
+    server, method: str, path: str, body: Any = None, key: str | None = KEY, raw: bytes | None = None, **params
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if body is not None:
         raw = json.dumps(body).encode()  # ensure_ascii: a lone surrogate goes out as its escape
     if raw is not None:
         headers["Content-Type"] = "application/json"
-    return httpx.request(method, server["base"] + path, content=raw, headers=headers, params=params or None,
-                         timeout=120)
+    return httpx.request(
+        method, server["base"] + path, content=raw, headers=headers, params=params or None, timeout=120
+    )
 
 
 def chat_body(content: Any = "hello", **kw) -> dict:
@@ -79,8 +81,13 @@ def test_a_bad_record_reaching_the_store_never_blocks_its_batch(server):
 
     feedback = serve.get_deployment_handle("Feedback", server["app"])
     good = {"response_id": "hostile-good", "model": "tiny", "prompt": "p", "response": "fine", "messages": None}
-    bad = {"response_id": "hostile-bad", "model": "tiny", "prompt": "p" + SURROGATE, "response": SURROGATE,
-           "messages": [{"role": "user", "content": SURROGATE}]}
+    bad = {
+        "response_id": "hostile-bad",
+        "model": "tiny",
+        "prompt": "p" + SURROGATE,
+        "response": SURROGATE,
+        "messages": [{"role": "user", "content": SURROGATE}],
+    }
     assert feedback.record_responses.remote([bad, {"response_id": 5}, good]).result(timeout_s=60) == 2
     ok(rate(server, "hostile-good"))
     ok(rate(server, "hostile-bad", "down"))
@@ -91,66 +98,144 @@ def hostile_requests(server) -> list[tuple[str, str, dict]]:
     big = "y" * (server["cfg"].max_body_bytes + 10)
     out: list[tuple[str, str, dict]] = []
     posts = {
-        "/v1/chat/completions": [chat_body(SURROGATE), chat_body([{"type": "text", "text": SURROGATE}]),
-                                 chat_body("hi", user=SURROGATE), chat_body("hi", stop=[SURROGATE]),
-                                 chat_body(NUL), chat_body("hi", user=NUL), chat_body(5), chat_body(None),
-                                 chat_body(NUL + " okapi", rag=True), chat_body(SURROGATE + " okapi", rag=True),
-                                 chat_body([{"type": "image_url", "image_url": {"url": "x"}}]), chat_body([5]),
-                                 {"model": "tiny", "messages": {}}, {"model": ["tiny"], "messages": []},
-                                 {"model": "tiny"}, {"messages": [{"role": "user", "content": "hi"}]},
-                                 chat_body("hi", max_tokens=-1), chat_body("hi", max_tokens=10**12),
-                                 chat_body("hi", n=10**6), chat_body("hi", temperature="hot"),
-                                 chat_body("hi", logit_bias={SURROGATE: 1}), chat_body("hi", logit_bias={"x": 1}),
-                                 chat_body("hi", response_format={"type": "json_schema"}),
-                                 chat_body("hi", stream=True, stream_options=5), chat_body("hi", seed="x"),
-                                 {"model": "tiny", "messages": [{"role": "user", "content": "hi", SURROGATE: 1}]},
-                                 {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}],
-        "/v1/completions": [{"model": "tiny", "prompt": SURROGATE}, {"model": "tiny", "prompt": NUL, "max_tokens": 2},
-                            {"model": "tiny", "prompt": [-1]}, {"model": "tiny", "prompt": [10**9]},
-                            {"model": "tiny", "prompt": [[1, 2]]}, {"model": "tiny", "prompt": []},
-                            {"model": "tiny", "prompt": ["a", "b"]}, {"model": "tiny", "prompt": {"a": 1}},
-                            {"model": "tiny", "prompt": "x", "logprobs": 999}, {"model": "tiny", "prompt": True}],
-        "/v1/embeddings": [{"model": "tiny", "input": SURROGATE}, {"model": "tiny", "input": NUL},
-                           {"model": "tiny", "input": []}, {"model": "tiny", "input": [[-1]]},
-                           {"model": "tiny", "input": [""]}, {"model": "tiny", "input": 5},
-                           {"model": "tiny", "input": ["x"] * 10_000}, {"model": "tiny", "input": "x",
-                                                                        "encoding_format": "hex"}],
-        "/v1/documents": [{"text": SURROGATE}, {"id": SURROGATE, "text": "x"}, {"title": 5, "text": "x"},
-                          {"documents": []}, {"documents": [{"text": SURROGATE}]}, {"documents": "x"},
-                          {"text": "   "}, {"text": "x", "documents": [{"text": "y"}]}, {"id": "x"}, {},
-                          {"id": "hostile-nul" + NUL, "text": "nul bytes " + NUL}],
-        "/v1/memory": [{"user": SURROGATE, "fact": "x"}, {"user": "hostile", "fact": SURROGATE},
-                       {"user": "", "fact": "x"}, {"user": "u" * 300, "fact": "x"}, {"user": "hostile", "fact": 5},
-                       {"user": "hostile", "fact": "f" * 2000}, {"user": "hostile"},
-                       {"user": "hostile-nul" + NUL, "fact": "nul bytes " + NUL}],
-        "/v1/feedback": [{"response_id": SURROGATE, "rating": "up"}, {"response_id": "x", "rating": SURROGATE},
-                         {"response_id": "chatcmpl-" + NUL, "rating": "up"}, {"response_id": "nope", "rating": "up"},
-                         {"response_id": "x", "rating": True}, {"response_id": "x", "rating": [1]},
-                         {"response_id": 5, "rating": "up"}, {"rating": "up"}, {"response_id": "x"}, {},
-                         {"chosen_id": "x"}, {"chosen_id": SURROGATE, "rejected_id": "y"},
-                         {"chosen_id": "a", "rejected_id": "b", "rating": "up"}, {"response_id": "x", "extra": 1},
-                         {"response_id": "x", "rating": "up", "comment": SURROGATE}],
+        "/v1/chat/completions": [
+            chat_body(SURROGATE),
+            chat_body([{"type": "text", "text": SURROGATE}]),
+            chat_body("hi", user=SURROGATE),
+            chat_body("hi", stop=[SURROGATE]),
+            chat_body(NUL),
+            chat_body("hi", user=NUL),
+            chat_body(5),
+            chat_body(None),
+            chat_body(NUL + " okapi", rag=True),
+            chat_body(SURROGATE + " okapi", rag=True),
+            chat_body([{"type": "image_url", "image_url": {"url": "x"}}]),
+            chat_body([5]),
+            {"model": "tiny", "messages": {}},
+            {"model": ["tiny"], "messages": []},
+            {"model": "tiny"},
+            {"messages": [{"role": "user", "content": "hi"}]},
+            chat_body("hi", max_tokens=-1),
+            chat_body("hi", max_tokens=10**12),
+            chat_body("hi", n=10**6),
+            chat_body("hi", temperature="hot"),
+            chat_body("hi", logit_bias={SURROGATE: 1}),
+            chat_body("hi", logit_bias={"x": 1}),
+            chat_body("hi", response_format={"type": "json_schema"}),
+            chat_body("hi", stream=True, stream_options=5),
+            chat_body("hi", seed="x"),
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi", SURROGATE: 1}]},
+            {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
+        ],
+        "/v1/completions": [
+            {"model": "tiny", "prompt": SURROGATE},
+            {"model": "tiny", "prompt": NUL, "max_tokens": 2},
+            {"model": "tiny", "prompt": [-1]},
+            {"model": "tiny", "prompt": [10**9]},
+            {"model": "tiny", "prompt": [[1, 2]]},
+            {"model": "tiny", "prompt": []},
+            {"model": "tiny", "prompt": ["a", "b"]},
+            {"model": "tiny", "prompt": {"a": 1}},
+            {"model": "tiny", "prompt": "x", "logprobs": 999},
+            {"model": "tiny", "prompt": True},
+        ],
+        "/v1/embeddings": [
+            {"model": "tiny", "input": SURROGATE},
+            {"model": "tiny", "input": NUL},
+            {"model": "tiny", "input": []},
+            {"model": "tiny", "input": [[-1]]},
+            {"model": "tiny", "input": [""]},
+            {"model": "tiny", "input": 5},
+            {"model": "tiny", "input": ["x"] * 10_000},
+            {"model": "tiny", "input": "x", "encoding_format": "hex"},
+        ],
+        "/v1/documents": [
+            {"text": SURROGATE},
+            {"id": SURROGATE, "text": "x"},
+            {"title": 5, "text": "x"},
+            {"documents": []},
+            {"documents": [{"text": SURROGATE}]},
+            {"documents": "x"},
+            {"text": "   "},
+            {"text": "x", "documents": [{"text": "y"}]},
+            {"id": "x"},
+            {},
+            {"id": "hostile-nul" + NUL, "text": "nul bytes " + NUL},
+        ],
+        "/v1/memory": [
+            {"user": SURROGATE, "fact": "x"},
+            {"user": "hostile", "fact": SURROGATE},
+            {"user": "", "fact": "x"},
+            {"user": "u" * 300, "fact": "x"},
+            {"user": "hostile", "fact": 5},
+            {"user": "hostile", "fact": "f" * 2000},
+            {"user": "hostile"},
+            {"user": "hostile-nul" + NUL, "fact": "nul bytes " + NUL},
+        ],
+        "/v1/feedback": [
+            {"response_id": SURROGATE, "rating": "up"},
+            {"response_id": "x", "rating": SURROGATE},
+            {"response_id": "chatcmpl-" + NUL, "rating": "up"},
+            {"response_id": "nope", "rating": "up"},
+            {"response_id": "x", "rating": True},
+            {"response_id": "x", "rating": [1]},
+            {"response_id": 5, "rating": "up"},
+            {"rating": "up"},
+            {"response_id": "x"},
+            {},
+            {"chosen_id": "x"},
+            {"chosen_id": SURROGATE, "rejected_id": "y"},
+            {"chosen_id": "a", "rejected_id": "b", "rating": "up"},
+            {"response_id": "x", "extra": 1},
+            {"response_id": "x", "rating": "up", "comment": SURROGATE},
+        ],
     }
     for path, bodies in posts.items():
         out += [("POST", path, {"body": b}) for b in bodies]
-        for raw in (b"", b"{", b"null", b"[]", b'"x"', b"\xff\xfe", b"{\"model\": \"tiny\"}" + b"\x00",
-                    b"[" * 3000 + b"]" * 3000, b'{"a": ' * 3000, json.dumps({"text": big}).encode()):
+        for raw in (
+            b"",
+            b"{",
+            b"null",
+            b"[]",
+            b'"x"',
+            b"\xff\xfe",
+            b'{"model": "tiny"}' + b"\x00",
+            b"[" * 3000 + b"]" * 3000,
+            b'{"a": ' * 3000,
+            json.dumps({"text": big}).encode(),
+        ):
             out.append(("POST", path, {"raw": raw}))
         out.append(("POST", path, {"body": {"text": "x"}, "key": None}))  # no key
         out.append(("POST", path, {"body": {"text": "x"}, "key": "wrong"}))  # a key no one has
-    admin = [{"model": SURROGATE}, {"model": 5}, {"model": "/nowhere" + NUL}, {"model": "relative"}, {},
-             {"model": "/x", "extra": 1}]
+    admin = [
+        {"model": SURROGATE},
+        {"model": 5},
+        {"model": "/nowhere" + NUL},
+        {"model": "relative"},
+        {},
+        {"model": "/x", "extra": 1},
+    ]
     out += [("POST", "/admin/models", {"body": b, "key": SERVE_ADMIN_KEY}) for b in admin]
     out += [("POST", "/admin/models", {"raw": raw, "key": SERVE_ADMIN_KEY}) for raw in (b"{", b"\xff", b"[" * 3000)]
     out += [("POST", "/admin/models", {"body": {"model": "/x"}, "key": k}) for k in (None, KEY)]
-    gets = [("GET", "/v1/documents/%ED%A0%80", {}), ("GET", "/v1/documents/nope%00", {}),
-            ("DELETE", "/v1/documents/nope", {}), ("DELETE", "/v1/documents/%ED%A0%80", {}),
-            ("GET", "/v1/memory?user=%ED%A0%80", {}), ("GET", "/v1/memory", {"params": {"user": ""}}),
-            ("DELETE", "/v1/memory/x?user=%ED%A0%80", {}), ("GET", "/v1/memory?user=%FF%00", {}),
-            ("GET", "/v1/memory", {"params": {"user": "u" * 300}}), ("GET", "/v1/memory", {"params": {"user": NUL}}),
-            ("DELETE", "/v1/memory/nope", {"params": {"user": "hostile"}}), ("DELETE", "/v1/memory/nope", {}),
-            ("GET", "/v1/models", {"key": None}), ("GET", "/v1/models", {"key": "wrong"}),
-            ("GET", "/v1/nope", {}), ("PUT", "/v1/chat/completions", {"body": chat_body()})]
+    gets = [
+        ("GET", "/v1/documents/%ED%A0%80", {}),
+        ("GET", "/v1/documents/nope%00", {}),
+        ("DELETE", "/v1/documents/nope", {}),
+        ("DELETE", "/v1/documents/%ED%A0%80", {}),
+        ("GET", "/v1/memory?user=%ED%A0%80", {}),
+        ("GET", "/v1/memory", {"params": {"user": ""}}),
+        ("DELETE", "/v1/memory/x?user=%ED%A0%80", {}),
+        ("GET", "/v1/memory?user=%FF%00", {}),
+        ("GET", "/v1/memory", {"params": {"user": "u" * 300}}),
+        ("GET", "/v1/memory", {"params": {"user": NUL}}),
+        ("DELETE", "/v1/memory/nope", {"params": {"user": "hostile"}}),
+        ("DELETE", "/v1/memory/nope", {}),
+        ("GET", "/v1/models", {"key": None}),
+        ("GET", "/v1/models", {"key": "wrong"}),
+        ("GET", "/v1/nope", {}),
+        ("PUT", "/v1/chat/completions", {"body": chat_body()}),
+    ]
     return out + gets
 
 
@@ -160,8 +245,9 @@ def send(server, method: str, path: str, kw: dict) -> httpx.Response:
     kw = dict(kw)
     params = kw.pop("params", {})
     if "%" in path:
-        return httpx.request(method, httpx.URL(server["base"] + path), headers={"Authorization": f"Bearer {KEY}"},
-                             timeout=120)
+        return httpx.request(
+            method, httpx.URL(server["base"] + path), headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        )
     return call(server, method, path, **kw, **params)
 
 
@@ -195,8 +281,12 @@ def test_hostile_input_on_every_route_then_ordinary_use_still_works(server, tmp_
             yield b"z" * cap
         yield b'"}]}'
 
-    r = httpx.post(server["base"] + "/v1/chat/completions", content=chunks(), timeout=120,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        server["base"] + "/v1/chat/completions",
+        content=chunks(),
+        timeout=120,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert "content-length" not in r.request.headers
     refused(r, 413)
     assert answers.get(200, 0) < sum(answers.values()) / 2 and answers.get(400, 0) > 0 and answers.get(422, 0) > 0
@@ -214,8 +304,9 @@ def test_hostile_input_on_every_route_then_ordinary_use_still_works(server, tmp_
     facts = ok(call(server, "GET", "/v1/memory", user="hostile"))["data"]
     assert [f["id"] for f in facts if f["fact"] == "likes okapis"] == [fact["id"]]
     out = tmp_path / "prefs.jsonl"
-    assert run_export(argparse.Namespace(store=str(server["state"] / "feedback.db"), out=str(out),
-                                         ratings_out=None)) == 0
+    assert (
+        run_export(argparse.Namespace(store=str(server["state"] / "feedback.db"), out=str(out), ratings_out=None)) == 0
+    )
     prefs = [json.loads(ln) for ln in out.read_text(encoding="utf-8").splitlines()]
     ratings = [json.loads(ln) for ln in (tmp_path / "prefs.ratings.jsonl").read_text(encoding="utf-8").splitlines()]
     text = {x["id"]: x["choices"][0]["message"]["content"] for x in (a, b, c)}

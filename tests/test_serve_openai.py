@@ -64,8 +64,7 @@ def test_n_choices_chat_and_completions_streamed_and_not(client):
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) > 1  # three samples, not one copied
     assert r.usage.completion_tokens <= 24 and r.model_extra["model_version"]
-    s = stream_choices(client.chat.completions.create(n=3, max_tokens=8, temperature=1.0, seed=11, stream=True,
-                                                      **CHAT))
+    s = stream_choices(client.chat.completions.create(n=3, max_tokens=8, temperature=1.0, seed=11, stream=True, **CHAT))
     assert sorted(s) == [0, 1, 2]
     assert [s[i]["text"] for i in range(3)] == [c.message.content for c in r.choices]  # seeded: the same samples
     assert all(len(s[i]["finish"]) == 1 for i in range(3))
@@ -73,11 +72,21 @@ def test_n_choices_chat_and_completions_streamed_and_not(client):
     g = client.chat.completions.create(n=2, max_tokens=6, temperature=0.0, **CHAT)
     one = client.chat.completions.create(max_tokens=6, temperature=0.0, **CHAT)
     assert [c.message.content for c in g.choices] == [one.choices[0].message.content] * 2
-    c = client.completions.create(model="tiny", prompt="def main():", n=2, max_tokens=5, temperature=0.0,
-                                  extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model="tiny", prompt="def main():", n=2, max_tokens=5, temperature=0.0, extra_body={"ignore_eos": True}
+    )
     assert [x.index for x in c.choices] == [0, 1] and c.usage.completion_tokens == 10
-    sc = stream_choices(client.completions.create(model="tiny", prompt="def main():", n=2, max_tokens=5,
-                                                  temperature=0.0, stream=True, extra_body={"ignore_eos": True}))
+    sc = stream_choices(
+        client.completions.create(
+            model="tiny",
+            prompt="def main():",
+            n=2,
+            max_tokens=5,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert [sc[i]["text"] for i in (0, 1)] == [x.text for x in c.choices]
     assert [sc[i]["finish"] for i in (0, 1)] == [["length"], ["length"]]
 
@@ -88,8 +97,13 @@ def test_chat_logprobs_match_the_checkpoint_and_stream_the_same(client, torch_mo
     from models.chat import ChatFormat
 
     model, tok = torch_model
-    r = client.chat.completions.create(max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=3,
-                                       **{**CHAT, "extra_body": {"rag": False, "ignore_eos": True}})
+    r = client.chat.completions.create(
+        max_tokens=8,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=3,
+        **{**CHAT, "extra_body": {"rag": False, "ignore_eos": True}},
+    )
     content = r.choices[0].logprobs.content
     assert content and len(content) <= r.usage.completion_tokens
     assert bytes(b for e in content for b in e.bytes).decode("utf-8", "replace") == r.choices[0].message.content
@@ -105,9 +119,16 @@ def test_chat_logprobs_match_the_checkpoint_and_stream_the_same(client, torch_mo
         lp = torch.log_softmax(model(torch.tensor([prompt + ids]))[0].float(), -1)
     want = [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(ids)]
     assert [e.logprob for e in content] == pytest.approx(want, abs=2e-3)
-    s = stream_choices(client.chat.completions.create(max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=3,
-                                                      stream=True,
-                                                      **{**CHAT, "extra_body": {"rag": False, "ignore_eos": True}}))
+    s = stream_choices(
+        client.chat.completions.create(
+            max_tokens=8,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=3,
+            stream=True,
+            **{**CHAT, "extra_body": {"rag": False, "ignore_eos": True}},
+        )
+    )
     streamed = [e for lp_ in s[0]["logprobs"] for e in lp_.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     none = client.chat.completions.create(max_tokens=3, **CHAT)
@@ -115,33 +136,52 @@ def test_chat_logprobs_match_the_checkpoint_and_stream_the_same(client, torch_mo
 
 
 def test_completion_logprobs_shape(client):
-    r = client.completions.create(model="tiny", prompt="def main():", max_tokens=6, temperature=0.0, logprobs=2,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt="def main():", max_tokens=6, temperature=0.0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     lp = r.choices[0].logprobs
     n = len(lp.tokens)
     assert n and len(lp.token_logprobs) == n and len(lp.top_logprobs) == n and len(lp.text_offset) == n
     assert lp.text_offset[0] == 0 and all(b >= a for a, b in zip(lp.text_offset, lp.text_offset[1:]))
     assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)
     assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp.top_logprobs, lp.token_logprobs))  # greedy
-    s = stream_choices(client.completions.create(model="tiny", prompt="def main():", max_tokens=6, temperature=0.0,
-                                                 logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    s = stream_choices(
+        client.completions.create(
+            model="tiny",
+            prompt="def main():",
+            max_tokens=6,
+            temperature=0.0,
+            logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert [t for x in s[0]["logprobs"] for t in x.tokens] == lp.tokens
     assert [o for x in s[0]["logprobs"] for o in x.text_offset] == lp.text_offset
 
 
 def test_response_format_json_is_honoured(client):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     free = client.chat.completions.create(max_tokens=40, temperature=0.0, **CHAT)
     with pytest.raises(ValueError):  # the tiny random model does not write JSON by itself
         json.loads(free.choices[0].message.content)
-    r = client.chat.completions.create(max_tokens=40, temperature=0.0, response_format={
-        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}, **CHAT)
+    r = client.chat.completions.create(
+        max_tokens=40,
+        temperature=0.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        **CHAT,
+    )
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     out = json.loads(r.choices[0].message.content)
     assert set(out) == {"ok"} and isinstance(out["ok"], bool)
-    o = client.chat.completions.create(max_tokens=60, temperature=0.7, seed=3,
-                                       response_format={"type": "json_object"}, **CHAT)
+    o = client.chat.completions.create(
+        max_tokens=60, temperature=0.7, seed=3, response_format={"type": "json_object"}, **CHAT
+    )
     if o.choices[0].finish_reason == "stop":  # a free-form object may run past max_tokens
         assert isinstance(json.loads(o.choices[0].message.content), dict)
     else:
@@ -151,8 +191,14 @@ def test_response_format_json_is_honoured(client):
 def test_logit_bias_is_honoured(client, torch_model):
     _, tok = torch_model
     forced = tok.encode("x")[0]
-    r = client.completions.create(model="tiny", prompt="def main():", max_tokens=5, temperature=0.0,
-                                  logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny",
+        prompt="def main():",
+        max_tokens=5,
+        temperature=0.0,
+        logit_bias={str(forced): 100},
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == tok.decode([forced] * 5)
 
 
@@ -163,8 +209,13 @@ def test_options_not_honoured_answer_400_naming_them(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(max_tokens=3, tools=tools, **CHAT)
     assert e.value.body["param"] == "tools" and "tool parser" in e.value.body["message"]
-    for body, param in [({"frobnicate": 1}, "frobnicate"), ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"),
-                        ({"logprobs": 21}, "logprobs"), ({"logit_bias": {"99999": 5}}, "logit_bias")]:
+    for body, param in [
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logit_bias": {"99999": 5}}, "logit_bias"),
+    ]:
         r = post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     r = post(server, "/v1/chat/completions", {"model": "tiny", "messages": CHAT["messages"], "top_logprobs": 2})

@@ -19,21 +19,37 @@ from serve.versions import SwitchError, incompatibilities, model_version
 
 
 def chat(**kw) -> ChatRequest:
-    return parse_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode(),
-                      ChatRequest, 10_000)
+    return parse_body(
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}).encode(), ChatRequest, 10_000
+    )
 
 
 def test_option_checks_name_the_option():
-    for kw, param in [({"tools": []}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"store": True}, "store"),
-                      ({"best_of": 3}, "best_of"), ({"wat": 1}, "wat")]:
+    for kw, param in [
+        ({"tools": []}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"store": True}, "store"),
+        ({"best_of": 3}, "best_of"),
+        ({"wat": 1}, "wat"),
+    ]:
         with pytest.raises(APIError) as e:
             chat(**kw).check_options()
         assert (e.value.status, e.value.param) == (400, param), kw
     for kw in ({"store": False}, {"tool_choice": "none"}, {"best_of": 2, "n": 2}, {}):
         chat(**kw).check_options()  # harmless values pass
-    named = parse_body(json.dumps({"model": "m", "messages": [
-        {"role": "assistant", "content": "a", "tool_calls": None, "refusal": None},
-        {"role": "user", "content": "b", "name": "bob"}]}).encode(), ChatRequest, 10_000)
+    named = parse_body(
+        json.dumps(
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "assistant", "content": "a", "tool_calls": None, "refusal": None},
+                    {"role": "user", "content": "b", "name": "bob"},
+                ],
+            }
+        ).encode(),
+        ChatRequest,
+        10_000,
+    )
     with pytest.raises(APIError) as e:
         named.check_options()
     assert e.value.param == "messages[1].name"
@@ -49,8 +65,9 @@ def test_option_checks_name_the_option():
         with pytest.raises(APIError) as e:
             chat(logit_bias=bias).bias(10)
         assert e.value.param == "logit_bias"
-    assert chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-                ).response_format.schema() == {"type": "object"}
+    assert chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    ).response_format.schema() == {"type": "object"}
     with pytest.raises(APIError):
         chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).response_format.schema()
     with pytest.raises(APIError) as e:  # n is bounded
@@ -82,9 +99,17 @@ def test_answer_of_n_choices_from_pieces(tiny_tokenizer):
     c = ans.choices()
     assert [x["message"]["content"] for x in c] == ["x", "y"]
     lp0 = c[0]["logprobs"]["content"]
-    assert lp0 == [{"token": "x", "logprob": -1.0, "bytes": list(b"x"),
-                    "top_logprobs": [{"token": "x", "logprob": -1.0, "bytes": list(b"x")},
-                                     {"token": "y", "logprob": -2.0, "bytes": list(b"y")}]}]
+    assert lp0 == [
+        {
+            "token": "x",
+            "logprob": -1.0,
+            "bytes": list(b"x"),
+            "top_logprobs": [
+                {"token": "x", "logprob": -1.0, "bytes": list(b"x")},
+                {"token": "y", "logprob": -2.0, "bytes": list(b"y")},
+            ],
+        }
+    ]
     # completions: legacy log-prob shape, offsets continue across streamed steps
     comp = Answer(tok, [tok.eot_id], [], n=1, chat=False, logprobs=True)
     s1 = comp.push({0: ([x], None, [[-1.0, [[x, -1.0]]]])})
@@ -92,8 +117,12 @@ def test_answer_of_n_choices_from_pieces(tiny_tokenizer):
     chunks = comp.chunk_choices(s1[0]) + comp.chunk_choices(s2[0])
     assert [c["logprobs"]["text_offset"] for c in chunks if c["logprobs"]] == [[0], [1]]
     assert chunks[-1] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
-    assert comp.choices()[0]["logprobs"] == {"tokens": ["x", "y"], "token_logprobs": [-1.0, -2.0],
-                                             "top_logprobs": [{"x": -1.0}, {"y": -2.0}], "text_offset": [0, 1]}
+    assert comp.choices()[0]["logprobs"] == {
+        "tokens": ["x", "y"],
+        "token_logprobs": [-1.0, -2.0],
+        "top_logprobs": [{"x": -1.0}, {"y": -2.0}],
+        "text_offset": [0, 1],
+    }
 
 
 def test_model_version_manifest_or_weights_hash(tiny_checkpoint, tmp_path):
@@ -136,7 +165,7 @@ def test_incompatibilities_name_what_differs(tiny_checkpoint, tmp_path):
 def test_pooling():
     h = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [9.0, 9.0]]])  # (1, 3, 2); the third position is padding
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    assert pool(h, mask, "mean")[0].tolist() == pytest.approx([2 ** -0.5, 2 ** -0.5])  # mean (2, 2), unit length
+    assert pool(h, mask, "mean")[0].tolist() == pytest.approx([2**-0.5, 2**-0.5])  # mean (2, 2), unit length
     assert pool(h, mask, "last")[0].tolist() == pytest.approx([0.6, 0.8])  # (3, 4), unit length
     with pytest.raises(ValueError):
         pool(h, mask, "max")

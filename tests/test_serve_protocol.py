@@ -16,16 +16,22 @@ from serve.schemas import ChatRequest, parse_body
 
 
 def test_parse_body_status_codes():
-    ok = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "extra_field": 1}',
-                    ChatRequest, 1000)
+    ok = parse_body(
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "extra_field": 1}', ChatRequest, 1000
+    )
     assert ok.messages[0].text() == "hi" and ok.rag is True and ok.max_tokens is None
     with pytest.raises(APIError) as e:  # parsed, but an option the server does not know is a 400 naming it
         ok.check_options()
     assert (e.value.status, e.value.param, e.value.code) == (400, "extra_field", "unsupported_option")
-    cases = [(b"x" * 1001, 413), (b'{"model": ', 400), (b"[1, 2]", 400),
-             (b'{"model": "m", "messages": "hello"}', 422), (b'{"messages": []}', 422),
-             (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', 422),
-             (b'{"model": "m", "messages": [], "temperature": 9}', 422)]
+    cases = [
+        (b"x" * 1001, 413),
+        (b'{"model": ', 400),
+        (b"[1, 2]", 400),
+        (b'{"model": "m", "messages": "hello"}', 422),
+        (b'{"messages": []}', 422),
+        (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', 422),
+        (b'{"model": "m", "messages": [], "temperature": 9}', 422),
+    ]
     for raw, status in cases:
         with pytest.raises(APIError) as e:
             parse_body(raw, ChatRequest, 1000)
@@ -41,17 +47,22 @@ def test_parse_body_refuses_text_utf8_cannot_hold_and_hostile_shapes():
     naming the field, wherever it is (a value, a nested part, a key). Deep nesting is a 400, not a crash."""
     from serve.schemas import FeedbackRequest, MemoryRequest
 
-    for raw, param in [(b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
-                       (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": '
-                        b'"a\\udfffb"}]}]}', "messages.0.content.0.text"),
-                       (b'{"model": "m", "messages": [], "user": "\\udc00"}', "user"),
-                       (b'{"model": "m", "messages": [], "\\ud800": 1}', "body")]:
+    for raw, param in [
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}',
+            "messages.0.content.0.text",
+        ),
+        (b'{"model": "m", "messages": [], "user": "\\udc00"}', "user"),
+        (b'{"model": "m", "messages": [], "\\ud800": 1}', "body"),
+    ]:
         with pytest.raises(APIError) as e:
             parse_body(raw, ChatRequest, 10_000)
         assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_unicode", param), raw
     # a proper surrogate pair is one character, and NUL is a character UTF-8 and SQLite hold: both accepted
-    ok = parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00 a\\u0000b"}]}',
-                    ChatRequest, 10_000)
+    ok = parse_body(
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00 a\\u0000b"}]}', ChatRequest, 10_000
+    )
     assert ok.messages[0].text() == "\U0001f600 a\x00b"
     with pytest.raises(APIError) as e:
         parse_body(b"[" * 5000 + b"]" * 5000, ChatRequest, 100_000)
@@ -115,8 +126,10 @@ def test_augment_fits_context_budget(tiny_tokenizer):
     tok, fmt = tiny_tokenizer, ChatFormat()
     msgs = [{"role": "user", "content": "how do I sort a list?"}]
     plain = encode_prompt(tok, fmt, msgs)
-    passages = [{"doc_id": f"d{i}", "title": f"T{i}", "chunk": 0, "text": "sorted(xs) returns a new list. " * 5,
-                 "score": 1.0} for i in range(3)]
+    passages = [
+        {"doc_id": f"d{i}", "title": f"T{i}", "chunk": 0, "text": "sorted(xs) returns a new list. " * 5, "score": 1.0}
+        for i in range(3)
+    ]
     ids, used_msgs, docs, n_facts = augment(tok, fmt, msgs, passages, ["likes python"], budget=10_000)
     assert [d["doc_id"] for d in docs] == ["d0", "d1", "d2"] and n_facts == 1
     assert used_msgs[0]["role"] == "system" and "likes python" in used_msgs[0]["content"]

@@ -99,8 +99,12 @@ def expected_texts(ckpt) -> dict[str, str]:
 
 
 def switch(server, model, key=ADMIN) -> httpx.Response:
-    return httpx.post(server["base"] + "/admin/models", json={"model": str(model)},
-                      headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300)
+    return httpx.post(
+        server["base"] + "/admin/models",
+        json={"model": str(model)},
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        timeout=300,
+    )
 
 
 def live_version(server) -> str:
@@ -112,10 +116,15 @@ def stream_one(client, prompt: str) -> dict:
     """One streamed chat answer: its text, the versions its chunks named, finish reasons, usage, timing."""
     t0 = time.perf_counter()
     versions, pieces, finals, usage = set(), [], [], None
-    for ch in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                             max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
-                                             stream_options={"include_usage": True},
-                                             extra_body={"rag": False, "ignore_eos": True}):
+    for ch in client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"rag": False, "ignore_eos": True},
+    ):
         versions.add(ch.model_extra["model_version"])
         if ch.usage:
             usage = ch.usage.completion_tokens
@@ -123,8 +132,15 @@ def stream_one(client, prompt: str) -> dict:
             pieces.append(ch.choices[0].delta.content or "")
             if ch.choices[0].finish_reason:
                 finals.append(ch.choices[0].finish_reason)
-    return {"prompt": prompt, "text": "".join(pieces), "versions": versions, "finals": finals, "tokens": usage,
-            "start": t0, "end": time.perf_counter()}
+    return {
+        "prompt": prompt,
+        "text": "".join(pieces),
+        "versions": versions,
+        "finals": finals,
+        "tokens": usage,
+        "start": t0,
+        "end": time.perf_counter(),
+    }
 
 
 STEADY = 12  # answers in steady state on each side of the switch (6 streams: two rounds each)
@@ -203,8 +219,14 @@ def fake_switch(ckpts, replicas, seen=None, settle_s=0.3):
 
     gen = FakeGenerator(replicas, seen)
     board: list[tuple[str, str]] = []
-    vs = VersionSwitch(gen, ckpts["A"], record=lambda m, v: board.append((m, v)), running=lambda: len(replicas),
-                       settle_s=settle_s, poll_s=0.01)
+    vs = VersionSwitch(
+        gen,
+        ckpts["A"],
+        record=lambda m, v: board.append((m, v)),
+        running=lambda: len(replicas),
+        settle_s=settle_s,
+        poll_s=0.01,
+    )
     return vs, gen, board
 
 
@@ -365,10 +387,12 @@ def test_bad_checkpoints_are_refused_and_the_old_version_keeps_serving(server, c
     import openai
 
     before = live_version(server)
-    for model, status, code in [(ckpts["A"].parent / "nowhere", 404, "checkpoint_not_found"),
-                                ("relative/ckpt", 400, "checkpoint_invalid"),
-                                (ckpts["C"], 409, "incompatible_checkpoint"),
-                                (ckpts["D"], 400, "checkpoint_invalid")]:
+    for model, status, code in [
+        (ckpts["A"].parent / "nowhere", 404, "checkpoint_not_found"),
+        ("relative/ckpt", 400, "checkpoint_invalid"),
+        (ckpts["C"], 409, "incompatible_checkpoint"),
+        (ckpts["D"], 400, "checkpoint_invalid"),
+    ]:
         r = switch(server, model)
         assert r.status_code == status, r.text
         err = r.json()["error"]
@@ -376,8 +400,9 @@ def test_bad_checkpoints_are_refused_and_the_old_version_keeps_serving(server, c
     assert "num_hidden_layers" in switch(server, ckpts["C"]).json()["error"]["message"]  # names what differs
     assert live_version(server) == before
     c = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                  extra_body={"rag": False})
+    r = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, extra_body={"rag": False}
+    )
     assert r.model_extra["model_version"] == before
 
 
@@ -435,11 +460,19 @@ def test_switch_under_streaming_load_fails_nothing(server, ckpts):
 
     steady = [x["end"] - x["start"] for x in before] + [x["end"] - x["start"] for x in after]
     during = [x["end"] - x["start"] for x in results if x["start"] <= t_switch1 and x["end"] >= t_switch0]
-    report = {"requests": len(results), "failed": len(errors), "truncated": len(truncated),
-              "switch_s": round(t_switch1 - t_switch0, 3), "check_s": body["check_s"], "drain_s": body["drain_s"],
-              "reload_s": body["reload_s"],
-              "p99_steady_s": round(p99(steady), 3), "p99_during_switch_s": round(p99(during), 3),
-              "n_steady": len(steady), "n_during": len(during)}
+    report = {
+        "requests": len(results),
+        "failed": len(errors),
+        "truncated": len(truncated),
+        "switch_s": round(t_switch1 - t_switch0, 3),
+        "check_s": body["check_s"],
+        "drain_s": body["drain_s"],
+        "reload_s": body["reload_s"],
+        "p99_steady_s": round(p99(steady), 3),
+        "p99_during_switch_s": round(p99(during), 3),
+        "n_steady": len(steady),
+        "n_during": len(during),
+    }
     log.warning("version switch under load: %s", json.dumps(report))
     print(f"\nversion switch under load: {json.dumps(report)}")
 
@@ -447,11 +480,16 @@ def test_switch_under_streaming_load_fails_nothing(server, ckpts):
     import openai as _openai
 
     c = _openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    resp = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "rate me"}], max_tokens=3,
-                                     extra_body={"rag": False})
+    resp = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "rate me"}], max_tokens=3, extra_body={"rag": False}
+    )
     assert resp.model_extra["model_version"] == v_b
-    rated = httpx.post(server["base"] + "/v1/feedback", json={"response_id": resp.id, "rating": "up"},
-                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    rated = httpx.post(
+        server["base"] + "/v1/feedback",
+        json={"response_id": resp.id, "rating": "up"},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
     assert rated.status_code == 200, rated.text
     from serve.feedback import FeedbackStore
 
@@ -464,8 +502,14 @@ def test_genloop_deploy_over_http_and_over_ray(server, ckpts, capsys):
     from cluster.commands.deploy import run
 
     v_b = live_version(server)
-    args = argparse.Namespace(model=str(ckpts["A"]), url=server["base"], admin_key=None, admin_key_file=None,
-                              app_name=server["app"], timeout=300.0)
+    args = argparse.Namespace(
+        model=str(ckpts["A"]),
+        url=server["base"],
+        admin_key=None,
+        admin_key_file=None,
+        app_name=server["app"],
+        timeout=300.0,
+    )
     with pytest.raises(ValueError, match="401"):  # no admin key
         run(args)
     args.admin_key = ADMIN
@@ -474,8 +518,15 @@ def test_genloop_deploy_over_http_and_over_ray(server, ckpts, capsys):
     assert v_a != v_b and v_a.startswith("w-")
     assert f"as version {v_a}" in capsys.readouterr().out
     # through the Ray cluster the app runs on (no admin key: holding the cluster is holding the server)
-    ray_args = argparse.Namespace(model=str(ckpts["B"]), url=None, admin_key=None, admin_key_file=None,
-                                  app_name=server["app"], timeout=300.0, address=ray.get_runtime_context().gcs_address)
+    ray_args = argparse.Namespace(
+        model=str(ckpts["B"]),
+        url=None,
+        admin_key=None,
+        admin_key_file=None,
+        app_name=server["app"],
+        timeout=300.0,
+        address=ray.get_runtime_context().gcs_address,
+    )
     assert run(ray_args) == 0
     assert live_version(server) == v_b
     ray_args.model = str(ckpts["C"])
@@ -492,17 +543,24 @@ def test_a_replica_started_after_a_switch_serves_the_live_version(server, ckpts)
 
     v_live = live_version(server)
     assert v_live != live_version_of_a(ckpts)  # the previous test left B live
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{server['app']}#Generator#")]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{server['app']}#Generator#")
+    ]
     assert len(replicas) == 1
     ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=True)
     c = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
     deadline = time.time() + 300
     while True:  # requests fail while no generator replica is up; wait for the new one
         try:
-            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                          max_tokens=MAX_TOKENS, temperature=0.0,
-                                          extra_body={"rag": False, "ignore_eos": True})
+            r = c.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                max_tokens=MAX_TOKENS,
+                temperature=0.0,
+                extra_body={"rag": False, "ignore_eos": True},
+            )
             break
         except openai.APIError:
             assert time.time() < deadline, "no generator replica came back"

@@ -27,9 +27,15 @@ def _write_set(path, n: int, bad: bool = True) -> None:
     lines = []
     for i in range(n):
         name = f"f{i % 7}"
-        lines.append(json.dumps({"prompt": f"Write `{name}` returning x plus {i % 5}.",
-                                 "response": f"def {name}(x):\n    return x + {i % 5}",
-                                 "meta": {"task": "write"}}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": f"Write `{name}` returning x plus {i % 5}.",
+                    "response": f"def {name}(x):\n    return x + {i % 5}",
+                    "meta": {"task": "write"},
+                }
+            )
+        )
     if bad:
         lines += BAD_LINES
     path.write_text("\n".join(lines) + "\n")
@@ -44,13 +50,30 @@ def test_sft_lora_in_process(ray_session, tiny_checkpoint, tmp_path):
     data = tmp_path / "sft.jsonl"
     _write_set(data, 48)
     shutil.copy(data, tmp_path / "sft.val.jsonl")  # held-out = the same pattern: its answer loss must fall
-    cfg = build_config(SftConfig, "sft", "tiny", {
-        "init_from": str(tiny_checkpoint), "data": str(data), "out": str(tmp_path / "out"), "in_process": True,
-        "export": "both", "lora.rank": 8, "lora.alpha": 16, "train.steps": 40, "train.lr": 2e-2,
-        "train.warmup_steps": 2, "train.eval_every": 20, "eval.prompts": 2, "eval.max_new_tokens": 12,
-        "eval.step_prompts": 1})
-    assert cfg.lora == LoraConfig(rank=8, alpha=16.0, dropout=0.0,
-                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg = build_config(
+        SftConfig,
+        "sft",
+        "tiny",
+        {
+            "init_from": str(tiny_checkpoint),
+            "data": str(data),
+            "out": str(tmp_path / "out"),
+            "in_process": True,
+            "export": "both",
+            "lora.rank": 8,
+            "lora.alpha": 16,
+            "train.steps": 40,
+            "train.lr": 2e-2,
+            "train.warmup_steps": 2,
+            "train.eval_every": 20,
+            "eval.prompts": 2,
+            "eval.max_new_tokens": 12,
+            "eval.step_prompts": 1,
+        },
+    )
+    assert cfg.lora == LoraConfig(
+        rank=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     res = run(cfg)
 
     m = read_manifest(str(tmp_path / "out"))
@@ -93,13 +116,40 @@ def test_sft_cli_ray_train(ray_session, tiny_checkpoint, tmp_path, capsys):
     code = tmp_path / "code"
     code.mkdir()
     shutil.copy(__import__("base64").__file__, code / "b64.py")
-    assert main(["sft-data", "--config", "tiny", "--from-code", str(code), "--out", str(tmp_path / "sd"),
-                 "val_fraction=0.3"]) == 0
+    assert (
+        main(
+            [
+                "sft-data",
+                "--config",
+                "tiny",
+                "--from-code",
+                str(code),
+                "--out",
+                str(tmp_path / "sd"),
+                "val_fraction=0.3",
+            ]
+        )
+        == 0
+    )
     assert read_manifest(str(tmp_path / "sd"))["status"] == "finished"
     assert sum(1 for _ in open(train_path(str(tmp_path / "sd")))) > 0
     capsys.readouterr()
-    argv = ["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data", str(tmp_path / "sd"),
-            "--out", str(tmp_path / "sft"), "--steps", "6", "eval.prompts=2", "eval.max_new_tokens=8", "pack=false"]
+    argv = [
+        "sft",
+        "--config",
+        "tiny",
+        "--init-from",
+        str(tmp_path / "pretrain"),
+        "--data",
+        str(tmp_path / "sd"),
+        "--out",
+        str(tmp_path / "sft"),
+        "--steps",
+        "6",
+        "eval.prompts=2",
+        "eval.max_new_tokens=8",
+        "pack=false",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = read_manifest(str(tmp_path / "sft"))
@@ -114,9 +164,37 @@ def test_sft_cli_ray_train(ray_session, tiny_checkpoint, tmp_path, capsys):
     after = model_weights(tmp_path / "sft" / "model")
     assert weights_differ(before, after)
     # a finished artifact is not overwritten without --overwrite; bad --data is one clear error line
-    assert main(["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data",
-                 str(tmp_path / "sd"), "--out", str(tmp_path / "sft")]) == 1
+    assert (
+        main(
+            [
+                "sft",
+                "--config",
+                "tiny",
+                "--init-from",
+                str(tmp_path / "pretrain"),
+                "--data",
+                str(tmp_path / "sd"),
+                "--out",
+                str(tmp_path / "sft"),
+            ]
+        )
+        == 1
+    )
     assert not weights_differ(after, model_weights(tmp_path / "sft" / "model"))
-    assert main(["sft", "--config", "tiny", "--init-from", str(tmp_path / "pretrain"), "--data",
-                 str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "sft2")]) == 1
+    assert (
+        main(
+            [
+                "sft",
+                "--config",
+                "tiny",
+                "--init-from",
+                str(tmp_path / "pretrain"),
+                "--data",
+                str(tmp_path / "missing.jsonl"),
+                "--out",
+                str(tmp_path / "sft2"),
+            ]
+        )
+        == 1
+    )
     assert "missing.jsonl" in capsys.readouterr().err

@@ -55,7 +55,9 @@ def test_sft_data_from_code(tmp_path):
     assert len(train) == 4 and not val
     write = [ex for ex in train if ex["meta"]["task"] == "write"]
     assert {ex["messages"][1]["content"] for ex in write} == {
-        "def add(a, b):\n    return a + b", "def area(self, scale=1):\n    w = self.w * scale\n    return w * self.h"}
+        "def add(a, b):\n    return a + b",
+        "def area(self, scale=1):\n    w = self.w * scale\n    return w * self.h",
+    }
     for ex in write:
         ast.parse(ex["messages"][1]["content"])  # every code answer parses
         assert '"""' not in ex["messages"][1]["content"]
@@ -103,11 +105,21 @@ def test_bad_lines_are_counted_not_raised(tmp_path):
     path.write_text("\n".join(json.dumps(l) for l in lines) + "\n{not json\n\n")
     counts = Counter()
     convs = read_conversations(str(path), counts)
-    assert [m for m, _ in convs][1] == [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
-                                        {"role": "assistant", "content": "r"}]
+    assert [m for m, _ in convs][1] == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "p"},
+        {"role": "assistant", "content": "r"},
+    ]
     assert len(convs) == 2
-    assert counts == Counter(lines=9, bad_no_assistant_turn=1, bad_unknown_role=1, bad_missing_fields=2,
-                             bad_bad_content=1, bad_not_an_object=1, bad_json=1)
+    assert counts == Counter(
+        lines=9,
+        bad_no_assistant_turn=1,
+        bad_unknown_role=1,
+        bad_missing_fields=2,
+        bad_bad_content=1,
+        bad_not_an_object=1,
+        bad_json=1,
+    )
     assert parse_record({"prompt": "x"}) == (None, "missing_fields")
     with pytest.raises(FileNotFoundError, match="genloop sft-data"):
         read_conversations(str(tmp_path / "missing.jsonl"), counts)
@@ -138,8 +150,13 @@ def test_packed_and_padded_give_the_same_loss(tiny_checkpoint, tiny_tokenizer):
 
     model, tok = load_checkpoint(tiny_checkpoint)
     fmt = ChatFormat.from_checkpoint(tiny_checkpoint)
-    convs = [[{"role": "user", "content": f"question {i} " * (i % 4 + 1)},
-              {"role": "assistant", "content": f"def f{i}(x):\n    return x * {i}"}] for i in range(7)]
+    convs = [
+        [
+            {"role": "user", "content": f"question {i} " * (i % 4 + 1)},
+            {"role": "assistant", "content": f"def f{i}(x):\n    return x * {i}"},
+        ]
+        for i in range(7)
+    ]
     samples = encode_samples(convs, tok, fmt, seq_len=128, train_on="assistant", overlong="cut", counts=Counter())
     packed = packed_rows(samples, 128, tok.pad_id)
     padded = padded_rows(samples, 128, tok.pad_id)

@@ -57,8 +57,18 @@ def test_zero_periods_mean_only_the_last_step(tmp_path):
     zero) with one metrics row, at the last step, holding the train and validation loss, and one checkpoint."""
     import os
 
-    cfg = TrainLoopConfig(steps=3, micro_batch_size=2, warmup_steps=0, log_every=0, eval_every=0, ckpt_every=0,
-                          eval_batches=1, strategy="none", progress=False, name="zero")
+    cfg = TrainLoopConfig(
+        steps=3,
+        micro_batch_size=2,
+        warmup_steps=0,
+        log_every=0,
+        eval_every=0,
+        ckpt_every=0,
+        eval_batches=1,
+        strategy="none",
+        progress=False,
+        name="zero",
+    )
     assert [cfg.due(0, d) for d in (1, 2, 3)] == [False, False, True]
     assert [cfg.due(2, d) for d in (1, 2, 3)] == [False, True, True]
     blocks = _random_blocks(n=12, seq=8)
@@ -82,9 +92,21 @@ def test_ddp_on_two_workers_matches_one_process(ray_session, tmp_path):
     ds, val = lm_dataset(blocks[:40]), lm_dataset(blocks[40:])
     curves, vals = {}, {}
     for strategy, workers in (("none", 1), ("ddp", 2)):
-        cfg = TrainLoopConfig(steps=4, micro_batch_size=2, grad_accum=2 // workers, lr=3e-3, warmup_steps=1,
-                              strategy=strategy, num_workers=workers, log_every=1, eval_every=4, eval_batches=2,
-                              ckpt_every=0, name=strategy, progress=False)
+        cfg = TrainLoopConfig(
+            steps=4,
+            micro_batch_size=2,
+            grad_accum=2 // workers,
+            lr=3e-3,
+            warmup_steps=1,
+            strategy=strategy,
+            num_workers=workers,
+            log_every=1,
+            eval_every=4,
+            eval_batches=2,
+            ckpt_every=0,
+            name=strategy,
+            progress=False,
+        )
         r = fit(cfg, tiny_builder(256), ds, val, str(tmp_path / strategy), in_process=workers == 1)
         curves[strategy] = [h["loss"] for h in r.history if "loss" in h]
         vals[strategy] = r.metrics["val_loss"]
@@ -102,18 +124,30 @@ def test_fsdp_killed_worker_restarts_and_matches_uninterrupted_one_process(ray_s
 
     blocks = _random_blocks(seed=1)
     ds = lm_dataset(blocks)
-    common = dict(steps=5, micro_batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, eval_every=100,
-                  ckpt_every=2, progress=False)
-    ref = fit(TrainLoopConfig(grad_accum=2, strategy="none", name="ref", **common), tiny_builder(1024), ds, None,
-              str(tmp_path / "ref"), export=hf_export(str(tiny_tokenizer_dir)), in_process=True)
-    cfg = TrainLoopConfig(grad_accum=1, strategy="fsdp", num_workers=2, max_failures=1, inject_failure_at=3,
-                          name="killed", **common)
+    common = dict(
+        steps=5, micro_batch_size=2, lr=3e-3, warmup_steps=1, log_every=1, eval_every=100, ckpt_every=2, progress=False
+    )
+    ref = fit(
+        TrainLoopConfig(grad_accum=2, strategy="none", name="ref", **common),
+        tiny_builder(1024),
+        ds,
+        None,
+        str(tmp_path / "ref"),
+        export=hf_export(str(tiny_tokenizer_dir)),
+        in_process=True,
+    )
+    cfg = TrainLoopConfig(
+        grad_accum=1, strategy="fsdp", num_workers=2, max_failures=1, inject_failure_at=3, name="killed", **common
+    )
     out = tmp_path / "killed"
     got = fit(cfg, tiny_builder(1024), ds, None, str(out), export=hf_export(str(tiny_tokenizer_dir)))
     assert (out / ".injected_failure_3").exists()  # the worker really died once
     assert [h["step"] for h in got.history] == [1, 2, 3, 4, 5]  # resumed at 2: no step logged twice or skipped
     np.testing.assert_allclose([h["loss"] for h in got.history], [h["loss"] for h in ref.history], rtol=1e-4)
-    a, b = load_file(str(Path(ref.model_dir) / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    a, b = (
+        load_file(str(Path(ref.model_dir) / "model.safetensors")),
+        load_file(str(out / "model" / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -124,8 +158,19 @@ def test_repeating_corpus_loss_falls_and_val_loss_is_reported(ray_session, tmp_p
     """A 4-block corpus repeated: the model memorises it; train and validation loss (same text) fall well down."""
     base = _random_blocks(n=4, seq=32, vocab=100, seed=2)
     ds = lm_dataset(np.concatenate([base] * 8))
-    cfg = TrainLoopConfig(steps=60, micro_batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=5, strategy="none",
-                          log_every=1, eval_every=20, eval_batches=1, ckpt_every=0, progress=False)
+    cfg = TrainLoopConfig(
+        steps=60,
+        micro_batch_size=4,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=5,
+        strategy="none",
+        log_every=1,
+        eval_every=20,
+        eval_batches=1,
+        ckpt_every=0,
+        progress=False,
+    )
     r = fit(cfg, tiny_builder(128), ds, lm_dataset(base), str(tmp_path / "learn"), in_process=True)
     losses = [h["loss"] for h in r.history if "loss" in h]
     vals = [h["val_loss"] for h in r.history if "val_loss" in h]

@@ -48,10 +48,17 @@ def test_load_prompts_reads_prompt_rows_with_columns_aligned(tmp_path, tiny_chec
 
     tok, fmt = load_tokenizer(tiny_checkpoint), ChatFormat.from_checkpoint(tiny_checkpoint)
     f = tmp_path / "p.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Compute 1+1.", "answer": "2"},
-        {"messages": [{"role": "user", "content": "Compute 2+2."}], "answer": "4", "level": 1},
-        {"messages": [{"role": "user", "content": "Compute 3+3."}, {"role": "assistant", "content": "6"}]}]) + "\n")
+    f.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Compute 1+1.", "answer": "2"},
+                {"messages": [{"role": "user", "content": "Compute 2+2."}], "answer": "4", "level": 1},
+                {"messages": [{"role": "user", "content": "Compute 3+3."}, {"role": "assistant", "content": "6"}]},
+            ]
+        )
+        + "\n"
+    )
     ps = load_prompts(str(f), tok, fmt, max_prompt_tokens=200)
     assert ps.texts == ["Compute 1+1.", "Compute 2+2.", "Compute 3+3."]
     assert ps.columns == {"answer": ["2", "4", None], "level": [None, 1, None]}
@@ -63,10 +70,12 @@ def test_load_prompts_reads_prompt_rows_with_columns_aligned(tmp_path, tiny_chec
 # ---- columns into reward functions ---------------------------------------------------------------------------------
 def test_reward_functions_get_the_columns_they_take(tmp_path):
     f = tmp_path / "cols.py"
-    f.write_text("def plain(prompts, responses):\n    return [1.0] * len(responses)\n"
-                 "def named(prompts, responses, answer, level=0):\n"
-                 "    return [float(r == a) + 10 * (level or 0) for r, a in zip(responses, answer)]\n"
-                 "def kw(prompts, responses, **cols):\n    return [float(len(cols))] * len(responses)\n")
+    f.write_text(
+        "def plain(prompts, responses):\n    return [1.0] * len(responses)\n"
+        "def named(prompts, responses, answer, level=0):\n"
+        "    return [float(r == a) + 10 * (level or 0) for r, a in zip(responses, answer)]\n"
+        "def kw(prompts, responses, **cols):\n    return [float(len(cols))] * len(responses)\n"
+    )
     rs = RewardSet.from_spec(f"fn:{f}:plain,fn:{f}:named,fn:{f}:kw")
     cols = {"answer": ["1", "2"], "other": ["x", "y"]}
     total, parts = rs.score(["p", "q"], ["1", "3"], columns=cols)
@@ -85,10 +94,23 @@ def test_reward_functions_get_the_columns_they_take(tmp_path):
 
 
 # ---- the built-in answer checkers ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("text,want", [
-    ("85", 85.0), ("The sum is 1,085.", 1085.0), ("-5", -5.0), ("x = -3.25.", -3.25), ("47+38=85", 85.0),
-    ("10-3", 3.0), ("1,234,567 apples", 1234567.0), ("1,2,3", 3.0), (".5", 0.5), ("Answer: -1,234.50.", -1234.5),
-    ("no number", None), ("", None)])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("85", 85.0),
+        ("The sum is 1,085.", 1085.0),
+        ("-5", -5.0),
+        ("x = -3.25.", -3.25),
+        ("47+38=85", 85.0),
+        ("10-3", 3.0),
+        ("1,234,567 apples", 1234567.0),
+        ("1,2,3", 3.0),
+        (".5", 0.5),
+        ("Answer: -1,234.50.", -1234.5),
+        ("no number", None),
+        ("", None),
+    ],
+)
 def test_last_number(text, want):
     assert last_number(text) == want
 
@@ -124,8 +146,10 @@ def test_arithmetic_splits_share_no_problem_and_are_deterministic(tmp_path):
     with pytest.raises(ValueError, match="--ops"):
         arithmetic_problems(5, 1, ops="/")
     res = run_arithmetic(ArithmeticConfig(out=str(tmp_path / "t"), n=40, heldout=8, seed=1))
-    rows = {s: [json.loads(x) for x in (tmp_path / "t" / f"{s}.jsonl").read_text().splitlines()]
-            for s in ("train", "heldout")}
+    rows = {
+        s: [json.loads(x) for x in (tmp_path / "t" / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "heldout")
+    }
     assert (len(rows["train"]), len(rows["heldout"])) == (40, 8) and res["space"] == 90 * 91 // 2
     assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["heldout"]}
     assert json.loads((tmp_path / "t" / "manifest.json").read_text())["status"] == "finished"
@@ -140,13 +164,20 @@ def test_tasks_command_and_missing_column_refused_before_rollout(tmp_path, tiny_
 
     assert main(["tasks", "arithmetic", "--out", str(tmp_path / "t"), "--n", "20", "--heldout", "4"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["heldout"] == 4
-    ok = plan(RlhfConfig(policy=str(tiny_checkpoint), reward="fn:exact_answer,fn:number_answer:0.5",
-                         prompts=str(tmp_path / "t"), out=str(tmp_path / "out")))
+    ok = plan(
+        RlhfConfig(
+            policy=str(tiny_checkpoint),
+            reward="fn:exact_answer,fn:number_answer:0.5",
+            prompts=str(tmp_path / "t"),
+            out=str(tmp_path / "out"),
+        )
+    )
     assert len(ok.prompts) == 20 and len(ok.prompts.columns["answer"]) == 20
     bare = tmp_path / "bare.jsonl"
     bare.write_text("".join(json.dumps({"prompt": f"Compute {i}+1."}) + "\n" for i in range(5)))
-    cfg = RlhfConfig(policy=str(tiny_checkpoint), reward="fn:number_answer", prompts=str(bare),
-                     out=str(tmp_path / "out2"))
+    cfg = RlhfConfig(
+        policy=str(tiny_checkpoint), reward="fn:number_answer", prompts=str(bare), out=str(tmp_path / "out2")
+    )
     with pytest.raises(RewardError, match=r"fn:number_answer needs the column 'answer', which 5 of 5 rows lack"):
         plan(cfg)
     assert not (tmp_path / "out2").exists()
@@ -172,9 +203,17 @@ def test_eval_intervals_against_a_hand_computation():
     assert s["binary"] and s["pass_rate"] == 0.5 and (s["pass_lo"], s["pass_hi"]) == wilson_interval(3, 6)[1:]
     assert (s["mean"], s["mean_lo"]) == (0.5, mean_interval([1.0, 0.5, 0.0])[1])
     assert not summarize_scores([0.5, 1.0])["binary"]
-    row = {"rewards": {"exact_answer": summarize_scores([1.0] * 8 + [0.0] * 2)}, "judge_pass_rate": 0.0,
-           "judge_mean": 0.0, "rm_score_mean": None, "kl_to_reference": 0.01, "answer_tokens_mean": 2.0,
-           "prompts": 10, "samples_per_prompt": 1, "decoding": "greedy"}
+    row = {
+        "rewards": {"exact_answer": summarize_scores([1.0] * 8 + [0.0] * 2)},
+        "judge_pass_rate": 0.0,
+        "judge_mean": 0.0,
+        "rm_score_mean": None,
+        "kl_to_reference": 0.01,
+        "answer_tokens_mean": 2.0,
+        "prompts": 10,
+        "samples_per_prompt": 1,
+        "decoding": "greedy",
+    }
     table = comparison_table(["sft", "grpo"], [row, row]).splitlines()
     assert table[0].split() == ["sft", "grpo"]
     assert table[1].startswith("exact_answer: pass rate (95% CI)") and table[1].count("80.0% [49.0%, 94.3%]") == 2
@@ -191,8 +230,9 @@ def test_pref_data_scores_candidates_with_a_reward_reading_columns(tmp_path, tin
 
     tok = load_tokenizer(tiny_checkpoint)
     run_arithmetic(ArithmeticConfig(out=str(tmp_path / "t"), n=6, heldout=2, seed=2))
-    rows = [json.loads(x) for f in ("train", "heldout")
-            for x in (tmp_path / "t" / f"{f}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for f in ("train", "heldout") for x in (tmp_path / "t" / f"{f}.jsonl").read_text().splitlines()
+    ]
     calls = []
 
     def fake_sample(cfg, prompt_ids, stop_ids):
@@ -205,8 +245,14 @@ def test_pref_data_scores_candidates_with_a_reward_reading_columns(tmp_path, tin
         return out
 
     monkeypatch.setattr(pref_data, "_sample_remote", fake_sample)
-    cfg = pref_data.PrefDataConfig(policy=str(tiny_checkpoint), prompts=str(tmp_path / "t"), out=str(tmp_path / "p"),
-                                   reward="fn:exact_answer", samples=2, max_new_tokens=16)
+    cfg = pref_data.PrefDataConfig(
+        policy=str(tiny_checkpoint),
+        prompts=str(tmp_path / "t"),
+        out=str(tmp_path / "p"),
+        reward="fn:exact_answer",
+        samples=2,
+        max_new_tokens=16,
+    )
     res = pref_data.run(cfg)
     assert calls == [8] and res["counts"]["train_pairs"] == 6 and res["counts"]["val_pairs"] == 2  # heldout.jsonl
     assert res["policy_reward_pass_rate"] == 0.5
@@ -218,6 +264,13 @@ def test_pref_data_scores_candidates_with_a_reward_reading_columns(tmp_path, tin
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"prompt": "Compute 1+1."}) + "\n")
     with pytest.raises(RewardError, match="needs the column 'answer'"):
-        pref_data.run(pref_data.PrefDataConfig(policy=str(tiny_checkpoint), prompts=str(bare), out=str(tmp_path / "q"),
-                                               reward="fn:exact_answer", max_new_tokens=16))
+        pref_data.run(
+            pref_data.PrefDataConfig(
+                policy=str(tiny_checkpoint),
+                prompts=str(bare),
+                out=str(tmp_path / "q"),
+                reward="fn:exact_answer",
+                max_new_tokens=16,
+            )
+        )
     assert calls == [8]  # refused before sampling

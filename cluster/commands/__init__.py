@@ -48,40 +48,71 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command("tokenizer", "cluster.commands.tokenizer", "train a BPE tokenizer (tiktoken format) or inspect one"),
-    Command("import-model", "cluster.commands.import_model",
-            "import a pretrained model (Hugging Face folder, .gguf file, packaged model) as a checkpoint artifact"),
+    Command(
+        "import-model",
+        "cluster.commands.import_model",
+        "import a pretrained model (Hugging Face folder, .gguf file, packaged model) as a checkpoint artifact",
+    ),
     Command("data", "cluster.commands.data", "clean, deduplicate and tokenize corpora into training blocks (Ray Data)"),
-    Command("plan", "cluster.commands.plan",
-            "estimate a pretraining run: parameters, FLOPs, memory per GPU, fewest GPUs, days and cost"),
-    Command("pretrain", "cluster.commands.pretrain",
-            "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)"),
+    Command(
+        "plan",
+        "cluster.commands.plan",
+        "estimate a pretraining run: parameters, FLOPs, memory per GPU, fewest GPUs, days and cost",
+    ),
+    Command(
+        "pretrain", "cluster.commands.pretrain", "pretrain or domain-fine-tune the transformer (Ray Train, DDP | FSDP2)"
+    ),
     Command("sft-data", "cluster.commands.sft_data", "build an instruction set from a code corpus"),
-    Command("tasks", "cluster.commands.tasks",
-            "generate tasks with reference answers (arithmetic) for verifiable rewards: train + held-out split"),
+    Command(
+        "tasks",
+        "cluster.commands.tasks",
+        "generate tasks with reference answers (arithmetic) for verifiable rewards: train + held-out split",
+    ),
     Command("sft", "cluster.commands.sft", "instruction fine-tuning (loss on answers only, optional LoRA)"),
-    Command("pref-data", "cluster.commands.pref_data",
-            "preference pairs without humans: sample a policy with vLLM, judge, keep clear margins"),
+    Command(
+        "pref-data",
+        "cluster.commands.pref_data",
+        "preference pairs without humans: sample a policy with vLLM, judge, keep clear margins",
+    ),
     Command("reward", "cluster.commands.reward", "train a Bradley-Terry reward model from preference pairs"),
-    Command("rlhf", "cluster.commands.rlhf", "align a policy with GRPO or PPO (vLLM rollout actors + Ray Train learner)"),
+    Command(
+        "rlhf", "cluster.commands.rlhf", "align a policy with GRPO or PPO (vLLM rollout actors + Ray Train learner)"
+    ),
     Command("dpo", "cluster.commands.dpo", "offline DPO of a checkpoint on preference pairs"),
-    Command("eval", "cluster.commands.evaluate",
-            "compare policies on held-out prompts: reward pass rates with confidence intervals, judge, reward model, KL"),
-    Command("serve", "cluster.commands.serve",
-            "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"),
-    Command("deploy", "cluster.commands.deploy",
-            "switch a running server to another checkpoint, in place, without a failed request"),
+    Command(
+        "eval",
+        "cluster.commands.evaluate",
+        "compare policies on held-out prompts: reward pass rates with confidence intervals, judge, reward model, KL",
+    ),
+    Command(
+        "serve", "cluster.commands.serve", "serve a checkpoint over OpenAI-compatible HTTP with RAG (Ray Serve + vLLM)"
+    ),
+    Command(
+        "deploy",
+        "cluster.commands.deploy",
+        "switch a running server to another checkpoint, in place, without a failed request",
+    ),
     Command("knowledge", "cluster.commands.knowledge", "add documents to a knowledge store in bulk, or search it"),
-    Command("rag-eval", "cluster.commands.rag_eval",
-            "retrieval quality of a knowledge store: recall@1/5 and MRR, BM25 vs hybrid, on a question set"),
-    Command("embed-train", "cluster.commands.embed_train",
-            "fine-tune a retriever with in-batch-negative InfoNCE on docstring -> code pairs from the corpus"),
+    Command(
+        "rag-eval",
+        "cluster.commands.rag_eval",
+        "retrieval quality of a knowledge store: recall@1/5 and MRR, BM25 vs hybrid, on a question set",
+    ),
+    Command(
+        "embed-train",
+        "cluster.commands.embed_train",
+        "fine-tune a retriever with in-batch-negative InfoNCE on docstring -> code pairs from the corpus",
+    ),
     Command("feedback", "cluster.commands.feedback", "export collected user feedback as preference data"),
     Command("lineage", "cluster.commands.lineage", "walk an artifact's inputs back to the raw corpus"),
     Command("submit", "cluster.commands.submit", "submit a genloop command as a Ray job"),
     Command("jobs", "cluster.commands.jobs", "list, inspect, follow or stop Ray jobs"),
     Command("demo", "cluster.commands.demo", "every stage end to end on the embedded corpus (what `make demo` runs)"),
-    Command("autoscale-proof", "cluster.commands.autoscale_proof",
-            "prove autoscaling on a local multi-node Ray: stage-shaped asks add workers, idle ones go"),
+    Command(
+        "autoscale-proof",
+        "cluster.commands.autoscale_proof",
+        "prove autoscaling on a local multi-node Ray: stage-shaped asks add workers, idle ones go",
+    ),
 ]
 
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}

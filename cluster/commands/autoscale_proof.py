@@ -20,8 +20,12 @@ HELP = "prove autoscaling on a local multi-node Ray: stage-shaped asks add worke
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from cluster.autoscale import FAKE_CONFIG
 
-    p = sub.add_parser("autoscale-proof", help=HELP, description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "autoscale-proof",
+        help=HELP,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--cluster-config", default=str(FAKE_CONFIG), help="fake multi-node cluster config (YAML)")
     p.add_argument("--data-tasks", type=int, default=2, help="units of the data stage's ask (cpu-worker)")
     p.add_argument("--gpu-units", type=int, default=1, help="units of the SFT worker's ask (gpu-1x)")
@@ -59,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
         import ray
 
         ray.init(address=cluster.gcs_address, logging_level=logging.WARNING, log_to_driver=False)
-        log.info("head up in %.1fs; worker node types: %s", time.monotonic() - t0,
-                 {k: v["resources"] for k, v in worker_node_types(cfg).items()})
+        log.info(
+            "head up in %.1fs; worker node types: %s",
+            time.monotonic() - t0,
+            {k: v["resources"] for k, v in worker_node_types(cfg).items()},
+        )
         phases = [Demand("data_task", args.data_tasks), Demand("sft_worker", args.gpu_units)]
         report = prove_autoscaling(cfg, [d for d in phases if d.count], work_s=args.work_s, timeout_s=args.timeout_s)
         ray.shutdown()

@@ -23,10 +23,18 @@ HELP = "switch a running server to another checkpoint, in place, without a faile
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, metavar="CKPT",
-                   help="checkpoint folder (or an artifact holding model/, or an s3:// URI) to serve from now on")
-    p.add_argument("--url", default=None, metavar="URL",
-                   help="the server's base URL (HTTP route; default http://127.0.0.1:8000 unless --address is given)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint folder (or an artifact holding model/, or an s3:// URI) to serve from now on",
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        metavar="URL",
+        help="the server's base URL (HTTP route; default http://127.0.0.1:8000 unless --address is given)",
+    )
     p.add_argument("--admin-key", default=None, metavar="KEY", help="an admin key (HTTP route)")
     p.add_argument("--admin-key-file", default=None, metavar="F", help="a file whose first key is used (HTTP route)")
     p.add_argument("--app-name", default="genloop", help="the Serve application (Ray route)")
@@ -42,8 +50,9 @@ def admin_key(args: argparse.Namespace) -> str | None:
         path = Path(args.admin_key_file)
         if not path.is_file():
             raise FileNotFoundError(f"--admin-key-file {path} does not exist")
-        return next((ln.strip() for ln in path.read_text().splitlines()
-                     if ln.strip() and not ln.lstrip().startswith("#")), None)
+        return next(
+            (ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")), None
+        )
     return None
 
 
@@ -61,8 +70,9 @@ def over_http(url: str, model: str, key: str | None, timeout: float) -> tuple[in
     try:
         r = httpx.post(url.rstrip("/") + "/admin/models", json={"model": model}, headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
-        raise ValueError(f"cannot reach the server at {url} ({type(e).__name__}: {e}); is `genloop serve` running "
-                         "there? (--url)") from None
+        raise ValueError(
+            f"cannot reach the server at {url} ({type(e).__name__}: {e}); is `genloop serve` running there? (--url)"
+        ) from None
     try:
         body = r.json()
     except ValueError:
@@ -76,8 +86,9 @@ def over_ray(app_name: str, model: str, timeout: float) -> tuple[int, dict]:
     try:
         handle = serve.get_app_handle(app_name)
     except Exception as e:  # noqa: BLE001  (Serve raises several kinds for a missing application)
-        raise ValueError(f"no Serve application {app_name!r} on this Ray cluster ({e}); start `genloop serve` or "
-                         "pass --app-name") from None
+        raise ValueError(
+            f"no Serve application {app_name!r} on this Ray cluster ({e}); start `genloop serve` or pass --app-name"
+        ) from None
     out = handle.deploy_model.remote(model).result(timeout_s=timeout)
     return int(out.get("status", 200)), out
 
@@ -94,10 +105,13 @@ def run(args: argparse.Namespace) -> int:
         status, body = over_http(args.url or "http://127.0.0.1:8000", model, admin_key(args), args.timeout)
     if status != 200 or "error" in body:
         err = body.get("error") or {}
-        raise ValueError(f"the server refused the switch ({status} {err.get('code') or ''}): "
-                         f"{err.get('message') or body}")
-    print(f"genloop deploy: now serving {body['model']} as version {body['model_version']} (was "
-          f"{body['previous_version']}; {body['mode']} on {body['replicas']} replica(s), drain {body['drain_s']:.2f}s, "
-          f"reload {body['reload_s']:.2f}s)")
+        raise ValueError(
+            f"the server refused the switch ({status} {err.get('code') or ''}): {err.get('message') or body}"
+        )
+    print(
+        f"genloop deploy: now serving {body['model']} as version {body['model_version']} (was "
+        f"{body['previous_version']}; {body['mode']} on {body['replicas']} replica(s), drain {body['drain_s']:.2f}s, "
+        f"reload {body['reload_s']:.2f}s)"
+    )
     print(json.dumps(body))
     return 0

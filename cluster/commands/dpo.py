@@ -11,17 +11,24 @@ HELP = "offline DPO of a checkpoint on preference pairs (reference log-probs com
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return add_stage_command(sub, "dpo", HELP, flags={
-        "--init-from": ("init_from", {"metavar": "CKPT", "help": "the SFT checkpoint: the policy's start and the "
-                                                                 "reference"}),
-        "--data": ("data", {"metavar": "FILE_OR_DIR",
-                            "help": "preference JSONL, or a `genloop pref-data` folder"}),
-        "--val-data": ("val_data", {"metavar": "FILE", "help": "held-out preference JSONL"}),
-        "--out": ("out", {"metavar": "DIR", "help": "artifact folder (model/ = HF causal-LM checkpoint)"}),
-        "--beta": ("beta", {"metavar": "B", "type": float, "help": "DPO beta (KL strength)"}),
-        "--steps": ("train.steps", {"metavar": "N", "type": int, "help": "optimizer steps"}),
-        "--num-workers": ("train.num_workers", {"metavar": "N", "type": int, "help": "Ray Train workers"}),
-    }, examples="beta=0.1 loss=ipo label_smoothing=0.1 train.lr=5e-5")
+    return add_stage_command(
+        sub,
+        "dpo",
+        HELP,
+        flags={
+            "--init-from": (
+                "init_from",
+                {"metavar": "CKPT", "help": "the SFT checkpoint: the policy's start and the reference"},
+            ),
+            "--data": ("data", {"metavar": "FILE_OR_DIR", "help": "preference JSONL, or a `genloop pref-data` folder"}),
+            "--val-data": ("val_data", {"metavar": "FILE", "help": "held-out preference JSONL"}),
+            "--out": ("out", {"metavar": "DIR", "help": "artifact folder (model/ = HF causal-LM checkpoint)"}),
+            "--beta": ("beta", {"metavar": "B", "type": float, "help": "DPO beta (KL strength)"}),
+            "--steps": ("train.steps", {"metavar": "N", "type": int, "help": "optimizer steps"}),
+            "--num-workers": ("train.num_workers", {"metavar": "N", "type": int, "help": "Ray Train workers"}),
+        },
+        examples="beta=0.1 loss=ipo label_smoothing=0.1 train.lr=5e-5",
+    )
 
 
 def config(args: argparse.Namespace):
@@ -30,13 +37,21 @@ def config(args: argparse.Namespace):
     return config_from_args(DpoConfig, "dpo", args)
 
 
-KEYS = ("out", "model", "heldout_preference_accuracy", "heldout_reward_margin", "heldout_logp_accuracy",
-        "heldout_logp_accuracy_before", "train_seconds")
+KEYS = (
+    "out",
+    "model",
+    "heldout_preference_accuracy",
+    "heldout_reward_margin",
+    "heldout_logp_accuracy",
+    "heldout_logp_accuracy_before",
+    "train_seconds",
+)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.lifecycle import check_out
     from pipelines.prefs import dpo
+
     cfg = config(args)
     check_out("dpo", cfg.out, cfg.overwrite)  # a finished or foreign --out fails before Ray starts
     start_ray(args)

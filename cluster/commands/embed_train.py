@@ -22,8 +22,9 @@ HELP = "fine-tune a retriever with in-batch-negative InfoNCE on docstring -> cod
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("embed-train", help=HELP, description=HELP,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "embed-train", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--init-from", required=True, help="lsa:DIR, an embedder from `genloop knowledge embedder`")
     p.add_argument("--out", required=True, help="folder for the trained embedder (serve it as lsa:OUT)")
     p.add_argument("--data", default=None, help="a folder of .py files (default: this Python's standard library)")
@@ -79,13 +80,16 @@ def run(args: argparse.Namespace) -> int:
         files = stdlib_corpus()
     tr, te = corpus_pairs(files, args.held_out)
     if len(tr) < 2 * args.batch or len(te) < 10:
-        raise ValueError(f"{len(tr)} training and {len(te)} held-out pairs: too few; give --data with more "
-                         "documented functions")
+        raise ValueError(
+            f"{len(tr)} training and {len(te)} held-out pairs: too few; give --data with more documented functions"
+        )
     print(f"{len(tr)} training pairs, {len(te)} held-out pairs (docstring -> code) from {len(files)} files")
-    tq, td, hq, hd = (init.bags([getattr(p, f) for p in ps]) for ps, f in
-                      ((tr, "query"), (tr, "doc"), (te, "query"), (te, "doc")))
-    cfg = EmbedTrainConfig(epochs=args.epochs, batch=args.batch, lr=args.lr, scale=args.scale, seed=args.seed,
-                           num_workers=args.workers)
+    tq, td, hq, hd = (
+        init.bags([getattr(p, f) for p in ps]) for ps, f in ((tr, "query"), (tr, "doc"), (te, "query"), (te, "doc"))
+    )
+    cfg = EmbedTrainConfig(
+        epochs=args.epochs, batch=args.batch, lr=args.lr, scale=args.scale, seed=args.seed, num_workers=args.workers
+    )
     if not args.in_process:
         from cluster.commands.base import start_ray
 
@@ -94,16 +98,32 @@ def run(args: argparse.Namespace) -> int:
     out = LsaEmbedder(init.vocab, init.idf, weight.numpy(), "lsa:unsaved")
     identity = out.save(args.out)
     bm25 = _bm25_recall(te)
-    rows = [("BM25 (code-aware terms)", bm25), (f"before ({init.identity})", rep["before"]),
-            (f"after ({identity})", rep["after"])]
-    print(f"held-out docstring -> code retrieval among {len(te)} functions ({rep['steps']} steps of "
-          f"{args.batch} pairs):")
+    rows = [
+        ("BM25 (code-aware terms)", bm25),
+        (f"before ({init.identity})", rep["before"]),
+        (f"after ({identity})", rep["after"]),
+    ]
+    print(
+        f"held-out docstring -> code retrieval among {len(te)} functions ({rep['steps']} steps of {args.batch} pairs):"
+    )
     print(f"{'retriever':36s} {'recall@1':>9s} {'recall@5':>9s} {'mrr':>9s}")
     for name, m in rows:
         print(f"{name:36s} {m['recall@1']:9.3f} {m['recall@5']:9.3f} {m['mrr']:9.3f}")
-    Path(args.out, "train_report.json").write_text(json.dumps(
-        {"init_from": args.init_from, "identity": identity, "train_pairs": len(tr), "held_out_pairs": len(te),
-         "bm25": bm25, "before": rep["before"], "after": rep["after"], "steps": rep["steps"],
-         "config": vars(cfg)}, indent=1))
+    Path(args.out, "train_report.json").write_text(
+        json.dumps(
+            {
+                "init_from": args.init_from,
+                "identity": identity,
+                "train_pairs": len(tr),
+                "held_out_pairs": len(te),
+                "bm25": bm25,
+                "before": rep["before"],
+                "after": rep["after"],
+                "steps": rep["steps"],
+                "config": vars(cfg),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out} ({identity}); use it with --embedder lsa:{args.out} or serve.rag_embedder")
     return 0

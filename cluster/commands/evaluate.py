@@ -19,21 +19,43 @@ HELP = "compare policies on held-out prompts: reward pass rates with confidence 
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help=HELP, description=__doc__.split("\n\n")[1].replace("\n", " "),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--policy", action="append", required=True, metavar="CKPT",
-                   help="a checkpoint or artifact folder; repeat to compare several")
-    p.add_argument("--prompts", required=True, metavar="FILE_OR_DIR",
-                   help="JSONL prompt rows; a folder: its held-out split (val.jsonl, else heldout.jsonl)")
-    p.add_argument("--reward", default=None, metavar="SPEC",
-                   help="reward functions scoring the answers: fn:NAME[:W],... (e.g. fn:exact_answer,fn:number_answer)")
+    p = sub.add_parser(
+        "eval",
+        help=HELP,
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        metavar="CKPT",
+        help="a checkpoint or artifact folder; repeat to compare several",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="JSONL prompt rows; a folder: its held-out split (val.jsonl, else heldout.jsonl)",
+    )
+    p.add_argument(
+        "--reward",
+        default=None,
+        metavar="SPEC",
+        help="reward functions scoring the answers: fn:NAME[:W],... (e.g. fn:exact_answer,fn:number_answer)",
+    )
     p.add_argument("--reference", default=None, metavar="CKPT", help="KL(policy || reference) per answer token")
     p.add_argument("--reward-model", default=None, metavar="RM_DIR", help="a `genloop reward` artifact or model")
     p.add_argument("--n-prompts", type=int, default=32, metavar="N", help="prompts scored (a seeded sample)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--samples", type=int, default=1, metavar="K",
-                   help="answers per prompt when sampling (--temperature > 0); rates are over all answers")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="answers per prompt when sampling (--temperature > 0); rates are over all answers",
+    )
     p.add_argument("--out", default=None, metavar="FILE", help="write the rows as JSON here")
     add_address(p)
     return p
@@ -70,9 +92,17 @@ def run(args: argparse.Namespace) -> int:
     prompts = heldout(args.prompts)
     rows = []
     for policy in args.policy:
-        r = evaluate_policy(policy, prompts, reference=args.reference, reward_model=args.reward_model,
-                            n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, samples=args.samples, reward=args.reward).as_dict()
+        r = evaluate_policy(
+            policy,
+            prompts,
+            reference=args.reference,
+            reward_model=args.reward_model,
+            n_prompts=args.n_prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            samples=args.samples,
+            reward=args.reward,
+        ).as_dict()
         rows.append(r)
         print(f"{policy}: {r['prompts']} prompts, {r['decoding']}")
         for a in r["answers"][:2]:
@@ -80,7 +110,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {score}: {a['answer'][:100]!r}")
     print(comparison_table(args.policy, rows))
     if args.out:
-        write_text(args.out, json.dumps({"prompts": prompts, "reference": args.reference, "reward": args.reward,
-                                         "reward_model": args.reward_model, "policies": rows}, indent=1))
+        write_text(
+            args.out,
+            json.dumps(
+                {
+                    "prompts": prompts,
+                    "reference": args.reference,
+                    "reward": args.reward,
+                    "reward_model": args.reward_model,
+                    "policies": rows,
+                },
+                indent=1,
+            ),
+        )
     print(json.dumps([{k: v for k, v in r.items() if k != "answers"} for r in rows]))  # the last line: machine-readable
     return 0

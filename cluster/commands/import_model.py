@@ -23,9 +23,12 @@ HELP = "import a pretrained model (Hugging Face folder, .gguf file, packaged mod
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("import-model", help=HELP, description=HELP)
-    p.add_argument("src", metavar="SRC",
-                   help="a Hugging Face model folder (LlamaForCausalLM, Qwen2ForCausalLM), a .gguf file, or a "
-                        "packaged model: smollm2-135m-instruct")
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="a Hugging Face model folder (LlamaForCausalLM, Qwen2ForCausalLM), a .gguf file, or a "
+        "packaged model: smollm2-135m-instruct",
+    )
     p.add_argument("--out", required=True, help="artifact folder (or s3:// URI): model/ + manifest.json")
     add_overwrite(p, key=None, help="replace a finished artifact at --out")
     return p
@@ -46,13 +49,16 @@ def run(args: argparse.Namespace) -> int:
 
     source = resolve_source(args.src)
     if is_finished(args.out) and not args.overwrite:
-        raise ArtifactError(f"{args.out} already holds a finished {read_manifest(args.out).get('stage')} artifact; "
-                            "pass --overwrite to replace it, or choose another --out")
+        raise ArtifactError(
+            f"{args.out} already holds a finished {read_manifest(args.out).get('stage')} artifact; "
+            "pass --overwrite to replace it, or choose another --out"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="genloop-import-"))
     try:
         counts = convert(source, tmp / MODEL_DIR)
-        m = Manifest.begin("import-model", args.out, source.describe(), inputs=[str(source.path)],
-                           overwrite=args.overwrite)
+        m = Manifest.begin(
+            "import-model", args.out, source.describe(), inputs=[str(source.path)], overwrite=args.overwrite
+        )
         target = join(args.out, MODEL_DIR)
         if not is_uri(target) and Path(target).exists():
             shutil.rmtree(target)  # --overwrite: no stale shard of the previous model stays
@@ -60,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         m.finish(counts=counts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"imported {args.src} ({source.kind}, sha256 {source.sha256[:12]}): {counts['architecture']}, "
-          f"{counts['params'] / 1e6:.1f}M params, {counts['n_vocab']} tokens -> {target}")
+    print(
+        f"imported {args.src} ({source.kind}, sha256 {source.sha256[:12]}): {counts['architecture']}, "
+        f"{counts['params'] / 1e6:.1f}M params, {counts['n_vocab']} tokens -> {target}"
+    )
     return 0

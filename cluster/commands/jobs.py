@@ -10,15 +10,22 @@ HELP = "list, inspect, follow or stop Ray jobs"
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    j = sub.add_parser("jobs", help=HELP,
-                       description="The Ray Jobs API of a cluster: list jobs, show one's status, print or follow "
-                                   "its logs, stop it.")
+    j = sub.add_parser(
+        "jobs",
+        help=HELP,
+        description="The Ray Jobs API of a cluster: list jobs, show one's status, print or follow its logs, stop it.",
+    )
     acts = j.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, help_text in (("list", "all jobs of the cluster"), ("status", "a job's status and message"),
-                            ("logs", "a job's logs (--follow: until it ends)"), ("stop", "stop a running job")):
+    for name, help_text in (
+        ("list", "all jobs of the cluster"),
+        ("status", "a job's status and message"),
+        ("logs", "a job's logs (--follow: until it ends)"),
+        ("stop", "stop a running job"),
+    ):
         a = acts.add_parser(name, help=help_text, description=help_text)
-        a.add_argument("--address", dest="job_address", default=None, metavar="URL",
-                       help="the job server, http://HEAD:8265")
+        a.add_argument(
+            "--address", dest="job_address", default=None, metavar="URL", help="the job server, http://HEAD:8265"
+        )
         if name != "list":
             a.add_argument("job_id", metavar="JOB", help="submission id (raysubmit_...)")
         if name == "logs":
@@ -41,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as e:
-        raise ValueError(f"no job {job_id!r} on {client.get_address()} ({str(e).splitlines()[0]}); "
-                         "`genloop jobs list` shows the jobs") from None
+        raise ValueError(
+            f"no job {job_id!r} on {client.get_address()} ({str(e).splitlines()[0]}); "
+            "`genloop jobs list` shows the jobs"
+        ) from None
     if args.action == "status":
         print(f"{job_id}: {info.status.value}")
         if info.message:

@@ -31,39 +31,61 @@ def _store_options(p: argparse.ArgumentParser, max_document_chars: int = 1_000_0
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("knowledge", help=HELP, description=HELP)
     ks = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    a = ks.add_parser("add", help="add or replace text files (folders are walked) in the store",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ks.add_parser(
+        "add",
+        help="add or replace text files (folders are walked) in the store",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a.add_argument("paths", nargs="+", help="files or folders (folders: text and source files), or s3:// gs:// URIs")
     _store_options(a)
-    y = ks.add_parser("sync", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      help="make the store follow a folder: add new files, replace changed ones (content hash), "
-                           "remove deleted ones; one transaction per batch",
-                      description="Make the store follow DIR: new files are added, changed ones (content hash) "
-                                  "replaced, deleted ones removed, in one SQLite transaction per batch. Only the "
-                                  "documents this folder owns are ever removed. Every non-hidden file is looked at; "
-                                  "binary, empty, too large and unreadable files are skipped, counted and listed.")
+    y = ks.add_parser(
+        "sync",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="make the store follow a folder: add new files, replace changed ones (content hash), "
+        "remove deleted ones; one transaction per batch",
+        description="Make the store follow DIR: new files are added, changed ones (content hash) "
+        "replaced, deleted ones removed, in one SQLite transaction per batch. Only the "
+        "documents this folder owns are ever removed. Every non-hidden file is looked at; "
+        "binary, empty, too large and unreadable files are skipped, counted and listed.",
+    )
     y.add_argument("folder", metavar="DIR", help="the folder to follow (local, or an s3:// gs:// URI)")
     _store_options(y)
-    y.add_argument("--prefix", default=None,
-                   help="document ids are PREFIX/<relative path> (default: DIR's name, as `knowledge add DIR`)")
-    y.add_argument("--suffixes", default=None,
-                   help="only files ending with one of these, comma-separated (e.g. .md,.txt); default: every file")
+    y.add_argument(
+        "--prefix",
+        default=None,
+        help="document ids are PREFIX/<relative path> (default: DIR's name, as `knowledge add DIR`)",
+    )
+    y.add_argument(
+        "--suffixes",
+        default=None,
+        help="only files ending with one of these, comma-separated (e.g. .md,.txt); default: every file",
+    )
     y.add_argument("--batch-files", type=int, default=64, help="files written per transaction")
     y.add_argument("--watch", action="store_true", help="keep syncing every --interval seconds until Ctrl-C")
     y.add_argument("--interval", type=float, default=2.0, help="seconds between passes with --watch")
-    s = ks.add_parser("search", help="show the best passages for a query (BM25)",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = ks.add_parser(
+        "search",
+        help="show the best passages for a query (BM25)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     s.add_argument("query")
     s.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
     s.add_argument("-k", type=int, default=3, help="passages to show")
     s.add_argument("--embedder", default="", help="hash:DIM, lsa:DIR or ckpt:DIR: hybrid search (default: BM25)")
-    s.add_argument("--mode", choices=("lexical", "dense", "hybrid"), default=None,
-                   help="default: hybrid with --embedder, lexical without")
-    e = ks.add_parser("embedder", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      help="fit an LSA embedder on the store's chunks (for serve's rag_embedder: lsa:OUT)",
-                      description="Fit latent semantic analysis on the store's chunks: TF-IDF of code-aware terms "
-                                  "projected on the top --dim singular vectors. Serve it with "
-                                  "rag_embedder set to lsa:OUT (the store's vectors are built on the next start).")
+    s.add_argument(
+        "--mode",
+        choices=("lexical", "dense", "hybrid"),
+        default=None,
+        help="default: hybrid with --embedder, lexical without",
+    )
+    e = ks.add_parser(
+        "embedder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="fit an LSA embedder on the store's chunks (for serve's rag_embedder: lsa:OUT)",
+        description="Fit latent semantic analysis on the store's chunks: TF-IDF of code-aware terms "
+        "projected on the top --dim singular vectors. Serve it with "
+        "rag_embedder set to lsa:OUT (the store's vectors are built on the next start).",
+    )
     e.add_argument("--store", default="runs/serve", help="a .db file or a folder holding knowledge.db")
     e.add_argument("--out", required=True, help="folder for lsa.json and lsa.npy")
     e.add_argument("--dim", type=int, default=256)
@@ -87,8 +109,10 @@ def run_add(args: argparse.Namespace) -> int:
 
     store = _open_store(args)
     counts = add_paths(store, args.paths, args.quarantine)
-    print(f"knowledge store {store.path}: {counts['added']} added, {counts['replaced']} replaced, "
-          f"{counts['chunks']} chunks, {counts['skipped']} skipped; {store.count()} documents in all")
+    print(
+        f"knowledge store {store.path}: {counts['added']} added, {counts['replaced']} replaced, "
+        f"{counts['chunks']} chunks, {counts['skipped']} skipped; {store.count()} documents in all"
+    )
     return 0
 
 
@@ -98,8 +122,10 @@ def _show_skipped(skipped: list[dict], quarantine: str | None) -> None:
     for s in skipped[:SHOW_SKIPPED]:
         print(f"  skipped {s['path']}: {s['reason']} ({s['message']})")
     if len(skipped) > SHOW_SKIPPED:
-        print(f"  ... and {len(skipped) - SHOW_SKIPPED} more" + (f" (all in {quarantine})" if quarantine else
-                                                                   " (--quarantine FILE lists them all)"))
+        print(
+            f"  ... and {len(skipped) - SHOW_SKIPPED} more"
+            + (f" (all in {quarantine})" if quarantine else " (--quarantine FILE lists them all)")
+        )
     if quarantine:
         write_text(quarantine, "".join(json.dumps(s) + "\n" for s in skipped))
 
@@ -113,8 +139,10 @@ def run_sync(args: argparse.Namespace) -> int:
     head = f"knowledge sync {syncer.root} -> {store.path} (ids {syncer.prefix or '<relative path>'}/...)"
     if not args.watch:
         r = syncer.sync()
-        print(f"{head}: {r.line()}; {r.chunks} chunks in {r.batches} transaction(s), {r.seconds:.2f} s; "
-              f"{store.count()} documents in all")
+        print(
+            f"{head}: {r.line()}; {r.chunks} chunks in {r.batches} transaction(s), {r.seconds:.2f} s; "
+            f"{store.count()} documents in all"
+        )
         _show_skipped(r.skipped, args.quarantine)
         return 0
 
@@ -131,16 +159,18 @@ def run_sync(args: argparse.Namespace) -> int:
     finally:
         if main:
             signal.signal(signal.SIGTERM, old)
-    print(f"knowledge sync stopped after {passes} pass(es): {totals.added} added, {totals.replaced} replaced, "
-          f"{totals.removed} removed in all; now {last.unchanged + last.added + last.replaced} files synced, "
-          f"{len(last.skipped)} skipped; {store.count()} documents in the store", flush=True)
+    print(
+        f"knowledge sync stopped after {passes} pass(es): {totals.added} added, {totals.replaced} replaced, "
+        f"{totals.removed} removed in all; now {last.unchanged + last.added + last.replaced} files synced, "
+        f"{len(last.skipped)} skipped; {store.count()} documents in the store",
+        flush=True,
+    )
     _show_skipped(last.skipped, args.quarantine)
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
     from serve.knowledge import KnowledgeStore
-
     from serve.vectors import load_embedder
 
     store = KnowledgeStore(args.store, embedder=load_embedder(args.embedder))
@@ -160,6 +190,8 @@ def run_embedder(args: argparse.Namespace) -> int:
     texts = [embed_text(d, t_, b) for d, t_, b in store.chunk_texts()]
     lsa = LsaEmbedder.fit(texts, dim=args.dim, max_vocab=args.max_vocab, max_df=args.max_df)
     identity = lsa.save(args.out)
-    print(f"fitted LSA on {len(texts)} chunks of {store.path}: {len(lsa.vocab)} terms x {lsa.dim} dims in "
-          f"{time.perf_counter() - t:.1f} s -> {args.out} ({identity}); serve with serve.rag_embedder=lsa:{args.out}")
+    print(
+        f"fitted LSA on {len(texts)} chunks of {store.path}: {len(lsa.vocab)} terms x {lsa.dim} dims in "
+        f"{time.perf_counter() - t:.1f} s -> {args.out} ({identity}); serve with serve.rag_embedder=lsa:{args.out}"
+    )
     return 0

@@ -8,8 +8,12 @@ HELP = "walk an artifact's inputs back to the raw corpus"
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("lineage", help=HELP, description="Print an artifact (a folder or URI with manifest.json) and "
-                                                         "each of its inputs, recursively, down to the raw corpus.")
+    p = sub.add_parser(
+        "lineage",
+        help=HELP,
+        description="Print an artifact (a folder or URI with manifest.json) and "
+        "each of its inputs, recursively, down to the raw corpus.",
+    )
     p.add_argument("path", help="artifact folder or URI (s3://, gs://)")
     return p
 

@@ -20,19 +20,28 @@ DEFAULT_QUESTIONS = "configs/rag/stdlib_questions.jsonl"
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("rag-eval", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", default="runs/rag-eval", help="a .db file or a folder holding knowledge.db")
-    p.add_argument("--questions", default=DEFAULT_QUESTIONS,
-                   help='JSONL: {"question": ..., "doc": expected document id, "answer": optional}')
+    p.add_argument(
+        "--questions",
+        default=DEFAULT_QUESTIONS,
+        help='JSONL: {"question": ..., "doc": expected document id, "answer": optional}',
+    )
     p.add_argument("--k", type=int, default=5, help="recall@k (recall@1 is always shown)")
     p.add_argument("--depth", type=int, default=50, help="chunks ranked per question (MRR is 0 below them)")
-    p.add_argument("--embedder", default="",
-                   help="hash:DIM, lsa:DIR or ckpt:DIR (serve.vectors); empty: BM25 alone")
+    p.add_argument("--embedder", default="", help="hash:DIM, lsa:DIR or ckpt:DIR (serve.vectors); empty: BM25 alone")
     p.add_argument("--rrf-k", type=float, default=60.0, help="reciprocal rank fusion constant (1-based ranks)")
     p.add_argument("--candidates", type=int, default=50, help="chunks from each side before fusion")
     p.add_argument("--reindex", action="store_true", help="re-embed a store indexed for another embedder")
-    p.add_argument("--build-stdlib", action="store_true",
-                   help="fill --store with the standard library's sources first (when it is empty)")
-    p.add_argument("--write-questions", metavar="FILE", default=None,
-                   help="write the rule-made stdlib question set to FILE and exit")
+    p.add_argument(
+        "--build-stdlib",
+        action="store_true",
+        help="fill --store with the standard library's sources first (when it is empty)",
+    )
+    p.add_argument(
+        "--write-questions",
+        metavar="FILE",
+        default=None,
+        help="write the rule-made stdlib question set to FILE and exit",
+    )
     p.add_argument("--json", default=None, help="also write the results (with the missed questions) here")
     p.add_argument("--show-misses", type=int, default=0, help="print this many missed questions per ranker")
     return p
@@ -55,42 +64,67 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.depth < args.k:
         raise ValueError(f"need 1 <= --k ({args.k}) <= --depth ({args.depth})")
     questions = load_questions(args.questions)
-    store = KnowledgeStore(args.store, embedder=load_embedder(args.embedder), rrf_k=args.rrf_k,
-                           candidates=args.candidates, reindex=args.reindex)
+    store = KnowledgeStore(
+        args.store,
+        embedder=load_embedder(args.embedder),
+        rrf_k=args.rrf_k,
+        candidates=args.candidates,
+        reindex=args.reindex,
+    )
     if args.build_stdlib and store.count() == 0:
         t = time.perf_counter()
         c = build_store(store, stdlib_corpus())
-        print(f"built {store.path}: {c['added']} documents, {c['chunks']} chunks, {c['skipped']} skipped "
-              f"({time.perf_counter() - t:.1f} s)")
+        print(
+            f"built {store.path}: {c['added']} documents, {c['chunks']} chunks, {c['skipped']} skipped "
+            f"({time.perf_counter() - t:.1f} s)"
+        )
     missing = sorted({q["doc"] for q in questions} - set(store.ids()))
     if missing:
-        print(f"warning: {len(missing)} expected document(s) are not in the store (e.g. {missing[0]}); those "
-              "questions count as misses")
+        print(
+            f"warning: {len(missing)} expected document(s) are not in the store (e.g. {missing[0]}); those "
+            "questions count as misses"
+        )
     if store.embedder is not None:
         t = time.perf_counter()
         r = store.reindex()
-        print(f"vector index ({store.embedder.identity}): {r['vectors']} vectors, {r['embedded']} embedded now "
-              f"({time.perf_counter() - t:.1f} s)")
+        print(
+            f"vector index ({store.embedder.identity}): {r['vectors']} vectors, {r['embedded']} embedded now "
+            f"({time.perf_counter() - t:.1f} s)"
+        )
     modes = ["lexical"] + (["dense", "hybrid"] if store.embedder is not None else [])
     rankers = {m: (lambda q, m=m: doc_ranking(store, q, m, args.depth)) for m in modes}
     t = time.perf_counter()
     res = evaluate(questions, rankers, ks=(1, args.k) if args.k != 1 else (1,))
     secs = time.perf_counter() - t
-    names = {"lexical": "BM25 (code-aware terms)", "dense": f"dense ({args.embedder})",
-             "hybrid": f"hybrid RRF k={args.rrf_k:g}"}
+    names = {
+        "lexical": "BM25 (code-aware terms)",
+        "dense": f"dense ({args.embedder})",
+        "hybrid": f"hybrid RRF k={args.rrf_k:g}",
+    }
     cols = ["recall@1"] + ([f"recall@{args.k}"] if args.k != 1 else []) + ["mrr"]
-    print(f"{len(questions)} questions from {args.questions}; store {store.path} ({store.count()} documents); "
-          f"{secs:.1f} s")
+    print(
+        f"{len(questions)} questions from {args.questions}; store {store.path} ({store.count()} documents); "
+        f"{secs:.1f} s"
+    )
     print(f"{'retrieval':34s} " + " ".join(f"{c:>9s}" for c in cols))
     for m in modes:
         print(f"{names[m]:34s} " + " ".join(f"{res[m][c]:9.3f}" for c in cols))
     for m in modes:
-        for q in res[m]["misses"][:args.show_misses]:
+        for q in res[m]["misses"][: args.show_misses]:
             print(f"  {m} missed: {q}")
     if args.json:
         from pathlib import Path
 
-        Path(args.json).write_text(json.dumps({"questions": args.questions, "store": str(store.path),
-                                               "embedder": args.embedder, "rrf_k": args.rrf_k, "results": res},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "questions": args.questions,
+                    "store": str(store.path),
+                    "embedder": args.embedder,
+                    "rrf_k": args.rrf_k,
+                    "results": res,
+                },
+                indent=1,
+            )
+        )
     return 0

@@ -26,23 +26,50 @@ SMOKE_FUNCTIONS = [
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = add_stage_command(sub, "serve", HELP, {
-        "--model": ("model", {"metavar": "CKPT", "help": "checkpoint folder (Hugging Face format)"}),
-        "--model-name": ("model_name", {"metavar": "NAME", "help": "name clients send as 'model' (else: folder name)"}),
-        "--knowledge": ("knowledge", {"metavar": "DIR_OR_DB",
-                                      "help": "knowledge store: a .db file or a folder holding knowledge.db"}),
-        "--api-key-file": ("api_key_file", {"metavar": "F", "help": "one API key per line; keys then required"}),
-        "--admin-key-file": ("admin_key_file", {"metavar": "F", "help": "admin keys (one per line) for POST "
-                                                "/admin/models and `genloop deploy`; none: admin routes off"}),
-        "--host": ("host", {"help": "HTTP host (preset default 127.0.0.1: loopback only)"}),
-        "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
-    }, examples="rag_top_k=5 engine.max_num_seqs=8", overwrite=False)
-    p.add_argument("--smoke", type=int, default=0, metavar="N",
-                   help="start, answer N code-writing requests with the openai client, print each answer, whether "
-                        "it parses as a function and which sources retrieval found, and exit")
-    p.add_argument("--smoke-questions", default=None, metavar="FILE_OR_DIR",
-                   help="the held-out requests to ask: a `genloop sft-data` folder (its val.jsonl) or a JSONL of "
-                        "{messages: [...]}; default: a few built-in ones")
+    p = add_stage_command(
+        sub,
+        "serve",
+        HELP,
+        {
+            "--model": ("model", {"metavar": "CKPT", "help": "checkpoint folder (Hugging Face format)"}),
+            "--model-name": (
+                "model_name",
+                {"metavar": "NAME", "help": "name clients send as 'model' (else: folder name)"},
+            ),
+            "--knowledge": (
+                "knowledge",
+                {"metavar": "DIR_OR_DB", "help": "knowledge store: a .db file or a folder holding knowledge.db"},
+            ),
+            "--api-key-file": ("api_key_file", {"metavar": "F", "help": "one API key per line; keys then required"}),
+            "--admin-key-file": (
+                "admin_key_file",
+                {
+                    "metavar": "F",
+                    "help": "admin keys (one per line) for POST "
+                    "/admin/models and `genloop deploy`; none: admin routes off",
+                },
+            ),
+            "--host": ("host", {"help": "HTTP host (preset default 127.0.0.1: loopback only)"}),
+            "--port": ("port", {"type": int, "help": "HTTP port (preset default 8000)"}),
+        },
+        examples="rag_top_k=5 engine.max_num_seqs=8",
+        overwrite=False,
+    )
+    p.add_argument(
+        "--smoke",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start, answer N code-writing requests with the openai client, print each answer, whether "
+        "it parses as a function and which sources retrieval found, and exit",
+    )
+    p.add_argument(
+        "--smoke-questions",
+        default=None,
+        metavar="FILE_OR_DIR",
+        help="the held-out requests to ask: a `genloop sft-data` folder (its val.jsonl) or a JSONL of "
+        "{messages: [...]}; default: a few built-in ones",
+    )
     p.add_argument("--smoke-out", default=None, metavar="FILE", help="also write the smoke answers as JSON here")
     return p
 
@@ -55,13 +82,17 @@ def smoke_questions(source: str | None, n: int) -> list[str]:
     from pipelines.sft.data import WRITE_PROMPTS, val_path
 
     if not source:
-        qs = [WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=sig, doc=doc)
-              for i, (sig, doc) in enumerate(SMOKE_FUNCTIONS)]
+        qs = [
+            WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=sig, doc=doc)
+            for i, (sig, doc) in enumerate(SMOKE_FUNCTIONS)
+        ]
         return [qs[i % len(qs)] for i in range(n)]
     path = Path(val_path(source) if Path(source).is_dir() else source)
     if not path.is_file():
-        raise FileNotFoundError(f"--smoke-questions {source}: no {path}; pass a `genloop sft-data` folder or a JSONL "
-                                "of {\"messages\": [...]} rows")
+        raise FileNotFoundError(
+            f"--smoke-questions {source}: no {path}; pass a `genloop sft-data` folder or a JSONL "
+            'of {"messages": [...]} rows'
+        )
     qs = []
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
@@ -73,8 +104,9 @@ def smoke_questions(source: str | None, n: int) -> list[str]:
         if len(qs) == n:
             break
     if not qs:
-        raise ValueError(f"--smoke-questions {path} holds no code-writing requests (rows with meta.task 'write' "
-                         "and a user message)")
+        raise ValueError(
+            f"--smoke-questions {path} holds no code-writing requests (rows with meta.task 'write' and a user message)"
+        )
     return qs
 
 
@@ -88,8 +120,10 @@ def smoke(base_url: str, model: str, questions: list[str], api_key: str | None =
     from pipelines.judge import writes_function
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=120)
-    print(f"models: {[(m.id, (m.model_extra or {}).get('model_version')) for m in client.models.list().data]} "
-          "(name, model version)")
+    print(
+        f"models: {[(m.id, (m.model_extra or {}).get('model_version')) for m in client.models.list().data]} "
+        "(name, model version)"
+    )
     results = []
     for i, q in enumerate(questions):
         t0 = time.perf_counter()
@@ -97,8 +131,9 @@ def smoke(base_url: str, model: str, questions: list[str], api_key: str | None =
         streamed = i % 2 == 1
         if streamed:
             pieces, rag, version = [], {}, None
-            for ch in client.chat.completions.create(model=model, messages=msgs, temperature=0.0, stream=True,
-                                                     user="demo-user"):
+            for ch in client.chat.completions.create(
+                model=model, messages=msgs, temperature=0.0, stream=True, user="demo-user"
+            ):
                 rag = rag or (ch.model_extra or {}).get("rag") or {}
                 version = version or (ch.model_extra or {}).get("model_version")
                 if ch.choices and ch.choices[0].delta.content:
@@ -109,18 +144,30 @@ def smoke(base_url: str, model: str, questions: list[str], api_key: str | None =
             answer, rid, tokens = r.choices[0].message.content or "", r.id, r.usage.completion_tokens
             rag = (r.model_extra or {}).get("rag") or {}
             version = (r.model_extra or {}).get("model_version")
-        res = {"question": q, "answer": answer, "parses": writes_function(answer),
-               "sources": [d["id"] for d in rag.get("documents", [])], "streamed": streamed, "tokens": tokens,
-               "seconds": round(time.perf_counter() - t0, 2), "response_id": rid, "model_version": version}
+        res = {
+            "question": q,
+            "answer": answer,
+            "parses": writes_function(answer),
+            "sources": [d["id"] for d in rag.get("documents", [])],
+            "streamed": streamed,
+            "tokens": tokens,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "response_id": rid,
+            "model_version": version,
+        }
         results.append(res)
-        print(f"\n[{i + 1}] {q}\n    answer{' (streamed)' if streamed else ''}: {answer!r}\n"
-              f"    parses as a function: {'yes' if res['parses'] else 'no'}; retrieval found: "
-              f"{', '.join(res['sources']) or 'nothing'}; {res['seconds']:.2f}s")
+        print(
+            f"\n[{i + 1}] {q}\n    answer{' (streamed)' if streamed else ''}: {answer!r}\n"
+            f"    parses as a function: {'yes' if res['parses'] else 'no'}; retrieval found: "
+            f"{', '.join(res['sources']) or 'nothing'}; {res['seconds']:.2f}s"
+        )
     from cluster.feedback_round import feedback_round
 
     posted = feedback_round(client, model, questions, results)
-    print(f"\nfeedback round: {posted['ratings']} ratings ({posted['up']} up, {posted['down']} down) and "
-          f"{posted['preferences']} preferences posted through /v1/feedback")
+    print(
+        f"\nfeedback round: {posted['ratings']} ratings ({posted['up']} up, {posted['down']} down) and "
+        f"{posted['preferences']} preferences posted through /v1/feedback"
+    )
     return results
 
 
@@ -128,8 +175,10 @@ def api_key(path: str | None) -> str | None:
     """The first key in an API key file (comments and blank lines skipped)."""
     if not path:
         return None
-    return next((ln.strip() for ln in Path(path).read_text().splitlines()
-                 if ln.strip() and not ln.lstrip().startswith("#")), None)
+    return next(
+        (ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")),
+        None,
+    )
 
 
 def config(args: argparse.Namespace):
@@ -151,18 +200,26 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update(ray_env(cfg, address_of(args)))  # read by the local Ray's Serve processes at start
     start_ray(args)
     url = start(cfg)
-    print(f"genloop serve: {cfg.served_name()!r} at {url}/v1 (OpenAI-compatible); knowledge store "
-          f"{cfg.state_paths()[0]}; Ctrl-C stops", flush=True)
+    print(
+        f"genloop serve: {cfg.served_name()!r} at {url}/v1 (OpenAI-compatible); knowledge store "
+        f"{cfg.state_paths()[0]}; Ctrl-C stops",
+        flush=True,
+    )
     try:
         if args.smoke:
-            results = smoke(url, cfg.served_name(), smoke_questions(args.smoke_questions, args.smoke),
-                            api_key(cfg.api_key_file))
+            results = smoke(
+                url, cfg.served_name(), smoke_questions(args.smoke_questions, args.smoke), api_key(cfg.api_key_file)
+            )
             if args.smoke_out:
                 Path(args.smoke_out).parent.mkdir(parents=True, exist_ok=True)
                 versions = sorted({r["model_version"] for r in results if r["model_version"]})
-                Path(args.smoke_out).write_text(json.dumps({"model": cfg.served_name(), "url": url,
-                                                            "model_versions": versions, "answers": results},
-                                                           indent=2) + "\n")
+                Path(args.smoke_out).write_text(
+                    json.dumps(
+                        {"model": cfg.served_name(), "url": url, "model_versions": versions, "answers": results},
+                        indent=2,
+                    )
+                    + "\n"
+                )
             return 0
         while True:
             time.sleep(3600)

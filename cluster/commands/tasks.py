@@ -24,8 +24,11 @@ HELP = "generate tasks with reference answers (arithmetic): a train and a held-o
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help=HELP, description=HELP)
     tsub = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    a = tsub.add_parser("arithmetic", help='"Compute 47+38. Reply with the number only." with answer "85"',
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = tsub.add_parser(
+        "arithmetic",
+        help='"Compute 47+38. Reply with the number only." with answer "85"',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a.add_argument("--out", required=True, metavar="DIR", help="folder for train.jsonl, heldout.jsonl, manifest.json")
     a.add_argument("--n", type=int, default=2000, metavar="N", help="train problems")
     a.add_argument("--heldout", type=int, default=256, metavar="N", help="held-out problems (never in train)")
@@ -39,9 +42,20 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pipelines.tasks import ArithmeticConfig, run_arithmetic
 
-    res = run_arithmetic(ArithmeticConfig(out=args.out, n=args.n, heldout=args.heldout, digits=args.digits,
-                                          ops=args.ops, seed=args.seed, overwrite=args.overwrite))
-    print(f"tasks arithmetic: {res['train']:,} train + {res['heldout']:,} held-out problems (of {res['space']:,}) "
-          f"-> {res['out']}")
+    res = run_arithmetic(
+        ArithmeticConfig(
+            out=args.out,
+            n=args.n,
+            heldout=args.heldout,
+            digits=args.digits,
+            ops=args.ops,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    )
+    print(
+        f"tasks arithmetic: {res['train']:,} train + {res['heldout']:,} held-out problems (of {res['space']:,}) "
+        f"-> {res['out']}"
+    )
     print(json.dumps(res))  # the last line: machine-readable
     return 0

@@ -57,8 +57,9 @@ HELP = "train a BPE tokenizer (tiktoken format) or inspect one"
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help=HELP, description=HELP)
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE on a text sample",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = tsub.add_parser(
+        "train", help="train a byte-level BPE on a text sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     t.add_argument("--input", nargs="*", default=[], help="files, folders or globs (default: the stdlib sources)")
     t.add_argument("--vocab-size", type=int, default=8192, help="including the chat special tokens")
     t.add_argument("--max-bytes", type=int, default=50_000_000, help="stop reading input after this many bytes")
@@ -80,8 +81,12 @@ def train_cmd(args: argparse.Namespace) -> int:
     from pipelines.artifacts import Manifest
 
     files = expand_inputs(args.input) if args.input else default_corpus_files()
-    cfg = {"inputs": args.input or ["<stdlib>"], "vocab_size": args.vocab_size, "max_bytes": args.max_bytes,
-           "name": args.name}
+    cfg = {
+        "inputs": args.input or ["<stdlib>"],
+        "vocab_size": args.vocab_size,
+        "max_bytes": args.max_bytes,
+        "name": args.name,
+    }
     m = Manifest.begin("tokenizer", args.out, cfg, inputs=args.input, overwrite=args.overwrite)
     tok = train(iter_texts(files, args.max_bytes), args.vocab_size, name=args.name)
     tok.save(args.out)

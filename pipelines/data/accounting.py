@@ -49,10 +49,17 @@ def account(blocks: Iterable[pa.Table], samples_per_rule: int, max_listed_malfor
                 if len(malformed_list) < max_listed_malformed:
                     malformed_list.append({"source": key.rsplit("#", 1)[0], "key": key, "reason": why})
     return {
-        "read": read, "kept_pre_dedup": kept, "dropped": dropped, "malformed": malformed, "cut": cut, "pii": pii,
+        "read": read,
+        "kept_pre_dedup": kept,
+        "dropped": dropped,
+        "malformed": malformed,
+        "cut": cut,
+        "pii": pii,
         "profiles": dict(profiles),
         "bytes": dict(byts) | {k: byts.get(k, 0) for k in ("dropped", "malformed", "kept_pre_dedup")},
-        "kept_text_bytes": kept_text, "samples": samples, "malformed_list": malformed_list,
+        "kept_text_bytes": kept_text,
+        "samples": samples,
+        "malformed_list": malformed_list,
     }
 
 
@@ -94,8 +101,12 @@ def summary_table(counts: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{'documents':{width}s}{'count':>10s}"] + [f"{k:{width}s}{v:>10d}" for k, v in rows]
     b = counts["bytes"]
-    lines.append(f"bytes read {b['read']:,}, kept {b['kept']:,} (input bytes); cut {counts['cut']}, "
-                 f"PII redactions {counts['pii_redactions']}")
-    lines.append(f"tokens train {counts['tokens'][TRAIN]:,} val {counts['tokens'][VAL]:,}; blocks train "
-                 f"{counts['train_blocks']:,} val {counts['val_blocks']:,}; n_vocab {counts['n_vocab']}")
+    lines.append(
+        f"bytes read {b['read']:,}, kept {b['kept']:,} (input bytes); cut {counts['cut']}, "
+        f"PII redactions {counts['pii_redactions']}"
+    )
+    lines.append(
+        f"tokens train {counts['tokens'][TRAIN]:,} val {counts['tokens'][VAL]:,}; blocks train "
+        f"{counts['train_blocks']:,} val {counts['val_blocks']:,}; n_vocab {counts['n_vocab']}"
+    )
     return "\n".join(lines)

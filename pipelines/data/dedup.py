@@ -32,12 +32,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_B = np.uint64(0x100000001B3)                       # FNV prime: odd, so invertible mod 2**64
+_B = np.uint64(0x100000001B3)  # FNV prime: odd, so invertible mod 2**64
 _B_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
-_SHINGLE_C = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-                       0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x27D4EB2F165667C5, 0x85EBCA77C2B2AE63,
-                       0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
-_MAX_CHUNK = 1 << 15                                # shingles per (chunk x perms) matrix: 32k x 112 x 4 B = 14 MB
+_SHINGLE_C = np.array(
+    [
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0xD6E8FEB86659FD93,
+        0xFF51AFD7ED558CCD,
+        0xC4CEB9FE1A85EC53,
+        0x27D4EB2F165667C5,
+        0x85EBCA77C2B2AE63,
+        0x94D049BB133111EB,
+        0xBF58476D1CE4E5B9,
+    ],
+    dtype=np.uint64,
+)
+_MAX_CHUNK = 1 << 15  # shingles per (chunk x perms) matrix: 32k x 112 x 4 B = 14 MB
 
 
 @dataclass
@@ -49,8 +61,8 @@ class MinHashConfig:
     num_perm: int = 112
     bands: int = 14
     rows: int = 8
-    threshold: float = 0.7          # estimated Jaccard a candidate pair needs to be merged
-    max_bucket_pairs: int = 32      # a bucket member is compared with at most this many earlier members
+    threshold: float = 0.7  # estimated Jaccard a candidate pair needs to be merged
+    max_bucket_pairs: int = 32  # a bucket member is compared with at most this many earlier members
     seed: int = 1
 
 
@@ -101,7 +113,7 @@ def word_hashes(text: str) -> np.ndarray:
     is_word = _WORD_BYTE[b]
     edges = np.diff(is_word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)              # exclusive
+    ends = np.flatnonzero(edges == -1)  # exclusive
     if starts.size == 0:
         return np.zeros(0, dtype=np.uint64)
     inv_pow, pow_b = _power_tables(b.size)
@@ -114,7 +126,7 @@ def word_hashes(text: str) -> np.ndarray:
         pref[0] = 0
         np.cumsum(terms, dtype=np.uint64, out=pref[1:])
         h = pow_b[ends - 1] * (pref[ends] - pref[starts])
-        h += (ends - starts).astype(np.uint64)      # length tag
+        h += (ends - starts).astype(np.uint64)  # length tag
     return splitmix64(h)
 
 
@@ -130,7 +142,7 @@ def shingle_hashes(text: str, ngram: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         acc = h[:m] * _SHINGLE_C[0]
         for j in range(1, k):
-            acc += h[j:j + m] * _SHINGLE_C[j]
+            acc += h[j : j + m] * _SHINGLE_C[j]
     return np.unique(splitmix64(acc))
 
 
@@ -153,7 +165,7 @@ def signature(shingles: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     sig = np.full(a.size, np.iinfo(np.uint32).max, dtype=np.uint32)
     with np.errstate(over="ignore"):
         for lo in range(0, x.size, _MAX_CHUNK):
-            v = x[lo:lo + _MAX_CHUNK, None] * a[None, :]        # (chunk, num_perm) uint32, wrapping
+            v = x[lo : lo + _MAX_CHUNK, None] * a[None, :]  # (chunk, num_perm) uint32, wrapping
             v += b[None, :]
             np.minimum(sig, v.min(axis=0), out=sig)
     return sig
@@ -190,7 +202,7 @@ def bucket_edges(ids: Sequence[str], sigs: np.ndarray, threshold: float, max_pai
     sorted_ids = [ids[i] for i in order]
     for i in range(1, len(order)):
         lo = max(0, i - max_pairs)
-        sim = (s[lo:i] == s[i][None, :]).mean(axis=1)          # (i - lo,)
+        sim = (s[lo:i] == s[i][None, :]).mean(axis=1)  # (i - lo,)
         for j in np.flatnonzero(sim >= threshold):
             out.append((sorted_ids[lo + int(j)], sorted_ids[i]))
     return out
@@ -208,7 +220,7 @@ class UnionFind:
         while p != root:
             root = p
             p = self.parent.setdefault(root, root)
-        while self.parent[x] != root:                            # path compression
+        while self.parent[x] != root:  # path compression
             self.parent[x], x = root, self.parent[x]
         return root
 
@@ -227,7 +239,6 @@ def survivors(edges: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {x: r for x in uf.parent if (r := uf.find(x)) != x}
 
 
-
 # ---- the data stage's dedup steps over Arrow batches (Ray Data UDFs) -----------------------------------------------
 
 EXACT_KIND, BAND_KIND = 0, 1
@@ -243,8 +254,11 @@ def group_rows(batch: pa.Table, mh: MinHashConfig, exact: bool) -> pa.Table:
     by the content hash (``kind`` 0) and, with MinHash on, one row per LSH band keyed by the band's bucket (``kind`` 1)."""
     kinds, gkeys, keys, sigs = [], [], [], []
     no_sig = np.zeros(0, dtype=np.uint32)
-    for key, h, sig in zip(batch.column("key").to_pylist(), batch.column("hash").to_pylist(),
-                           batch.column("sig").to_numpy(zero_copy_only=False)):
+    for key, h, sig in zip(
+        batch.column("key").to_pylist(),
+        batch.column("hash").to_pylist(),
+        batch.column("sig").to_numpy(zero_copy_only=False),
+    ):
         if exact:
             kinds.append(EXACT_KIND)
             gkeys.append(h)
@@ -252,14 +266,19 @@ def group_rows(batch: pa.Table, mh: MinHashConfig, exact: bool) -> pa.Table:
             sigs.append(no_sig)
         if mh.enabled:
             sig = np.asarray(sig, dtype=np.uint32)
-            bk = band_keys(sig, mh.bands, mh.rows).view(np.int64)     # (bands,) bucket keys as int64 bit patterns
+            bk = band_keys(sig, mh.bands, mh.rows).view(np.int64)  # (bands,) bucket keys as int64 bit patterns
             kinds += [BAND_KIND] * bk.size
             gkeys += bk.tolist()
             keys += [key] * bk.size
             sigs += [sig] * bk.size
-    return pa.table({"kind": pa.array(kinds, type=pa.int8()), "gkey": pa.array(gkeys, type=pa.int64()),
-                     "key": pa.array(keys, type=pa.string()),
-                     "sig": pa.array([x.tolist() for x in sigs], type=pa.list_(pa.uint32()))})
+    return pa.table(
+        {
+            "kind": pa.array(kinds, type=pa.int8()),
+            "gkey": pa.array(gkeys, type=pa.int64()),
+            "key": pa.array(keys, type=pa.string()),
+            "sig": pa.array([x.tolist() for x in sigs], type=pa.list_(pa.uint32())),
+        }
+    )
 
 
 def group_edges(group: pa.Table, mh: MinHashConfig) -> pa.Table:
@@ -277,6 +296,10 @@ def group_edges(group: pa.Table, mh: MinHashConfig) -> pa.Table:
     elif len(keys) > 1:
         sigs = np.array(group.column("sig").to_pylist(), dtype=np.uint32)
         edges = bucket_edges(keys, sigs, mh.threshold, mh.max_bucket_pairs)
-    return pa.table({"kind": pa.array([kind] * len(edges), type=pa.int8()),
-                     "a": pa.array([e[0] for e in edges], type=pa.string()),
-                     "b": pa.array([e[1] for e in edges], type=pa.string())})
+    return pa.table(
+        {
+            "kind": pa.array([kind] * len(edges), type=pa.int8()),
+            "a": pa.array([e[0] for e in edges], type=pa.string()),
+            "b": pa.array([e[1] for e in edges], type=pa.string()),
+        }
+    )

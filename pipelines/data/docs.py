@@ -18,11 +18,22 @@ if TYPE_CHECKING:
 
 KEPT, DROPPED, MALFORMED = "kept", "dropped", "malformed"
 
-DOC_SCHEMA = pa.schema([
-    ("key", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("profile", pa.string()),
-    ("n_bytes_in", pa.int64()), ("n_bytes", pa.int64()), ("cut", pa.bool_()), ("pii", pa.int32()),
-    ("text", pa.string()), ("sample", pa.string()), ("hash", pa.int64()), ("sig", pa.list_(pa.uint32())),
-])
+DOC_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("profile", pa.string()),
+        ("n_bytes_in", pa.int64()),
+        ("n_bytes", pa.int64()),
+        ("cut", pa.bool_()),
+        ("pii", pa.int32()),
+        ("text", pa.string()),
+        ("sample", pa.string()),
+        ("hash", pa.int64()),
+        ("sig", pa.list_(pa.uint32())),
+    ]
+)
 
 
 def decode_document(raw: bytes | str, max_bytes: int) -> tuple[str | None, str, bool]:
@@ -48,8 +59,20 @@ def decode_document(raw: bytes | str, max_bytes: int) -> tuple[str | None, str, 
 
 
 def _row(key: str, status: str, reason: str, profile: str = "", n_bytes_in: int = 0) -> dict[str, Any]:
-    return dict(key=key, status=status, reason=reason, profile=profile, n_bytes_in=n_bytes_in, n_bytes=0, cut=False,
-                pii=0, text=None, sample=None, hash=0, sig=[])
+    return dict(
+        key=key,
+        status=status,
+        reason=reason,
+        profile=profile,
+        n_bytes_in=n_bytes_in,
+        n_bytes=0,
+        cut=False,
+        pii=0,
+        text=None,
+        sample=None,
+        hash=0,
+        sig=[],
+    )
 
 
 class DocProcessor:
@@ -94,8 +117,13 @@ class DocProcessor:
         if cfg.pii:
             text, row["pii"] = redact_pii(text)
         sig = signature(shingle_hashes(text, cfg.minhash.ngram), *self.perms) if cfg.minhash.enabled else []
-        row.update(status=KEPT, text=text, n_bytes=len(text.encode("utf-8", errors="surrogatepass")),
-                   hash=content_hash(text), sig=np.asarray(sig, dtype=np.uint32).tolist())
+        row.update(
+            status=KEPT,
+            text=text,
+            n_bytes=len(text.encode("utf-8", errors="surrogatepass")),
+            hash=content_hash(text),
+            sig=np.asarray(sig, dtype=np.uint32).tolist(),
+        )
         return row
 
 

@@ -44,8 +44,9 @@ def list_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     for pattern in inputs:
         matched = expand(pattern)
         if not matched:
-            raise FileNotFoundError(f"--input {pattern} matches no files; give existing files, folders, globs or "
-                                    "s3:// / gs:// URIs")
+            raise FileNotFoundError(
+                f"--input {pattern} matches no files; give existing files, folders, globs or s3:// / gs:// URIs"
+            )
         files.update(matched)
     readable = []
     for f in sorted(files):

@@ -61,8 +61,9 @@ def run(cfg: DataConfig) -> dict[str, Any]:
         if not files:
             raise FileNotFoundError("the embedded default corpus (the stdlib) has no files; pass --input")
     # no checkpoints to resume from: an unfinished run's output is cleared (so is a finished one, with overwrite)
-    artifact = begin_stage("data", cfg.out, cfg, inputs={"--input": list(cfg.input) or [STDLIB]},
-                           overwrite=cfg.overwrite, resume=False)
+    artifact = begin_stage(
+        "data", cfg.out, cfg, inputs={"--input": list(cfg.input) or [STDLIB]}, overwrite=cfg.overwrite, resume=False
+    )
     t0 = time.perf_counter()
     ctx = DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
@@ -89,8 +90,9 @@ def _pipeline(cfg: DataConfig, files: list[str], unreadable: list[tuple[str, str
         fs = filesystem(files[0])[0] if is_uri(files[0]) else None
         n_blocks = max(1, min(1024, len(files) // max(1, cfg.files_per_read_task)))
         raw = rd.read_binary_files(files, include_paths=True, filesystem=fs, override_num_blocks=n_blocks)
-        parts.append(raw.map_batches(process_files, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
-                                     batch_format="pyarrow"))
+        parts.append(
+            raw.map_batches(process_files, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="pyarrow")
+        )
     if unreadable:
         parts.append(rd.from_arrow(unreadable_rows(unreadable)))
     docs = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
@@ -104,19 +106,23 @@ def _pipeline(cfg: DataConfig, files: list[str], unreadable: list[tuple[str, str
     # 3.+4. exact and near duplicates in one hash-partitioned groupby over (kind, group key): exact groups by content
     # hash, LSH band buckets; edges -> connected components on the driver (the smallest key of each survives)
     t = time.perf_counter()
-    parts_n = cfg.shuffle_partitions or max(int(ray.cluster_resources().get("CPU", 1)),
-                                            min(200, acct["kept_pre_dedup"] // 20_000))
+    parts_n = cfg.shuffle_partitions or max(
+        int(ray.cluster_resources().get("CPU", 1)), min(200, acct["kept_pre_dedup"] // 20_000)
+    )
     exact: set[str] = set()
     near: set[str] = set()
     n_edges = 0
     survivor_of: dict[str, str] = {}
     if (cfg.exact_dedup or cfg.minhash.enabled) and acct["kept_pre_dedup"] > 1:
-        kept = docs.map_batches(select_kept, fn_kwargs={"columns": ["key", "hash", "sig"], "kept": KEPT},
-                                batch_format="pyarrow")
-        rows = kept.map_batches(group_rows, fn_kwargs={"mh": cfg.minhash, "exact": cfg.exact_dedup},
-                                batch_format="pyarrow")
+        kept = docs.map_batches(
+            select_kept, fn_kwargs={"columns": ["key", "hash", "sig"], "kept": KEPT}, batch_format="pyarrow"
+        )
+        rows = kept.map_batches(
+            group_rows, fn_kwargs={"mh": cfg.minhash, "exact": cfg.exact_dedup}, batch_format="pyarrow"
+        )
         edges_ds = rows.groupby(["kind", "gkey"], num_partitions=parts_n).map_groups(
-            group_edges, fn_kwargs={"mh": cfg.minhash}, batch_format="pyarrow")
+            group_edges, fn_kwargs={"mh": cfg.minhash}, batch_format="pyarrow"
+        )
         edges: set[tuple[str, str]] = set()
         for b in edges_ds.iter_batches(batch_format="pyarrow", batch_size=None):
             d = b.to_pydict()
@@ -140,10 +146,13 @@ def _pipeline(cfg: DataConfig, files: list[str], unreadable: list[tuple[str, str
     # 6. tokenize (parallel, order kept) and pack on the driver into train/ and val/ shards
     t = time.perf_counter()
     packers = {s: BlockPacker(join(cfg.out, s), cfg.seq_len, cfg.blocks_per_shard) for s in (TRAIN, VAL)}
-    toks = docs.map_batches(Tokenize, fn_constructor_kwargs={"tokenizer": tok, "removed": removed,
-                                                             "val_fraction": cfg.val_fraction, "kept": KEPT},
-                            batch_size=256, batch_format="pyarrow",
-                            compute=rd.ActorPoolStrategy(min_size=1, max_size=_tokenize_actors()))
+    toks = docs.map_batches(
+        Tokenize,
+        fn_constructor_kwargs={"tokenizer": tok, "removed": removed, "val_fraction": cfg.val_fraction, "kept": KEPT},
+        batch_size=256,
+        batch_format="pyarrow",
+        compute=rd.ActorPoolStrategy(min_size=1, max_size=_tokenize_actors()),
+    )
     n_docs_tok = 0
     for batch in toks.iter_batches(batch_format="pyarrow", batch_size=None):
         n_docs_tok += batch.num_rows
@@ -151,11 +160,16 @@ def _pipeline(cfg: DataConfig, files: list[str], unreadable: list[tuple[str, str
     tail = {s: p.close() for s, p in packers.items()}
     timings["tokenize_pack"] = time.perf_counter() - t
     if packers[TRAIN].n_blocks == 0:
-        raise ValueError(f"no training blocks: only {packers[TRAIN].n_tokens} train tokens survived cleaning, fewer "
-                         f"than one block of seq_len+1={cfg.seq_len + 1}; add --input data or lower seq_len")
+        raise ValueError(
+            f"no training blocks: only {packers[TRAIN].n_tokens} train tokens survived cleaning, fewer "
+            f"than one block of seq_len+1={cfg.seq_len + 1}; add --input data or lower seq_len"
+        )
     if packers[VAL].n_blocks == 0:
-        log.warning("no validation blocks (val_fraction=%s, %d val tokens); raise val_fraction for a val split",
-                    cfg.val_fraction, packers[VAL].n_tokens)
+        log.warning(
+            "no validation blocks (val_fraction=%s, %d val tokens); raise val_fraction for a val split",
+            cfg.val_fraction,
+            packers[VAL].n_tokens,
+        )
         write_empty_split(join(cfg.out, VAL), cfg.seq_len)
 
     write_samples(cfg.out, acct["samples"])
@@ -187,8 +201,12 @@ def _pipeline(cfg: DataConfig, files: list[str], unreadable: list[tuple[str, str
         "val_shards": packers[VAL].n_shards,
         "n_vocab": tok.n_vocab,
     }
-    metrics = {"timings_s": {k: round(v, 2) for k, v in timings.items()}, "near_dup_edges": n_edges,
-               "tokenizer": tok.name, "malformed_docs": acct["malformed_list"]}
+    metrics = {
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "near_dup_edges": n_edges,
+        "tokenizer": tok.name,
+        "malformed_docs": acct["malformed_list"],
+    }
     return counts, metrics
 
 
@@ -221,8 +239,12 @@ def _tokenizer(cfg: DataConfig, docs: Any, removed: frozenset[str]) -> Any:
                         return
 
     texts = list(sample())
-    log.info("training a BPE tokenizer (vocab %d) on %d documents, %.1f MB", cfg.vocab_size, len(texts),
-             sum(map(len, texts)) / 1e6)
+    log.info(
+        "training a BPE tokenizer (vocab %d) on %d documents, %.1f MB",
+        cfg.vocab_size,
+        len(texts),
+        sum(map(len, texts)) / 1e6,
+    )
     return train(texts, cfg.vocab_size, name="genloop-bpe")
 
 

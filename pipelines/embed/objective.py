@@ -24,8 +24,8 @@ def pad_bags(rows: list[dict[int, float]], width: int) -> tuple[np.ndarray, np.n
     for i, r in enumerate(rows):
         top = sorted(r.items(), key=lambda kv: -kv[1])[:width]
         if top:
-            ids[i, :len(top)] = [t for t, _ in top]
-            w[i, :len(top)] = [v for _, v in top]
+            ids[i, : len(top)] = [t for t, _ in top]
+            w[i, : len(top)] = [v for _, v in top]
     return ids, w
 
 

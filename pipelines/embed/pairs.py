@@ -40,7 +40,7 @@ def pairs_from_source(source: str, path: str, min_doc_words: int = 4, max_code_c
         if not doc or len(doc.split()) < min_doc_words or not node.body:
             continue
         body0 = node.body[0]
-        code = lines[node.lineno - 1:node.end_lineno]
+        code = lines[node.lineno - 1 : node.end_lineno]
         # drop the docstring's lines (the first statement of the body)
         start, end = body0.lineno - node.lineno, body0.end_lineno - node.lineno + 1
         code = code[:start] + code[end:]

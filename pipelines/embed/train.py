@@ -40,8 +40,9 @@ class EmbedTrainConfig:
 def evaluate(model: BagEncoder, queries: list[Bag], docs: list[Bag], width: int) -> dict[str, float]:
     (qi, qw), (di, dw) = pad_bags(queries, width), pad_bags(docs, width)
     with torch.no_grad():
-        return recall_at(model(torch.from_numpy(qi), torch.from_numpy(qw)),
-                         model(torch.from_numpy(di), torch.from_numpy(dw)))
+        return recall_at(
+            model(torch.from_numpy(qi), torch.from_numpy(qw)), model(torch.from_numpy(di), torch.from_numpy(dw))
+        )
 
 
 def _export(base: torch.nn.Module, state: dict, out: str) -> str:
@@ -50,8 +51,16 @@ def _export(base: torch.nn.Module, state: dict, out: str) -> str:
     return path
 
 
-def train(init: torch.Tensor, train_q: list[Bag], train_d: list[Bag], test_q: list[Bag], test_d: list[Bag],
-          cfg: EmbedTrainConfig, out: str, in_process: bool = False) -> tuple[torch.Tensor, dict]:
+def train(
+    init: torch.Tensor,
+    train_q: list[Bag],
+    train_d: list[Bag],
+    test_q: list[Bag],
+    test_d: list[Bag],
+    cfg: EmbedTrainConfig,
+    out: str,
+    in_process: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """The trained matrix and ``{"before": held-out recall, "after": ..., "steps", "losses"}``; the loop's metrics
     and loss curve land in ``out``."""
     if len(train_q) < cfg.batch:
@@ -62,14 +71,35 @@ def train(init: torch.Tensor, train_q: list[Bag], train_d: list[Bag], test_q: li
     di, dw = pad_bags(train_d, cfg.width)
     rows = {"q_ids": qi, "q_w": qw, "d_ids": di, "d_w": dw}
     steps = max(1, cfg.epochs * len(train_q) // (cfg.batch * cfg.num_workers))
-    loop = TrainLoopConfig(steps=steps, micro_batch_size=cfg.batch, lr=cfg.lr, min_lr=cfg.lr / 10,
-                           warmup_steps=min(20, steps // 10), weight_decay=0.0, seed=cfg.seed,
-                           log_every=max(1, steps // 20), eval_every=0, eval_batches=0, ckpt_every=0,
-                           strategy="none" if cfg.num_workers == 1 else "ddp", num_workers=cfg.num_workers,
-                           use_gpu=False, name="embed", progress=False)
+    loop = TrainLoopConfig(
+        steps=steps,
+        micro_batch_size=cfg.batch,
+        lr=cfg.lr,
+        min_lr=cfg.lr / 10,
+        warmup_steps=min(20, steps // 10),
+        weight_decay=0.0,
+        seed=cfg.seed,
+        log_every=max(1, steps // 20),
+        eval_every=0,
+        eval_batches=0,
+        ckpt_every=0,
+        strategy="none" if cfg.num_workers == 1 else "ddp",
+        num_workers=cfg.num_workers,
+        use_gpu=False,
+        name="embed",
+        progress=False,
+    )
     init_cpu = init.detach().float().cpu().clone()
-    res = fit(loop, lambda: BagEncoder(init_cpu), rows, None, out, export=_export, in_process=in_process,
-              objective=InfoNCEObjective(cfg.scale))
+    res = fit(
+        loop,
+        lambda: BagEncoder(init_cpu),
+        rows,
+        None,
+        out,
+        export=_export,
+        in_process=in_process,
+        objective=InfoNCEObjective(cfg.scale),
+    )
     weight = torch.from_numpy(np.load(os.path.join(out, WEIGHT_FILE)))
     after = evaluate(BagEncoder(weight), test_q, test_d, cfg.width)
     losses = [r["loss"] for r in res.history if "loss" in r and not math.isnan(r["loss"])]

@@ -40,8 +40,11 @@ class DpoConfig:
     beta: float = 0.1
     loss: str = "sigmoid"  # a name in pipelines.prefs.objectives.DPO_LOSSES: sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # sigmoid only: conservative DPO
-    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
-        name="dpo", lr=5e-5, min_lr=5e-6, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0))
+    train: TrainLoopConfig = field(
+        default_factory=lambda: TrainLoopConfig(
+            name="dpo", lr=5e-5, min_lr=5e-6, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0
+        )
+    )
     in_process: bool = False
     ref_batch_size: int = 16
     seed: int = 0
@@ -86,8 +89,14 @@ def with_reference(ds: Any, init_from: str, batch_size: int) -> Any:
     """The dataset with reference log-prob columns, computed once by one actor and materialised."""
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(ReferenceLogps, fn_constructor_args=(init_from, batch_size), batch_size=64,
-                          batch_format="numpy", compute=ActorPoolStrategy(size=1), num_cpus=1).materialize()
+    return ds.map_batches(
+        ReferenceLogps,
+        fn_constructor_args=(init_from, batch_size),
+        batch_size=64,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=1,
+    ).materialize()
 
 
 def preference_eval(policy: Any, rows: dict[str, np.ndarray], beta: float, batch_size: int = 16) -> dict[str, float]:
@@ -97,9 +106,14 @@ def preference_eval(policy: Any, rows: dict[str, np.ndarray], beta: float, batch
     pc, pr = reference_logps(policy, rows, batch_size)
     rc = beta * (pc - rows["ref_chosen_logp"])
     rr = beta * (pr - rows["ref_rejected_logp"])
-    return {"preference_accuracy": float(np.mean(rc > rr)), "reward_margin": float(np.mean(rc - rr)),
-            "chosen_reward": float(np.mean(rc)), "rejected_reward": float(np.mean(rr)),
-            "logp_accuracy": float(np.mean(pc > pr)), "pairs": len(rc)}
+    return {
+        "preference_accuracy": float(np.mean(rc > rr)),
+        "reward_margin": float(np.mean(rc - rr)),
+        "chosen_reward": float(np.mean(rc)),
+        "rejected_reward": float(np.mean(rr)),
+        "logp_accuracy": float(np.mean(pc > pr)),
+        "pairs": len(rc),
+    }
 
 
 def build_policy(init_from: str) -> Any:
@@ -127,23 +141,37 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     train_ds = with_reference(to_dataset(rows), cfg.init_from, cfg.ref_batch_size)
     ref, _ = load_checkpoint(st.init_local)
     if val_rows:
-        val_rows["ref_chosen_logp"], val_rows["ref_rejected_logp"] = reference_logps(ref, val_rows,
-                                                                                     cfg.ref_batch_size)
+        val_rows["ref_chosen_logp"], val_rows["ref_rejected_logp"] = reference_logps(ref, val_rows, cfg.ref_batch_size)
     before = preference_eval(ref, val_rows, cfg.beta, cfg.ref_batch_size)
     del ref
     ref_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = fit(st.loop, partial(build_policy, cfg.init_from), train_ds, to_dataset(val_rows) if val_rows else None,
-                 cfg.out, export=hf_export(cfg.init_from), objective=objective, in_process=cfg.in_process)
+    result = fit(
+        st.loop,
+        partial(build_policy, cfg.init_from),
+        train_ds,
+        to_dataset(val_rows) if val_rows else None,
+        cfg.out,
+        export=hf_export(cfg.init_from),
+        objective=objective,
+        in_process=cfg.in_process,
+    )
     train_s = time.perf_counter() - t0
     policy, _ = load_checkpoint(local_copy(join(cfg.out, MODEL_DIR)))
     after = preference_eval(policy, val_rows, cfg.beta, cfg.ref_batch_size)
     metrics = {
         **{f"heldout_{k}": v for k, v in after.items() if k != "pairs"},
         "heldout_logp_accuracy_before": before.get("logp_accuracy"),
-        "reference_seconds": ref_s, "train_seconds": train_s, "steps": result.steps, **result.final_metrics(),
+        "reference_seconds": ref_s,
+        "train_seconds": train_s,
+        "steps": result.steps,
+        **result.final_metrics(),
     }
     st.artifact.finish(counts=dict(counts), metrics=metrics)
-    log.info("dpo policy -> %s: held-out preference accuracy %s, reward margin %s", result.model_dir,
-             metrics.get("heldout_preference_accuracy"), metrics.get("heldout_reward_margin"))
+    log.info(
+        "dpo policy -> %s: held-out preference accuracy %s, reward margin %s",
+        result.model_dir,
+        metrics.get("heldout_preference_accuracy"),
+        metrics.get("heldout_reward_margin"),
+    )
     return {"out": cfg.out, "model": join(cfg.out, MODEL_DIR), **metrics, "counts": dict(counts)}

@@ -25,8 +25,9 @@ from pipelines.train.objective import IGNORE, Objective
 
 
 # ---- losses --------------------------------------------------------------------------------------------------------
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
-                       margin: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-pair ``-log sigmoid(r_chosen - r_rejected - margin)``; all (B,)."""
     diff = r_chosen - r_rejected
     if margin is not None:
@@ -65,9 +66,15 @@ DPO_LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
 }
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0, kind: str = "sigmoid"
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    kind: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair loss, chosen implicit reward, rejected implicit reward), all (B,), from sequence log-probs (B,).
 
     Implicit reward = ``beta * (log pi(y|x) - log pi_ref(y|x))``."""
@@ -127,8 +134,7 @@ class DPOObjective(_PairObjective):
 
     name = "dpo"
     loss_label = "DPO loss"
-    columns = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "ref_chosen_logp",
-               "ref_rejected_logp")
+    columns = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "ref_chosen_logp", "ref_rejected_logp")
     required = columns
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, kind: str = "sigmoid") -> None:
@@ -143,8 +149,16 @@ class DPOObjective(_PairObjective):
     def __call__(self, model, batch):
         logits = model(self.both(batch, "ids"))  # (2B, T, V)
         pc, pr = sequence_logps(logits, self.both(batch, "labels")).chunk(2)
-        loss, rc, rr = dpo_loss(pc, pr, batch["ref_chosen_logp"], batch["ref_rejected_logp"], self.beta,
-                                self.label_smoothing, self.kind)
-        return loss.sum(), torch.tensor(len(pc)), {
-            "accuracy": (rc > rr).float().sum(), "margin": (rc - rr).sum(), "chosen_reward": rc.sum(),
-            "rejected_reward": rr.sum()}
+        loss, rc, rr = dpo_loss(
+            pc, pr, batch["ref_chosen_logp"], batch["ref_rejected_logp"], self.beta, self.label_smoothing, self.kind
+        )
+        return (
+            loss.sum(),
+            torch.tensor(len(pc)),
+            {
+                "accuracy": (rc > rr).float().sum(),
+                "margin": (rc - rr).sum(),
+                "chosen_reward": rc.sum(),
+                "rejected_reward": rr.sum(),
+            },
+        )

@@ -37,8 +37,10 @@ from pipelines.train.objective import IGNORE
 
 log = logging.getLogger(__name__)
 
-EXPECTED = ('{"prompt", "chosen", "rejected"[, "margin", "source"]} or {"chosen": [messages], "rejected": '
-            '[messages]} (one JSON object per line)')
+EXPECTED = (
+    '{"prompt", "chosen", "rejected"[, "margin", "source"]} or {"chosen": [messages], "rejected": '
+    "[messages]} (one JSON object per line)"
+)
 TRAIN_FILE, VAL_FILE, QUARANTINE_FILE = "train.jsonl", "val.jsonl", "quarantine.jsonl"
 
 
@@ -79,8 +81,11 @@ def _messages(x: Any) -> list[Message] | None:
     if not isinstance(x, list) or not x:
         return None
     for m in x:
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)):
+        if not (
+            isinstance(m, dict)
+            and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str)
+        ):
             return None
     return [{"role": m["role"], "content": m["content"]} for m in x]
 
@@ -163,8 +168,10 @@ def data_files(data: str) -> tuple[str, str | None]:
     if is_dir(data):
         train = join(data, TRAIN_FILE)
         if not exists(train):
-            raise FileNotFoundError(f"--data {data} is a folder without {TRAIN_FILE}; pass a preference JSONL file "
-                                    "or a folder `genloop pref-data` wrote")
+            raise FileNotFoundError(
+                f"--data {data} is a folder without {TRAIN_FILE}; pass a preference JSONL file "
+                "or a folder `genloop pref-data` wrote"
+            )
         val = join(data, VAL_FILE)
         return train, (val if exists(val) else None)
     return data, None
@@ -192,8 +199,9 @@ def write_quarantine(out: str, quarantine: list[dict]) -> str | None:
     return path
 
 
-def load_pairs(data: str, val_data: str, val_fraction: float, seed: int, counts: Counter,
-               quarantine: list[dict]) -> tuple[list, list]:
+def load_pairs(
+    data: str, val_data: str, val_fraction: float, seed: int, counts: Counter, quarantine: list[dict]
+) -> tuple[list, list]:
     """(train pairs, held-out pairs) from ``--data`` (+ ``val_data``), bad lines counted and quarantined."""
     train_file, val_file = data_files(data)
     val_file = val_data or val_file
@@ -205,8 +213,12 @@ def load_pairs(data: str, val_data: str, val_fraction: float, seed: int, counts:
         counts.update({f"val_{k}": v for k, v in vc.items()})
         if val:
             return pairs, val
-        log.warning("%s holds no usable pair: holding out %.0f%% of %s's prompts instead", val_file,
-                    100 * val_fraction, train_file)
+        log.warning(
+            "%s holds no usable pair: holding out %.0f%% of %s's prompts instead",
+            val_file,
+            100 * val_fraction,
+            train_file,
+        )
     return split_pairs(pairs, val_fraction, seed)
 
 
@@ -233,13 +245,15 @@ def side_row(ids: list[int], mask: list[int], seq_len: int, pad_id: int) -> tupl
     return row, labels
 
 
-def pair_rows(pairs: Sequence[PrefPair], tok: Any, fmt: ChatFormat, seq_len: int, counts: Counter,
-              prefix: str = "") -> dict[str, np.ndarray]:
+def pair_rows(
+    pairs: Sequence[PrefPair], tok: Any, fmt: ChatFormat, seq_len: int, counts: Counter, prefix: str = ""
+) -> dict[str, np.ndarray]:
     """Rows for the pair objectives (``pipelines/prefs/objectives.py``); a pair with a side longer than ``seq_len``
     tokens, or that the template cannot render, is dropped and counted (``<prefix>dropped_too_long`` /
     ``..._unrenderable``)."""
-    cols: dict[str, list] = {k: [] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels",
-                                             "margin")}
+    cols: dict[str, list] = {
+        k: [] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "margin")
+    }
     for p in pairs:
         try:
             sides = [encode_answer(tok, fmt, p.prompt, a) for a in (p.chosen, p.rejected)]
@@ -312,8 +326,13 @@ def begin_pair_stage(stage: str, cfg: Any) -> PairStage:
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"{stage}.seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}")
-    artifact = begin_stage(stage, cfg.out, cfg, inputs={"--init-from": cfg.init_from, "--data": cfg.data,
-                                                        "--val-data": cfg.val_data}, overwrite=cfg.overwrite)
+    artifact = begin_stage(
+        stage,
+        cfg.out,
+        cfg,
+        inputs={"--init-from": cfg.init_from, "--data": cfg.data, "--val-data": cfg.val_data},
+        overwrite=cfg.overwrite,
+    )
     tok = load_tokenizer(init_local)
     fmt = ChatFormat.from_checkpoint(init_local)
 
@@ -323,14 +342,22 @@ def begin_pair_stage(stage: str, cfg: Any) -> PairStage:
     rows = pair_rows(train_pairs, tok, fmt, seq_len, counts)
     val_rows = pair_rows(val_pairs, tok, fmt, seq_len, counts, prefix="val_")
     write_quarantine(cfg.out, quarantine)
-    counts.update(train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())),
-                  quarantined=len(quarantine))
+    counts.update(
+        train_pairs=len(rows.get("margin", ())), val_pairs=len(val_rows.get("margin", ())), quarantined=len(quarantine)
+    )
     loop = cfg.train
     if cfg.in_process:
         loop = dataclasses.replace(loop, strategy="none", num_workers=1)
     if counts["train_pairs"] < loop.global_rows():
-        raise ValueError(f"{cfg.data}: {counts['train_pairs']} usable training pairs ({dict(counts)}), fewer than "
-                         f"one global batch ({loop.global_rows()}); add pairs or lower train.micro_batch_size")
-    log.info("%s data: %d train pairs, %d held-out, %s", stage, counts["train_pairs"], counts["val_pairs"],
-             {k: v for k, v in counts.items() if k.startswith(("bad_", "dropped_", "val_bad", "val_dropped"))})
+        raise ValueError(
+            f"{cfg.data}: {counts['train_pairs']} usable training pairs ({dict(counts)}), fewer than "
+            f"one global batch ({loop.global_rows()}); add pairs or lower train.micro_batch_size"
+        )
+    log.info(
+        "%s data: %d train pairs, %d held-out, %s",
+        stage,
+        counts["train_pairs"],
+        counts["val_pairs"],
+        {k: v for k, v in counts.items() if k.startswith(("bad_", "dropped_", "val_bad", "val_dropped"))},
+    )
     return PairStage(cfg, init_local, tok, fmt, seq_len, rows, val_rows, counts, loop, artifact)

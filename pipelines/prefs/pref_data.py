@@ -77,15 +77,19 @@ def code_prompt(obj: Any) -> tuple[list[dict] | None, str, str]:
         return None, "", "not_a_conversation"
     msgs, reference, _, reason = parse_prompt_record(obj)
     if msgs is None:
-        return None, "", {"no_user_turn": "no_user_turn", "not_an_object": "not_a_conversation"}.get(
-            reason, "bad_messages")
+        return (
+            None,
+            "",
+            {"no_user_turn": "no_user_turn", "not_an_object": "not_a_conversation"}.get(reason, "bad_messages"),
+        )
     if requested_signature(msgs[-1]["content"]) is None:
         return None, "", "not_code_writing"
     return [dict(m) for m in msgs], reference, ""
 
 
-def read_prompts(path: str, counts: Counter, quarantine: list[dict],
-                 code_only: bool = True) -> list[tuple[list[dict], str, dict[str, Any]]]:
+def read_prompts(
+    path: str, counts: Counter, quarantine: list[dict], code_only: bool = True
+) -> list[tuple[list[dict], str, dict[str, Any]]]:
     """(prompt messages, reference answer, columns) of the code-writing prompts of a JSONL file (``code_only``;
     else of every prompt row); other lines counted (non-code ones are not errors)."""
     from pipelines.artifacts import NOT_JSON, jsonl_lines
@@ -149,8 +153,17 @@ def make_pairs(candidates: Sequence[Candidate], min_margin: float, max_pairs: in
 
 
 # ---- sampling (vLLM, in a Ray task) --------------------------------------------------------------------------------
-def sample_answers(policy: str, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float,
-                   top_p: float, stop_ids: list[int], seed: int, engine_cfg: EngineConfig) -> list[list[list[int]]]:
+def sample_answers(
+    policy: str,
+    prompt_ids: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop_ids: list[int],
+    seed: int,
+    engine_cfg: EngineConfig,
+) -> list[list[list[int]]]:
     """``n`` sampled answers (token ids, stop token removed) per prompt from a vLLM engine over ``policy``."""
     from models import engine
     from pipelines.artifacts import local_copy
@@ -166,10 +179,22 @@ def _sample_remote(cfg: PrefDataConfig, prompt_ids: list[list[int]], stop_ids: l
 
     from pipelines.runtime import use_gpu_default
 
-    task = ray.remote(sample_answers).options(num_cpus=cfg.num_cpus, num_gpus=1 if use_gpu_default() else 0,
-                                              max_retries=0)
-    return ray.get(task.remote(cfg.policy, prompt_ids, cfg.samples, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                               stop_ids, cfg.seed, cfg.engine))
+    task = ray.remote(sample_answers).options(
+        num_cpus=cfg.num_cpus, num_gpus=1 if use_gpu_default() else 0, max_retries=0
+    )
+    return ray.get(
+        task.remote(
+            cfg.policy,
+            prompt_ids,
+            cfg.samples,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            stop_ids,
+            cfg.seed,
+            cfg.engine,
+        )
+    )
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
@@ -196,9 +221,14 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, policy=resolve_checkpoint(cfg.policy))
     train_file, val_file = prompt_files(cfg.prompts)
     # no checkpoints to resume from: an unfinished run's files are cleared and the set is rebuilt
-    artifact = begin_stage("pref-data", cfg.out, cfg, inputs={"--policy": cfg.policy, "--prompts": cfg.prompts,
-                                                              "--human": cfg.human}, overwrite=cfg.overwrite,
-                           resume=False)
+    artifact = begin_stage(
+        "pref-data",
+        cfg.out,
+        cfg,
+        inputs={"--policy": cfg.policy, "--prompts": cfg.prompts, "--human": cfg.human},
+        overwrite=cfg.overwrite,
+        resume=False,
+    )
     policy_local = local_copy(cfg.policy)  # a checkpoint on s3:// is read through the local cache
     tok = load_tokenizer(policy_local)
     fmt = ChatFormat.from_checkpoint(policy_local)
@@ -214,9 +244,11 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
         prompts, val = prompts[:n_train], val[: cfg.max_prompts - n_train]
     prompts += val
     if not prompts:
-        raise ValueError(f"--prompts {cfg.prompts}: no usable prompt ({dict(counts)}); expected rows "
-                         '{"prompt": "... `def name(args)` ..."} or {"messages": [{"role": "user", ...}, ...]} '
-                         "(code-writing ones for the judge; any with --reward fn:...)")
+        raise ValueError(
+            f"--prompts {cfg.prompts}: no usable prompt ({dict(counts)}); expected rows "
+            '{"prompt": "... `def name(args)` ..."} or {"messages": [{"role": "user", ...}, ...]} '
+            "(code-writing ones for the judge; any with --reward fn:...)"
+        )
     counts["prompts_read"] = len(prompts)
 
     limit = cfg.engine.max_model_len or load_config(policy_local).max_seq_len
@@ -224,19 +256,23 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
     kept = [(ids, p) for ids, p in encoded if len(ids) + cfg.max_new_tokens <= limit]
     counts["dropped_prompt_too_long"] = len(encoded) - len(kept)
     if not kept:
-        raise ValueError(f"pref-data: every prompt is longer than the context ({limit} tokens) minus "
-                         f"max_new_tokens={cfg.max_new_tokens}; lower max_new_tokens or use shorter prompts")
+        raise ValueError(
+            f"pref-data: every prompt is longer than the context ({limit} tokens) minus "
+            f"max_new_tokens={cfg.max_new_tokens}; lower max_new_tokens or use shorter prompts"
+        )
     prompt_ids, prompts = [ids for ids, _ in kept], [p for _, p in kept]
     if rewards is not None:  # a column a reward function needs: refused before sampling
         names = sorted({k for p in prompts for k in p[3]})
-        rewards.check_columns({k: [p[3].get(k) for p in prompts] for k in names}, len(prompts),
-                              source=f"--prompts {cfg.prompts}")
+        rewards.check_columns(
+            {k: [p[3].get(k) for p in prompts] for k in names}, len(prompts), source=f"--prompts {cfg.prompts}"
+        )
     t0 = time.perf_counter()
     answers = _sample_remote(cfg, prompt_ids, [tok.im_end_id, tok.eot_id])
     sample_s = time.perf_counter() - t0
 
     pairs: dict[str, list[PrefPair]] = {"train": [], "val": []}
     sample_lines, policy_scores = [], []
+
     def score(user: str, texts: list[str], columns: dict[str, Any]) -> list[float]:
         if rewards is None:
             return [judge(user, t) for t in texts]
@@ -268,29 +304,44 @@ def run(cfg: PrefDataConfig) -> dict[str, Any]:
         pairs["train"] += h_train
         pairs["val"] += h_val
     if not val_file:  # no held-out prompts in the set: split the judge pairs by prompt
-        judge_train, judge_val = split_pairs([p for p in pairs["train"] if p.source == source], cfg.val_fraction,
-                                             cfg.seed)
-        pairs = {"train": judge_train + [p for p in pairs["train"] if p.source != source],
-                 "val": judge_val + pairs["val"]}
+        judge_train, judge_val = split_pairs(
+            [p for p in pairs["train"] if p.source == source], cfg.val_fraction, cfg.seed
+        )
+        pairs = {
+            "train": judge_train + [p for p in pairs["train"] if p.source != source],
+            "val": judge_val + pairs["val"],
+        }
     if not pairs["train"]:
-        raise ValueError(f"pref-data: no training pair with a judge margin >= {cfg.min_margin} ({dict(counts)}); "
-                         "sample more answers (samples=), raise the temperature, or lower min_margin")
+        raise ValueError(
+            f"pref-data: no training pair with a judge margin >= {cfg.min_margin} ({dict(counts)}); "
+            "sample more answers (samples=), raise the temperature, or lower min_margin"
+        )
 
     for side, file in (("train", "train.jsonl"), ("val", "val.jsonl")):
         write_pairs(join(cfg.out, file), pairs[side])
-    write_text(join(cfg.out, "samples.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n"
-                                                       for s in sample_lines))
+    write_text(join(cfg.out, "samples.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sample_lines))
     write_quarantine(cfg.out, quarantine)
-    counts.update(prompts=len(prompts), train_pairs=len(pairs["train"]), val_pairs=len(pairs["val"]),
-                  quarantined=len(quarantine), samples=len(policy_scores))
+    counts.update(
+        prompts=len(prompts),
+        train_pairs=len(pairs["train"]),
+        val_pairs=len(pairs["val"]),
+        quarantined=len(quarantine),
+        samples=len(policy_scores),
+    )
     metrics = {
         f"policy_{source}_pass_rate": sum(s == 1.0 for s in policy_scores) / max(1, len(policy_scores)),
         f"policy_{source}_mean_score": sum(policy_scores) / max(1, len(policy_scores)),
         "sample_seconds": sample_s,
     }
     artifact.finish(counts=dict(counts), metrics=metrics)
-    log.info("pref-data: %d prompts x %d samples -> %d train + %d held-out pairs (policy %s pass rate %.2f) -> %s",
-             len(prompts), cfg.samples, counts["train_pairs"], counts["val_pairs"], source,
-             metrics[f"policy_{source}_pass_rate"], cfg.out)
+    log.info(
+        "pref-data: %d prompts x %d samples -> %d train + %d held-out pairs (policy %s pass rate %.2f) -> %s",
+        len(prompts),
+        cfg.samples,
+        counts["train_pairs"],
+        counts["val_pairs"],
+        source,
+        metrics[f"policy_{source}_pass_rate"],
+        cfg.out,
+    )
     return {"out": cfg.out, **metrics, "counts": dict(counts)}
-

@@ -37,8 +37,11 @@ class RewardConfig:
     out: str = ""
     seq_len: int = 0  # tokens per side (prompt + answer); 0 = the checkpoint's max_seq_len; longer pairs dropped
     head_std: float = 0.0  # the score head's init std; 0 = the model's init_std
-    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(
-        name="reward", lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0))
+    train: TrainLoopConfig = field(
+        default_factory=lambda: TrainLoopConfig(
+            name="reward", lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, ckpt_every=0
+        )
+    )
     in_process: bool = False  # run the loop in this process (strategy none, one worker) instead of Ray Train
     eval_batch_size: int = 16
     seed: int = 0
@@ -81,7 +84,7 @@ def pairwise_eval(model: Any, rows: dict[str, np.ndarray], pad_id: int, batch_si
     n = len(rows["chosen_ids"])
     acc = margin = loss = 0.0
     for lo in range(0, n, batch_size):
-        b = {k: torch.from_numpy(v[lo:lo + batch_size]) for k, v in rows.items()}
+        b = {k: torch.from_numpy(v[lo : lo + batch_size]) for k, v in rows.items()}
         ls, _, m = obj(model, b)
         acc, margin, loss = acc + float(m["accuracy"]), margin + float(m["margin"]), loss + float(ls)
     return {"pairwise_accuracy": acc / n, "mean_margin": margin / n, "loss": loss / n, "pairs": n}
@@ -101,21 +104,36 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     build = partial(build_reward_model, cfg.init_from, cfg.head_std)
     before = pairwise_eval(build(), val_rows, tok.pad_id, cfg.eval_batch_size)
     t0 = time.perf_counter()
-    result = fit(st.loop, build, to_dataset(rows), to_dataset(val_rows) if val_rows else None, cfg.out,
-                 export=partial(export_reward_model, init_from=cfg.init_from),
-                 objective=BradleyTerryObjective(tok.pad_id), in_process=cfg.in_process)
+    result = fit(
+        st.loop,
+        build,
+        to_dataset(rows),
+        to_dataset(val_rows) if val_rows else None,
+        cfg.out,
+        export=partial(export_reward_model, init_from=cfg.init_from),
+        objective=BradleyTerryObjective(tok.pad_id),
+        in_process=cfg.in_process,
+    )
     train_s = time.perf_counter() - t0
     model, _ = load_scalar_model(local_copy(join(cfg.out, MODEL_DIR)))
     after = pairwise_eval(model, val_rows, tok.pad_id, cfg.eval_batch_size)
     metrics = {
-        "heldout_pairwise_accuracy": after.get("pairwise_accuracy"), "heldout_mean_margin": after.get("mean_margin"),
-        "heldout_loss": after.get("loss"), "heldout_pairwise_accuracy_before": before.get("pairwise_accuracy"),
-        "train_seconds": train_s, "steps": result.steps, **result.final_metrics(),
+        "heldout_pairwise_accuracy": after.get("pairwise_accuracy"),
+        "heldout_mean_margin": after.get("mean_margin"),
+        "heldout_loss": after.get("loss"),
+        "heldout_pairwise_accuracy_before": before.get("pairwise_accuracy"),
+        "train_seconds": train_s,
+        "steps": result.steps,
+        **result.final_metrics(),
     }
     if not val_rows:
         log.warning("reward: no held-out pairs (val_fraction=%s): held-out accuracy is not measured", cfg.val_fraction)
     st.artifact.finish(counts=dict(counts), metrics=metrics)
-    log.info("reward model -> %s: held-out pairwise accuracy %s (before %s), mean margin %s", result.model_dir,
-             metrics["heldout_pairwise_accuracy"], metrics["heldout_pairwise_accuracy_before"],
-             metrics["heldout_mean_margin"])
+    log.info(
+        "reward model -> %s: held-out pairwise accuracy %s (before %s), mean margin %s",
+        result.model_dir,
+        metrics["heldout_pairwise_accuracy"],
+        metrics["heldout_pairwise_accuracy_before"],
+        metrics["heldout_mean_margin"],
+    )
     return {"out": cfg.out, "model": join(cfg.out, MODEL_DIR), **metrics, "counts": dict(counts)}

@@ -45,8 +45,11 @@ class ModelSection:
                 raise ConfigError(f"model.{name}=0: give a positive size (or leave it unset for the preset's)")
 
     def overrides(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "preset" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
 
 
 @dataclass
@@ -58,7 +61,6 @@ class PretrainConfig:
     seq_len: int = 0  # 0 = the dataset's block length; shorter crops the blocks
     overwrite: bool = False
     train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(name="pretrain"))
-
 
 
 def model_config(config: PretrainConfig, n_vocab: int, seq_len: int) -> ModelConfig:

@@ -64,11 +64,17 @@ def gpu_spec(name: str, cpu_threads: int | None = None) -> GpuSpec:
 
         threads = cpu_threads or os.cpu_count() or 1
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return GpuSpec(f"this host's CPU ({threads} threads)", cpu_peak_flops(threads), float(ram),
-                       "measured fp32 matmul FLOP/s (pipelines.train.metrics), physical RAM")
+        return GpuSpec(
+            f"this host's CPU ({threads} threads)",
+            cpu_peak_flops(threads),
+            float(ram),
+            "measured fp32 matmul FLOP/s (pipelines.train.metrics), physical RAM",
+        )
     if key not in GPUS:
-        raise ValueError(f"unknown --gpu {name!r}; known: {', '.join(list(GPUS) + [CPU])} (add a row to "
-                         "pipelines/train/metrics.py GPUS for another)")
+        raise ValueError(
+            f"unknown --gpu {name!r}; known: {', '.join(list(GPUS) + [CPU])} (add a row to "
+            "pipelines/train/metrics.py GPUS for another)"
+        )
     return GPUS[key]
 
 
@@ -80,8 +86,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     total = cfg.num_params()
     non_emb = cfg.num_params(embeddings=False)
     per_block = (non_emb - cfg.dim) // cfg.n_layers
-    return {"total": total, "non_embedding": non_emb, "embedding": total - non_emb, "per_block": per_block,
-            "root": total - cfg.n_layers * per_block, "matmul": cfg.matmul_params()}
+    return {
+        "total": total,
+        "non_embedding": non_emb,
+        "embedding": total - non_emb,
+        "per_block": per_block,
+        "root": total - cfg.n_layers * per_block,
+        "matmul": cfg.matmul_params(),
+    }
 
 
 def training_flops(cfg: ModelConfig, seq_len: int, tokens: float) -> dict[str, float]:
@@ -89,8 +101,12 @@ def training_flops(cfg: ModelConfig, seq_len: int, tokens: float) -> dict[str, f
     6·d·V·D), the attention-score term 12·L·d·T·D, and their sum: ``ModelConfig.flops_per_token`` x D."""
     dense = 6.0 * cfg.matmul_params() * tokens
     total = cfg.flops_per_token(seq_len) * tokens
-    return {"dense_6nd": dense, "output_head": 6.0 * cfg.dim * cfg.vocab_size * tokens, "attention": total - dense,
-            "total": total}
+    return {
+        "dense_6nd": dense,
+        "output_head": 6.0 * cfg.dim * cfg.vocab_size * tokens,
+        "attention": total - dense,
+        "total": total,
+    }
 
 
 def compute_optimal_tokens(cfg: ModelConfig) -> float:
@@ -102,8 +118,11 @@ def compute_optimal_tokens(cfg: ModelConfig) -> float:
 def model_state_bytes(n_params: float, strategy: Strategy, world: int) -> dict[str, float]:
     """Weights, gradients and AdamW states per rank: 16 bytes per parameter, sharded over ``world`` under FSDP2."""
     shard = world if strategy == "fsdp" else 1
-    return {"params": MASTER_BYTES * n_params / shard, "grads": GRAD_BYTES * n_params / shard,
-            "optimizer": ADAM_BYTES * n_params / shard}
+    return {
+        "params": MASTER_BYTES * n_params / shard,
+        "grads": GRAD_BYTES * n_params / shard,
+        "optimizer": ADAM_BYTES * n_params / shard,
+    }
 
 
 def layer_activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> float:
@@ -111,15 +130,16 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> float:
     return act_bytes * (10 * cfg.dim + 4 * cfg.ffn_hidden) + 2 * cfg.dim * (4 - act_bytes) + 4 * (2 + cfg.n_heads)
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, act_bytes: int,
-                     checkpointing: bool) -> dict[str, float]:
+def activation_bytes(
+    cfg: ModelConfig, seq_len: int, micro_batch: int, act_bytes: int, checkpointing: bool
+) -> dict[str, float]:
     """Activation memory of one micro-batch: ``blocks`` (all layers, or block inputs plus one rebuilt block with
     checkpointing), ``head_saved`` (final norm, lm_head input, fp32 log-softmax), ``head_transient`` (logits and
     their fp32 copy alive beside the log-softmax at the loss's peak)."""
     n = seq_len * micro_batch  # tokens per micro-batch
     layer = layer_activation_bytes_per_token(cfg, act_bytes) * n
     blocks = cfg.n_layers * cfg.dim * act_bytes * n + layer if checkpointing else cfg.n_layers * layer
-    norm = (2 * cfg.dim * 4 if act_bytes == 4 else cfg.dim * (4 + act_bytes))  # RMSNorm's fp32 input + output
+    norm = 2 * cfg.dim * 4 if act_bytes == 4 else cfg.dim * (4 + act_bytes)  # RMSNorm's fp32 input + output
     # + RoPE cos/sin (2 x head_dim) and the int64 token ids and labels (16)
     head_saved = n * (norm + cfg.dim * act_bytes + 4 * cfg.vocab_size + 2 * cfg.head_dim * act_bytes + 16)
     # the logits (act_bytes) and, when they are not fp32 already, their fp32 copy
@@ -127,8 +147,15 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, act_bytes
     return {"blocks": float(blocks), "head_saved": float(head_saved), "head_transient": float(head_transient)}
 
 
-def memory_per_gpu(cfg: ModelConfig, seq_len: int, micro_batch: int, world: int, strategy: Strategy,
-                   checkpointing: bool, mixed_precision: bool = True) -> dict[str, float]:
+def memory_per_gpu(
+    cfg: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    world: int,
+    strategy: Strategy,
+    checkpointing: bool,
+    mixed_precision: bool = True,
+) -> dict[str, float]:
     """Bytes per GPU by part, and ``total``. ``mixed_precision``: FSDP2's bf16 compute (genloop's default on CUDA);
     DDP in genloop computes in fp32 (no autocast)."""
     if strategy not in ("ddp", "fsdp"):
@@ -146,8 +173,9 @@ def memory_per_gpu(cfg: ModelConfig, seq_len: int, micro_batch: int, world: int,
         out["comm_buffers"] = 0.0
         # gathered weights: root + 3 blocks; unsharded grads: the root's (reduced last) + 2 blocks in param dtype,
         # each block's also in the fp32 reduce dtype while it is reduce-scattered
-        out["gathered"] = (act_b * (pc["root"] + 3 * pc["per_block"]) + act_b * pc["root"]
-                           + (act_b + 4) * 2 * pc["per_block"])
+        out["gathered"] = (
+            act_b * (pc["root"] + 3 * pc["per_block"]) + act_b * pc["root"] + (act_b + 4) * 2 * pc["per_block"]
+        )
     act = activation_bytes(cfg, seq_len, micro_batch, act_b, checkpointing)
     out["activations"] = act["blocks"]
     out["loss_head"] = act["head_saved"] + act["head_transient"]
@@ -155,13 +183,24 @@ def memory_per_gpu(cfg: ModelConfig, seq_len: int, micro_batch: int, world: int,
     return out
 
 
-def fewest_gpus(cfg: ModelConfig, seq_len: int, micro_batch: int, strategy: Strategy, checkpointing: bool,
-                capacity_bytes: float, mixed_precision: bool = True, max_world: int = 1 << 20) -> int | None:
+def fewest_gpus(
+    cfg: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    strategy: Strategy,
+    checkpointing: bool,
+    capacity_bytes: float,
+    mixed_precision: bool = True,
+    max_world: int = 1 << 20,
+) -> int | None:
     """The smallest world size whose per-GPU memory fits ``capacity_bytes``; None when none does (DDP: the model
     does not fit one GPU; FSDP2: the unsharded working set and activations alone exceed the GPU)."""
+
     def fits(w: int) -> bool:
-        return memory_per_gpu(cfg, seq_len, micro_batch, w, strategy, checkpointing, mixed_precision)["total"] \
+        return (
+            memory_per_gpu(cfg, seq_len, micro_batch, w, strategy, checkpointing, mixed_precision)["total"]
             <= capacity_bytes
+        )
 
     if strategy == "ddp":
         return 1 if fits(1) else None
@@ -204,8 +243,10 @@ def _vocab_from_data(tokenizer: str, vocab_size: int) -> int:
         try:
             return Tokenizer.load(tokenizer).n_vocab
         except Exception as e:  # a path that is not here, or a named encoding not installed
-            raise ValueError(f"data.tokenizer={tokenizer!r} cannot be loaded here ({e}); pass model.vocab_size=N "
-                             "to plan with a given vocabulary") from None
+            raise ValueError(
+                f"data.tokenizer={tokenizer!r} cannot be loaded here ({e}); pass model.vocab_size=N "
+                "to plan with a given vocabulary"
+            ) from None
     return vocab_size
 
 
@@ -228,8 +269,10 @@ def run_shape(config: str, overrides: Mapping[str, Any] | None = None, data_sect
         n_vocab = info.load_tokenizer().n_vocab
     else:
         if data_section is None:
-            raise ValueError("planning without pretrain.data needs the preset's data section (seq_len, tokenizer, "
-                             "vocab_size): pass data_section, or give a tokenized dataset with data=DIR")
+            raise ValueError(
+                "planning without pretrain.data needs the preset's data section (seq_len, tokenizer, "
+                "vocab_size): pass data_section, or give a tokenized dataset with data=DIR"
+            )
         dcfg = data_section
         seq_len = pcfg.seq_len or dcfg.seq_len
         n_vocab = pcfg.model.vocab_size or _vocab_from_data(dcfg.tokenizer, dcfg.vocab_size)
@@ -245,10 +288,17 @@ def run_shape(config: str, overrides: Mapping[str, Any] | None = None, data_sect
     tc = pcfg.train
     tc.validate()
     name = f"checkpoint {pcfg.init_from}" if pcfg.init_from else pcfg.model.preset
-    return RunShape(model=mcfg, model_name=name, seq_len=seq_len, micro_batch_size=tc.micro_batch_size,
-                    grad_accum=tc.accum_steps(tc.num_workers), num_workers=tc.num_workers, cpus_per_worker=tc.cpus_per_worker,
-                    strategy="fsdp" if tc.strategy == "fsdp" else "ddp",
-                    activation_checkpointing=tc.activation_checkpointing)
+    return RunShape(
+        model=mcfg,
+        model_name=name,
+        seq_len=seq_len,
+        micro_batch_size=tc.micro_batch_size,
+        grad_accum=tc.accum_steps(tc.num_workers),
+        num_workers=tc.num_workers,
+        cpus_per_worker=tc.cpus_per_worker,
+        strategy="fsdp" if tc.strategy == "fsdp" else "ddp",
+        activation_checkpointing=tc.activation_checkpointing,
+    )
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------------
@@ -305,9 +355,14 @@ def make_plan(shape: RunShape, pc: PlanConfig, gpu: GpuSpec | None = None) -> di
     gpu_hours = gpus * seconds / 3600
     return {
         "model": {"preset": shape.model_name, **dataclasses.asdict(cfg)},
-        "run": {"seq_len": shape.seq_len, "micro_batch_size": shape.micro_batch_size, "grad_accum": shape.grad_accum,
-                "strategy": shape.strategy, "activation_checkpointing": shape.activation_checkpointing,
-                "global_batch_tokens": shape.global_batch_tokens(gpus)},
+        "run": {
+            "seq_len": shape.seq_len,
+            "micro_batch_size": shape.micro_batch_size,
+            "grad_accum": shape.grad_accum,
+            "strategy": shape.strategy,
+            "activation_checkpointing": shape.activation_checkpointing,
+            "global_batch_tokens": shape.global_batch_tokens(gpus),
+        },
         "gpu": {"key": pc.gpu.lower(), **dataclasses.asdict(gpu)},
         "gpus": gpus,
         "params": param_counts(cfg),
@@ -333,17 +388,31 @@ def make_plan(shape: RunShape, pc: PlanConfig, gpu: GpuSpec | None = None) -> di
     }
 
 
-def predict(model_cfg: ModelConfig, seq_len: int, micro_batch: int, world: int, gpu: str,
-            strategy: Strategy = "fsdp", activation_checkpointing: bool = False, mfu: float = 0.4,
-            cpu_threads: int | None = None) -> dict[str, Any]:
+def predict(
+    model_cfg: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    world: int,
+    gpu: str,
+    strategy: Strategy = "fsdp",
+    activation_checkpointing: bool = False,
+    mfu: float = 0.4,
+    cpu_threads: int | None = None,
+) -> dict[str, Any]:
     """What a run should see, for ``genloop pretrain`` to log at start beside what it measures at the end:
     ``tokens_per_s`` (all ranks, at ``mfu``), ``memory`` (bytes per rank by part, with ``total``), ``peak_flops``."""
     spec = gpu_spec(gpu, cpu_threads)
     strat: Strategy = "fsdp" if strategy == "fsdp" else "ddp"
-    mem = memory_per_gpu(model_cfg, seq_len, micro_batch, world, strat, activation_checkpointing,
-                         mixed_precision=gpu.lower() != CPU)
-    return {"tokens_per_s": throughput(model_cfg, seq_len, world, spec.peak_flops, mfu), "memory": mem,
-            "peak_flops": spec.peak_flops, "mfu": mfu, "gpu": spec.name}
+    mem = memory_per_gpu(
+        model_cfg, seq_len, micro_batch, world, strat, activation_checkpointing, mixed_precision=gpu.lower() != CPU
+    )
+    return {
+        "tokens_per_s": throughput(model_cfg, seq_len, world, spec.peak_flops, mfu),
+        "memory": mem,
+        "peak_flops": spec.peak_flops,
+        "mfu": mfu,
+        "gpu": spec.name,
+    }
 
 
 def run_device(use_gpu: bool) -> str | None:
@@ -365,19 +434,29 @@ def predict_run(model_cfg: ModelConfig, seq_len: int, train: Any, use_gpu: bool)
     device = run_device(use_gpu)
     if device is None:
         return None
-    return predict(model_cfg, seq_len, train.micro_batch_size, train.num_workers, device,
-                   "fsdp" if train.strategy == "fsdp" else "ddp", train.activation_checkpointing,
-                   cpu_threads=train.cpus_per_worker)
+    return predict(
+        model_cfg,
+        seq_len,
+        train.micro_batch_size,
+        train.num_workers,
+        device,
+        "fsdp" if train.strategy == "fsdp" else "ddp",
+        train.activation_checkpointing,
+        cpu_threads=train.cpus_per_worker,
+    )
 
 
-def prediction_summary(pred: dict[str, Any] | None, tokens_per_s: float | None = None,
-                       peak_memory_bytes: float | None = None) -> str:
+def prediction_summary(
+    pred: dict[str, Any] | None, tokens_per_s: float | None = None, peak_memory_bytes: float | None = None
+) -> str:
     """One log line: the plan's tokens/s and memory per rank, and beside them what a run measured (when given)."""
     if pred is None:
         return "no prediction (GPU type not in pipelines/train/metrics.py GPUS)"
     mem = pred["memory"]["total"]
-    out = (f"predicted {pred['tokens_per_s']:,.0f} tokens/s at {100 * pred['mfu']:.0f}% MFU of {pred['gpu']}, "
-           f"{mem / GB:.2f} GB per rank")
+    out = (
+        f"predicted {pred['tokens_per_s']:,.0f} tokens/s at {100 * pred['mfu']:.0f}% MFU of {pred['gpu']}, "
+        f"{mem / GB:.2f} GB per rank"
+    )
     if tokens_per_s:
         out += f"; measured {tokens_per_s:,.0f} tokens/s ({tokens_per_s / pred['tokens_per_s']:.2f}x)"
     if peak_memory_bytes:
@@ -419,14 +498,23 @@ def format_plan(p: dict[str, Any]) -> str:
         f"memory per GPU at {p['gpus']} GPUs (GB; usable {_gb(p['usable_bytes_per_gpu'])}):",
     ]
     cols = [("ddp", "DDP"), ("ddp_ckpt", "DDP+ckpt"), ("fsdp", "FSDP2"), ("fsdp_ckpt", "FSDP2+ckpt")]
-    parts = [("params", "parameters"), ("grads", "gradients"), ("optimizer", "AdamW states"),
-             ("comm_buffers", "DDP buckets"), ("gathered", "FSDP2 gathered"), ("activations", "activations"),
-             ("loss_head", "logits/loss"), ("total", "total")]
+    parts = [
+        ("params", "parameters"),
+        ("grads", "gradients"),
+        ("optimizer", "AdamW states"),
+        ("comm_buffers", "DDP buckets"),
+        ("gathered", "FSDP2 gathered"),
+        ("activations", "activations"),
+        ("loss_head", "logits/loss"),
+        ("total", "total"),
+    ]
     lines.append(f"  {'':16s}" + "".join(f"{h:>12s}" for _, h in cols))
     for key, label in parts:
         lines.append(f"  {label:16s}" + "".join(f"{p['memory_per_gpu'][c][key] / GB:12.2f}" for c, _ in cols))
-    lines.append(f"  {'fewest GPUs':16s}" + "".join(
-        f"{(str(p['fewest_gpus'][c]) if p['fewest_gpus'][c] else 'no fit'):>12s}" for c, _ in cols))
+    lines.append(
+        f"  {'fewest GPUs':16s}"
+        + "".join(f"{(str(p['fewest_gpus'][c]) if p['fewest_gpus'][c] else 'no fit'):>12s}" for c, _ in cols)
+    )
     chosen_total = p["memory_per_gpu"][p["chosen"]]["total"]
     fit = "fits" if p["fits"] else "DOES NOT FIT: raise --gpus, lower micro_batch_size or turn on checkpointing"
     lines += [
@@ -438,8 +526,10 @@ def format_plan(p: dict[str, Any]) -> str:
         f"wall clock: {p['days']:.1f} days ({p['seconds'] / 3600:.1f} h); {p['gpu_hours']:,.0f} GPU-hours",
     ]
     if r["strategy"] == "ddp" and g["key"] != CPU:
-        lines.append("note: genloop's DDP computes in fp32 (no autocast), below the bf16 peak this MFU is taken of; "
-                     "train.strategy=fsdp trains in bf16 mixed precision")
+        lines.append(
+            "note: genloop's DDP computes in fp32 (no autocast), below the bf16 peak this MFU is taken of; "
+            "train.strategy=fsdp trains in bf16 mixed precision"
+        )
     if p["cost_usd"] is not None:
         lines.append(f"cost: ${p['cost_usd']:,.0f} at ${p['price_per_gpu_hour']:.2f}/GPU-hour")
     else:

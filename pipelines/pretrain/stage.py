@@ -48,15 +48,17 @@ def lm_rows(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]
     if tokens.dtype == object:
         tokens = np.stack(tokens)
     tokens = tokens.astype(np.int32)
-    return {"input_ids": tokens[:, :seq_len], "labels": tokens[:, 1:seq_len + 1]}
+    return {"input_ids": tokens[:, :seq_len], "labels": tokens[:, 1 : seq_len + 1]}
 
 
 def resolve_seq_len(requested: int, info: BlocksInfo) -> int:
     if requested <= 0:
         return info.seq_len
     if requested > info.seq_len:
-        raise ValueError(f"seq_len={requested} is longer than the blocks of --data {info.path} ({info.seq_len} tokens "
-                         f"+ 1); lower seq_len or re-run `genloop data` with seq_len={requested}")
+        raise ValueError(
+            f"seq_len={requested} is longer than the blocks of --data {info.path} ({info.seq_len} tokens "
+            f"+ 1); lower seq_len or re-run `genloop data` with seq_len={requested}"
+        )
     return requested
 
 
@@ -80,8 +82,10 @@ def plan(config: PretrainConfig) -> Plan:
     config.train.validate()
     info = open_dataset(config.data)
     if info.train_blocks and info.train_blocks < config.train.global_rows():
-        raise ValueError(f"--data {info.path} has {info.train_blocks} training blocks, fewer than one global batch "
-                         f"({config.train.global_rows()} = micro_batch_size x grad_accum x num_workers); lower them")
+        raise ValueError(
+            f"--data {info.path} has {info.train_blocks} training blocks, fewer than one global batch "
+            f"({config.train.global_rows()} = micro_batch_size x grad_accum x num_workers); lower them"
+        )
     seq_len = resolve_seq_len(config.seq_len, info)
     data_tok = info.load_tokenizer()  # downloaded once into the local cache when --data is remote
     if config.init_from:
@@ -91,13 +95,17 @@ def plan(config: PretrainConfig) -> Plan:
         ckpt = resolve_checkpoint(config.init_from)  # local or URI; workers fetch their own copy (_builder)
         ckpt_tok = load_tokenizer(checkpoint_dir(ckpt))
         if not tokenizers_match(ckpt_tok, data_tok):
-            raise ValueError(f"--init-from {ckpt} uses tokenizer {ckpt_tok.name!r} ({ckpt_tok.n_vocab} tokens) but "
-                             f"--data {info.path} was tokenized with {data_tok.name!r} ({data_tok.n_vocab} tokens); "
-                             "re-tokenize the data with the checkpoint's tokenizer")
+            raise ValueError(
+                f"--init-from {ckpt} uses tokenizer {ckpt_tok.name!r} ({ckpt_tok.n_vocab} tokens) but "
+                f"--data {info.path} was tokenized with {data_tok.name!r} ({data_tok.n_vocab} tokens); "
+                "re-tokenize the data with the checkpoint's tokenizer"
+            )
         mcfg = load_config(checkpoint_dir(ckpt))
         if seq_len > mcfg.max_seq_len:
-            raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}; "
-                             f"set seq_len={mcfg.max_seq_len} or lower")
+            raise ValueError(
+                f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}; "
+                f"set seq_len={mcfg.max_seq_len} or lower"
+            )
         return Plan(info, seq_len, mcfg, ckpt)
     return Plan(info, seq_len, model_config(config, data_tok.n_vocab, seq_len), None)
 
@@ -123,7 +131,8 @@ def datasets(p: Plan):
 
     def read(path: str):
         return ray.data.read_parquet(path, columns=[TOKENS]).map_batches(
-            lm_rows, fn_kwargs={"seq_len": p.seq_len}, batch_format="numpy")
+            lm_rows, fn_kwargs={"seq_len": p.seq_len}, batch_format="numpy"
+        )
 
     val = read(p.info.val) if p.info.val_blocks > 0 and exists(p.info.val) else None
     return read(p.info.train), val
@@ -138,24 +147,44 @@ def run(config: PretrainConfig) -> FitResult:
     tc = config.train
     use_gpu = use_gpu_default() if tc.use_gpu is None else tc.use_gpu
     check_placement(tc, use_gpu)
-    artifact = begin_stage("pretrain", config.out, config, inputs={"--data": config.data, "--init-from": p.init_from},
-                        overwrite=config.overwrite)
+    artifact = begin_stage(
+        "pretrain",
+        config.out,
+        config,
+        inputs={"--data": config.data, "--init-from": p.init_from},
+        overwrite=config.overwrite,
+    )
     mc = p.model_cfg
-    log.info("pretrain: %.2fM params (dim %d, %d layers), seq_len %d, global batch %d rows, %d steps, %s x %d",
-             mc.num_params() / 1e6, mc.dim, mc.n_layers, p.seq_len, tc.global_rows(), tc.steps, tc.strategy,
-             tc.num_workers)
+    log.info(
+        "pretrain: %.2fM params (dim %d, %d layers), seq_len %d, global batch %d rows, %d steps, %s x %d",
+        mc.num_params() / 1e6,
+        mc.dim,
+        mc.n_layers,
+        p.seq_len,
+        tc.global_rows(),
+        tc.steps,
+        tc.strategy,
+        tc.num_workers,
+    )
     from pipelines.pretrain.plan import predict_run, prediction_summary
 
     pred = predict_run(mc, p.seq_len, tc, use_gpu)  # `genloop plan`'s model of this run, checked against the run
     log.info("plan: %s", prediction_summary(pred))
     train_ds, val_ds = datasets(p)
     result = fit(tc, _builder(p), train_ds, val_ds, config.out, export=hf_export(p.info.tokenizer))
-    log.info("plan vs measured: %s", prediction_summary(pred, result.metrics.get("tokens_per_s"),
-                                                        result.metrics.get("peak_memory_bytes")))
+    log.info(
+        "plan vs measured: %s",
+        prediction_summary(pred, result.metrics.get("tokens_per_s"), result.metrics.get("peak_memory_bytes")),
+    )
     tokens = result.steps * tc.global_rows() * p.seq_len
     keep = ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu", "grad_norm")
-    artifact.finish(counts={"steps": result.steps, "tokens": tokens, "train_blocks": p.info.train_blocks,
-                            "params": mc.num_params()},
-                    metrics={k: result.metrics[k] for k in keep if k in result.metrics})
+    artifact.finish(
+        counts={
+            "steps": result.steps,
+            "tokens": tokens,
+            "train_blocks": p.info.train_blocks,
+            "params": mc.num_params(),
+        },
+        metrics={k: result.metrics[k] for k in keep if k in result.metrics},
+    )
     return result
-

@@ -28,6 +28,7 @@ def register_adv_est(name: str) -> Callable[[AdvEstimator], AdvEstimator]:
     def deco(fn: AdvEstimator) -> AdvEstimator:
         ADV_ESTIMATORS[name] = fn
         return fn
+
     return deco
 
 
@@ -41,6 +42,7 @@ def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
     def deco(fn: PolicyLoss) -> PolicyLoss:
         POLICY_LOSSES[name] = fn
         return fn
+
     return deco
 
 
@@ -60,8 +62,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
-             n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
+def agg_loss(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    n_tokens: float | None = None,
+    n_seqs: float | None = None,
+) -> torch.Tensor:
     """(B, T) per-token losses -> a scalar.
 
     ``token-mean``: sum / ``n_tokens`` (default: this mask's tokens). A data-parallel learner passes the token
@@ -87,8 +94,9 @@ def as_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 @register_adv_est("grpo")
-def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, norm_std: bool = True,
-                    eps: float = 1e-6, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+def grpo_advantages(
+    scores: torch.Tensor, mask: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6, **_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Outcome advantages normalised within each group of ``group_size`` consecutive answers to one prompt.
 
     scores (B,) -> advantage (B, T) = (score - group mean) [/ (group std + eps)], broadcast over the answer's
@@ -127,7 +135,7 @@ def pick_groups(keep: torch.Tensor, group_size: int, n_groups: int) -> list[int]
     if n_groups > len(per_group):
         raise ValueError(f"pick_groups: {n_groups} groups asked for, {len(per_group)} sampled")
     chosen = [g for g, k in enumerate(per_group) if k][:n_groups]
-    chosen += [g for g, k in enumerate(per_group) if not k][:n_groups - len(chosen)]
+    chosen += [g for g, k in enumerate(per_group) if not k][: n_groups - len(chosen)]
     return sorted(chosen)
 
 
@@ -137,8 +145,14 @@ def weight_negatives(advantages: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 @register_adv_est("gae")
-def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                   lam: float = 0.95, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over each response (PPO).
 
     token_rewards, values, mask (B, T). delta_t = r_t + gamma V_{t+1} - V_t (V after the last real token is 0);
@@ -190,8 +204,9 @@ def kl_in_reward(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coe
 
 
 # ---- importance sampling against the engine ------------------------------------------------------------------------
-def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                         cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+def truncated_is_weights(
+    old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Truncated importance weights w_t = min(exp(old_logp - rollout_logp), cap) (B, T), no gradient.
 
     vLLM sampled the tokens with its own numerics; the learner's probabilities differ a little (the "mismatch").
@@ -212,10 +227,18 @@ def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
 
 # ---- policy / value losses -----------------------------------------------------------------------------------------
 @register_policy_loss("clip")
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                      eps_low: float = 0.2, eps_high: float = 0.2, is_weights: torch.Tensor | None = None,
-                      agg: str = "token-mean", n_tokens: float | None = None,
-                      n_seqs: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    is_weights: torch.Tensor | None = None,
+    agg: str = "token-mean",
+    n_tokens: float | None = None,
+    n_seqs: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate with asymmetric clipping (DAPO's clip-higher): per token
     -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp - old_logp), times the truncated IS weight.
 
@@ -229,14 +252,23 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
         per_token = per_token * is_weights
     loss = agg_loss(per_token, mask, agg, n_tokens, n_seqs)
     with torch.no_grad():
-        stats = {"clip_frac": float(masked_mean((clipped > unclipped).float(), mask)),
-                 "approx_kl": float(masked_mean(kl_estimate(old_logp, logp.detach(), "k3"), mask))}
+        stats = {
+            "clip_frac": float(masked_mean((clipped > unclipped).float(), mask)),
+            "approx_kl": float(masked_mean(kl_estimate(old_logp, logp.detach(), "k3"), mask)),
+        }
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2, agg: str = "token-mean", n_tokens: float | None = None,
-               n_seqs: float | None = None) -> torch.Tensor:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    agg: str = "token-mean",
+    n_tokens: float | None = None,
+    n_seqs: float | None = None,
+) -> torch.Tensor:
     """PPO's clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2), aggregated."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)

@@ -120,21 +120,29 @@ class RlhfConfig:
         if self.algo not in ("grpo", "ppo"):
             raise ValueError(f"algo={self.algo!r}: use grpo or ppo")
         r, a, t = self.rollout, self.update, self.train
-        for key, v in (("iterations", self.iterations), ("rollout.engines", r.engines),
-                       ("rollout.prompts_per_iter", r.prompts_per_iter), ("rollout.group_size", r.group_size),
-                       ("update.epochs", a.epochs), ("update.minibatches", a.minibatches),
-                       ("train.num_workers", t.num_workers), ("rollout.oversample", r.oversample),
-                       ("train.micro_batch_size", t.micro_batch_size),
-                       ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens)):
+        for key, v in (
+            ("iterations", self.iterations),
+            ("rollout.engines", r.engines),
+            ("rollout.prompts_per_iter", r.prompts_per_iter),
+            ("rollout.group_size", r.group_size),
+            ("update.epochs", a.epochs),
+            ("update.minibatches", a.minibatches),
+            ("train.num_workers", t.num_workers),
+            ("rollout.oversample", r.oversample),
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens),
+        ):
             if v < 1:
                 raise ValueError(f"{key}={v} must be >= 1")
         if self.algo == "grpo" and r.group_size < 2:
             raise ValueError("grpo compares answers within a group: rollout.group_size must be >= 2")
         per = a.minibatches * t.num_workers
         if self.batch_size() % per:
-            raise ValueError(f"a batch of {self.batch_size()} answers (prompts_per_iter x group_size) must split into "
-                             f"update.minibatches={a.minibatches} x train.num_workers={t.num_workers} equal parts; "
-                             "change prompts_per_iter or group_size")
+            raise ValueError(
+                f"a batch of {self.batch_size()} answers (prompts_per_iter x group_size) must split into "
+                f"update.minibatches={a.minibatches} x train.num_workers={t.num_workers} equal parts; "
+                "change prompts_per_iter or group_size"
+            )
         if t.strategy == "none" and t.num_workers != 1:
             raise ValueError("train.strategy=none runs one process: set train.num_workers=1")
         if t.threads < 0:
@@ -148,8 +156,10 @@ class RlhfConfig:
             if self.algo != "grpo":
                 raise ValueError("update.filter_groups filters GRPO's groups: use it with --algo grpo")
             if a.filter_groups not in names:
-                raise ValueError(f"update.filter_groups={a.filter_groups!r} is not a part of --reward "
-                                 f"({', '.join(names)}); name one of them")
+                raise ValueError(
+                    f"update.filter_groups={a.filter_groups!r} is not a part of --reward "
+                    f"({', '.join(names)}); name one of them"
+                )
         if self.algo == "grpo" and self.kl.coef > 0 and self.kl.mode == "reward":
             raise ValueError("grpo takes the KL term as a loss (kl.mode=loss); kl.mode=reward is for ppo")
         if self.kl.mode not in ("loss", "reward") or self.kl.estimator not in ("k1", "k3"):

@@ -64,7 +64,7 @@ def summarize_scores(scores: Sequence[float], samples: int = 1) -> dict[str, Any
     """One reward part's summary over answers laid out prompt-major (``samples`` per prompt): ``mean`` with
     ``mean_lo``/``mean_hi`` (over per-prompt means), and for 0/1 scores ``pass_rate`` with ``pass_lo``/``pass_hi``
     (Wilson, over answers)."""
-    per_prompt = [sum(scores[i:i + samples]) / samples for i in range(0, len(scores), samples)]
+    per_prompt = [sum(scores[i : i + samples]) / samples for i in range(0, len(scores), samples)]
     m, lo, hi = mean_interval(per_prompt)
     out: dict[str, Any] = {"mean": m, "mean_lo": lo, "mean_hi": hi, "answers": len(scores), "binary": False}
     if scores and all(s in (0.0, 1.0) for s in scores):
@@ -93,8 +93,14 @@ class PolicyEval:
 
 
 @torch.no_grad()
-def kl_to_reference(policy: str, reference: str, prompt_ids: list[list[int]], answers: list[list[int]],
-                    pad_id: int, micro_batch_size: int = 8) -> float:
+def kl_to_reference(
+    policy: str,
+    reference: str,
+    prompt_ids: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    micro_batch_size: int = 8,
+) -> float:
     """Mean over answer tokens of KL(policy || reference), exact over the vocabulary."""
     from models.checkpoint import load_checkpoint
     from pipelines.rlhf.learner import collate, response_logits
@@ -102,8 +108,10 @@ def kl_to_reference(policy: str, reference: str, prompt_ids: list[list[int]], an
     pol, _ = load_checkpoint(policy)
     ref, _ = load_checkpoint(reference)
     if pol.cfg.vocab_size != ref.cfg.vocab_size:
-        raise ValueError(f"reference {reference} has vocab {ref.cfg.vocab_size}, the policy {pol.cfg.vocab_size}: "
-                         "KL needs the same tokenizer")
+        raise ValueError(
+            f"reference {reference} has vocab {ref.cfg.vocab_size}, the policy {pol.cfg.vocab_size}: "
+            "KL needs the same tokenizer"
+        )
     pol.eval()
     ref.eval()
     total, count = 0.0, 0.0
@@ -120,10 +128,21 @@ def kl_to_reference(policy: str, reference: str, prompt_ids: list[list[int]], an
     return total / max(count, 1.0)
 
 
-def evaluate_policy(policy: str, prompts: str, reference: str | None = None, reward_model: str | None = None,
-                    n_prompts: int = 32, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                    engine_cfg=None, num_cpus: float = 1.0, samples: int = 1, keep_answers: int = 16,
-                    reward: str | None = None) -> PolicyEval:
+def evaluate_policy(
+    policy: str,
+    prompts: str,
+    reference: str | None = None,
+    reward_model: str | None = None,
+    n_prompts: int = 32,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    engine_cfg=None,
+    num_cpus: float = 1.0,
+    samples: int = 1,
+    keep_answers: int = 16,
+    reward: str | None = None,
+) -> PolicyEval:
     """Judge pass rate, mean reward-model score, KL to ``reference`` and (``reward``: a spec of ``fn:`` parts) each
     reward part's mean and pass rate with 95% intervals, of ``policy``'s answers to ``n_prompts`` prompts of
     ``prompts`` (a JSONL file or folder; pass a held-out split) in a seeded order; with ``temperature > 0``,
@@ -145,16 +164,20 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
     ps = load_prompts(prompts, tok, ChatFormat.from_checkpoint(policy), context - max_new_tokens, tasks=["write"])
     order = prompt_order(len(ps), 0, min(n_prompts, len(ps)), seed)
     if samples < 1 or (temperature <= 0 and samples != 1):
-        raise ValueError(f"samples={samples}: greedy decoding gives one answer per prompt; pass samples >= 1 with "
-                         "temperature > 0")
+        raise ValueError(
+            f"samples={samples}: greedy decoding gives one answer per prompt; pass samples >= 1 with temperature > 0"
+        )
     rewards = function_rewards(reward)
     if rewards is not None:  # a column a reward function needs: refused before the engine starts
         rewards.check_columns(ps.columns_for(order), len(order), source=f"--prompts {prompts}")
     ids = [ps.ids[i] for i in order]
     texts = [ps.texts[i] for i in order]
     stop = [tok.eot_id, tok.im_end_id]
-    actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus).remote(
-        policy, engine_cfg or EngineConfig(max_num_seqs=32), stop)
+    actor = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=num_cpus)
+        .remote(policy, engine_cfg or EngineConfig(max_num_seqs=32), stop)
+    )
     try:
         if temperature <= 0:
             answers = ray.get(actor.greedy.remote(ids, max_new_tokens))
@@ -172,11 +195,18 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
     answer_texts = [tok.decode([t for t in a if t not in specials]) for a in answers]
     scores = [judge(p, a) for p, a in zip(texts, answer_texts)]
     n = max(len(scores), 1)
-    result = PolicyEval(policy=policy, prompts=len(scores) // samples, decoding=decoding,
-                        judge_pass_rate=sum(s == 1.0 for s in scores) / n, judge_mean=sum(scores) / n,
-                        answer_tokens_mean=sum(len(a) for a in answers) / n, samples_per_prompt=samples,
-                        answers=[{"prompt": p, "answer": a, "judge": s} for p, a, s in
-                                 list(zip(texts, answer_texts, scores))[:keep_answers]])
+    result = PolicyEval(
+        policy=policy,
+        prompts=len(scores) // samples,
+        decoding=decoding,
+        judge_pass_rate=sum(s == 1.0 for s in scores) / n,
+        judge_mean=sum(scores) / n,
+        answer_tokens_mean=sum(len(a) for a in answers) / n,
+        samples_per_prompt=samples,
+        answers=[
+            {"prompt": p, "answer": a, "judge": s} for p, a, s in list(zip(texts, answer_texts, scores))[:keep_answers]
+        ],
+    )
     if rewards is not None:
         total, parts = rewards.score(texts, answer_texts, None, ps.columns_for(order, samples))
         result.rewards = {name: summarize_scores(v, samples) for name, v in parts.items()}
@@ -190,9 +220,17 @@ def evaluate_policy(policy: str, prompts: str, reference: str | None = None, rew
         result.rm_score_mean = sum(rm_scores) / max(len(rm_scores), 1)
     if reference:
         result.kl_to_reference = kl_to_reference(policy, checkpoint_dir(reference), ids, answers, tok.pad_id)
-    log.info("evaluate_policy %s: judge pass %.3f (mean %.3f), rm %s, KL %s, rewards %s over %d answers (%s)", policy,
-             result.judge_pass_rate, result.judge_mean, result.rm_score_mean, result.kl_to_reference,
-             {k: round(v["mean"], 4) for k, v in (result.rewards or {}).items()}, len(scores), decoding)
+    log.info(
+        "evaluate_policy %s: judge pass %.3f (mean %.3f), rm %s, KL %s, rewards %s over %d answers (%s)",
+        policy,
+        result.judge_pass_rate,
+        result.judge_mean,
+        result.rm_score_mean,
+        result.kl_to_reference,
+        {k: round(v["mean"], 4) for k, v in (result.rewards or {}).items()},
+        len(scores),
+        decoding,
+    )
     return result
 
 
@@ -212,18 +250,21 @@ def comparison_table(names: Sequence[str], rows: Sequence[dict[str, Any]]) -> st
     for part in parts:
         cells = [r["rewards"][part] for r in rows]
         if all(c["binary"] for c in cells):
-            lines.append((f"{part}: pass rate (95% CI)", [_pct(c["pass_rate"], c["pass_lo"], c["pass_hi"])
-                                                           for c in cells]))
+            lines.append(
+                (f"{part}: pass rate (95% CI)", [_pct(c["pass_rate"], c["pass_lo"], c["pass_hi"]) for c in cells])
+            )
         else:
             lines.append((f"{part}: mean (95% CI)", [_num(c["mean"], c["mean_lo"], c["mean_hi"]) for c in cells]))
     lines.append(("judge pass rate", [f"{r['judge_pass_rate']:.1%}" for r in rows]))
     lines.append(("judge mean", [f"{r['judge_mean']:.3f}" for r in rows]))
     if any(r.get("rm_score_mean") is not None for r in rows):
-        lines.append(("reward model score", ["-" if r["rm_score_mean"] is None else f"{r['rm_score_mean']:.3f}"
-                                             for r in rows]))
+        lines.append(
+            ("reward model score", ["-" if r["rm_score_mean"] is None else f"{r['rm_score_mean']:.3f}" for r in rows])
+        )
     if any(r.get("kl_to_reference") is not None for r in rows):
-        lines.append(("KL to reference", ["-" if r["kl_to_reference"] is None else f"{r['kl_to_reference']:.4f}"
-                                          for r in rows]))
+        lines.append(
+            ("KL to reference", ["-" if r["kl_to_reference"] is None else f"{r['kl_to_reference']:.4f}" for r in rows])
+        )
     lines.append(("answer tokens (mean)", [f"{r['answer_tokens_mean']:.1f}" for r in rows]))
     lines.append(("prompts x answers", [f"{r['prompts']} x {r['samples_per_prompt']}" for r in rows]))
     lines.append(("decoding", [str(r["decoding"]).split(" (")[0] for r in rows]))

@@ -45,8 +45,9 @@ def prompts_file(path: str) -> str:
     if os.path.isdir(path):
         f = os.path.join(path, "train.jsonl")
         if not os.path.exists(f):
-            raise FileNotFoundError(f"--prompts {path} is a folder without train.jsonl; pass an sft-data output "
-                                    "(file or folder)")
+            raise FileNotFoundError(
+                f"--prompts {path} is a folder without train.jsonl; pass an sft-data output (file or folder)"
+            )
         return f
     return path
 
@@ -75,9 +76,11 @@ def load_prompts(path: str, tok, fmt, max_prompt_tokens: int, tasks: Sequence[st
         cols.append(columns)
     counts["kept"] = len(ids)
     if not ids:
-        raise ValueError(f"--prompts {src}: no usable prompt (counts: {dict(counts)}); expected JSONL lines of "
-                         '{"prompt": "..."} or {"messages": [{"role": "user", ...}, ...]} (sft-data or `genloop '
-                         f"tasks` output) with prompts of at most {max_prompt_tokens} tokens")
+        raise ValueError(
+            f"--prompts {src}: no usable prompt (counts: {dict(counts)}); expected JSONL lines of "
+            '{"prompt": "..."} or {"messages": [{"role": "user", ...}, ...]} (sft-data or `genloop '
+            f"tasks` output) with prompts of at most {max_prompt_tokens} tokens"
+        )
     names = sorted({k for c in cols for k in c if k not in ("prompts", "responses")})
     return PromptSet(texts, ids, dict(counts), {k: [c.get(k) for c in cols] for k in names})
 
@@ -91,7 +94,7 @@ def prompt_order(n_prompts: int, iteration: int, per_iter: int, seed: int) -> li
         epoch, offset = divmod(pos, n_prompts)
         perm = np.random.default_rng([seed, epoch]).permutation(n_prompts)
         take = min(per_iter - len(out), n_prompts - offset)
-        out += perm[offset:offset + take].tolist()
+        out += perm[offset : offset + take].tolist()
         pos += take
     return out
 
@@ -122,9 +125,16 @@ class Experience:
         def pick(xs: list) -> list:
             return [xs[r] for r in rows]
 
-        return Experience(pick(self.prompt_ids), pick(self.response_ids), pick(self.rollout_logp), pick(self.scores),
-                          {k: pick(v) for k, v in self.parts.items()}, pick(self.truncated), pick(self.prompt_texts),
-                          pick(self.response_texts))
+        return Experience(
+            pick(self.prompt_ids),
+            pick(self.response_ids),
+            pick(self.rollout_logp),
+            pick(self.scores),
+            {k: pick(v) for k, v in self.parts.items()},
+            pick(self.truncated),
+            pick(self.prompt_texts),
+            pick(self.response_texts),
+        )
 
 
 def engine_nodes(engines: list, wait_s: float = 600.0) -> list[str]:
@@ -154,8 +164,9 @@ def engine_nodes(engines: list, wait_s: float = 600.0) -> list[str]:
 class Driver:
     """Rank 0's side of an iteration: engines (Ray actors), reward functions / reward-model actors, the prompts."""
 
-    def __init__(self, engines: list, prompts: PromptSet, rewards, rm_actors: list, tok, group_size: int,
-                 sampling, seed: int) -> None:
+    def __init__(
+        self, engines: list, prompts: PromptSet, rewards, rm_actors: list, tok, group_size: int, sampling, seed: int
+    ) -> None:
         import ray
 
         self.engines = engines
@@ -182,9 +193,15 @@ class Driver:
             if len(part) == 0:
                 continue
             sel = [idx[i] for i in part]
-            refs.append(eng.generate.remote([self.prompts.ids[i] for i in sel], self.group_size, self.sampling,
-                                            [sample_seed(self.seed, iteration, i) for i in sel],
-                                            fail_marker if k == 0 else ""))
+            refs.append(
+                eng.generate.remote(
+                    [self.prompts.ids[i] for i in sel],
+                    self.group_size,
+                    self.sampling,
+                    [sample_seed(self.seed, iteration, i) for i in sel],
+                    fail_marker if k == 0 else "",
+                )
+            )
         completions = [c for chunk in ray.get(refs) for c in chunk]
         return idx, completions
 
@@ -202,14 +219,21 @@ class Driver:
                 r_lp.append(list(c.logprobs))
                 trunc.append(c.finish_reason == "length")
                 p_txt.append(self.prompts.texts[i])
-                r_txt.append(self.tok.decode([t for t in c.token_ids if t < self.tok.n_vocab and t not in self.specials]))
+                r_txt.append(
+                    self.tok.decode([t for t in c.token_ids if t < self.tok.n_vocab and t not in self.specials])
+                )
         rm_score = None
         if self.rm_actors:
+
             def rm_score() -> list[float]:
                 chunks = np.array_split(np.arange(len(p_ids)), len(self.rm_actors))
-                refs = [a.score.remote([p_ids[j] for j in ch], [r_ids[j] for j in ch])
-                        for a, ch in zip(self.rm_actors, chunks) if len(ch)]
+                refs = [
+                    a.score.remote([p_ids[j] for j in ch], [r_ids[j] for j in ch])
+                    for a, ch in zip(self.rm_actors, chunks)
+                    if len(ch)
+                ]
                 return [s for part in ray.get(refs) for s in part]
+
         scores, parts = self.rewards.score(p_txt, r_txt, rm_score, columns)
         return Experience(p_ids, r_ids, r_lp, scores, parts, trunc, p_txt, r_txt)
 

@@ -38,8 +38,9 @@ class MicroBatch:
     mask: torch.Tensor  # (m, T) 1.0 on real response tokens
 
 
-def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-            device: torch.device) -> MicroBatch:
+def collate(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> MicroBatch:
     m = len(prompts)
     L = max(len(p) + len(r) for p, r in zip(prompts, responses))
     T = max(1, max(len(r) for r in responses))
@@ -49,7 +50,7 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
     mask = torch.zeros(m, T)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = list(p) + list(r)
-        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         n = len(r)
         idx[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         targets[i, :n] = torch.tensor(list(r), dtype=torch.long)
@@ -63,8 +64,9 @@ def response_logits(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
     return logits.gather(1, mb.idx[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def logp_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(m, T, V) logits, (m, T) targets -> log-prob of each target and the entropy of each position, both (m, T),
     under the distribution the rollout sampled from: softmax(logits / temperature), as vLLM's processed log-probs
     (verl and OpenRLHF divide the learner's logits by the sampling temperature the same way). At temperature 1 the
@@ -83,7 +85,7 @@ def response_values(value_model: nn.Module, mb: MicroBatch) -> torch.Tensor:
 def pad_rows(rows: Sequence[Sequence[float]], T: int) -> torch.Tensor:
     out = torch.zeros(len(rows), T)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(list(r), dtype=torch.float32)
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.float32)
     return out
 
 
@@ -93,8 +95,16 @@ PRE_KEYS = ("old_logp", "ref_logp", "values", "entropy")
 class Learner:
     """Policy (+ optimizer), reference, value model (+ optimizer) on one rank."""
 
-    def __init__(self, cfg: RlhfConfig, policy_path: str, value_init: str | None, device: torch.device,
-                 rank: int = 0, world: int = 1, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: RlhfConfig,
+        policy_path: str,
+        value_init: str | None,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        pad_id: int = 0,
+    ) -> None:
         from models.checkpoint import load_checkpoint
         from models.parallel import wrap_model
         from pipelines.train.state import build_optimizer
@@ -156,15 +166,17 @@ class Learner:
         full = full.cpu()
         return {k: full[j] for j, k in enumerate(PRE_KEYS)}
 
-    def _advantages(self, exp: Experience, pre: dict[str, torch.Tensor], mask: torch.Tensor,
-                    keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advantages(
+        self, exp: Experience, pre: dict[str, torch.Tensor], mask: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) advantages and returns for the whole batch (the same on every rank). ``keep`` (B,): GRPO's
         group filter (``update.filter_groups``), 0.0 where a group gets no policy gradient."""
         a, kl = self.cfg.update, self.cfg.kl
         scores = torch.tensor(exp.scores, dtype=torch.float32)
         if self.cfg.algo == "grpo":
-            seq_adv, _ = algos.get_adv_estimator("grpo")(scores, torch.ones(len(scores), 1),
-                                                         group_size=self.cfg.rollout.group_size, norm_std=a.norm_std)
+            seq_adv, _ = algos.get_adv_estimator("grpo")(
+                scores, torch.ones(len(scores), 1), group_size=self.cfg.rollout.group_size, norm_std=a.norm_std
+            )
             if a.negative_weight != 1.0:
                 seq_adv = algos.weight_negatives(seq_adv, a.negative_weight)
             adv = seq_adv * mask  # (B, 1) * (B, T)
@@ -189,8 +201,10 @@ class Learner:
         cfg, a, tc = self.cfg, self.cfg.update, self.cfg.train
         B = len(exp.scores)
         if B % (a.minibatches * self.world):
-            raise ValueError(f"a batch of {B} answers does not split into update.minibatches={a.minibatches} x "
-                             f"{self.world} ranks equal parts")
+            raise ValueError(
+                f"a batch of {B} answers does not split into update.minibatches={a.minibatches} x "
+                f"{self.world} ranks equal parts"
+            )
         P, R = exp.prompt_ids, exp.response_ids
         T = max(1, max(len(r) for r in R))
         pre = self._precompute_all(exp, T)
@@ -203,10 +217,14 @@ class Learner:
         is_w, mm = algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)
         loss_fn = algos.get_policy_loss("clip")
         n_batch_tok = max(float(mask.sum()), 1.0)
-        out = {"kl": float((algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k3") * mask).sum()) / n_batch_tok
-               if self.ref is not None else 0.0,
-               "entropy": float((pre["entropy"] * mask).sum()) / n_batch_tok,
-               "mismatch_kl": mm["mismatch_kl"], "is_clip_frac": mm["is_clip_frac"]}
+        out = {
+            "kl": float((algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k3") * mask).sum()) / n_batch_tok
+            if self.ref is not None
+            else 0.0,
+            "entropy": float((pre["entropy"] * mask).sum()) / n_batch_tok,
+            "mismatch_kl": mm["mismatch_kl"],
+            "is_clip_frac": mm["is_clip_frac"],
+        }
         if keep is not None:
             out["groups_kept"] = float(keep.mean())
         # summed over this rank's micro-batches, then over the ranks
@@ -217,14 +235,14 @@ class Learner:
             # the same global permutation on every rank and at any world size: a minibatch is the same rows always
             perm = np.random.default_rng([cfg.seed, iteration, epoch]).permutation(B)
             for part in np.array_split(perm, a.minibatches):
-                mine = part[self.rank::self.world].tolist()  # this rank's share of the minibatch
+                mine = part[self.rank :: self.world].tolist()  # this rank's share of the minibatch
                 n_tok = float(mask[part].sum())  # the whole minibatch's tokens (all ranks)
                 # DDP / FSDP2 average gradients over ranks: divide the local sums by the global count / world
                 denom_tok, denom_seq = max(n_tok, 1.0) / self.world, len(part) / self.world
                 self.opt.zero_grad(set_to_none=True)
                 if self.vopt is not None:
                     self.vopt.zero_grad(set_to_none=True)
-                micros = [mine[i:i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
+                micros = [mine[i : i + tc.micro_batch_size] for i in range(0, len(mine), tc.micro_batch_size)]
                 for k, micro in enumerate(micros):
                     mb = collate([P[i] for i in micro], [R[i] for i in micro], self.pad_id, self.device)
                     t = mb.mask.shape[1]
@@ -232,15 +250,25 @@ class Learner:
                     last = k == len(micros) - 1
                     with set_gradient_sync(self.policy, tc.strategy, last):
                         logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
-                        loss, st = loss_fn(logp, sel(pre["old_logp"]), sel(adv), mb.mask, eps_low=a.eps_low,
-                                           eps_high=a.eps_high, is_weights=sel(is_w), agg=a.loss_agg,
-                                           n_tokens=denom_tok, n_seqs=denom_seq)
+                        loss, st = loss_fn(
+                            logp,
+                            sel(pre["old_logp"]),
+                            sel(adv),
+                            mb.mask,
+                            eps_low=a.eps_low,
+                            eps_high=a.eps_high,
+                            is_weights=sel(is_w),
+                            agg=a.loss_agg,
+                            n_tokens=denom_tok,
+                            n_seqs=denom_seq,
+                        )
                         if self.ref is not None and cfg.kl.mode == "loss":
                             kl_t = algos.kl_estimate(logp, sel(pre["ref_logp"]), cfg.kl.estimator)
                             loss = loss + cfg.kl.coef * algos.agg_loss(kl_t, mb.mask, a.loss_agg, denom_tok, denom_seq)
                         if a.entropy_coef:
-                            loss = loss - a.entropy_coef * algos.agg_loss(ent, mb.mask, a.loss_agg, denom_tok,
-                                                                          denom_seq)
+                            loss = loss - a.entropy_coef * algos.agg_loss(
+                                ent, mb.mask, a.loss_agg, denom_tok, denom_seq
+                            )
                         loss.backward()
                     mtok = float(mb.mask.sum())
                     sums["clip_frac"] += st["clip_frac"] * mtok
@@ -249,8 +277,9 @@ class Learner:
                     if self.value is not None:
                         with set_gradient_sync(self.value, tc.strategy, last):
                             v = response_values(self.value, mb)
-                            vl = algos.value_loss(v, sel(pre["values"]), sel(ret), mb.mask, a.value_clip,
-                                                  a.loss_agg, denom_tok, denom_seq)
+                            vl = algos.value_loss(
+                                v, sel(pre["values"]), sel(ret), mb.mask, a.value_clip, a.loss_agg, denom_tok, denom_seq
+                            )
                             vl.backward()
                         sums["value_loss"] += float(vl.detach()) / self.world
                 clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
@@ -263,8 +292,12 @@ class Learner:
                 steps += 1
         keys = list(sums)
         tot = dict(zip(keys, all_sum([sums[k] for k in keys], self.device, self.world)))
-        out.update(clip_frac=tot["clip_frac"] / (n_batch_tok * a.epochs), policy_loss=tot["policy_loss"] / steps,
-                   grad_norm=tot["grad_norm"] / steps, learner_tokens=tot["learner_tokens"])
+        out.update(
+            clip_frac=tot["clip_frac"] / (n_batch_tok * a.epochs),
+            policy_loss=tot["policy_loss"] / steps,
+            grad_norm=tot["grad_norm"] / steps,
+            learner_tokens=tot["learner_tokens"],
+        )
         if self.value is not None:
             out["value_loss"] = tot["value_loss"] / steps
         return out

@@ -78,8 +78,16 @@ def learner_loop(args: dict) -> None:
 
     driver = None
     if rank == 0:
-        driver = Driver(args["engines"], args["prompts"], RewardSet.from_spec(cfg.reward), args["rm_actors"], tok,
-                        cfg.rollout.group_size, cfg.rollout.sampling, cfg.seed)
+        driver = Driver(
+            args["engines"],
+            args["prompts"],
+            RewardSet.from_spec(cfg.reward),
+            args["rm_actors"],
+            tok,
+            cfg.rollout.group_size,
+            cfg.rollout.sampling,
+            cfg.seed,
+        )
     sd = learner.full_state_dict()
     if driver is not None:
         # engines may hold other weights (a restarted actor: the start checkpoint; a crash: a later iteration)
@@ -88,8 +96,10 @@ def learner_loop(args: dict) -> None:
 
     for it in range(start, cfg.iterations):
         if cfg.train.inject_failure_at and it == cfg.train.inject_failure_at and rank == world - 1:
-            fail_once(join(args["out"], MARKER_DIR, f".injected_learner_failure_{it}"),
-                      "learner rank (train.inject_failure_at)")
+            fail_once(
+                join(args["out"], MARKER_DIR, f".injected_learner_failure_{it}"),
+                "learner rank (train.inject_failure_at)",
+            )
         row: dict[str, Any] = {"iteration": it + 1}
         t0 = time.perf_counter()
         exp = None
@@ -102,14 +112,17 @@ def learner_loop(args: dict) -> None:
             exp = driver.score(idx, completions)
             t2 = time.perf_counter()
             n_resp = sum(len(r) for r in exp.response_ids)
-            row.update(reward_stats(exp), t_generate=t1 - t0, t_score=t2 - t1,
-                       rollout_tokens_per_s=n_resp / max(t1 - t0, 1e-9))
+            row.update(
+                reward_stats(exp), t_generate=t1 - t0, t_score=t2 - t1, rollout_tokens_per_s=n_resp / max(t1 - t0, 1e-9)
+            )
             if cfg.rollout.oversample > 1:  # the stats above are of every sampled answer: the policy as it is
                 part = exp.parts[cfg.update.filter_groups] if cfg.update.filter_groups else exp.scores
                 keep = algos.informative_groups(torch.tensor(part), cfg.rollout.group_size)
                 row["groups_informative"] = float(keep.mean())  # of all sampled groups
-                exp = exp.groups(algos.pick_groups(keep, cfg.rollout.group_size, cfg.rollout.prompts_per_iter),
-                                 cfg.rollout.group_size)
+                exp = exp.groups(
+                    algos.pick_groups(keep, cfg.rollout.group_size, cfg.rollout.prompts_per_iter),
+                    cfg.rollout.group_size,
+                )
         exp = broadcast(exp, rank, world)
         t3 = time.perf_counter()
         stats = learner.update(exp, it)
@@ -120,13 +133,28 @@ def learner_loop(args: dict) -> None:
         del sd
         t5 = time.perf_counter()
         row.update({k: v for k, v in stats.items() if k != "learner_tokens"})
-        row.update(t_learn=t4 - t3, t_sync=t5 - t4, learner_tokens_per_s=stats["learner_tokens"] / max(t4 - t3, 1e-9),
-                   t_iteration=t5 - t0)
+        row.update(
+            t_learn=t4 - t3,
+            t_sync=t5 - t4,
+            learner_tokens_per_s=stats["learner_tokens"] / max(t4 - t3, 1e-9),
+            t_iteration=t5 - t0,
+        )
         history.append(row)
         if rank == 0:
-            log.info("rlhf it %d/%d: reward %.3f +- %.3f, kl %.4f, clip %.3f, mismatch %.2e, gen %.1fs learn %.1fs "
-                     "sync %.2fs", it + 1, cfg.iterations, row["reward_mean"], row["reward_std"], row["kl"],
-                     row["clip_frac"], row["mismatch_kl"], row["t_generate"], row["t_learn"], row["t_sync"])
+            log.info(
+                "rlhf it %d/%d: reward %.3f +- %.3f, kl %.4f, clip %.3f, mismatch %.2e, gen %.1fs learn %.1fs "
+                "sync %.2fs",
+                it + 1,
+                cfg.iterations,
+                row["reward_mean"],
+                row["reward_std"],
+                row["kl"],
+                row["clip_frac"],
+                row["mismatch_kl"],
+                row["t_generate"],
+                row["t_learn"],
+                row["t_sync"],
+            )
             write_history(args["out"], history)
         done = it + 1 == cfg.iterations
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))} if rank == 0 else {"iteration": it + 1}

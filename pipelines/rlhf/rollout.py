@@ -49,15 +49,27 @@ class RolloutWorker:
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seeds: list[int],
-                 fail_marker: str = "") -> list[list[engine.Completion]]:
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seeds: list[int], fail_marker: str = ""
+    ) -> list[list[engine.Completion]]:
         """``n`` answers per prompt; prompt i samples with ``seeds[i]`` (same seeds, same answers: resumable)."""
         if fail_marker:
             from pipelines.train.session import fail_once
 
             fail_once(fail_marker, "rollout actor (rollout.inject_failure_at)")
-        params = [engine.sampling_params(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
-                                         stop_token_ids=self.stop_ids, seed=s, n=n, logprobs=0) for s in seeds]
+        params = [
+            engine.sampling_params(
+                sampling.max_new_tokens,
+                sampling.temperature,
+                sampling.top_p,
+                sampling.top_k,
+                stop_token_ids=self.stop_ids,
+                seed=s,
+                n=n,
+                logprobs=0,
+            )
+            for s in seeds
+        ]
         return engine.sample_with_logprobs(self.llm, prompts, params)
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -81,8 +93,14 @@ class RolloutWorker:
         return self.version
 
 
-def make_rollout_actors(n: int, model_path: str, engine_cfg: engine.EngineConfig, stop_ids: Sequence[int],
-                        options: dict[str, float], max_restarts: int = -1) -> list:
+def make_rollout_actors(
+    n: int,
+    model_path: str,
+    engine_cfg: engine.EngineConfig,
+    stop_ids: Sequence[int],
+    options: dict[str, float],
+    max_restarts: int = -1,
+) -> list:
     """``n`` Ray actors, one engine each, asking ``options`` (``cluster/resources.py``: rollout_engine) each.
 
     ``max_restarts``: Ray re-creates a dead actor (its engine starts from ``model_path``, and the learner pushes its
@@ -92,7 +110,11 @@ def make_rollout_actors(n: int, model_path: str, engine_cfg: engine.EngineConfig
     import ray
 
     cls = ray.remote(RolloutWorker)
-    actors = [cls.options(max_restarts=max_restarts, max_concurrency=1, **options).remote(
-        model_path, engine_cfg, list(stop_ids)) for _ in range(n)]
+    actors = [
+        cls.options(max_restarts=max_restarts, max_concurrency=1, **options).remote(
+            model_path, engine_cfg, list(stop_ids)
+        )
+        for _ in range(n)
+    ]
     ray.get([a.weights_version.remote() for a in actors])  # wait until every engine is up (clear errors here)
     return actors

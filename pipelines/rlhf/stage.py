@@ -79,17 +79,21 @@ def plan(cfg: RlhfConfig) -> Plan:
     context = cfg.rollout.engine.max_model_len or mcfg.max_seq_len
     max_prompt = cfg.max_prompt_tokens or context - cfg.rollout.sampling.max_new_tokens
     if max_prompt < 1 or max_prompt + cfg.rollout.sampling.max_new_tokens > context:
-        raise ValueError(f"max_prompt_tokens={max_prompt} + rollout.sampling.max_new_tokens="
-                         f"{cfg.rollout.sampling.max_new_tokens} exceed the model's context {context}; lower them")
+        raise ValueError(
+            f"max_prompt_tokens={max_prompt} + rollout.sampling.max_new_tokens="
+            f"{cfg.rollout.sampling.max_new_tokens} exceed the model's context {context}; lower them"
+        )
     rewards = RewardSet.from_spec(cfg.reward)
     rm = None
     if rewards.reward_model is not None:
         rm = checkpoint_dir(rewards.reward_model.target)
         rm_tok = load_tokenizer(rm)
         if not tokenizers_match(rm_tok, tok):
-            raise RewardError(f"reward model {rm} uses tokenizer {rm_tok.name!r} ({rm_tok.n_vocab} tokens) but the "
-                              f"policy {policy} uses {tok.name!r} ({tok.n_vocab} tokens); train the reward model from "
-                              "the policy's checkpoint (genloop reward --init-from)")
+            raise RewardError(
+                f"reward model {rm} uses tokenizer {rm_tok.name!r} ({rm_tok.n_vocab} tokens) but the "
+                f"policy {policy} uses {tok.name!r} ({tok.n_vocab} tokens); train the reward model from "
+                "the policy's checkpoint (genloop reward --init-from)"
+            )
     value_init = None
     if cfg.algo == "ppo":
         value_init = checkpoint_dir(cfg.value_init) if cfg.value_init else rm  # None: the policy's trunk
@@ -105,10 +109,16 @@ def check_placement(cfg: RlhfConfig, use_gpu: bool, has_rm: bool) -> None:
     """Fail up front when the Ray cluster cannot hold the engines, the learner ranks and the reward model."""
     from pipelines.resources import check_placement as check
 
-    check("rlhf", [("engines", cfg.rollout.engines, cfg.rollout.cpus_per_engine, 1),
-                   ("learner ranks", cfg.train.num_workers, cfg.train.cpus_per_worker, 1),
-                   ("reward model", int(has_rm), cfg.reward_model_cpus, 1)], use_gpu,
-          "lower rollout.engines or train.num_workers")
+    check(
+        "rlhf",
+        [
+            ("engines", cfg.rollout.engines, cfg.rollout.cpus_per_engine, 1),
+            ("learner ranks", cfg.train.num_workers, cfg.train.cpus_per_worker, 1),
+            ("reward model", int(has_rm), cfg.reward_model_cpus, 1),
+        ],
+        use_gpu,
+        "lower rollout.engines or train.num_workers",
+    )
 
 
 @dataclass
@@ -126,8 +136,9 @@ def start_engines(cfg: RlhfConfig, p: Plan, use_gpu: bool) -> list:
     from pipelines.rlhf.rollout import make_rollout_actors
 
     opts = {**ray_options("rollout_engine", use_gpu), "num_cpus": cfg.rollout.cpus_per_engine}
-    return make_rollout_actors(cfg.rollout.engines, p.policy, cfg.rollout.engine, p.stop_ids, opts,
-                               cfg.rollout.max_restarts)
+    return make_rollout_actors(
+        cfg.rollout.engines, p.policy, cfg.rollout.engine, p.stop_ids, opts, cfg.rollout.max_restarts
+    )
 
 
 def start_reward_models(cfg: RlhfConfig, p: Plan, use_gpu: bool) -> list:
@@ -140,8 +151,11 @@ def start_reward_models(cfg: RlhfConfig, p: Plan, use_gpu: bool) -> list:
         return []
     opts = {**ray_options("reward_scorer", use_gpu), "num_cpus": cfg.reward_model_cpus}
     threads = max(1, int(cfg.reward_model_cpus))
-    return [ray.remote(RewardModelWorker).options(max_restarts=-1, **opts).remote(
-        p.reward_model, p.pad_id, cfg.train.micro_batch_size, threads)]
+    return [
+        ray.remote(RewardModelWorker)
+        .options(max_restarts=-1, **opts)
+        .remote(p.reward_model, p.pad_id, cfg.train.micro_batch_size, threads)
+    ]
 
 
 def run(cfg: RlhfConfig, engines: list | None = None) -> RlhfResult:
@@ -156,19 +170,42 @@ def run(cfg: RlhfConfig, engines: list | None = None) -> RlhfResult:
     p = plan(cfg)
     use_gpu = use_gpu_default() if cfg.train.use_gpu is None else cfg.train.use_gpu
     check_placement(cfg, use_gpu, p.reward_model is not None)
-    artifact = begin_stage("rlhf", cfg.out, cfg, inputs={"--policy": cfg.policy, "--prompts": cfg.prompts,
-                                                          "reward model": p.reward_model, "value_init": cfg.value_init},
-                           overwrite=cfg.overwrite)
+    artifact = begin_stage(
+        "rlhf",
+        cfg.out,
+        cfg,
+        inputs={
+            "--policy": cfg.policy,
+            "--prompts": cfg.prompts,
+            "reward model": p.reward_model,
+            "value_init": cfg.value_init,
+        },
+        overwrite=cfg.overwrite,
+    )
     if engines is None:
         engines = start_engines(cfg, p, use_gpu)
     rm_actors = start_reward_models(cfg, p, use_gpu)
-    args: dict[str, Any] = {"cfg": cfg, "policy": p.policy, "value_init": p.value_init, "engines": engines,
-                            "rm_actors": rm_actors, "prompts": p.prompts, "tokenizer": p.tokenizer, "out": cfg.out}
+    args: dict[str, Any] = {
+        "cfg": cfg,
+        "policy": p.policy,
+        "value_init": p.value_init,
+        "engines": engines,
+        "rm_actors": rm_actors,
+        "prompts": p.prompts,
+        "tokenizer": p.tokenizer,
+        "out": cfg.out,
+    }
     run_trainer(learner_loop, args, cfg.train, os.path.join(cfg.out, RUNS_DIR), RUN_NAME, use_gpu)
     history = read_history(cfg.out)
     last = history[-1] if history else {}
-    artifact.finish(counts={"iterations": len(history), "prompts": len(p.prompts), **{
-        f"prompts_{k}": v for k, v in p.prompts.counts.items() if k != "kept"}}, metrics=curve_summary(history))
+    artifact.finish(
+        counts={
+            "iterations": len(history),
+            "prompts": len(p.prompts),
+            **{f"prompts_{k}": v for k, v in p.prompts.counts.items() if k != "kept"},
+        },
+        metrics=curve_summary(history),
+    )
     return RlhfResult(cfg.out, len(history), last, history, os.path.join(cfg.out, MODEL_DIR))
 
 
@@ -179,6 +216,13 @@ def curve_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("reward_mean", "kl"):
         ends = curve_ends(history, key, x="iteration")
         if ends is not None:
-            out.update({f"{key}_k": ends.k, f"{key}_first": ends.first[0], f"{key}_first_sd": ends.first[1],
-                        f"{key}_last": ends.last[0], f"{key}_last_sd": ends.last[1]})
+            out.update(
+                {
+                    f"{key}_k": ends.k,
+                    f"{key}_first": ends.first[0],
+                    f"{key}_first_sd": ends.first[1],
+                    f"{key}_last": ends.last[0],
+                    f"{key}_last_sd": ends.last[1],
+                }
+            )
     return out

@@ -51,4 +51,3 @@ def plot_rewards(out: str, rows: Sequence[dict[str, Any]]) -> str | None:
     path = join(out, "reward_curve.png")
     write_bytes(path, buf.getvalue())
     return path
-

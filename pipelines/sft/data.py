@@ -156,8 +156,10 @@ def examples_from_source(source: str, origin: str, cfg: SftDataConfig, counts: C
                 answer = summary
             else:
                 raise ValueError(f"unknown sft-data task {task!r}; tasks are 'write' and 'explain'")
-            yield {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                   "meta": {"task": task, "source": where, "key": key}}
+            yield {
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                "meta": {"task": task, "source": where, "key": key},
+            }
 
 
 def build(cfg: SftDataConfig) -> tuple[list[dict], list[dict], Counter]:
@@ -231,20 +233,34 @@ def run(cfg: SftDataConfig) -> dict:
             raise ValueError(f"{cfg.out} already exists; pass --overwrite (overwrite=true) or choose another --out")
     else:  # no checkpoints to resume from: an unfinished folder is cleared and rebuilt
         sources = cfg.from_code or [sysconfig.get_paths()["stdlib"]]
-        artifact = begin_stage("sft-data", cfg.out, cfg, inputs={"--from-code": sources}, overwrite=cfg.overwrite,
-                               resume=False)
+        artifact = begin_stage(
+            "sft-data", cfg.out, cfg, inputs={"--from-code": sources}, overwrite=cfg.overwrite, resume=False
+        )
     train, val, counts = build(cfg)
     if not train:
-        raise ValueError(f"no instruction examples found in {cfg.from_code or 'the stdlib'} "
-                         f"({dict(counts)}); pass folders with documented Python functions")
+        raise ValueError(
+            f"no instruction examples found in {cfg.from_code or 'the stdlib'} "
+            f"({dict(counts)}); pass folders with documented Python functions"
+        )
     write_jsonl(train, train_path(cfg.out))
     write_jsonl(val, val_path(cfg.out))
-    stats = {"stage": "sft-data", "out": train_path(cfg.out), "val": val_path(cfg.out),
-             "counts": dict(sorted(counts.items())), "config": asdict(cfg)}
+    stats = {
+        "stage": "sft-data",
+        "out": train_path(cfg.out),
+        "val": val_path(cfg.out),
+        "counts": dict(sorted(counts.items())),
+        "config": asdict(cfg),
+    }
     if artifact is not None:
         artifact.finish(counts=stats["counts"])
     else:
         write_text(stats_path(cfg.out), json.dumps(stats, indent=2) + "\n")
-    log.info("sft-data: %d train + %d held-out examples from %d files -> %s (%s)", len(train), len(val),
-             counts["files"], cfg.out, dict(counts))
+    log.info(
+        "sft-data: %d train + %d held-out examples from %d files -> %s (%s)",
+        len(train),
+        len(val),
+        counts["files"],
+        cfg.out,
+        dict(counts),
+    )
     return stats

@@ -36,13 +36,14 @@ def heldout_answer_loss(model: Any, rows: dict[str, np.ndarray], batch_size: int
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows["input_ids"]), batch_size):
-            s, k = answer_loss_sum(model, {key: v[i:i + batch_size] for key, v in rows.items()})
+            s, k = answer_loss_sum(model, {key: v[i : i + batch_size] for key, v in rows.items()})
             total, n = total + s, n + k
     return total / max(n, 1)
 
 
-def generate_answers(model: Any, tok: Any, fmt: ChatFormat, prompts: Sequence[Sequence[Message]],
-                     max_new_tokens: int) -> list[str]:
+def generate_answers(
+    model: Any, tok: Any, fmt: ChatFormat, prompts: Sequence[Sequence[Message]], max_new_tokens: int
+) -> list[str]:
     """Greedy answers (KV-cached ``models.transformer.generate``) to each prompt conversation, stopping at
     <|im_end|>; a prompt longer than the context leaves keeps its last tokens."""
     stops = (tok.im_end_id, tok.eot_id)
@@ -68,8 +69,14 @@ class EvalReport:
     samples: list[dict]  # [{"prompt", "reference", "generated"}]
 
 
-def evaluate(model: Any, tok: Any, fmt: ChatFormat, val_rows: dict[str, np.ndarray], prompts: Sequence[Prompt],
-             max_new_tokens: int) -> EvalReport:
+def evaluate(
+    model: Any,
+    tok: Any,
+    fmt: ChatFormat,
+    val_rows: dict[str, np.ndarray],
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+) -> EvalReport:
     """Held-out answer loss plus greedy answers to ``prompts``."""
     loss = heldout_answer_loss(model, val_rows)
     gens = generate_answers(model, tok, fmt, [p for p, _, _ in prompts], max_new_tokens)

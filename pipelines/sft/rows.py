@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # ---- samples: ids + aligned labels ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Sample:
     """One conversation as training positions: ``input_ids[t]`` predicts ``labels[t]`` (-100 = no loss)."""
@@ -53,8 +54,15 @@ def to_sample(ids: Sequence[int], mask: Sequence[int], seq_len: int, overlong: s
     return Sample(list(ids[:-1]), labels)
 
 
-def encode_samples(convs: Iterable[Sequence[Message]], tok: Any, fmt: ChatFormat, seq_len: int, train_on: str,
-                   overlong: str, counts: Counter) -> list[Sample]:
+def encode_samples(
+    convs: Iterable[Sequence[Message]],
+    tok: Any,
+    fmt: ChatFormat,
+    seq_len: int,
+    train_on: str,
+    overlong: str,
+    counts: Counter,
+) -> list[Sample]:
     out = []
     for msgs in convs:
         try:
@@ -71,6 +79,7 @@ def encode_samples(convs: Iterable[Sequence[Message]], tok: Any, fmt: ChatFormat
 
 
 # ---- rows: packing vs padding --------------------------------------------------------------------------------------
+
 
 def pack_bins(lengths: Sequence[int], capacity: int, window: int = 64) -> list[list[int]]:
     """Sample indices grouped into rows of at most ``capacity`` positions: first-fit by decreasing length, looking
@@ -103,10 +112,10 @@ def packed_rows(samples: Sequence[Sample], seq_len: int, pad_id: int) -> dict[st
         at = 0
         for d, i in enumerate(members):
             n = len(samples[i].input_ids)
-            ids[r, at:at + n] = samples[i].input_ids
-            labels[r, at:at + n] = samples[i].labels
-            pos[r, at:at + n] = np.arange(n)
-            doc[r, at:at + n] = d
+            ids[r, at : at + n] = samples[i].input_ids
+            labels[r, at : at + n] = samples[i].labels
+            pos[r, at : at + n] = np.arange(n)
+            doc[r, at : at + n] = d
             at += n
         pos[r, at:] = np.arange(seq_len - at)  # padded tail: its own "document" (-1), never in the loss
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "doc_ids": doc}

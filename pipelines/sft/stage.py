@@ -139,8 +139,13 @@ def run(cfg: SftConfig) -> dict:
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the checkpoint's max_seq_len={mcfg.max_seq_len}; lower seq_len")
-    artifact = begin_stage("sft", cfg.out, cfg, inputs={"--init-from": cfg.init_from, "--data": cfg.data,
-                                                        "--val-data": val_file}, overwrite=cfg.overwrite)
+    artifact = begin_stage(
+        "sft",
+        cfg.out,
+        cfg,
+        inputs={"--init-from": cfg.init_from, "--data": cfg.data, "--val-data": val_file},
+        overwrite=cfg.overwrite,
+    )
     tok = load_tokenizer(ckpt)
     fmt = ChatFormat.from_checkpoint(ckpt)
 
@@ -157,25 +162,36 @@ def run(cfg: SftConfig) -> dict:
         train_convs = train_convs[: cfg.max_samples]
     samples = encode_samples([m for m, _ in train_convs], tok, fmt, seq_len, cfg.train_on, cfg.overlong, counts)
     sample_counts: Counter = Counter()
-    val_samples = encode_samples([m for m, _ in val_convs], tok, fmt, seq_len, "assistant", cfg.overlong,
-                                 sample_counts)
+    val_samples = encode_samples([m for m, _ in val_convs], tok, fmt, seq_len, "assistant", cfg.overlong, sample_counts)
     counts.update({f"val_{k}": v for k, v in sample_counts.items()})
     if not samples:
         raise ValueError(f"{cfg.data}: no usable training sample ({dict(counts)}); check the file's format")
     random.Random(cfg.seed).shuffle(samples)
     rows = make_rows(samples, seq_len, tok.pad_id, cfg.pack)
     val_rows = make_rows(val_samples, seq_len, tok.pad_id, cfg.pack) if val_samples else None
-    counts.update(train_rows=len(rows["input_ids"]), val_rows=len(val_rows["input_ids"]) if val_rows else 0,
-                  answer_tokens=int((rows["labels"] != IGNORE).sum()))
+    counts.update(
+        train_rows=len(rows["input_ids"]),
+        val_rows=len(val_rows["input_ids"]) if val_rows else 0,
+        answer_tokens=int((rows["labels"] != IGNORE).sum()),
+    )
     fill = fill_ratio(rows, samples)
-    log.info("sft data: %d samples -> %d rows of %d (%s, fill %.1f%%); held-out %d samples; %s", len(samples),
-             len(rows["input_ids"]), seq_len, "packed" if cfg.pack else "padded", 100 * fill, len(val_samples),
-             {k: v for k, v in counts.items() if k.startswith(("bad_", "cut_", "dropped_", "val_bad", "val_dropped"))})
+    log.info(
+        "sft data: %d samples -> %d rows of %d (%s, fill %.1f%%); held-out %d samples; %s",
+        len(samples),
+        len(rows["input_ids"]),
+        seq_len,
+        "packed" if cfg.pack else "padded",
+        100 * fill,
+        len(val_samples),
+        {k: v for k, v in counts.items() if k.startswith(("bad_", "cut_", "dropped_", "val_bad", "val_dropped"))},
+    )
 
     need = cfg.train.micro_batch_size * cfg.train.accum_steps(1) if cfg.in_process else cfg.train.global_rows()
     if len(rows["input_ids"]) < need:
-        raise ValueError(f"{cfg.data}: {len(samples)} samples make {len(rows['input_ids'])} rows, fewer than one "
-                         f"global batch ({need} rows); add data or lower train.micro_batch_size / train.grad_accum")
+        raise ValueError(
+            f"{cfg.data}: {len(samples)} samples make {len(rows['input_ids'])} rows, fewer than one "
+            f"global batch ({need} rows); add data or lower train.micro_batch_size / train.grad_accum"
+        )
 
     # ---- before
     prompts = eval_prompts(val_convs or train_convs, cfg.eval.prompts, cfg.seed)
@@ -189,13 +205,22 @@ def run(cfg: SftConfig) -> dict:
     loop = cfg.train
     if cfg.in_process:
         loop = dataclasses.replace(loop, strategy="none", num_workers=1)
-    hook = StepEval(cfg.init_from, prompts[: cfg.eval.step_prompts], cfg.eval.max_new_tokens) \
-        if cfg.eval.step_prompts > 0 else None
+    hook = (
+        StepEval(cfg.init_from, prompts[: cfg.eval.step_prompts], cfg.eval.max_new_tokens)
+        if cfg.eval.step_prompts > 0
+        else None
+    )
     t0 = time.perf_counter()
-    result = fit(loop, partial(build_model, cfg.init_from, cfg.lora), _to_dataset(rows),
-                 _to_dataset(val_rows) if val_rows else None, cfg.out,
-                 export=partial(export_sft, init_from=cfg.init_from, kind=cfg.export, lora=cfg.lora),
-                 eval_hook=hook, in_process=cfg.in_process)
+    result = fit(
+        loop,
+        partial(build_model, cfg.init_from, cfg.lora),
+        _to_dataset(rows),
+        _to_dataset(val_rows) if val_rows else None,
+        cfg.out,
+        export=partial(export_sft, init_from=cfg.init_from, kind=cfg.export, lora=cfg.lora),
+        eval_hook=hook,
+        in_process=cfg.in_process,
+    )
     train_s = time.perf_counter() - t0
 
     # ---- after
@@ -209,14 +234,26 @@ def run(cfg: SftConfig) -> dict:
         load_peft_adapter(tuned, local_copy(join(cfg.out, "adapter")))
     after = evaluate(tuned, tok, fmt, eval_rows, prompts, cfg.eval.max_new_tokens)
     log.info("after SFT: held-out answer loss %.4f, parse rate %s", after.answer_loss, after.parse_rate)
-    write_text(join(cfg.out, "samples.jsonl"), "".join(
-        json.dumps({"prompt": b["prompt"], "reference": b["reference"], "before": b["generated"],
-                    "after": a["generated"]}, ensure_ascii=False) + "\n"
-        for b, a in zip(before.samples, after.samples)))
+    write_text(
+        join(cfg.out, "samples.jsonl"),
+        "".join(
+            json.dumps(
+                {"prompt": b["prompt"], "reference": b["reference"], "before": b["generated"], "after": a["generated"]},
+                ensure_ascii=False,
+            )
+            + "\n"
+            for b, a in zip(before.samples, after.samples)
+        ),
+    )
     metrics = {
-        "heldout_answer_loss_before": before.answer_loss, "heldout_answer_loss_after": after.answer_loss,
-        "parse_rate_before": before.parse_rate, "parse_rate_after": after.parse_rate,
-        "fill_ratio": fill, "train_seconds": train_s, "steps": result.steps, **result.final_metrics(),
+        "heldout_answer_loss_before": before.answer_loss,
+        "heldout_answer_loss_after": after.answer_loss,
+        "parse_rate_before": before.parse_rate,
+        "parse_rate_after": after.parse_rate,
+        "fill_ratio": fill,
+        "train_seconds": train_s,
+        "steps": result.steps,
+        **result.final_metrics(),
     }
     artifact.finish(counts=dict(counts), metrics=metrics)
     return {"out": cfg.out, "model": result.model_dir, **metrics, "counts": dict(counts)}

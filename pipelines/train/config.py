@@ -59,16 +59,27 @@ class TrainLoopConfig:
             return self.grad_accum
         per = self.micro_batch_size * world
         if self.global_batch_size % per:
-            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                             f"micro_batch_size {self.micro_batch_size} x {world} workers; pick a multiple of {per}")
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"micro_batch_size {self.micro_batch_size} x {world} workers; pick a multiple of {per}"
+            )
         return self.global_batch_size // per
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
-        for key in ("log_every", "eval_every", "ckpt_every", "eval_batches", "warmup_steps", "max_failures",
-                    "inject_failure_at", "global_batch_size", "prefetch_batches"):
+        for key in (
+            "log_every",
+            "eval_every",
+            "ckpt_every",
+            "eval_batches",
+            "warmup_steps",
+            "max_failures",
+            "inject_failure_at",
+            "global_batch_size",
+            "prefetch_batches",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0 = never / only at the end)")
         if self.keep_checkpoints < 1:
@@ -76,8 +87,10 @@ class TrainLoopConfig:
         if self.strategy not in ("ddp", "fsdp", "none"):
             raise ValueError(f"train.strategy={self.strategy!r}: use ddp, fsdp or none")
         if self.strategy == "none" and self.num_workers != 1:
-            raise ValueError(f"train.strategy=none runs one process but train.num_workers={self.num_workers}; "
-                             "use strategy=ddp or fsdp for several workers")
+            raise ValueError(
+                f"train.strategy=none runs one process but train.num_workers={self.num_workers}; "
+                "use strategy=ddp or fsdp for several workers"
+            )
         self.accum_steps(self.num_workers)  # global_batch_size must split into micro-batches on every worker
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} must be between 0 and train.lr={self.lr}")

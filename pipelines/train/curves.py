@@ -22,8 +22,11 @@ class CurveEnds:
 def curve_ends(rows: Sequence[dict[str, Any]], key: str, x: str = "step", k: int | None = None) -> CurveEnds | None:
     """Mean +- standard deviation of ``key`` over the first and the last ``k`` rows that have it (default: up to 5,
     a third of the points, never overlapping); None with fewer than two points."""
-    pts = [(r.get(x), float(r[key])) for r in rows
-           if isinstance(r.get(key), (int, float)) and not math.isnan(float(r[key]))]
+    pts = [
+        (r.get(x), float(r[key]))
+        for r in rows
+        if isinstance(r.get(key), (int, float)) and not math.isnan(float(r[key]))
+    ]
     n = len(pts)
     if n < 2:
         return None
@@ -31,8 +34,13 @@ def curve_ends(rows: Sequence[dict[str, Any]], key: str, x: str = "step", k: int
         k = min(5, n // 3) if n >= 6 else n // 2
     k = max(1, min(k, n // 2))
     head, tail = pts[:k], pts[-k:]
-    return CurveEnds(k, (head[0][0], head[-1][0]), (tail[0][0], tail[-1][0]), mean_sd([v for _, v in head]),
-                     mean_sd([v for _, v in tail]))
+    return CurveEnds(
+        k,
+        (head[0][0], head[-1][0]),
+        (tail[0][0], tail[-1][0]),
+        mean_sd([v for _, v in head]),
+        mean_sd([v for _, v in tail]),
+    )
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -37,7 +37,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray
     if not shuffle:
         return np.arange(n_rows, dtype=np.int64)
     perm = np.random.default_rng([seed, n_rows, epoch]).permutation(n_rows)
-    return perm.astype(np.int32) if n_rows < 2 ** 31 else perm
+    return perm.astype(np.int32) if n_rows < 2**31 else perm
 
 
 class SampleOrder:
@@ -63,7 +63,7 @@ class SampleOrder:
         while place < end:
             e, off = divmod(place, self.n_rows)
             take = min(end - place, self.n_rows - off)
-            parts.append(self.epoch(e)[off:off + take].astype(np.int64))
+            parts.append(self.epoch(e)[off : off + take].astype(np.int64))
             place += take
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -82,8 +82,17 @@ class RankLoader:
     ``dtypes``: column -> numpy dtype the rows are cast to (default int64). ``prefetch``: global batches read ahead
     by a background thread (0 = read on demand). ``bytes_read`` / ``rows_read``: what this rank has read."""
 
-    def __init__(self, store: RowStore, global_rows: int, rank: int, world: int, seed: int, shuffle: bool,
-                 dtypes: dict[str, Any] | None = None, prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        store: RowStore,
+        global_rows: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle: bool,
+        dtypes: dict[str, Any] | None = None,
+        prefetch: int = 2,
+    ) -> None:
         if UNITS not in store.columns:
             raise ValueError(f"{store.path}: the row store has no {UNITS!r} column; write it with write_rows")
         self.store, self.global_rows = store, global_rows
@@ -157,8 +166,9 @@ class RankLoader:
             t.join(timeout=5)
 
 
-def val_rows(store: RowStore | None, wanted: int, rank: int, world: int,
-             dtypes: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+def val_rows(
+    store: RowStore | None, wanted: int, rank: int, world: int, dtypes: dict[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """This rank's validation rows: the first ``wanted`` rows of the split (fewer if it is smaller), cut into
     ``world`` equal contiguous parts: the same rows whatever the worker count, the same count on every rank (FSDP
     needs every rank in every forward). {} when there are fewer rows than workers."""

@@ -82,19 +82,51 @@ from pipelines.train.state import (
 )
 from pipelines.train.worker import COLUMNS, TrainSpec, train_worker
 
-__all__ = ["COLUMNS", "IGNORE", "LOOP_STATE", "MODEL_DIR", "RUNS_DIR", "FitResult", "LMObjective", "Objective",
-           "TrainLoopConfig", "TrainSpec", "build_optimizer", "check_placement", "config_dict", "fit",
-           "full_state_dict", "hf_export", "latest_checkpoint_dir", "load_train_state", "local_dir", "lr_at",
-           "read_history", "run_trainer", "save_train_state", "stage_rows", "token_loss_sum", "train_worker"]
+__all__ = [
+    "COLUMNS",
+    "IGNORE",
+    "LOOP_STATE",
+    "MODEL_DIR",
+    "RUNS_DIR",
+    "FitResult",
+    "LMObjective",
+    "Objective",
+    "TrainLoopConfig",
+    "TrainSpec",
+    "build_optimizer",
+    "check_placement",
+    "config_dict",
+    "fit",
+    "full_state_dict",
+    "hf_export",
+    "latest_checkpoint_dir",
+    "load_train_state",
+    "local_dir",
+    "lr_at",
+    "read_history",
+    "run_trainer",
+    "save_train_state",
+    "stage_rows",
+    "token_loss_sum",
+    "train_worker",
+]
 
 log = logging.getLogger(__name__)
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------------
-def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, val_ds, out: str,
-        export: Callable[[nn.Module, dict, str], str] | None = None,
-        eval_hook: Callable[[nn.Module, int], dict] | None = None, tokenizer: str | None = None,
-        in_process: bool = False, objective: Objective | None = None) -> FitResult:
+def fit(
+    cfg: TrainLoopConfig,
+    build_model: Callable[[], nn.Module],
+    train_ds,
+    val_ds,
+    out: str,
+    export: Callable[[nn.Module, dict, str], str] | None = None,
+    eval_hook: Callable[[nn.Module, int], dict] | None = None,
+    tokenizer: str | None = None,
+    in_process: bool = False,
+    objective: Objective | None = None,
+) -> FitResult:
     """Train ``build_model()`` on ``train_ds`` with ``objective`` (default ``LMObjective``) and return the final
     metrics (see the module docstring).
 
@@ -108,13 +140,27 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, va
     objective = objective or LMObjective()
     train_store = stage_rows(train_ds, store_path(run_dir, cfg.name, "train"), objective, "training rows")
     if len(train_store) < cfg.global_rows():
-        raise ValueError(f"the training split has {len(train_store)} rows, fewer than one global batch "
-                         f"({cfg.global_rows()} rows: micro_batch_size x grad_accum x num_workers, or "
-                         "global_batch_size); lower them or add data")
-    val_store = stage_rows(val_ds, store_path(run_dir, cfg.name, "val"), objective, "validation rows") \
-        if val_ds is not None else None
-    spec = TrainSpec(cfg=cfg, build_model=build_model, out=out, train_store=train_store, objective=objective,
-                     export=export, eval_hook=eval_hook, tokenizer=tokenizer, val_store=val_store)
+        raise ValueError(
+            f"the training split has {len(train_store)} rows, fewer than one global batch "
+            f"({cfg.global_rows()} rows: micro_batch_size x grad_accum x num_workers, or "
+            "global_batch_size); lower them or add data"
+        )
+    val_store = (
+        stage_rows(val_ds, store_path(run_dir, cfg.name, "val"), objective, "validation rows")
+        if val_ds is not None
+        else None
+    )
+    spec = TrainSpec(
+        cfg=cfg,
+        build_model=build_model,
+        out=out,
+        train_store=train_store,
+        objective=objective,
+        export=export,
+        eval_hook=eval_hook,
+        tokenizer=tokenizer,
+        val_store=val_store,
+    )
     if in_process:
         local_run = os.path.join(run_dir, cfg.name)
         os.makedirs(local_run, exist_ok=True)
@@ -127,16 +173,21 @@ def fit(cfg: TrainLoopConfig, build_model: Callable[[], nn.Module], train_ds, va
     for r in history:
         last.update(r)
     model_dir = join(out, MODEL_DIR) if exists(join(out, MODEL_DIR, "config.json")) else None
-    return FitResult(out=out, steps=int(last.get("step", 0)), metrics=last, history=history, model_dir=model_dir,
-                     checkpoint=ckpt)
+    return FitResult(
+        out=out, steps=int(last.get("step", 0)), metrics=last, history=history, model_dir=model_dir, checkpoint=ckpt
+    )
 
 
 def check_placement(cfg: TrainLoopConfig, use_gpu: bool) -> None:
     """Fail up front when the cluster cannot place ``num_workers`` workers (instead of waiting forever)."""
     from pipelines.resources import check_placement as check
 
-    check("training", [("workers", cfg.num_workers, cfg.cpus_per_worker, 1)], use_gpu,
-          "lower --num-workers (train.num_workers)")
+    check(
+        "training",
+        [("workers", cfg.num_workers, cfg.cpus_per_worker, 1)],
+        use_gpu,
+        "lower --num-workers (train.num_workers)",
+    )
 
 
 def stage_rows(rows: Any, path: str, objective: Objective, what: str) -> RowStore:
@@ -169,8 +220,14 @@ class WorkerGroup(Protocol):
     keep_checkpoints: int
 
 
-def run_trainer(worker: Callable[[dict], None], loop_config: dict[str, Any], group: WorkerGroup, run_dir: str,
-                name: str, use_gpu: bool) -> Any:
+def run_trainer(
+    worker: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    group: WorkerGroup,
+    run_dir: str,
+    name: str,
+    use_gpu: bool,
+) -> Any:
     """Run ``worker(loop_config)`` on ``group.num_workers`` Ray Train workers (``cpus_per_worker`` CPUs each, one GPU
     each when ``use_gpu``; gloo or NCCL) with checkpoints in ``<run_dir>/<name>`` (``keep_checkpoints`` kept; Ray
     Train restarts failed workers from the newest, ``max_failures`` times). A re-run after the whole job died
@@ -186,11 +243,15 @@ def run_trainer(worker: Callable[[dict], None], loop_config: dict[str, Any], gro
         worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=group.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": group.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=_storage_path(run_dir),
-                             failure_config=FailureConfig(max_failures=group.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, group.keep_checkpoints))),
+        scaling_config=ScalingConfig(
+            num_workers=group.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": group.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=_storage_path(run_dir),
+            failure_config=FailureConfig(max_failures=group.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, group.keep_checkpoints)),
+        ),
     )
     result = trainer.fit()
     if result.error:

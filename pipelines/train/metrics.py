@@ -53,35 +53,37 @@ class GpuSpec:
 GPUS: dict[str, GpuSpec] = {
     # NVIDIA H100 Tensor Core GPU data sheet, H100 SXM column: BF16 1,979 TFLOPS with sparsity, 80 GB HBM3
     # (device name "NVIDIA H100 80GB HBM3")
-    "h100": GpuSpec("NVIDIA H100 SXM5 80GB", 989.5e12, 80 * GB, "NVIDIA H100 data sheet (SXM)",
-                    r"\bH100\b(?!.*\b(PCIe|NVL)\b)"),
+    "h100": GpuSpec(
+        "NVIDIA H100 SXM5 80GB", 989.5e12, 80 * GB, "NVIDIA H100 data sheet (SXM)", r"\bH100\b(?!.*\b(PCIe|NVL)\b)"
+    ),
     # same data sheet, H100 PCIe column: BF16 1,513 TFLOPS with sparsity, 80 GB HBM2e ("NVIDIA H100 PCIe")
-    "h100-pcie": GpuSpec("NVIDIA H100 PCIe 80GB", 756.5e12, 80 * GB, "NVIDIA H100 data sheet (PCIe)",
-                         r"\bH100\b.*\bPCIe\b"),
+    "h100-pcie": GpuSpec(
+        "NVIDIA H100 PCIe 80GB", 756.5e12, 80 * GB, "NVIDIA H100 data sheet (PCIe)", r"\bH100\b.*\bPCIe\b"
+    ),
     # same data sheet, H100 NVL column: BF16 1,671 TFLOPS with sparsity, 94 GB HBM3 per GPU ("NVIDIA H100 NVL")
-    "h100-nvl": GpuSpec("NVIDIA H100 NVL 94GB", 835.5e12, 94 * GB, "NVIDIA H100 data sheet (NVL)",
-                        r"\bH100\b.*\bNVL\b"),
+    "h100-nvl": GpuSpec(
+        "NVIDIA H100 NVL 94GB", 835.5e12, 94 * GB, "NVIDIA H100 data sheet (NVL)", r"\bH100\b.*\bNVL\b"
+    ),
     # NVIDIA H200 Tensor Core GPU data sheet, H200 SXM column: BF16 1,979 TFLOPS with sparsity, 141 GB HBM3e
     # ("NVIDIA H200")
-    "h200": GpuSpec("NVIDIA H200 SXM 141GB", 989.5e12, 141 * GB, "NVIDIA H200 data sheet (SXM)",
-                    r"\bH200\b(?!.*\bNVL\b)"),
+    "h200": GpuSpec(
+        "NVIDIA H200 SXM 141GB", 989.5e12, 141 * GB, "NVIDIA H200 data sheet (SXM)", r"\bH200\b(?!.*\bNVL\b)"
+    ),
     # same data sheet, H200 NVL column: BF16 1,671 TFLOPS with sparsity, 141 GB HBM3e ("NVIDIA H200 NVL")
-    "h200-nvl": GpuSpec("NVIDIA H200 NVL 141GB", 835.5e12, 141 * GB, "NVIDIA H200 data sheet (NVL)",
-                        r"\bH200\b.*\bNVL\b"),
+    "h200-nvl": GpuSpec(
+        "NVIDIA H200 NVL 141GB", 835.5e12, 141 * GB, "NVIDIA H200 data sheet (NVL)", r"\bH200\b.*\bNVL\b"
+    ),
     # NVIDIA A100 Tensor Core GPU data sheet: BF16 312 TFLOPS dense (624 with sparsity), SXM and PCIe alike;
     # 80 GB HBM2e ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe") or 40 GB HBM2 ("NVIDIA A100-SXM4-40GB",
     # "NVIDIA A100-PCIE-40GB"; Ray's label A100-40G)
-    "a100": GpuSpec("NVIDIA A100 80GB", 312e12, 80 * GB, "NVIDIA A100 data sheet (80GB)",
-                    r"\bA100\b(?!.*\b40GB?\b)"),
-    "a100-40gb": GpuSpec("NVIDIA A100 40GB", 312e12, 40 * GB, "NVIDIA A100 data sheet (40GB)",
-                         r"\bA100\b.*\b40GB?\b"),
+    "a100": GpuSpec("NVIDIA A100 80GB", 312e12, 80 * GB, "NVIDIA A100 data sheet (80GB)", r"\bA100\b(?!.*\b40GB?\b)"),
+    "a100-40gb": GpuSpec("NVIDIA A100 40GB", 312e12, 40 * GB, "NVIDIA A100 data sheet (40GB)", r"\bA100\b.*\b40GB?\b"),
     # NVIDIA L4 Tensor Core GPU data sheet: BF16 242 TFLOPS with sparsity, 24 GB GDDR6 ("NVIDIA L4"; the word
     # boundary keeps the L40 / L40S out)
     "l4": GpuSpec("NVIDIA L4 24GB", 121e12, 24 * GB, "NVIDIA L4 data sheet", r"\bL4\b"),
     # NVIDIA HGX B200 specifications (8 GPUs): FP16/BF16 36 PFLOPS with sparsity, 1,440 GB HBM3e in all, i.e.
     # 4.5 PFLOPS sparse / 2.25 dense and 180 GB per GPU ("NVIDIA B200"; a GB200's B200 runs faster and is not this row)
-    "b200": GpuSpec("NVIDIA B200 180GB", 2.25e15, 180 * GB, "NVIDIA HGX B200 specifications, per GPU",
-                    r"\bB200\b"),
+    "b200": GpuSpec("NVIDIA B200 180GB", 2.25e15, 180 * GB, "NVIDIA HGX B200 specifications, per GPU", r"\bB200\b"),
 }
 
 CACHE = Path(os.environ.get("GENLOOP_CACHE", Path.home() / ".cache" / "genloop")) / "cpu_flops.json"
@@ -152,8 +154,7 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     if hasattr(model, "lm_head"):
         return float(cfg.flops_per_token(seq_len))
     score = getattr(model, "score", None)
-    return float(cfg.flops_per_token(seq_len, head_out=score.out_features if isinstance(score, torch.nn.Linear)
-                                     else 0))
+    return float(cfg.flops_per_token(seq_len, head_out=score.out_features if isinstance(score, torch.nn.Linear) else 0))
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float:
@@ -184,14 +185,16 @@ def write_metrics(out: str, rows: Sequence[dict[str, Any]]) -> None:
     write_text(join(out, "metrics.csv"), to_csv(rows))
 
 
-def plot_loss(out: str, rows: Sequence[dict[str, Any]], title: str = "loss",
-              ylabel: str = "cross-entropy (nats/token)") -> str | None:
+def plot_loss(
+    out: str, rows: Sequence[dict[str, Any]], title: str = "loss", ylabel: str = "cross-entropy (nats/token)"
+) -> str | None:
     """``<out>/loss_curve.png``: train loss per logged step, val loss where evaluated."""
     return plot_curves(out, rows, {"train": "loss", "val": "val_loss"}, "loss_curve.png", ylabel=ylabel, title=title)
 
 
-def plot_curves(out: str, rows: Sequence[dict[str, Any]], series: dict[str, str], filename: str,
-                ylabel: str = "", title: str = "") -> str | None:
+def plot_curves(
+    out: str, rows: Sequence[dict[str, Any]], series: dict[str, str], filename: str, ylabel: str = "", title: str = ""
+) -> str | None:
     """``<out>/<filename>``: one line per ``{label: metric key}`` over ``step`` (rows lacking the key are skipped;
     a series with few points is drawn with markers). None when no row has any of the keys. Other stages use it
     for their own curves (``reward_curve.png``...)."""

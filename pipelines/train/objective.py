@@ -47,8 +47,9 @@ class Objective:
     required: tuple[str, ...] = ()
     dtypes: dict[str, Any] = {}  # column -> numpy dtype on the worker (default int64)
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def row_counts(self, rows: dict[str, np.ndarray]) -> np.ndarray:
@@ -70,8 +71,10 @@ class Objective:
     def check_columns(self, present: set[str], where: str) -> None:
         missing = [c for c in self.required if c not in present]
         if missing:
-            raise ValueError(f"{where}: the {self.name} objective needs row columns {list(self.required)} but "
-                             f"{missing} are missing (got {sorted(present)})")
+            raise ValueError(
+                f"{where}: the {self.name} objective needs row columns {list(self.required)} but "
+                f"{missing} are missing (got {sorted(present)})"
+            )
 
 
 class LMObjective(Objective):

@@ -52,8 +52,10 @@ def _stack(name: str, col: np.ndarray) -> np.ndarray:
             return np.zeros((0,), dtype=np.int64)
         lengths = {np.shape(x) for x in col}
         if len(lengths) > 1:
-            raise ValueError(f"training rows must all have the same length; column {name!r} has rows of shapes "
-                             f"{sorted(lengths)[:5]} (pad or pack the rows to one length)")
+            raise ValueError(
+                f"training rows must all have the same length; column {name!r} has rows of shapes "
+                f"{sorted(lengths)[:5]} (pad or pack the rows to one length)"
+            )
         return np.stack(col)
     return col
 
@@ -91,16 +93,21 @@ class RowStoreWriter:
         for k, v in cols.items():
             spec = self.specs[k]
             if tuple(v.shape[1:]) != spec.shape:
-                raise ValueError(f"training rows must all have the same length; column {k!r} has rows of shape "
-                                 f"{tuple(v.shape[1:])} after rows of shape {spec.shape} (pad or pack the rows)")
+                raise ValueError(
+                    f"training rows must all have the same length; column {k!r} has rows of shape "
+                    f"{tuple(v.shape[1:])} after rows of shape {spec.shape} (pad or pack the rows)"
+                )
             self.streams[k].write(np.ascontiguousarray(_cast(k, v, np.dtype(spec.dtype))).data)
         self.n_rows += n
 
     def close(self) -> "RowStore":
         for s in self.streams.values():
             s.close()
-        index = {"format": FORMAT, "n_rows": self.n_rows,
-                 "columns": {k: {"dtype": s.dtype, "shape": list(s.shape)} for k, s in self.specs.items()}}
+        index = {
+            "format": FORMAT,
+            "n_rows": self.n_rows,
+            "columns": {k: {"dtype": s.dtype, "shape": list(s.shape)} for k, s in self.specs.items()},
+        }
         with self.fs.open_output_stream(f"{self.base}/{INDEX}") as f:  # last: its presence marks a finished store
             f.write(json.dumps(index).encode())
         return RowStore(self.path, index)
@@ -113,8 +120,10 @@ def _cast(name: str, v: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if v.dtype.kind in "iub" and dtype.kind in "iu" and v.size:
         info = np.iinfo(dtype)
         if v.min() < info.min or v.max() > info.max:
-            raise ValueError(f"column {name!r}: values {v.min()}..{v.max()} do not fit {dtype} (the dtype of its "
-                             "first batch); give every batch the same dtype")
+            raise ValueError(
+                f"column {name!r}: values {v.min()}..{v.max()} do not fit {dtype} (the dtype of its "
+                "first batch); give every batch the same dtype"
+            )
     return v.astype(dtype)
 
 
@@ -136,7 +145,7 @@ def array_batches(rows: dict[str, np.ndarray], batch_rows: int = 4096) -> Iterab
     """In-memory rows ``{column: (N, ...)}`` as batches for ``write_rows``."""
     n = len(next(iter(rows.values()))) if rows else 0
     for lo in range(0, n, batch_rows):
-        yield {k: np.asarray(v[lo:lo + batch_rows]) for k, v in rows.items()}
+        yield {k: np.asarray(v[lo : lo + batch_rows]) for k, v in rows.items()}
 
 
 def dataset_batches(ds: Any, batch_rows: int = 1024) -> Iterable[dict[str, np.ndarray]]:
@@ -159,8 +168,10 @@ class RowStore:
                 with fs.open_input_stream(f"{base}/{INDEX}") as f:
                     index = json.loads(f.read())
             except FileNotFoundError:
-                raise FileNotFoundError(f"{path} is not a finished row store (no {INDEX}); the training driver "
-                                        "writes it before the workers start") from None
+                raise FileNotFoundError(
+                    f"{path} is not a finished row store (no {INDEX}); the training driver "
+                    "writes it before the workers start"
+                ) from None
         if index.get("format") != FORMAT:
             raise ValueError(f"{path}: row store format {index.get('format')!r}, expected {FORMAT!r}")
         self.index = index

@@ -78,8 +78,9 @@ def latest_checkpoint_dir(run_dir: str) -> str | None:
     """The newest complete ``step_*`` checkpoint under a run folder (complete = has loop_state.json)."""
     if not os.path.isdir(run_dir):
         return None
-    done = sorted(d for d in os.listdir(run_dir) if d.startswith("step_")
-                  and os.path.exists(os.path.join(run_dir, d, LOOP_STATE)))
+    done = sorted(
+        d for d in os.listdir(run_dir) if d.startswith("step_") and os.path.exists(os.path.join(run_dir, d, LOOP_STATE))
+    )
     return os.path.join(run_dir, done[-1]) if done else None
 
 

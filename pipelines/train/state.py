@@ -34,17 +34,21 @@ def build_optimizer(model: nn.Module, cfg: TrainLoopConfig) -> torch.optim.Optim
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     device_type = params[0].device.type
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=tuple(cfg.betas), fused=device_type == "cuda")
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        fused=device_type == "cuda",
+    )
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_train_state(ckpt_dir: str, model: nn.Module, opt: torch.optim.Optimizer | None, state: dict[str, Any],
-                     rank: int) -> None:
+def save_train_state(
+    ckpt_dir: str, model: nn.Module, opt: torch.optim.Optimizer | None, state: dict[str, Any], rank: int
+) -> None:
     """Model (+ optimizer) as a torch distributed checkpoint in ``ckpt_dir`` (each rank its shards) and ``state``
     as ``loop_state.json`` (rank 0). Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp

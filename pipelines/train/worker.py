@@ -101,13 +101,17 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     accum = cfg.accum_steps(world)
     A = cfg.micro_batch_size * accum  # this rank's rows per step
     if A * world != B:
-        raise ValueError(f"the global batch of {B} rows does not split into {world} workers x micro_batch_size "
-                         f"{cfg.micro_batch_size} x grad_accum {accum}; set train.global_batch_size to a multiple "
-                         f"of micro_batch_size x workers")
+        raise ValueError(
+            f"the global batch of {B} rows does not split into {world} workers x micro_batch_size "
+            f"{cfg.micro_batch_size} x grad_accum {accum}; set train.global_batch_size to a multiple "
+            f"of micro_batch_size x workers"
+        )
     store = spec.train_store
     if len(store) < B:
-        raise ValueError(f"the training split has {len(store)} rows, fewer than one global batch ({B} = "
-                         f"micro_batch_size {cfg.micro_batch_size} x grad_accum {accum} x workers {world}); lower them")
+        raise ValueError(
+            f"the training split has {len(store)} rows, fewer than one global batch ({B} = "
+            f"micro_batch_size {cfg.micro_batch_size} x grad_accum {accum} x workers {world}); lower them"
+        )
     loader = RankLoader(store, B, rank, world, cfg.seed, cfg.shuffle, obj.dtypes, cfg.prefetch_batches)
     vrows = val_rows(spec.val_store, cfg.eval_batches * cfg.micro_batch_size, rank, world, obj.dtypes)
     probe = {k: v.astype(obj.dtypes.get(k, np.int64)) for k, v in store.read(np.arange(1)).items()}
@@ -116,8 +120,14 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
     row_tokens = obj.row_tokens(probe)
 
     base = spec.build_model()
-    model = wrap_model(base, cfg.strategy, device, cfg.activation_checkpointing, cfg.compile,
-                       reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    model = wrap_model(
+        base,
+        cfg.strategy,
+        device,
+        cfg.activation_checkpointing,
+        cfg.compile,
+        reshard_after_forward=cfg.fsdp_reshard_after_forward,
+    )
     opt = build_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -129,8 +139,15 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         start, history = int(state["step"]), list(state["history"])
         # the one number the data position needs, at any worker count (a checkpoint from before it: step x batch)
         consumed = int(state.get("consumed_samples", start * int(state.get("global_rows", B))))
-        log.info("rank %d: resumed from %s at step %d, %d samples consumed (saved by %s workers, now %d)", rank,
-                 ckpt_dir, start, consumed, state.get("world"), world)
+        log.info(
+            "rank %d: resumed from %s at step %d, %d samples consumed (saved by %s workers, now %d)",
+            rank,
+            ckpt_dir,
+            start,
+            consumed,
+            state.get("world"),
+            world,
+        )
 
     flops_tok = model_flops_per_token(base, seq_len)  # genloop plan's count, with this model's own output head
     peak = device_peak_flops(device)
@@ -181,12 +198,22 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
             sums = all_sum([float(loss_sum), *(float(metric_sums[n]) for n in names)], device, world)
             dt = time.perf_counter() - t_window
             tps = tok_window / dt
-            row.update(step=done, **obj.summarize(sums[0] / global_units,
-                                                  {n: s / global_units for n, s in zip(names, sums[1:])}))
-            row.update(lr=lr, grad_norm=gnorm, tokens_per_s=tps, mfu=mfu(tps / world, flops_tok, peak), epoch=epoch,
-                       consumed_samples=consumed, peak_memory_bytes=peak_memory_bytes(device),
-                       data_bytes_read=loader.bytes_read, data_rows_read=loader.rows_read,
-                       data_wait_frac=wait_window / dt)
+            row.update(
+                step=done,
+                **obj.summarize(sums[0] / global_units, {n: s / global_units for n, s in zip(names, sums[1:])}),
+            )
+            row.update(
+                lr=lr,
+                grad_norm=gnorm,
+                tokens_per_s=tps,
+                mfu=mfu(tps / world, flops_tok, peak),
+                epoch=epoch,
+                consumed_samples=consumed,
+                peak_memory_bytes=peak_memory_bytes(device),
+                data_bytes_read=loader.bytes_read,
+                data_rows_read=loader.rows_read,
+                data_wait_frac=wait_window / dt,
+            )
             t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
         if vrows and cfg.due(cfg.eval_every, done):
             row.update(step=done, **evaluate(model, obj, vrows, cfg.micro_batch_size, device, world))
@@ -202,8 +229,13 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
         if cfg.due(cfg.ckpt_every, done):
-            _save_and_report(session, model, opt, {"step": done, "consumed_samples": consumed, "global_rows": B,
-                                                   "world": world, "history": history}, last)
+            _save_and_report(
+                session,
+                model,
+                opt,
+                {"step": done, "consumed_samples": consumed, "global_rows": B, "world": world, "history": history},
+                last,
+            )
     batches.close()
     if bar is not None:
         bar.close()
@@ -214,11 +246,10 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         plot_loss(spec.out, history, title=cfg.name, ylabel=obj.loss_label)
 
 
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, obj: Objective, rows: dict[str, np.ndarray], micro: int, device: torch.device,
-             world: int) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, obj: Objective, rows: dict[str, np.ndarray], micro: int, device: torch.device, world: int
+) -> dict[str, float]:
     """The objective's global mean loss and metrics over every rank's validation rows (``val_*`` keys)."""
     model.eval()
     loss_sum, count = 0.0, 0.0
