@@ -1,1 +1,2 @@
-"""One module per stage (data, pretrain, sft, reward, rlhf), each with a typed config, ``run(config)`` and a CLI hook."""
+"""The stages as packages (data, pretrain, sft, prefs, rlhf, embed), each with a typed config and a ``run(config)``,
+over ``train`` (the shared training loop) over shared modules; see docs/ARCHITECTURE.md."""

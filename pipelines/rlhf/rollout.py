@@ -101,7 +101,7 @@ def make_rollout_actors(
     options: dict[str, float],
     max_restarts: int = -1,
 ) -> list:
-    """``n`` Ray actors, one engine each, asking ``options`` (``cluster/resources.py``: rollout_engine) each.
+    """``n`` Ray actors, one engine each, asking ``options`` (``pipelines/resources.py``: rollout_engine) each.
 
     ``max_restarts``: Ray re-creates a dead actor (its engine starts from ``model_path``, and the learner pushes its
     current weights before the next generate). The call that was running fails, so the learner restarts from its last
