@@ -68,6 +68,49 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer) -> Path:
     return out
 
 
+# SmolLM2's chat template shape: ChatML with a default system prompt when the conversation has none
+HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> Path:
+    """A small random Hugging Face Llama folder as transformers saves it (what `genloop import-model` writes), with a
+    1024-token byte-level BPE (head_dim 32: one vLLM CPU attention supports; GQA 2:1) laid out like SmolLM2's (``<|endoftext|>`` 0, ``<|im_start|>`` 1 = BOS,
+    ``<|im_end|>`` 2 = EOS = pad, its ChatML template with a default system prompt): every stage runs on it in
+    seconds (SmolLM2's own 49K vocabulary would make even a tiny model's embeddings dominate)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(stdlib_texts(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", model_max_length=256)
+    fast.chat_template = HF_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=128, vocab_size=1024, max_position_embeddings=256, tie_word_embeddings=True,
+                      rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # init's weights are tiny: scaled so greedy decoding has no near-ties
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.mul_(5)
+    model.save_pretrained(str(out))
+    fast.save_pretrained(str(out))
+    return out
+
+
 # ---- one served application for the serve modules ---------------------------------------------------------------
 
 SERVE_APP, SERVE_PREFIX = "genloop-test", "/genloop-test"
