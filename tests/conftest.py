@@ -124,7 +124,7 @@ def hf_checkpoint(tmp_path_factory) -> Path:
     )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # init's weights are tiny: scaled so greedy decoding has no near-ties
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(5)
     model.save_pretrained(str(out))

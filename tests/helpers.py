@@ -163,3 +163,64 @@ def planted_prefs(path: Path, n: int = 160, seed: int = 0) -> Path:
         f.write("{broken json\n")  # counted and quarantined, not fatal
         f.write(json.dumps({"prompt": "no answers"}) + "\n")
     return path
+
+
+# the toy task's verifiable reward: the share of an answer's characters that are whitespace
+TOY_REWARD = """
+def whitespace(prompts, responses):
+    return [sum(c in " \\n" for c in r) / max(1, len(r)) for r in responses]
+
+
+def length_mod5(prompts, responses):  # 0/1, 1 about one time in five: many groups of four score all 0
+    return [float(len(r) % 5 == 0) for r in responses]
+
+
+def columns_match(prompts, responses, fname, plus, **others):  # 1 where the row's columns are this answer's prompt's
+    assert len(fname) == len(plus) == len(others["meta"]) == len(responses)
+    return [float(f"`{f}(x)`" in p and p.endswith(f" plus {k}.") and m == {"task": "write"})
+            for p, f, k, m in zip(prompts, fname, plus, others["meta"])]
+"""
+
+
+def sft_data_folder(folder: Path) -> Path:
+    """A tiny sft-data artifact (its line format): short code-writing prompts with reference answers, plus an
+    explain line (not code-writing: skipped) and a malformed line."""
+    from pipelines.sft.data import WRITE_PROMPTS
+
+    folder.mkdir()
+    rows = []
+    for i, (name, args, body) in enumerate(
+        [
+            ("inc", "x", "x + 1"),
+            ("neg", "x", "-x"),
+            ("dbl", "x", "2 * x"),
+            ("sq", "x", "x * x"),
+            ("half", "x", "x / 2"),
+            ("add", "a, b", "a + b"),
+            ("sub", "a, b", "a - b"),
+            ("mul", "a, b", "a * b"),
+        ]
+    ):
+        prompt = WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=f"def {name}({args})", doc="Compute it.")
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": f"def {name}({args}):\n    return {body}"},
+                ],
+                "meta": {"task": "write"},
+            }
+        )
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": "What does this do?\n```python\nx = 1\n```"},
+                {"role": "assistant", "content": "Sets x."},
+            ],
+            "meta": {"task": "explain"},
+        }
+    )
+    lines = [json.dumps(r) for r in rows] + ["not json"]
+    (folder / "train.jsonl").write_text("\n".join(lines[:6] + lines[8:]) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines[6:8]) + "\n")
+    return folder

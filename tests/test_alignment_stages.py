@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipelines.config import build_config
 from pipelines.judge import judge
-from pipelines.sft.data import WRITE_PROMPTS
-from tests.helpers import planted_prefs
+from tests.helpers import planted_prefs, sft_data_folder
 
 pytestmark = pytest.mark.slow
 
@@ -82,53 +80,11 @@ def test_dpo_preference_accuracy_rises(ray_session, tiny_checkpoint, tmp_path):
     assert (tmp_path / "dpo" / "model" / "config.json").exists()  # an HF causal LM: serve / vLLM load it
 
 
-def _sft_data(folder: Path) -> Path:
-    """A tiny sft-data artifact (its line format): short code-writing prompts with reference answers, plus an
-    explain line (not code-writing: skipped) and a malformed line."""
-    folder.mkdir()
-    rows = []
-    for i, (name, args, body) in enumerate(
-        [
-            ("inc", "x", "x + 1"),
-            ("neg", "x", "-x"),
-            ("dbl", "x", "2 * x"),
-            ("sq", "x", "x * x"),
-            ("half", "x", "x / 2"),
-            ("add", "a, b", "a + b"),
-            ("sub", "a, b", "a - b"),
-            ("mul", "a, b", "a * b"),
-        ]
-    ):
-        prompt = WRITE_PROMPTS[i % len(WRITE_PROMPTS)].format(sig=f"def {name}({args})", doc="Compute it.")
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": f"def {name}({args}):\n    return {body}"},
-                ],
-                "meta": {"task": "write"},
-            }
-        )
-    rows.append(
-        {
-            "messages": [
-                {"role": "user", "content": "What does this do?\n```python\nx = 1\n```"},
-                {"role": "assistant", "content": "Sets x."},
-            ],
-            "meta": {"task": "explain"},
-        }
-    )
-    lines = [json.dumps(r) for r in rows] + ["not json"]
-    (folder / "train.jsonl").write_text("\n".join(lines[:6] + lines[8:]) + "\n")
-    (folder / "val.jsonl").write_text("\n".join(lines[6:8]) + "\n")
-    return folder
-
-
 def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, tiny_checkpoint, tmp_path):
     from pipelines.prefs.pairs import read_pairs
     from pipelines.prefs.pref_data import PrefDataConfig, run
 
-    sft = _sft_data(tmp_path / "sftd")
+    sft = sft_data_folder(tmp_path / "sftd")
     first = json.loads((sft / "train.jsonl").read_text().splitlines()[0])
     user, ref = first["messages"][0]["content"], first["messages"][1]["content"]
     human = tmp_path / "human.jsonl"

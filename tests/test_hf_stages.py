@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipelines.config import build_config
-from tests.helpers import planted_prefs
+from tests.helpers import TOY_REWARD, planted_prefs, sft_data_folder
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +70,8 @@ def test_sft_full_two_steps_then_transformers_greedy_equals_vllm(ray_session, hf
     from models.chat import ChatFormat, encode_prompt
     from models.checkpoint import load_tokenizer
     from models.engine import EngineConfig
-    from pipelines.sft.stage import SftConfig, run
     from pipelines.rlhf.rollout import RolloutWorker
+    from pipelines.sft.stage import SftConfig, run
 
     data = sft_rows(tmp_path / "sft.jsonl")
     shutil.copy(data, tmp_path / "sft.val.jsonl")
@@ -197,13 +197,13 @@ def test_pref_data_rlhf_and_eval_on_hf_model(ray_session, hf_checkpoint, tmp_pat
     engine) and eval run on it."""
     from cluster.cli import main
     from pipelines.config import apply_overrides, from_dict, load_yaml, section_for
-    from pipelines.prefs.pref_data import PrefDataConfig, run as pref_data
+    from pipelines.prefs.pref_data import PrefDataConfig
+    from pipelines.prefs.pref_data import run as pref_data
     from pipelines.rlhf.config import RlhfConfig
-    from pipelines.rlhf.stage import plan, run as rlhf, start_engines
-    from tests.test_alignment_stages import _sft_data
-    from tests.test_rlhf import TOY_REWARD
+    from pipelines.rlhf.stage import plan, start_engines
+    from pipelines.rlhf.stage import run as rlhf
 
-    sft = _sft_data(tmp_path / "sftd")
+    sft = sft_data_folder(tmp_path / "sftd")
     res = pref_data(
         build_config(
             PrefDataConfig,

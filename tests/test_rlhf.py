@@ -8,23 +8,10 @@ import os
 
 import pytest
 
+from tests.helpers import TOY_REWARD
+
 pytestmark = pytest.mark.slow
 
-# the toy task's verifiable reward: the share of an answer's characters that are whitespace
-TOY_REWARD = """
-def whitespace(prompts, responses):
-    return [sum(c in " \\n" for c in r) / max(1, len(r)) for r in responses]
-
-
-def length_mod5(prompts, responses):  # 0/1, 1 about one time in five: many groups of four score all 0
-    return [float(len(r) % 5 == 0) for r in responses]
-
-
-def columns_match(prompts, responses, fname, plus, **others):  # 1 where the row's columns are this answer's prompt's
-    assert len(fname) == len(plus) == len(others["meta"]) == len(responses)
-    return [float(f"`{f}(x)`" in p and p.endswith(f" plus {k}.") and m == {"task": "write"})
-            for p, f, k, m in zip(prompts, fname, plus, others["meta"])]
-"""
 GREEDY_TOKENS = 24
 
 
