@@ -78,6 +78,47 @@ def test_zero_periods_mean_only_the_last_step(tmp_path):
     assert os.listdir(tmp_path / "train_runs" / "zero") == ["step_00000003"]
 
 
+def test_bf16_autocast_trains_fp32_weights_close_to_fp32(tmp_path):
+    """train.autocast=bf16: the forward runs in bfloat16 (a loss that differs from fp32's, but only by bf16 rounding),
+    the weights stay fp32; an unknown mode is refused."""
+    from models.parallel import autocast
+
+    with pytest.raises(ValueError, match="train.autocast='fp8'"):
+        TrainLoopConfig(autocast="fp8").validate()
+    with pytest.raises(ValueError, match="autocast='fp8'"):
+        autocast("fp8", torch.device("cpu"))
+    model = tiny_builder(256)()
+    x = torch.randint(0, 256, (2, 8))
+    with autocast("bf16", torch.device("cpu")):
+        assert model(x).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    blocks = _random_blocks(n=12, seq=8)
+    losses = {}
+    for mode in ("none", "bf16"):
+        cfg = TrainLoopConfig(
+            steps=2,
+            micro_batch_size=2,
+            warmup_steps=0,
+            log_every=1,
+            eval_batches=1,
+            strategy="none",
+            progress=False,
+            name=mode,
+            autocast=mode,
+        )
+        r = fit(
+            cfg,
+            tiny_builder(256),
+            lm_dataset(blocks[:8]),
+            lm_dataset(blocks[8:]),
+            str(tmp_path / mode),
+            in_process=True,
+        )
+        losses[mode] = [h["loss"] for h in r.history]
+    assert losses["none"] != losses["bf16"]
+    assert losses["bf16"] == pytest.approx(losses["none"], rel=2e-2)
+
+
 # ---- integration (Ray Train) ---------------------------------------------------------------------------------------
 def _random_blocks(n=48, seq=32, vocab=200, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(n, seq + 1))

@@ -76,6 +76,7 @@ class LearnerConfig:
     threads: int = 0
     use_gpu: bool | None = None  # None: GPUs if the cluster has them
     micro_batch_size: int = 8  # samples per forward/backward on one rank
+    autocast: Literal["none", "bf16"] = "none"  # bf16: bfloat16 autocast forward passes (models.parallel.autocast)
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -120,6 +121,8 @@ class RlhfConfig:
         if self.algo not in ("grpo", "ppo"):
             raise ValueError(f"algo={self.algo!r}: use grpo or ppo")
         r, a, t = self.rollout, self.update, self.train
+        if t.autocast not in ("none", "bf16"):
+            raise ValueError(f"train.autocast={t.autocast!r}: use none or bf16")
         for key, v in (
             ("iterations", self.iterations),
             ("rollout.engines", r.engines),

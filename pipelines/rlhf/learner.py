@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from models.parallel import autocast
 from pipelines.rlhf import algos
 from pipelines.rlhf.config import RlhfConfig
 from pipelines.rlhf.experience import Experience
@@ -140,13 +141,14 @@ class Learner:
             sl = slice(lo, lo + mb_size)
             mb = collate(P[sl], R[sl], self.pad_id, self.device)
             t = mb.mask.shape[1]
-            logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
-            out["old_logp"][sl, :t], out["entropy"][sl, :t] = logp.cpu(), ent.cpu()
-            if self.ref is not None:
-                ref_logits = response_logits(self.ref, mb)
-                out["ref_logp"][sl, :t] = logp_and_entropy(ref_logits, mb.targets, self.temperature)[0].cpu()
-            if self.value is not None:
-                out["values"][sl, :t] = response_values(self.value, mb).cpu()
+            with autocast(self.cfg.train.autocast, self.device):
+                logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
+                out["old_logp"][sl, :t], out["entropy"][sl, :t] = logp.cpu(), ent.cpu()
+                if self.ref is not None:
+                    ref_logits = response_logits(self.ref, mb)
+                    out["ref_logp"][sl, :t] = logp_and_entropy(ref_logits, mb.targets, self.temperature)[0].cpu()
+                if self.value is not None:
+                    out["values"][sl, :t] = response_values(self.value, mb).cpu()
         return out
 
     def _precompute_all(self, exp: Experience, T: int) -> dict[str, torch.Tensor]:
@@ -249,7 +251,9 @@ class Learner:
                     sel = lambda x: x[micro, :t].to(self.device)  # noqa: E731  (B, T) -> this micro-batch
                     last = k == len(micros) - 1
                     with set_gradient_sync(self.policy, tc.strategy, last):
-                        logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
+                        with autocast(tc.autocast, self.device):
+                            logits = response_logits(self.policy, mb)
+                        logp, ent = logp_and_entropy(logits, mb.targets, self.temperature)
                         loss, st = loss_fn(
                             logp,
                             sel(pre["old_logp"]),
@@ -276,7 +280,8 @@ class Learner:
                     sums["learner_tokens"] += float(mb.input_ids.numel())
                     if self.value is not None:
                         with set_gradient_sync(self.value, tc.strategy, last):
-                            v = response_values(self.value, mb)
+                            with autocast(tc.autocast, self.device):
+                                v = response_values(self.value, mb)
                             vl = algos.value_loss(
                                 v, sel(pre["values"]), sel(ret), mb.mask, a.value_clip, a.loss_agg, denom_tok, denom_seq
                             )

@@ -44,6 +44,7 @@ class TrainLoopConfig:
     cpus_per_worker: int = 1  # also the torch threads per worker on CPU
     activation_checkpointing: bool = False
     compile: bool = False
+    autocast: Literal["none", "bf16"] = "none"  # bf16: bfloat16 autocast forward (models.parallel.autocast)
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"  # see models.parallel.wrap_model
     max_failures: int = 0
     name: str = "train"
@@ -84,6 +85,8 @@ class TrainLoopConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0 = never / only at the end)")
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints={self.keep_checkpoints} must be >= 1 (the resume point)")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"train.autocast={self.autocast!r}: use none or bf16")
         if self.strategy not in ("ddp", "fsdp", "none"):
             raise ValueError(f"train.strategy={self.strategy!r}: use ddp, fsdp or none")
         if self.strategy == "none" and self.num_workers != 1:

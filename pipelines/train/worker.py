@@ -88,7 +88,7 @@ def train_worker(config: dict) -> None:
 
 
 def run_worker(spec: TrainSpec, session: Session) -> None:
-    from models.parallel import set_gradient_sync, wrap_model
+    from models.parallel import autocast, set_gradient_sync, wrap_model
     from pipelines.train.metrics import device_peak_flops, mfu, model_flops_per_token, plot_loss, write_metrics
 
     cfg, obj = spec.cfg, spec.objective
@@ -178,7 +178,8 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
         for k in range(accum):
             b = tensors(rows, slice(k * cfg.micro_batch_size, (k + 1) * cfg.micro_batch_size), device)
             with set_gradient_sync(model, cfg.strategy, k == accum - 1):
-                loss, _, metrics = obj(model, b)
+                with autocast(cfg.autocast, device):
+                    loss, _, metrics = obj(model, b)
                 # DDP/FSDP2 average gradients over ranks: x world makes it the global-batch unit mean
                 (loss * (world / global_units)).backward()
             loss_sum += loss.detach().double()
@@ -216,7 +217,7 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
             )
             t_window, tok_window, wait_window = time.perf_counter(), 0, 0.0
         if vrows and cfg.due(cfg.eval_every, done):
-            row.update(step=done, **evaluate(model, obj, vrows, cfg.micro_batch_size, device, world))
+            row.update(step=done, **evaluate(model, obj, vrows, cfg.micro_batch_size, device, world, cfg.autocast))
         if spec.eval_hook is not None and cfg.due(cfg.eval_every, done):
             row.update(step=done, **spec.eval_hook(model, done))
         if row:
@@ -248,16 +249,25 @@ def run_worker(spec: TrainSpec, session: Session) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, obj: Objective, rows: dict[str, np.ndarray], micro: int, device: torch.device, world: int
+    model: nn.Module,
+    obj: Objective,
+    rows: dict[str, np.ndarray],
+    micro: int,
+    device: torch.device,
+    world: int,
+    mode: str = "none",
 ) -> dict[str, float]:
     """The objective's global mean loss and metrics over every rank's validation rows (``val_*`` keys)."""
+    from models.parallel import autocast
+
     model.eval()
     loss_sum, count = 0.0, 0.0
     metric_sums: dict[str, float] = {}
     n = len(rows[obj.required[0]])
     for lo in range(0, n, micro):
         b = tensors(rows, slice(lo, min(n, lo + micro)), device)
-        loss, c, metrics = obj(model, b)
+        with autocast(mode, device):
+            loss, c, metrics = obj(model, b)
         loss_sum += float(loss)
         count += float(c)
         for k, v in metrics.items():
