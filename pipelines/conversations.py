@@ -1,4 +1,5 @@
-"""Conversations from JSONL: ``{"messages": [...]}`` or ``{"prompt": ..., "response": ...}`` rows -> chat messages
+"""Conversations from JSONL: ``{"messages": [...]}`` or ``{"prompt": ..., "response": ...}`` rows (``"answer"`` in
+place of ``"response"``: a `genloop tasks` row) -> chat messages
 plus the row's ``meta``. Shared by the stages that read instruction data (SFT trains on them, RLHF and eval take their
 prompts from them). Bad lines are counted by kind and skipped, never raised.
 
@@ -28,10 +29,12 @@ def parse_record(obj: Any) -> tuple[list[Message] | None, str]:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             return None, "missing_fields"
-    elif "prompt" in obj and "response" in obj:
+    elif "prompt" in obj and ("response" in obj or "answer" in obj):
+        # {"prompt", "answer"}: a `genloop tasks` row, its reference answer the response (SFT before RL on a task)
+        response = obj["response"] if "response" in obj else obj["answer"]
         msgs = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
             {"role": "user", "content": obj["prompt"]},
-            {"role": "assistant", "content": obj["response"]},
+            {"role": "assistant", "content": response},
         ]
     else:
         return None, "missing_fields"

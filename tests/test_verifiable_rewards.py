@@ -34,10 +34,17 @@ def test_prompt_rows_take_prompt_or_messages_and_keep_other_fields_as_columns(tm
     assert [r[2] for r in rows] == [{"answer": "1"}, {}] and counts["bad_json"] == 1 and counts["lines"] == 3
 
 
-def test_sft_reading_stays_strict():
+def test_sft_reads_task_rows_answer_as_response_and_stays_strict():
+    """SFT on a task's train split (the warm-up before RL): the ``answer`` is the assistant turn; a row with neither
+    response nor answer, or no assistant turn, is still refused."""
     from pipelines.conversations import parse_record
 
-    assert parse_record({"prompt": "Compute 2+3.", "answer": "5"}) == (None, "missing_fields")
+    assert parse_record({"prompt": "Compute 2+3.", "answer": "5", "a": 2}) == (
+        [{"role": "user", "content": "Compute 2+3."}, {"role": "assistant", "content": "5"}],
+        "",
+    )
+    assert parse_record({"prompt": "Compute 2+3.", "response": "five", "answer": "5"})[0][-1]["content"] == "five"
+    assert parse_record({"prompt": "Compute 2+3."}) == (None, "missing_fields")
     assert parse_record({"messages": [{"role": "user", "content": "Hi"}]}) == (None, "no_assistant_turn")
 
 
