@@ -19,6 +19,14 @@ ratios. Weight sync: a model of about 100M parameters (``--sync-layers`` x ``--s
 way the RLHF driver pushes it into an engine on its node (``write_weights_file`` into /dev/shm, then
 ``reload_weights`` in place), median of 3. The LAST line is the ratio vLLM / HF tokens/s (goal >= 5) and the sync
 seconds per 100M parameters (goal <= 1 on CPU).
+
+On a real pretrained model (``--model smollm2``: the packaged SmolLM2-135M-Instruct, imported once; or ``--model
+PATH``: an imported model folder): its own tokenizer, chat-formatted arithmetic prompts (``genloop tasks
+arithmetic``'s rows through the model's chat template, the RLHF workload of ``configs/smollm2.yaml``; or
+``--prompts-from``), ``--dtype`` on both sides (HF ``from_pretrained(dtype=...)``, vLLM's ``dtype``), the engine's
+context capped at 1024::
+
+    python bench/rollout_bench.py --model smollm2 [--dtype bfloat16] [--prompts 16] [--n 4] [--max-new-tokens 64]
 """
 
 from __future__ import annotations
@@ -73,6 +81,7 @@ def hf_side(
     pad: int,
     threads: int,
     temperature: float = 1.0,
+    dtype: str = "float32",
 ):
     """A warmed-up HF model and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one batched
     ``generate`` over all prompts x n (left-padded, ``num_return_sequences``), seed ``r``."""
@@ -80,7 +89,7 @@ def hf_side(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype)).eval()
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -118,14 +127,23 @@ def hf_side(
 
 
 def vllm_side(
-    ckpt: Path, prompts: list[list[int]], n: int, max_new: int, stop: list[int], max_len: int, temperature: float = 1.0
+    ckpt: Path,
+    prompts: list[list[int]],
+    n: int,
+    max_new: int,
+    stop: list[int],
+    max_len: int,
+    temperature: float = 1.0,
+    dtype: str = "float32",
 ):
     """A warmed-up ``RolloutWorker`` and ``call(r) -> (seconds, generated tokens, rows stopped early)``: one
     ``generate`` over all prompts x n (token ids and their log-probs, what a rollout needs), seeds from ``r``."""
     from models.engine import EngineConfig
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
 
-    worker = RolloutWorker(str(ckpt), EngineConfig(max_model_len=max_len, max_num_seqs=len(prompts) * n), stop)
+    worker = RolloutWorker(
+        str(ckpt), EngineConfig(max_model_len=max_len, max_num_seqs=len(prompts) * n, dtype=dtype), stop
+    )
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=temperature)
     worker.generate(prompts[:2], 1, dataclasses.replace(sampling, max_new_tokens=4), [0, 1])  # warm-up
 
@@ -209,7 +227,20 @@ def main() -> None:
         "chat-formatted as rlhf sends them (needs --policy)",
     )
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument(
+        "--model",
+        default="",
+        help="a real pretrained model: smollm2 (the packaged SmolLM2-135M-Instruct, imported once) or an imported "
+        "model folder; prompts: chat-formatted arithmetic problems (or --prompts-from)",
+    )
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' dtype")
     a = ap.parse_args()
+    if a.model:
+        from bench.real_model import resolve_model
+
+        if a.policy:
+            ap.error("--model and --policy name the same thing; pass one")
+        a.policy = str(resolve_model(a.model))
     cpus = sorted(os.sched_getaffinity(0))
     if a.threads > len(cpus):
         ap.error(f"--threads {a.threads}: this process may use only {len(cpus)} CPUs ({cpus})")
@@ -222,13 +253,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="genloop-rollout-bench-"))
     texts = stdlib_texts()
+    from models.chat import ChatFormat
+
     if a.policy:
-        from models.chat import ChatFormat
         from models.checkpoint import load_config, load_tokenizer
         from pipelines.artifacts import checkpoint_dir
 
         ckpt = Path(checkpoint_dir(a.policy))
         tok, max_len = load_tokenizer(ckpt), load_config(ckpt).max_seq_len
+        if a.model:  # the model's 8,192 positions: vLLM would size its batches for all of them
+            max_len = min(max_len, 1024)
     else:
         tok = train(texts, vocab_size=2048)
         ckpt = build_checkpoint(work / "policy", model_preset(a.preset), tok)
@@ -240,12 +274,19 @@ def main() -> None:
             ap.error("--prompts-from needs --policy (a model trained on that chat format)")
         ps = load_prompts(a.prompts_from, tok, ChatFormat.from_checkpoint(ckpt), max_len - a.max_new_tokens, ["write"])
         prompts = ps.ids[: a.prompts]
+    elif a.model:  # the RLHF workload on a real model: arithmetic problems in the model's chat template
+        from models.chat import encode_prompt
+        from pipelines.tasks import arithmetic_problems
+
+        rows, _ = arithmetic_problems(a.prompts, 0, digits=2, ops="+,-", seed=0)
+        fmt = ChatFormat.from_checkpoint(ckpt)
+        prompts = [encode_prompt(tok, fmt, [{"role": "user", "content": r["prompt"]}]) for r in rows]
     else:
         prompts = [tok.encode(t)[: a.prompt_tokens] for t in texts[: a.prompts]]
     stop = [tok.eot_id, tok.im_end_id]
     rows = len(prompts) * a.n
-    hf = hf_side(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads, a.temperature)
-    vl = vllm_side(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len, a.temperature)
+    hf = hf_side(ckpt, prompts, a.n, a.max_new_tokens, stop, tok.pad_id, a.threads, a.temperature, a.dtype)
+    vl = vllm_side(ckpt, prompts, a.n, a.max_new_tokens, stop, max_len, a.temperature, a.dtype)
     # rounds alternate HF and vLLM, so a load change on a shared machine hits both sides alike; per round the
     # tokens/s of each side and their ratio; the medians are reported
     res: dict[str, list[tuple[float, int, int]]] = {"HF generate": [], "vLLM rollout": []}
@@ -271,7 +312,14 @@ def main() -> None:
     print(f"per-round ratios: {' '.join(f'{x:.1f}' for x in ratios)}")
     del vl
     per_100m = float("nan")
-    if not a.skip_sync:
+    if not a.skip_sync and a.model:  # the real model itself
+        w, r, n_params = sync_seconds(ckpt)
+        per_100m = (w + r) * 1e8 / n_params
+        print(
+            f"weight sync:   {n_params / 1e6:.1f}M parameters in {w + r:.2f} s (write /dev/shm {w:.2f} s + reload "
+            f"in place {r:.2f} s, medians of 3) = {per_100m:.2f} s per 100M"
+        )
+    elif not a.skip_sync:
         big = ModelConfig(
             dim=a.sync_dim,
             n_layers=a.sync_layers,

@@ -9,6 +9,14 @@ token-mean cross-entropy. Each side's tokens/s is the median over windows of ``-
 window. The sides run interleaved, ``--repeats`` rounds (plain, DDP, FSDP2, then the next round); the best round of
 each side counts (this machine is shared: a disturbed round is only ever slower). Ray is up (idle) in every
 round, the plain ones included.
+
+On a real pretrained model (``--model smollm2``: the packaged SmolLM2-135M-Instruct, imported once; or ``--model
+PATH``: an imported model folder) both sides train genloop's model loaded from that folder, on random ids of its
+vocabulary, in ``--dtype fp32`` and ``bf16`` (CPU autocast around the forward, logits back to fp32 for the loss, on
+both sides alike: the training loop has no dtype option yet). Defaults there are sized for 2 cores: DDP only,
+``--seq 128 --micro 2 --steps 6 --warmup 2 --repeats 1``. The LAST line is the ratio per strategy and dtype::
+
+    python bench/train_bench.py --model smollm2 [--dtype fp32,bf16] [--steps 6] [--micro 2] [--seq 128]
 """
 
 from __future__ import annotations
@@ -26,6 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def with_autocast(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """``dtype`` bf16: the model's forward under CPU autocast, its logits back in fp32 for the loss (what a training
+    loop with a bf16 autocast option does); fp32: the model as it is. Parameters, gradients and AdamW stay fp32."""
+    if dtype == "fp32":
+        return model
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs).float()
+
+    model.forward = autocast_forward  # an instance attribute: the state dict's names stay the model's
+    return model
 
 
 def plain_loop(build, blocks: np.ndarray, micro_rows: int, steps: int, warmup: int, threads: int) -> float:
@@ -88,14 +111,37 @@ def genloop_loop(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--steps", type=int, default=25, help="timed steps after the warm-up (a multiple of --warmup)")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--micro", type=int, default=8, help="rows per worker per step (plain loop: 2x this)")
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--only", choices=["ddp", "fsdp"], default=None)
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best round of each side counts")
+    ap.add_argument(
+        "--model",
+        default="demo",
+        help="a genloop model preset (random init), or a real model: smollm2 (the packaged SmolLM2-135M-Instruct) "
+        "or an imported model folder",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps after the warm-up (a multiple of --warmup; default 25, a real model 6)",
+    )
+    ap.add_argument("--warmup", type=int, default=None, help="default 5, a real model 2")
+    ap.add_argument(
+        "--micro",
+        type=int,
+        default=None,
+        help="rows per worker per step (plain loop: 2x this; default 8, a real model 2)",
+    )
+    ap.add_argument("--seq", type=int, default=None, help="default 256, a real model 128")
+    ap.add_argument("--vocab", type=int, default=2048, help="a preset model's vocabulary (a real model: its own)")
+    ap.add_argument("--dtype", default=None, help="fp32, bf16 or both (fp32,bf16; default: fp32, a real model both)")
+    ap.add_argument(
+        "--only", choices=["ddp", "fsdp"], default=None, help="one strategy (a real model: ddp unless --only fsdp)"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved rounds; the best round of each side counts (default 2, a real model 1)",
+    )
     ap.add_argument(
         "--fsdp-reshard",
         choices=["default", "always", "never"],
@@ -105,43 +151,80 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from bench.real_model import is_real_model, resolve_model
     from cluster.runtime import init_ray
-    from models.transformer import Transformer, model_preset
 
-    mcfg = model_preset(args.model).for_tokenizer(args.vocab)
-    mcfg.max_seq_len = max(mcfg.max_seq_len, args.seq)
+    real = is_real_model(args.model)
+    defaults = (
+        dict(steps=6, warmup=2, micro=2, seq=128, repeats=1)
+        if real
+        else dict(steps=25, warmup=5, micro=8, seq=256, repeats=2)
+    )
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    dtypes = (args.dtype or ("fp32,bf16" if real else "fp32")).split(",")
+    if any(d not in ("fp32", "bf16") for d in dtypes):
+        ap.error(f"--dtype {args.dtype}: use fp32, bf16 or fp32,bf16")
 
-    def build():
-        torch.manual_seed(0)
-        return Transformer(mcfg)
+    if real:
+        from models.checkpoint import load_checkpoint, load_config
+
+        path = resolve_model(args.model)
+        mcfg = load_config(path)
+        vocab = mcfg.vocab_size
+
+        def load():
+            return load_checkpoint(path)[0]
+    else:
+        from models.transformer import Transformer, model_preset
+
+        mcfg = model_preset(args.model).for_tokenizer(args.vocab)
+        mcfg.max_seq_len = max(mcfg.max_seq_len, args.seq)
+        vocab = args.vocab
+
+        def load():
+            torch.manual_seed(0)
+            return Transformer(mcfg)
+
+    def builder(dtype: str):
+        def build():
+            return with_autocast(load(), dtype)
+
+        return build
 
     rows = 2 * args.micro * 8
-    blocks = np.random.default_rng(0).integers(0, args.vocab, size=(rows, args.seq + 1))
+    blocks = np.random.default_rng(0).integers(0, vocab, size=(rows, args.seq + 1))
     print(
         f"model {args.model} ({mcfg.num_params() / 1e6:.1f}M params), global batch {2 * args.micro} x {args.seq} "
-        f"tokens, {args.steps} timed steps, {args.repeats} rounds, {os.cpu_count()} CPUs"
+        f"tokens, {args.steps} timed steps, {args.repeats} rounds, dtypes {','.join(dtypes)}, {os.cpu_count()} CPUs"
     )
     init_ray()
-    strategies = [args.only] if args.only else ["ddp", "fsdp"]
+    strategies = [args.only] if args.only else (["ddp"] if real else ["ddp", "fsdp"])
     best: dict[str, float] = {}
     for rnd in range(args.repeats):
-        got = {"plain": plain_loop(build, blocks, 2 * args.micro, args.steps, args.warmup, threads=2)}
-        for strategy in strategies:
-            got[strategy] = genloop_loop(
-                build, blocks, strategy, args.micro, args.steps, args.warmup, args.fsdp_reshard
+        for dtype in dtypes:
+            build = builder(dtype)
+            got = {"plain": plain_loop(build, blocks, 2 * args.micro, args.steps, args.warmup, threads=2)}
+            for strategy in strategies:
+                got[strategy] = genloop_loop(
+                    build, blocks, strategy, args.micro, args.steps, args.warmup, args.fsdp_reshard
+                )
+            print(
+                f"round {rnd + 1} {dtype}: plain PyTorch 1 process x 2 threads {got['plain']:.0f} tokens/s; "
+                + "; ".join(
+                    f"genloop Ray Train {k} 2 workers x 1 thread {got[k]:.0f} ({got[k] / got['plain']:.2f}x)"
+                    for k in strategies
+                ),
+                flush=True,
             )
-        print(
-            f"round {rnd + 1}: plain PyTorch 1 process x 2 threads {got['plain']:.0f} tokens/s; "
-            + "; ".join(
-                f"genloop Ray Train {k} 2 workers x 1 thread {got[k]:.0f} ({got[k] / got['plain']:.2f}x)"
-                for k in strategies
-            ),
-            flush=True,
-        )
-        for k, v in got.items():
-            best[k] = max(best.get(k, 0.0), v)
-    print(f"best rounds: plain {best['plain']:.0f} tokens/s; " + "; ".join(f"{k} {best[k]:.0f}" for k in strategies))
-    print("ratio genloop/plain tokens/s: " + ", ".join(f"{k} {best[k] / best['plain']:.2f}x" for k in strategies))
+            for k, v in got.items():
+                best[f"{k} {dtype}"] = max(best.get(f"{k} {dtype}", 0.0), v)
+    print("best rounds (tokens/s): " + "; ".join(f"{k} {v:.0f}" for k, v in best.items()))
+    print(
+        "ratio genloop/plain tokens/s: "
+        + ", ".join(f"{k} {d} {best[f'{k} {d}'] / best[f'plain {d}']:.2f}x" for d in dtypes for k in strategies)
+    )
 
 
 if __name__ == "__main__":

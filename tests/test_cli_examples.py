@@ -234,7 +234,36 @@ def test_every_readme_config_command_finds_its_sections_in_the_preset():
         ("llama-1b", "serve"),
         ("llama-8b", "pretrain"),
         ("domain", "pretrain"),
+        ("smollm2", "serve"),
+        ("smollm2", "sft-data"),
+        ("smollm2", "sft"),
+        ("smollm2", "rlhf"),
+        ("smollm2", "pref-data"),
+        ("smollm2", "dpo"),
     } <= seen, sorted(seen)
+
+
+def test_smollm2_preset_sizes_every_stage_for_a_small_cpu():
+    """configs/smollm2.yaml (the README's real-model commands): every stage's section, each capped well below the
+    model's 8,192 positions (0 would mean all of them), one CPU worker, a pretrained model's small learning rates."""
+    from pipelines.config import build_config, load_yaml
+    from pipelines.prefs.dpo import DpoConfig
+    from pipelines.prefs.pref_data import PrefDataConfig
+    from pipelines.prefs.reward import RewardConfig
+    from pipelines.rlhf.config import RlhfConfig
+    from pipelines.sft.stage import SftConfig
+    from serve.config import ServeConfig
+
+    assert {"serve", "sft-data", "sft", "reward", "dpo", "pref-data", "rlhf"} <= set(load_yaml("smollm2"))
+    for cls, section in ((SftConfig, "sft"), (RewardConfig, "reward"), (DpoConfig, "dpo")):
+        cfg = build_config(cls, section, "smollm2")
+        assert 0 < cfg.seq_len <= 512 and cfg.train.global_rows() == 16, (section, cfg)
+        assert cfg.train.num_workers == 1 and not cfg.train.use_gpu and cfg.train.lr <= 2e-5, (section, cfg.train)
+        cfg.train.validate()
+    rlhf = build_config(RlhfConfig, "rlhf", "smollm2")
+    assert rlhf.train.lr <= 2e-5 and rlhf.rollout.engine.max_model_len and rlhf.reward.startswith("fn:")
+    assert build_config(PrefDataConfig, "pref-data", "smollm2").engine.max_model_len
+    assert 0 < build_config(ServeConfig, "serve", "smollm2").engine.max_model_len <= 4096
 
 
 @pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama-8b"])
