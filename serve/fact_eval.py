@@ -12,13 +12,22 @@ right when it contains the expected string (case-insensitive); each count comes 
 ``served_answerer`` asks a ``genloop serve`` over HTTP (``rag: true|false``; the retrieved ids come from
 ``rag.documents``) and ``post_documents`` puts the facts into its store; ``local_answerer`` runs a checkpoint with
 transformers (greedy) on a local store, with the serving prompt builder (``serve.retriever.augment``).
+
+Measured (SmolLM2-135M-Instruct imported, run here on CPU, 30 facts of seed 0 + 90 distractor documents, BM25 top 5,
+greedy, 32 tokens; ``genloop rag-eval --store runs/facts --facts 30 --seed 0 --model runs/smollm2 --max-tokens 32``):
+RAG on 25/30 = 0.833 (Wilson 95% 0.664-0.927), the fact's document in the prompt 30/30; RAG off 0/30 (0-0.114).
+Both misses among the first 6 answers take a name from a distractor document (another river's lake, another
+document's person).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 SYLLABLES = (
     "vel mor ka quest bri dra zen tor lin bel ost fa rin gal sha ven dor mi ra thal cor vin esk ul brom "
@@ -169,8 +178,8 @@ Answerer = Callable[[str, bool], "tuple[str, list[str]]"]
 
 def answer_accuracy(questions: Sequence[dict], answer: Answerer, show: int = 0) -> dict[str, Any]:
     """``{"rag_on": {...}, "rag_off": {...}}``, each ``k`` right of ``n``, ``accuracy`` with Wilson ``lo``/``hi``,
-    and ``retrieved`` (RAG on: questions whose expected document was in the prompt); ``samples``: the first
-    ``show`` questions with both answers."""
+    ``retrieved`` (RAG on: questions whose expected document was in the prompt) and ``misses`` (question, expected
+    answer, response); ``samples``: the first ``show`` questions with both answers."""
     qs = [q for q in questions if q.get("answer")]
     if not qs:
         raise ValueError('no question has an "answer" string to check')
@@ -178,17 +187,22 @@ def answer_accuracy(questions: Sequence[dict], answer: Answerer, show: int = 0) 
     samples: list[dict] = []
     for mode, rag in (("rag_on", True), ("rag_off", False)):
         k = found = 0
+        misses: list[dict] = []
         for i, q in enumerate(qs):
             text, ids = answer(q["question"], rag)
             right = is_right(text, q["answer"])
             k += right
+            if not right:
+                misses.append({"question": q["question"], "answer": q["answer"], "response": text})
             found += q["doc"] in ids
+            if (i + 1) % 10 == 0 or i + 1 == len(qs):
+                log.info("%s: %d/%d questions asked, %d right", mode, i + 1, len(qs), k)
             if i < show:
                 if mode == "rag_on":
                     samples.append({"question": q["question"], "answer": q["answer"]})
                 samples[i][mode] = text
         p, lo, hi = wilson(k, len(qs))
-        out[mode] = {"k": k, "n": len(qs), "accuracy": p, "lo": lo, "hi": hi, "retrieved": found}
+        out[mode] = {"k": k, "n": len(qs), "accuracy": p, "lo": lo, "hi": hi, "retrieved": found, "misses": misses}
     out["samples"] = samples
     return out
 

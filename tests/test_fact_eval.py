@@ -50,6 +50,7 @@ def test_answer_accuracy_matches_a_hand_count():
     on, off = res["rag_on"], res["rag_off"]
     assert (on["k"], on["n"], on["retrieved"]) == (7, 10, 8) and (off["k"], off["n"], off["retrieved"]) == (1, 10, 0)
     assert on["accuracy"] == pytest.approx(0.7) and off["accuracy"] == pytest.approx(0.1)
+    assert [m["question"] for m in on["misses"]] == ["q7", "q8", "q9"] and len(off["misses"]) == 9
 
     def wilson(k, n, z=1.959964):  # by hand: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
         p = k / n

@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         )
         for line in format_accuracy(answers):
             print(line)
+        for m in answers["rag_on"]["misses"][: args.show_misses]:
+            print(f"  RAG on missed: {m['question']}  expected: {m['answer']}  answered: {m['response']!r}")
         for s in answers["samples"]:
             print(f"  Q: {s['question']}  expected: {s['answer']}")
             print(f"     RAG on:  {s['rag_on']!r}")
