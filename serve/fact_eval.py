@@ -13,11 +13,16 @@ right when it contains the expected string (case-insensitive); each count comes 
 ``rag.documents``) and ``post_documents`` puts the facts into its store; ``local_answerer`` runs a checkpoint with
 transformers (greedy) on a local store, with the serving prompt builder (``serve.retriever.augment``).
 
-Measured (SmolLM2-135M-Instruct imported, run here on CPU, 30 facts of seed 0 + 90 distractor documents, BM25 top 5,
-greedy, 32 tokens; ``genloop rag-eval --store runs/facts --facts 30 --seed 0 --model runs/smollm2 --max-tokens 32``):
-RAG on 25/30 = 0.833 (Wilson 95% 0.664-0.927), the fact's document in the prompt 30/30; RAG off 0/30 (0-0.114).
-Both misses among the first 6 answers take a name from a distractor document (another river's lake, another
-document's person).
+Measured once (SmolLM2-135M-Instruct imported with ``genloop import-model smollm2-135m-instruct --out runs/smollm2``;
+30 facts of seed 0 + 90 distractor documents; greedy, 32 tokens; 2 shared CPU cores):
+
+- served: ``genloop serve --model runs/smollm2 --model-name smollm2 --knowledge runs/facts-served --port 8731``,
+  then ``genloop rag-eval --store runs/facts-served-local --facts 30 --seed 0 --k 3 --model http://127.0.0.1:8731
+  --max-tokens 32 --show-misses 10`` (the facts POSTed, BM25 top 3 by the server): RAG on 24/30 = 0.800 (Wilson 95%
+  0.627-0.905), the fact's document in the prompt 30/30; RAG off 0/30 (0-0.114). Of the 6 misses, 4 answer with a
+  name from another document in the prompt, 1 miscopies the name (Fendel for Fendor), 1 does not answer.
+- run here: ``genloop rag-eval --store runs/facts --facts 30 --seed 0 --model runs/smollm2 --max-tokens 32``
+  (transformers, BM25 top 5): RAG on 25/30 = 0.833 (0.664-0.927), document in the prompt 30/30; RAG off 0/30.
 """
 
 from __future__ import annotations
