@@ -9,9 +9,10 @@ or streamed chunk), ``/v1/models`` and the feedback record name the model versio
 ``_call`` (``serve.errors``) unwraps them, so a route answers them as the domain error they are (404 unknown
 response, 400 bad rating, ...), not as a 500.
 
-The parts this module composes: ``serve.schemas`` (request schemas, body parsing), ``serve.auth`` (API keys),
-``serve.ratelimit`` (the per-key token bucket), ``serve.answers`` / ``serve.detokenize`` (token ids -> OpenAI
-answers), ``serve.errors`` (OpenAI-shaped errors).
+The parts this module composes: ``serve.ingress_base`` (the FastAPI app and the request plumbing every route
+shares: keys, rate limit, body size, ``max_tokens``, options), ``serve.state_routes`` (the admin switch, documents,
+memory and feedback routes), ``serve.retriever`` (retrieved passages in the prompt), ``serve.answers`` /
+``serve.detokenize`` (token ids -> OpenAI answers), ``serve.errors`` (OpenAI-shaped errors).
 """
 
 from __future__ import annotations
@@ -23,35 +24,22 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from serve.answers import Answer
-from serve.auth import authorize, authorize_admin
 from serve.config import ServeConfig, context_length
-from serve.errors import APIError, as_api_error, error_body, install_error_handlers, unwrap
+from serve.errors import APIError, as_api_error, error_body, unwrap
 from serve.errors import call as _call
 from serve.feedback import ResponseBatcher
-from serve.memory import MemoryStoreError
+from serve.ingress_base import api
 from serve.ratelimit import RateLimiter
-from serve.schemas import (
-    AdminModelRequest,
-    ChatRequest,
-    CompletionRequest,
-    DocumentsRequest,
-    EmbeddingRequest,
-    FeedbackRequest,
-    MemoryRequest,
-    parse_body,
-)
-from serve.versions import SwitchError, VersionSwitch
+from serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+from serve.state_routes import StateRoutes
+from serve.versions import VersionSwitch
 
 log = logging.getLogger(__name__)
-
-
-api = FastAPI(title="genloop", description="OpenAI-compatible API with RAG, memory and feedback")
-install_error_handlers(api)
 
 
 def _sse(obj: dict) -> bytes:
@@ -60,7 +48,7 @@ def _sse(obj: dict) -> bytes:
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress:
+class Ingress(StateRoutes):
     def __init__(
         self,
         generator,
@@ -106,99 +94,6 @@ class Ingress:
             await self.responses.flush()
         except Exception:
             log.exception("%d responses were not recorded for feedback at shutdown", len(self.responses.pending))
-
-    # ---- request plumbing ------------------------------------------------------------------------------------------
-    async def _begin(self, request: Request, model=None, *, rate_limited: bool = True):
-        """Auth, rate limit, size cap and parsing: returns (caller key id, parsed body or None)."""
-        caller = authorize(request.headers.get("authorization"), self.key_hashes)
-        if rate_limited:
-            who = caller if caller != "anon" else f"ip:{request.client.host if request.client else '?'}"
-            wait = self.limiter.allow(who)
-            if wait > 0:
-                err = APIError(
-                    429,
-                    f"rate limit of {self.cfg.rate_limit_per_minute} requests/minute reached; retry in {wait:.1f}s",
-                    code="rate_limit_exceeded",
-                )
-                err.retry_after = wait  # type: ignore[attr-defined]
-                raise err
-        if model is None:
-            return caller, None
-        return caller, parse_body(await self._body(request), model, self.cfg.max_body_bytes)
-
-    async def _body(self, request: Request) -> bytes:
-        """The request body, read no further than the size cap: a declared or streamed (chunked) body over
-        ``max_body_bytes`` is a 413 without holding it all in memory."""
-        cap = self.cfg.max_body_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > cap:
-            raise APIError(413, f"request body is {length} bytes, over the limit of {cap}", code="request_too_large")
-        raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > cap:
-                raise APIError(413, f"request body is over the limit of {cap} bytes", code="request_too_large")
-        return bytes(raw)
-
-    def _check_model(self, name: str) -> None:
-        if name != self.name:
-            raise APIError(
-                404,
-                f"model {name!r} does not exist; this server serves {self.name!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-
-    def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
-        n = self.cfg.default_max_tokens if requested is None else requested
-        if n < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {n}", param="max_tokens")
-        if n > self.cfg.max_tokens_cap:
-            raise APIError(
-                400, f"max_tokens {n} is over this server's cap of {self.cfg.max_tokens_cap}", param="max_tokens"
-            )
-        if requested is None:  # default: shrink to fit, as long as at least one token fits
-            n = min(n, self.context_len - prompt_len)
-        if n < 1 or prompt_len + n > self.context_len:
-            raise APIError(
-                400,
-                f"this model's context is {self.context_len} tokens; the prompt has {prompt_len} "
-                f"and max_tokens is {max(n, 1)} ({prompt_len + max(n, 1)} in all); shorten the "
-                "prompt or lower max_tokens",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        return n
-
-    def _params(self, req, max_tokens: int) -> dict[str, Any]:
-        """``models.engine.streaming_params`` keyword args from a chat or completions request (options checked)."""
-        req.check_options()
-        rf = req.response_format
-        if rf is not None and rf.type != "text" and not self.cfg.structured_outputs:
-            raise APIError(
-                400,
-                "response_format is off on this server (serve.structured_outputs=false)",
-                param="response_format",
-                code="unsupported_option",
-            )
-        return dict(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop_token_ids=self.stop_ids,
-            seed=req.seed,
-            ignore_eos=req.ignore_eos,
-            n=req.n,
-            logprobs=req.top_logprobs_k(),
-            top_k=req.top_k or -1,
-            min_p=req.min_p,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            logit_bias=req.bias(self.tok.n_vocab),
-            json_object=bool(rf and rf.type == "json_object"),
-            json_schema=rf.schema() if rf else None,
-        )
 
     async def _start(self, prompt_ids: list[int], params: dict, rid: str):
         """Start generating: (model version, first piece or None, the rest of the stream). Waits until the engine
@@ -473,108 +368,3 @@ class Ingress:
                 )
             out.append(ids)
         return out
-
-    # ---- model versions --------------------------------------------------------------------------------------------
-    @api.post("/admin/models")
-    async def admin_models(self, request: Request) -> dict:
-        """Switch the application to another checkpoint (``{"model": ABSOLUTE_PATH_OR_URI}``), in place."""
-        authorize_admin(request.headers.get("authorization"), self.admin_hashes)
-        req = parse_body(await self._body(request), AdminModelRequest, self.cfg.max_body_bytes)
-        return await self._switch(req.model)
-
-    async def deploy_model(self, model: str) -> dict:
-        """``POST /admin/models`` for a caller holding a Ray handle (``genloop deploy --address``): the switch's
-        result, or ``{"error": OpenAI error body, "status": HTTP status}`` (the API error does not cross Ray)."""
-        try:
-            return await self._switch(model)
-        except APIError as e:
-            return {"error": e.body()["error"], "status": e.status}
-
-    async def _switch(self, model: str) -> dict:
-        """Switch every generator replica in place (``serve.versions.VersionSwitch``: checked here, then each replica
-        drains, reloads and resumes; when one fails the others are switched back and the old version keeps
-        serving); a refused switch answers as its HTTP error."""
-        try:
-            return await self.versions.switch(model)
-        except SwitchError as e:
-            raise as_api_error(e) from None
-
-    # ---- knowledge, memory, feedback -------------------------------------------------------------------------------
-    @api.post("/v1/documents")
-    async def add_documents(self, request: Request) -> dict:
-        _, req = await self._begin(request, DocumentsRequest)
-        docs = req.docs()
-        for d in docs:
-            if len(d.text) > self.cfg.max_document_chars:
-                raise APIError(
-                    413,
-                    f"document {d.id or d.title or ''!r} has {len(d.text)} characters, over the "
-                    f"limit of {self.cfg.max_document_chars}; split it",
-                    param="text",
-                    code="document_too_large",
-                )
-            if not d.text.strip():
-                raise APIError(400, "document text is empty", param="text")
-        added = await _call(self.retriever.add_documents.remote([d.model_dump() for d in docs]))
-        return {"object": "list", "data": [dict(a, object="document") for a in added]}
-
-    @api.get("/v1/documents/{doc_id:path}")
-    async def get_document(self, doc_id: str, request: Request) -> dict:
-        await self._begin(request)
-        doc = await _call(self.retriever.get_document.remote(doc_id))
-        if doc is None:
-            raise APIError(404, f"no document {doc_id!r}", param="id", code="document_not_found")
-        return dict(doc, object="document")
-
-    @api.delete("/v1/documents/{doc_id:path}")
-    async def delete_document(self, doc_id: str, request: Request) -> dict:
-        await self._begin(request)
-        if not await _call(self.retriever.delete_document.remote(doc_id)):
-            raise APIError(404, f"no document {doc_id!r}", param="id", code="document_not_found")
-        return {"id": doc_id, "object": "document", "deleted": True}
-
-    def _namespace(self, caller: str, user: str | None) -> str:
-        from serve.memory import namespace
-
-        try:
-            return namespace(caller, user or "")
-        except MemoryStoreError as e:
-            raise APIError(400, str(e), param="user") from None
-
-    @api.post("/v1/memory")
-    async def add_memory(self, request: Request) -> dict:
-        caller, req = await self._begin(request, MemoryRequest)
-        fact = await _call(self.retriever.add_fact.remote(self._namespace(caller, req.user), req.fact))
-        return dict(fact, object="memory", user=req.user)
-
-    @api.get("/v1/memory")
-    async def list_memory(self, request: Request, user: str = "") -> dict:
-        caller, _ = await self._begin(request)
-        facts = await _call(self.retriever.list_facts.remote(self._namespace(caller, user)))
-        return {"object": "list", "user": user, "data": [dict(f, object="memory") for f in facts]}
-
-    @api.delete("/v1/memory/{fact_id}")
-    async def delete_memory(self, fact_id: str, request: Request, user: str = "") -> dict:
-        caller, _ = await self._begin(request)
-        if not await _call(self.retriever.delete_fact.remote(self._namespace(caller, user), fact_id)):
-            raise APIError(404, f"user {user!r} has no memory {fact_id!r}", param="id")
-        return {"id": fact_id, "object": "memory", "deleted": True}
-
-    @api.post("/v1/feedback")
-    async def feedback(self, request: Request) -> dict:
-        caller, req = await self._begin(request, FeedbackRequest)
-        try:  # the responses this replica served are in the store before it is asked
-            await self.responses.flush()
-        except Exception:  # noqa: BLE001  (kept for the next flush; the rating is still asked, never a 500 here)
-            log.exception("recording %d responses before a rating failed", len(self.responses.pending))
-        if req.chosen_id is not None or req.rejected_id is not None:
-            if req.chosen_id is None or req.rejected_id is None or req.rating is not None:
-                raise APIError(400, "a preference needs both 'chosen_id' and 'rejected_id' (and no 'rating')")
-            out = await _call(self.feedback.prefer.remote(req.chosen_id, req.rejected_id, who=caller))
-        else:
-            if req.response_id is None or req.rating is None:
-                raise APIError(
-                    400, "send 'response_id' and 'rating' (up/down or 1..5), or 'chosen_id' and 'rejected_id'"
-                )
-            out = await _call(self.feedback.rate.remote(req.response_id, req.rating, who=caller))
-        return dict(out, object="feedback")

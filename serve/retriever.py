@@ -1,8 +1,8 @@
 """Retrieval for RAG: knowledge passages + the asking user's memory facts, and fitting them into the prompt.
 
 ``Retriever`` is a plain class (tests call it directly); ``RetrieverServer`` is the Ray Serve deployment around it,
-scaled independently of the generator. ``augment`` puts what was retrieved into a system message, within a token
-budget, so prompt + max_tokens still fits the model's context.
+scaled independently of the generator. ``augment`` puts what was retrieved into the last user turn, with each
+passage's document id, within a token budget, so prompt + max_tokens still fits the model's context.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from serve.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
-DOCS_HEADER = "Use these documents to answer:"
-FACTS_HEADER = "What you know about the user:"
+DOCS_HEADER = "Answer using the documents below; cite the ids you use."
+FACTS_HEADER = "What you know about me:"
+QUESTION_HEADER = "Question:"
 
 
 class Retriever:
@@ -101,6 +102,20 @@ def _truncate(tok: Tokenizer, text: str, n_tokens: int) -> str:
     return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens]).rstrip("\ufffd") + " ..."
 
 
+def grounded_turn(question: str, passages: Sequence[dict], facts: Sequence[str]) -> str:
+    """The user turn with what was retrieved: the facts about the user, then the instruction and each passage as
+    ``[doc id] title`` + its text, then the question last (where a small model looks for what to answer)."""
+    parts = []
+    if facts:
+        parts.append(FACTS_HEADER + "\n" + "\n".join(f"- {f}" for f in facts))
+    if passages:
+        blocks = "\n\n".join(f"[{d['doc_id']}] {d['title']}\n{d['text']}".rstrip() for d in passages)
+        parts.append(DOCS_HEADER + "\n\n" + blocks)
+    if not parts:
+        return question
+    return "\n\n".join(parts) + "\n\n" + QUESTION_HEADER + " " + question
+
+
 def augment(
     tok: Tokenizer,
     fmt: ChatFormat,
@@ -109,29 +124,28 @@ def augment(
     facts: Sequence[str],
     budget: int,
 ) -> tuple[list[int], list[dict], list[dict], int]:
-    """Prompt ids with retrieved context in a system message, at most ``budget`` tokens in all.
+    """Prompt ids with retrieved context inside the last user turn, at most ``budget`` tokens in all.
 
-    Returns ``(prompt_ids, messages_used, passages_used, n_facts_used)``. Facts go first (they are short and
-    personal), then passages best-first; a passage that does not fit whole is cut to the room left (at least 8
-    tokens, else dropped). Without room for anything the plain conversation is returned.
+    The context goes into the user turn (``grounded_turn``) rendered by the checkpoint's own chat template, not
+    into a system message: a template with a default system prompt (SmolLM2, Qwen2) keeps it, and a conversation's
+    own system message stays as it was. Returns ``(prompt_ids, messages_used, passages_used, n_facts_used)``. Facts
+    go first (they are short and personal), then passages best-first; a passage that does not fit whole is cut to
+    the room left (at least 8 tokens, else dropped). Without a user turn, or without room for anything, the plain
+    conversation is returned.
     """
     base = list(messages)
     plain_ids = encode_prompt(tok, fmt, base)
+    last = next((i for i in range(len(base) - 1, -1, -1) if base[i]["role"] == "user"), None)
+    if last is None:
+        return plain_ids, base, [], 0
     facts_used: list[str] = []
     docs_used: list[dict] = []
 
     def build(fs: list[str], ds: list[dict]) -> list[dict]:
-        parts = []
-        if fs:
-            parts.append(FACTS_HEADER + "\n" + "\n".join(f"- {f}" for f in fs))
-        if ds:
-            parts.append(DOCS_HEADER + "\n" + "\n".join(f"[{d['doc_id']}] {d['title']}: {d['text']}" for d in ds))
-        if not parts:
+        if not fs and not ds:
             return base
-        ctx = "\n\n".join(parts)
-        if base and base[0]["role"] == "system":
-            return [{"role": "system", "content": base[0]["content"] + "\n\n" + ctx}] + base[1:]
-        return [{"role": "system", "content": ctx}] + base
+        turn = dict(base[last], content=grounded_turn(base[last]["content"], ds, fs))
+        return base[:last] + [turn] + base[last + 1 :]
 
     def size(fs: list[str], ds: list[dict]) -> int:
         return len(encode_prompt(tok, fmt, build(fs, ds)))

@@ -215,19 +215,11 @@ def test_rag_eval_on_a_planted_store_gives_the_hand_counted_recall(tmp_path, cap
     s.close()
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
-    args = argparse.Namespace(
-        write_questions=None,
-        k=5,
-        depth=10,
-        questions=str(qfile),
-        store=str(tmp_path / "store"),
-        embedder="hash:64",
-        rrf_k=60.0,
-        candidates=10,
-        reindex=False,
-        build_stdlib=False,
-        show_misses=0,
-        json=str(tmp_path / "r.json"),
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["rag-eval", "--questions", str(qfile), "--store", str(tmp_path / "store"), "--depth", "10"]
+        + ["--embedder", "hash:64", "--candidates", "10", "--json", str(tmp_path / "r.json")]
     )
     assert cmd.run(args) == 0
     out = capsys.readouterr().out

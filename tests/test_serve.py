@@ -200,6 +200,37 @@ def test_document_added_over_http_is_retrieved_and_survives_a_store_restart(serv
     )
 
 
+def test_rag_eval_posts_invented_facts_and_counts_served_answers(server, tmp_path, capsys):
+    """`rag-eval --facts --model URL` on the served tiny model (wiring; its answers are noise): the facts POSTed
+    are retrieved by the very next requests (``rag.documents``), RAG off retrieves nothing, the counts add up."""
+    import argparse
+
+    from cluster.commands import rag_eval as cmd
+    from serve.fact_eval import invented_facts
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    out = tmp_path / "r.json"
+    args = parser.parse_args(
+        ["rag-eval", "--store", str(tmp_path / "store"), "--facts", "4", "--seed", "7", "--distractors", "2"]
+        + ["--model", server["base"], "--api-key", KEY_A, "--max-tokens", "3", "--show-answers", "4"]
+        + ["--json", str(out)]
+    )
+    facts = invented_facts(4, seed=7, distractors=2)
+    try:
+        assert cmd.run(args) == 0
+        assert f"POSTed {len(facts.documents)} fact documents" in capsys.readouterr().out
+        res = json.loads(out.read_text())["answers"]
+        on, off = res["rag_on"], res["rag_off"]
+        assert on["n"] == off["n"] == 4 and off["retrieved"] == 0 and on["retrieved"] >= 3
+        samples = res["samples"]
+        assert on["k"] == sum(s["answer"].lower() in s["rag_on"].lower() for s in samples)
+        assert off["k"] == sum(s["answer"].lower() in s["rag_off"].lower() for s in samples)
+    finally:
+        for d in facts.documents:
+            httpx.delete(server["base"] + "/v1/documents/" + d["id"], headers={"Authorization": f"Bearer {KEY_A}"})
+
+
 def test_feedback_round_trip_to_export(server, tmp_path):
     from cluster.commands.feedback import run as run_export
 

@@ -119,6 +119,10 @@ def test_text_stream_holds_back_partial_stops_and_utf8(tiny_tokenizer):
     assert "".join(pieces) + s.flush() == "héllo ☃ snow" and s.n_generated == len(ids)
 
 
+def _passages(n: int, text: str = "sorted(xs) returns a new list. " * 5) -> list[dict]:
+    return [{"doc_id": f"doc-{i}", "title": f"T{i}", "chunk": 0, "text": text, "score": 1.0} for i in range(n)]
+
+
 def test_augment_fits_context_budget(tiny_tokenizer):
     from models.chat import ChatFormat, encode_prompt
     from serve.retriever import augment
@@ -126,16 +130,64 @@ def test_augment_fits_context_budget(tiny_tokenizer):
     tok, fmt = tiny_tokenizer, ChatFormat()
     msgs = [{"role": "user", "content": "how do I sort a list?"}]
     plain = encode_prompt(tok, fmt, msgs)
-    passages = [
-        {"doc_id": f"d{i}", "title": f"T{i}", "chunk": 0, "text": "sorted(xs) returns a new list. " * 5, "score": 1.0}
-        for i in range(3)
-    ]
+    passages = _passages(3)
     ids, used_msgs, docs, n_facts = augment(tok, fmt, msgs, passages, ["likes python"], budget=10_000)
-    assert [d["doc_id"] for d in docs] == ["d0", "d1", "d2"] and n_facts == 1
-    assert used_msgs[0]["role"] == "system" and "likes python" in used_msgs[0]["content"]
+    assert [d["doc_id"] for d in docs] == ["doc-0", "doc-1", "doc-2"] and n_facts == 1
+    assert [m["role"] for m in used_msgs] == ["user"] and "likes python" in used_msgs[0]["content"]
     assert ids == encode_prompt(tok, fmt, used_msgs) and len(ids) > len(plain)
-    budget = len(plain) + 40
+    for budget in range(len(plain) + 10, len(plain) + 200, 7):  # every budget: within it, whole passages first
+        ids, used, docs, _ = augment(tok, fmt, msgs, passages, [], budget=budget)
+        assert len(ids) <= budget and ids == encode_prompt(tok, fmt, used)
+        assert all(d["text"] == passages[0]["text"] for d in docs[:-1])  # only the last one may be cut
+        assert used[-1]["content"].endswith("Question: how do I sort a list?") or not docs
+    budget = len(plain) + 90
     ids, _, docs, _ = augment(tok, fmt, msgs, passages, [], budget=budget)
-    assert len(ids) <= budget and 1 <= len(docs) < 3  # cut to fit
+    assert len(ids) <= budget and 1 <= len(docs) < 3 and docs[-1]["text"].endswith(" ...")  # cut to fit
     ids, used, docs, n = augment(tok, fmt, msgs, passages, ["x"], budget=len(plain))
     assert ids == plain and used == msgs and docs == [] and n == 0  # no room: plain conversation
+
+
+def test_augment_puts_passages_with_ids_in_the_last_user_turn(tiny_tokenizer):
+    from models.chat import ChatFormat
+    from serve.retriever import DOCS_HEADER, augment
+
+    tok, fmt = tiny_tokenizer, ChatFormat()
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how do I sort a list?"},
+    ]
+    ids, used, docs, _ = augment(tok, fmt, msgs, _passages(2, "sorted(xs) sorts."), [], budget=10_000)
+    assert used[:3] == msgs[:3] and used[-1]["role"] == "user"  # the system message and earlier turns unchanged
+    turn = used[-1]["content"]
+    assert turn == (
+        f"{DOCS_HEADER}\n\n[doc-0] T0\nsorted(xs) sorts.\n\n[doc-1] T1\nsorted(xs) sorts.\n\n"
+        "Question: how do I sort a list?"
+    )
+    text = tok.decode(ids)  # in the chat format: inside the user turn, before the assistant header
+    assert text.endswith("<|im_start|>user\n" + turn + "<|im_end|>\n<|im_start|>assistant\n")
+    assert text.count("<|im_start|>system") == 1
+    # no user turn to ground: the conversation as it was
+    only_system = [{"role": "system", "content": "x"}]
+    assert augment(tok, fmt, only_system, _passages(1), [], budget=10_000)[2] == []
+
+
+def test_augment_keeps_the_template_default_system_prompt(smollm2):
+    """SmolLM2's template adds its own system prompt when the conversation has none: RAG must not replace it."""
+    from models.chat import ChatFormat
+    from models.checkpoint import load_tokenizer
+    from serve.retriever import augment
+
+    tok, fmt = load_tokenizer(smollm2), ChatFormat.from_checkpoint(smollm2)
+    msgs = [{"role": "user", "content": "Where was the Velmora Accord signed?"}]
+    default = fmt.render(msgs, add_generation_prompt=True).split("<|im_end|>")[0]
+    assert default.startswith("<|im_start|>system\n") and "SmolLM" in default
+    passages = _passages(1, "The Velmora Accord was signed in Questbridge.")
+    ids, used, docs, _ = augment(tok, fmt, msgs, passages, [], budget=2048)
+    text = fmt.render(used, add_generation_prompt=True)
+    assert ids == tok.encode(text, allow_special=True)
+    assert text.startswith(default + "<|im_end|>") and [d["doc_id"] for d in docs] == ["doc-0"]
+    user = text.split("<|im_start|>user\n", 1)[1]
+    assert user.index("[doc-0] T0\nThe Velmora Accord") < user.index("Question: Where was the Velmora Accord signed?")
+    assert user.endswith("Question: Where was the Velmora Accord signed?<|im_end|>\n<|im_start|>assistant\n")
