@@ -100,7 +100,7 @@ def learner_loop(args: dict) -> None:
                 join(args["out"], MARKER_DIR, f".injected_learner_failure_{it}"),
                 "learner rank (train.inject_failure_at)",
             )
-        row: dict[str, Any] = {"iteration": it + 1}
+        row: dict[str, Any] = {"iteration": it + 1, "started_at": time.time()}  # unix time: start-up is before it
         t0 = time.perf_counter()
         exp = None
         if driver is not None:
