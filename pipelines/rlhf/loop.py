@@ -88,11 +88,15 @@ def learner_loop(args: dict) -> None:
             cfg.rollout.sampling,
             cfg.seed,
         )
-    sd = learner.full_state_dict()
-    if driver is not None:
-        # engines may hold other weights (a restarted actor: the start checkpoint; a crash: a later iteration)
-        driver.sync(sd, start)
-    del sd
+    # engines may hold other weights (a restarted actor: the start checkpoint; a crash: a later iteration; shared
+    # engines: another run's); a fresh start on engines that still hold the checkpoint the learner loaded skips the
+    # push (a state-dict gather, a safetensors file and a reload: seconds on a real model)
+    fresh = start == 0 and (driver is None or driver.holds_checkpoint())
+    if not broadcast(fresh, rank, world):
+        sd = learner.full_state_dict()
+        if driver is not None:
+            driver.sync(sd, start)
+        del sd
 
     for it in range(start, cfg.iterations):
         if cfg.train.inject_failure_at and it == cfg.train.inject_failure_at and rank == world - 1:
@@ -100,7 +104,7 @@ def learner_loop(args: dict) -> None:
                 join(args["out"], MARKER_DIR, f".injected_learner_failure_{it}"),
                 "learner rank (train.inject_failure_at)",
             )
-        row: dict[str, Any] = {"iteration": it + 1}
+        row: dict[str, Any] = {"iteration": it + 1, "started_at": time.time()}  # unix time: start-up is before it
         t0 = time.perf_counter()
         exp = None
         if driver is not None:
