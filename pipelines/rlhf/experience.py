@@ -237,11 +237,11 @@ class Driver:
         scores, parts = self.rewards.score(p_txt, r_txt, rm_score, columns)
         return Experience(p_ids, r_ids, r_lp, scores, parts, trunc, p_txt, r_txt)
 
-    def holds_checkpoint(self) -> bool:
-        """Every engine still holds the checkpoint it was built from (no weights pushed since it started)."""
+    def holds_checkpoint(self, path: str) -> bool:
+        """Every engine still holds the weights of the checkpoint at ``path`` (built from it, none pushed since)."""
         import ray
 
-        return all(v == -1 for v in ray.get([e.weights_version.remote() for e in self.engines]))
+        return all(ray.get([e.holds_checkpoint.remote(path) for e in self.engines]))
 
     def sync(self, state_dict: dict, version: int) -> float:
         """Push the learner's full state dict into every engine in place; seconds until all have it.

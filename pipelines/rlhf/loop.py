@@ -91,7 +91,7 @@ def learner_loop(args: dict) -> None:
     # engines may hold other weights (a restarted actor: the start checkpoint; a crash: a later iteration; shared
     # engines: another run's); a fresh start on engines that still hold the checkpoint the learner loaded skips the
     # push (a state-dict gather, a safetensors file and a reload: seconds on a real model)
-    fresh = start == 0 and (driver is None or driver.holds_checkpoint())
+    fresh = start == 0 and (driver is None or driver.holds_checkpoint(args["policy"]))
     if not broadcast(fresh, rank, world):
         sd = learner.full_state_dict()
         if driver is not None:

@@ -35,11 +35,8 @@ class RolloutWorker:
     Fault injection for the restart path (``rollout.inject_failure_at``, like ``train.inject_failure_at``): a generate
     call given a ``fail_marker`` path that does not exist yet writes it and exits the process.
 
-    ``own_process`` (a Ray actor that is nothing but this engine, ``make_rollout_actors``): on CPU, run vLLM's engine
-    core and its one worker inside this process instead of two more spawned ones. Each of those imports vLLM and
-    torch again before the engine is up (on 2 loaded cores: engine up in 65 s in process, not up after 190 s
-    spawned), and they bought nothing here: the actor only ever waits on its engine. Not for an engine built in a
-    process that does other work (a test, a bench): vLLM's CPU worker pins the threads of the process it runs in.
+    ``own_process`` (a Ray actor that is nothing but this engine, ``make_rollout_actors``): on CPU the engine runs
+    in this process (``models.engine.make_llm(in_process=True)``); the actor only ever waits on its engine.
     """
 
     def __init__(
@@ -52,13 +49,11 @@ class RolloutWorker:
         t0 = time.perf_counter()
         # log-probs of the distribution the tokens were drawn from (after temperature): what importance sampling needs
         engine_cfg = dataclasses.replace(engine_cfg, logprobs_mode="processed_logprobs")
-        if own_process and not engine.on_gpu():
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
-            engine_cfg = dataclasses.replace(
-                engine_cfg, extra={"distributed_executor_backend": "uni", **engine_cfg.extra}
-            )
-        self.llm = engine.make_llm(model_path, engine_cfg, worker_extension_cls=engine.WEIGHT_SYNC_EXTENSION)
+        self.llm = engine.make_llm(
+            model_path, engine_cfg, worker_extension_cls=engine.WEIGHT_SYNC_EXTENSION, in_process=own_process
+        )
         self.stop_ids = list(stop_ids)
+        self.model_path = str(model_path)
         self.version = -1  # the learner iteration whose weights the engine holds (-1: the checkpoint's)
         log.info("rollout engine up in %.1fs (%s)", time.perf_counter() - t0, model_path)
 
@@ -106,6 +101,10 @@ class RolloutWorker:
         engine.update_weights(self.llm, state_dict)
         self.version = version
         return time.perf_counter() - t0
+
+    def holds_checkpoint(self, path: str) -> bool:
+        """Does the engine still hold the weights of the checkpoint at ``path`` it was built from (none pushed)?"""
+        return self.version == -1 and os.path.realpath(self.model_path) == os.path.realpath(path)
 
     def weights_version(self) -> int:
         return self.version
