@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--model",
         default=None,
         metavar="URL_OR_CKPT",
-        help="answer accuracy with RAG on vs off: a genloop serve URL (http://host:port[/prefix]) or a checkpoint",
+        help="answer accuracy with RAG on vs off: the URL of a served app (http://host:port[/prefix]) or a checkpoint",
     )
     p.add_argument("--api-key", default=None, help="API key for --model URL (default: $GENLOOP_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=48, help="answer length (greedy)")
