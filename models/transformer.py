@@ -292,10 +292,17 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,  # (B, T); attention stays within equal ids
         hidden_only: bool = False,
         cache: KVCache | None = None,  # keys/values of the tokens seen before these (appended to here)
+        logits_at: torch.Tensor | None = None,  # (B, K) positions: logits only there (TRL's logits_to_keep)
     ) -> torch.Tensor:
-        """Logits (B, T, vocab), or the final hidden states (B, T, dim) with ``hidden_only``."""
+        """Logits (B, T, vocab), (B, K, vocab) at ``logits_at``, or the final hidden states (B, T, dim) with
+        ``hidden_only``. ``logits_at`` skips the vocabulary projection everywhere else: an RL answer of a few
+        tokens after a long prompt needs the head (a quarter of a 135M model's work per token) only at the answer."""
         x = self.hidden_states(input_ids, position_ids, doc_ids, cache)
-        return x if hidden_only else self.lm_head(x)
+        if hidden_only:
+            return x
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, dim)
+        return self.lm_head(x)
 
     def hidden_states(
         self,

@@ -248,3 +248,26 @@ def test_filtered_group_gets_no_policy_gradient(tiny_checkpoint):
     assert stats["groups_kept"] == 0.5
     assert all(torch.allclose(filtered[k], equal_scores[k], atol=1e-6) for k in filtered)
     assert any(not torch.allclose(filtered[k], unfiltered[k], atol=1e-6) for k in filtered)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.5])
+def test_old_log_probs_from_the_training_pass_give_the_two_pass_update(tiny_checkpoint, kl_coef):
+    """One epoch of one minibatch: the fused path (old log-probs = the training pass's own, detached) gives the same
+    weights and stats as a separate no-grad pass, with an engine whose log-probs differ (importance weights < cap and
+    capped)."""
+    kl = {"coef": kl_coef, "mode": "loss", "estimator": "k3"} if kl_coef else {}
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        learner = Learner(make_cfg(tiny_checkpoint, "grpo", **kl), str(tiny_checkpoint), None, torch.device("cpu"))
+        learner.fuse_old_logp = fused
+        exp = experience(learner, [1.0, 0.0, 0.0, 1.0])
+        exp.rollout_logp = [[v + (0.3 if j % 2 else -1.5) for j, v in enumerate(r)] for r in exp.rollout_logp]
+        stats = learner.update(exp, iteration=0)
+        runs.append((stats, {k: v.clone() for k, v in learner.base.state_dict().items()}))
+    (fused_stats, fused_w), (plain_stats, plain_w) = runs
+    assert fused_stats["is_clip_frac"] > 0 and fused_stats["mismatch_kl"] > 0
+    for k in ("policy_loss", "grad_norm", "entropy", "mismatch_kl", "is_clip_frac", "kl", "clip_frac"):
+        assert fused_stats[k] == pytest.approx(plain_stats[k], rel=1e-5, abs=1e-7), k
+    for k in plain_w:
+        assert torch.allclose(fused_w[k], plain_w[k], atol=1e-6), k

@@ -60,9 +60,8 @@ def collate(
 
 
 def response_logits(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """(m, T, V) logits at the positions that predict each response token."""
-    logits = model(mb.input_ids)  # (m, L, V)
-    return logits.gather(1, mb.idx[..., None].expand(-1, -1, logits.shape[-1]))
+    """(m, T, V) logits at the positions that predict each response token (the head runs only there)."""
+    return model(mb.input_ids, logits_at=mb.idx)
 
 
 def logp_and_entropy(
@@ -95,6 +94,8 @@ PRE_KEYS = ("old_logp", "ref_logp", "values", "entropy")
 
 class Learner:
     """Policy (+ optimizer), reference, value model (+ optimizer) on one rank."""
+
+    fuse_old_logp = True  # GRPO, one epoch of one minibatch: old log-probs from the training pass (see ``update``)
 
     def __init__(
         self,
@@ -130,20 +131,24 @@ class Learner:
 
     # ---- no-grad passes, split over the ranks ----------------------------------------------------------------------
     @torch.no_grad()
-    def _precompute(self, P: list, R: list, T: int | None = None) -> dict[str, torch.Tensor]:
+    def _precompute(self, P: list, R: list, T: int | None = None, policy: bool = True) -> dict[str, torch.Tensor]:
         """(len(P), T) tables for the given rows: old_logp, ref_logp, values, entropy (0 past each answer's end);
-        ``T`` defaults to the longest answer given."""
+        ``T`` defaults to the longest answer given. ``policy=False`` leaves old_logp / entropy to the training pass
+        (see ``update``)."""
         mb_size = self.cfg.train.micro_batch_size
         T = T or max(1, max(len(r) for r in R))
         out = {k: torch.zeros(len(P), T) for k in PRE_KEYS}
+        if not policy and self.ref is None and self.value is None:
+            return out
         self.policy.eval()
         for lo in range(0, len(P), mb_size):
             sl = slice(lo, lo + mb_size)
             mb = collate(P[sl], R[sl], self.pad_id, self.device)
             t = mb.mask.shape[1]
             with autocast(self.cfg.train.autocast, self.device):
-                logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
-                out["old_logp"][sl, :t], out["entropy"][sl, :t] = logp.cpu(), ent.cpu()
+                if policy:
+                    logp, ent = logp_and_entropy(response_logits(self.policy, mb), mb.targets, self.temperature)
+                    out["old_logp"][sl, :t], out["entropy"][sl, :t] = logp.cpu(), ent.cpu()
                 if self.ref is not None:
                     ref_logits = response_logits(self.ref, mb)
                     out["ref_logp"][sl, :t] = logp_and_entropy(ref_logits, mb.targets, self.temperature)[0].cpu()
@@ -151,13 +156,13 @@ class Learner:
                     out["values"][sl, :t] = response_values(self.value, mb).cpu()
         return out
 
-    def _precompute_all(self, exp: Experience, T: int) -> dict[str, torch.Tensor]:
+    def _precompute_all(self, exp: Experience, T: int, policy: bool = True) -> dict[str, torch.Tensor]:
         """(B, T) tables for the whole batch on every rank: rank r computes rows r, r + world, ...; one all-reduce
         (SUM of disjoint rows) fills in the others'."""
         B = len(exp.scores)
         own = list(range(self.rank, B, self.world))
-        part = self._precompute([exp.prompt_ids[i] for i in own], [exp.response_ids[i] for i in own], T)
-        if self.world == 1:
+        part = self._precompute([exp.prompt_ids[i] for i in own], [exp.response_ids[i] for i in own], T, policy)
+        if self.world == 1 or (not policy and self.ref is None and self.value is None):
             return part
         import torch.distributed as dist
 
@@ -209,24 +214,21 @@ class Learner:
             )
         P, R = exp.prompt_ids, exp.response_ids
         T = max(1, max(len(r) for r in R))
-        pre = self._precompute_all(exp, T)
+        # One epoch of one minibatch (TRL's default, num_iterations=1): the one optimizer step runs on the weights
+        # that define old_logp, so old_logp is the training pass's own logp, detached, and the separate no-grad
+        # policy pass (a third of the learner's work) is skipped. GAE (PPO) needs the values before the loop.
+        on_policy = self.fuse_old_logp and a.epochs == 1 and a.minibatches == 1 and cfg.algo == "grpo"
+        pre = self._precompute_all(exp, T, policy=not on_policy)
         mask = pad_rows([[1.0] * len(r) for r in R], T)  # (B, T)
         rollout_logp = pad_rows(exp.rollout_logp, T)
         keep = None
         if cfg.algo == "grpo" and a.filter_groups:
             keep = algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]), cfg.rollout.group_size)
-        adv, ret = self._advantages(exp, pre, mask, keep)
-        is_w, mm = algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)
+        adv, ret = self._advantages(exp, pre, mask, keep)  # GRPO: from the scores alone
+        is_w = None if on_policy else algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)[0]
         loss_fn = algos.get_policy_loss("clip")
         n_batch_tok = max(float(mask.sum()), 1.0)
-        out = {
-            "kl": float((algos.kl_estimate(pre["old_logp"], pre["ref_logp"], "k3") * mask).sum()) / n_batch_tok
-            if self.ref is not None
-            else 0.0,
-            "entropy": float((pre["entropy"] * mask).sum()) / n_batch_tok,
-            "mismatch_kl": mm["mismatch_kl"],
-            "is_clip_frac": mm["is_clip_frac"],
-        }
+        out: dict[str, float] = {}
         if keep is not None:
             out["groups_kept"] = float(keep.mean())
         # summed over this rank's micro-batches, then over the ranks
@@ -254,6 +256,12 @@ class Learner:
                         with autocast(tc.autocast, self.device):
                             logits = response_logits(self.policy, mb)
                         logp, ent = logp_and_entropy(logits, mb.targets, self.temperature)
+                        if on_policy:  # this rank's rows of the tables, filled in by the training pass itself
+                            pre["old_logp"][micro, :t] = logp.detach().cpu()
+                            pre["entropy"][micro, :t] = ent.detach().cpu()
+                            w = algos.truncated_is_weights(
+                                pre["old_logp"][micro, :t], rollout_logp[micro, :t], mask[micro, :t], a.is_cap
+                            )[0]
                         loss, st = loss_fn(
                             logp,
                             sel(pre["old_logp"]),
@@ -261,7 +269,7 @@ class Learner:
                             mb.mask,
                             eps_low=a.eps_low,
                             eps_high=a.eps_high,
-                            is_weights=sel(is_w),
+                            is_weights=w.to(self.device) if on_policy else sel(is_w),
                             agg=a.loss_agg,
                             n_tokens=denom_tok,
                             n_seqs=denom_seq,
@@ -295,8 +303,31 @@ class Learner:
                     self.vopt.step()
                 sums["grad_norm"] += float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn) / self.world
                 steps += 1
+        # entropy, KL to the reference and the engine/learner mismatch over the whole batch: every rank holds the
+        # whole tables, unless the training pass filled them in (its own rows only, summed over the ranks)
+        rows = sorted(set(perm[self.rank :: self.world].tolist())) if on_policy else list(range(B))
+        m = mask[rows]
+        old, roll = pre["old_logp"][rows], rollout_logp[rows]
+        log_ratio = (old - roll).clamp(-20.0, 20.0)
+        sums["tok"] = float(m.sum())
+        sums["entropy"] = float((pre["entropy"][rows] * m).sum())
+        sums["mismatch_kl"] = float((algos.kl_estimate(roll, old, "k3") * m).sum())
+        sums["is_clip"] = float(((log_ratio.exp() > a.is_cap).float() * m).sum()) if a.is_cap > 0 else 0.0
+        if self.ref is not None:
+            sums["kl"] = float((algos.kl_estimate(old, pre["ref_logp"][rows], "k3") * m).sum())
+        if not on_policy:  # the same on every rank: count it once
+            for k in ("tok", "entropy", "mismatch_kl", "is_clip", "kl"):
+                if k in sums:
+                    sums[k] /= self.world
         keys = list(sums)
         tot = dict(zip(keys, all_sum([sums[k] for k in keys], self.device, self.world)))
+        n_tok = max(tot["tok"], 1.0)
+        out.update(
+            kl=tot["kl"] / n_tok if self.ref is not None else 0.0,
+            entropy=tot["entropy"] / n_tok,
+            mismatch_kl=tot["mismatch_kl"] / n_tok,
+            is_clip_frac=tot["is_clip"] / n_tok,
+        )
         out.update(
             clip_frac=tot["clip_frac"] / (n_batch_tok * a.epochs),
             policy_loss=tot["policy_loss"] / steps,
