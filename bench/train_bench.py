@@ -1,8 +1,9 @@
-"""Training throughput: genloop's Ray Train loop (2 workers x 1 thread, DDP and FSDP2) vs a plain single-process
+"""Training throughput: genloop's Ray Train loop (2 workers x 1 thread, DDP and FSDP2; or ``--workers 1``) vs a plain single-process
 PyTorch loop (2 threads) on the same model, global batch and machine. Prints tokens/s of each; the LAST line is the
 ratio genloop / plain for DDP and FSDP2 (goal >= 0.9).
 
     python bench/train_bench.py [--model demo] [--steps 25] [--micro 8] [--seq 256] [--vocab 2048] [--repeats 2]
+    python bench/train_bench.py --model smollm2 --dtype fp32 --workers 1   # the real model as its preset runs
 
 Both sides run the same global batch per optimizer step (2 x micro rows of seq tokens), AdamW, clipping and the
 token-mean cross-entropy. Each side's tokens/s is the median over windows of ``--warmup`` steps after a warm-up
@@ -79,9 +80,18 @@ def plain_loop(build, blocks: np.ndarray, micro_rows: int, steps: int, warmup: i
 
 
 def genloop_loop(
-    build, blocks: np.ndarray, strategy: str, micro: int, steps: int, warmup: int, reshard: str = "default"
+    build,
+    blocks: np.ndarray,
+    strategy: str,
+    micro: int,
+    steps: int,
+    warmup: int,
+    reshard: str = "default",
+    workers: int = 2,
 ) -> float:
-    """tokens/s of ``fit`` with 2 workers x 1 thread (median over log windows after the warm-up window)."""
+    """tokens/s of ``fit`` with ``workers`` workers sharing the 2 CPUs (2 x 1 thread, or 1 x 2 threads; the global
+    batch is the same: 2 x ``micro`` rows per step, as grad_accum 2 on one worker), median over log windows after the
+    warm-up window."""
     import ray.data
 
     from pipelines.train.loop import TrainLoopConfig, fit
@@ -91,11 +101,12 @@ def genloop_loop(
     cfg = TrainLoopConfig(
         steps=warmup + steps,
         micro_batch_size=micro,
+        grad_accum=2 // workers,
         lr=1e-3,
         warmup_steps=1,
         strategy=strategy,
-        num_workers=2,
-        cpus_per_worker=1,
+        num_workers=workers,
+        cpus_per_worker=2 // workers,
         log_every=warmup,
         eval_every=10**9,
         ckpt_every=0,
@@ -135,6 +146,14 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or both (fp32,bf16; default: fp32, a real model both)")
     ap.add_argument(
         "--only", choices=["ddp", "fsdp"], default=None, help="one strategy (a real model: ddp unless --only fsdp)"
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="Ray Train workers on the 2 CPUs: 2 x 1 thread (gradients all-reduced every step), or 1 x 2 threads with "
+        "grad_accum 2 (the layout configs/smollm2.yaml runs)",
     )
     ap.add_argument(
         "--repeats",
@@ -208,12 +227,12 @@ def main() -> None:
             got = {"plain": plain_loop(build, blocks, 2 * args.micro, args.steps, args.warmup, threads=2)}
             for strategy in strategies:
                 got[strategy] = genloop_loop(
-                    build, blocks, strategy, args.micro, args.steps, args.warmup, args.fsdp_reshard
+                    build, blocks, strategy, args.micro, args.steps, args.warmup, args.fsdp_reshard, args.workers
                 )
             print(
                 f"round {rnd + 1} {dtype}: plain PyTorch 1 process x 2 threads {got['plain']:.0f} tokens/s; "
                 + "; ".join(
-                    f"genloop Ray Train {k} 2 workers x 1 thread {got[k]:.0f} ({got[k] / got['plain']:.2f}x)"
+                    f"genloop Ray Train {k} {args.workers} x {2 // args.workers} thread(s) {got[k]:.0f} ({got[k] / got['plain']:.2f}x)"
                     for k in strategies
                 ),
                 flush=True,
