@@ -76,7 +76,10 @@ def embed_rows(model: torch.nn.Module, ids: np.ndarray, lens: np.ndarray, batch:
 
 
 def evaluate(model: torch.nn.Module, held_out: dict[str, np.ndarray], batch: int) -> dict[str, float]:
-    """Held-out recall@1/5 and MRR: each query against every held-out document."""
+    """Held-out recall@1/5 and MRR: each query against every held-out document (on a GPU when this process has
+    one)."""
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     q = embed_rows(model, held_out["q_ids"], held_out["q_len"], batch)
     d = embed_rows(model, held_out["d_ids"], held_out["d_len"], batch)
     return recall_at(q, d)
