@@ -315,8 +315,13 @@ class Ingress(StateRoutes):
         _, req = await self._begin(request, EmbeddingRequest)
         req.check_options()
         self._check_model(req.model)
-        inputs = self._embedding_inputs(req.input)
-        version, vectors = await _call(self.generator.embed.remote(inputs, self.cfg.embedding_pooling))
+        if self.cfg.embeddings_from == "retriever":  # the trained retriever (serve.rag_embedder) embeds text
+            got = await _call(self.retriever.embed.remote(self._embedding_texts(req.input)))
+            version, vectors, n = got["identity"], got["vectors"], got["tokens"]
+        else:
+            inputs = self._embedding_inputs(req.input)
+            version, vectors = await _call(self.generator.embed.remote(inputs, self.cfg.embedding_pooling))
+            n = sum(len(x) for x in inputs)
         if req.encoding_format == "base64":
             import base64
 
@@ -325,7 +330,6 @@ class Ingress(StateRoutes):
             data = [base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() for v in vectors]
         else:
             data = vectors
-        n = sum(len(x) for x in inputs)
         return {
             "object": "list",
             "model": self.name,
@@ -333,6 +337,30 @@ class Ingress(StateRoutes):
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
             "usage": {"prompt_tokens": n, "total_tokens": n},
         }
+
+    def _embedding_texts(self, inp) -> list[str]:
+        """``input`` (str or [str]) for the retriever's embedder; token ids are the served model's, so refused."""
+        texts = [inp] if isinstance(inp, str) else inp
+        if not texts:
+            raise APIError(400, "input is empty", param="input")
+        if not all(isinstance(x, str) for x in texts):
+            raise APIError(
+                400,
+                "this server's embeddings come from its retriever (serve.embeddings_from=retriever), which reads "
+                "text: send strings, not token ids",
+                param="input",
+            )
+        if len(texts) > self.cfg.max_embedding_inputs:
+            raise APIError(
+                400,
+                f"input has {len(texts)} items, over this server's limit of {self.cfg.max_embedding_inputs} per "
+                "request",
+                param="input",
+            )
+        for j, t in enumerate(texts):
+            if not t:
+                raise APIError(400, f"input[{j}] is empty", param="input")
+        return texts
 
     def _embedding_inputs(self, inp) -> list[list[int]]:
         """``input`` (str, [str], [int] or [[int]]) as token-id lists, each non-empty and within the context."""

@@ -65,6 +65,9 @@ class DeploymentOptions:
         return opts
 
 
+EMBEDDINGS_FROM = ("model", "retriever")  # what /v1/embeddings serves (ServeConfig.embeddings_from)
+
+
 @dataclass
 class ServeConfig:
     model: str = ""  # checkpoint folder (Hugging Face format, written by a genloop training stage)
@@ -80,6 +83,9 @@ class ServeConfig:
     # small model may otherwise pad with whitespace up to max_tokens); true: vLLM's default grammar
     embedding_pooling: str = "mean"  # /v1/embeddings: "mean" of the final hidden states, or the "last" token's
     max_embedding_inputs: int = 256  # inputs per /v1/embeddings request
+    # /v1/embeddings: "model" = the served model's pooled hidden states (token ids accepted); "retriever" = the
+    # retriever's embedder, serve.rag_embedder (e.g. ckpt:DIR from `genloop embed-train`; text inputs only)
+    embeddings_from: str = "model"
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "genloop"
@@ -160,6 +166,13 @@ def check_config(cfg: ServeConfig) -> None:
     from serve.vectors import check_embedder_spec
 
     check_embedder_spec(cfg.rag_embedder)
+    if cfg.embeddings_from not in EMBEDDINGS_FROM:
+        raise ValueError(f"serve.embeddings_from={cfg.embeddings_from!r}: use one of {EMBEDDINGS_FROM}")
+    if cfg.embeddings_from == "retriever" and not cfg.rag_embedder.strip():
+        raise ValueError(
+            "serve.embeddings_from=retriever serves serve.rag_embedder, which is empty: set it (e.g. ckpt:DIR from "
+            "`genloop embed-train`) or use embeddings_from=model"
+        )
     if cfg.rag_rrf_k < 0 or cfg.rag_candidates < 1:
         raise ValueError(
             f"serve: need rag_rrf_k >= 0 and rag_candidates >= 1, got {cfg.rag_rrf_k} and {cfg.rag_candidates}"

@@ -16,20 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-POOLINGS = ("mean", "last")
+from models.pooling import POOLINGS, embed_hidden, pad_right, pool
 
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, T, D) hidden states, (B, T) 1/0 mask of real tokens (left-aligned) -> (B, D) unit vectors."""
-    if how == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-    elif how == "last":
-        last = mask.sum(1).long() - 1  # (B,) index of each row's last real token
-        vec = hidden[torch.arange(hidden.shape[0]), last]
-    else:
-        raise ValueError(f"pooling {how!r}: use one of {POOLINGS}")
-    return torch.nn.functional.normalize(vec.float(), dim=-1)
+__all__ = ["POOLINGS", "Embedder", "pool"]
 
 
 @dataclass
@@ -51,15 +40,6 @@ class Embedder:
         device = next(self.model.parameters()).device
         out: list[list[float]] = []
         for i in range(0, len(inputs), self.batch):
-            rows = inputs[i : i + self.batch]
-            T = max(len(r) for r in rows)
-            ids = torch.zeros(len(rows), T, dtype=torch.long, device=device)
-            mask = torch.zeros(len(rows), T, device=device)
-            for j, r in enumerate(rows):
-                ids[j, : len(r)] = torch.tensor(r, device=device)
-                mask[j, : len(r)] = 1.0
-            hidden = self.model.hidden_states(
-                ids
-            )  # (B, T, dim); causal: padding on the right changes nothing before it
-            out += pool(hidden, mask, how).cpu().tolist()
+            ids, mask = pad_right(inputs[i : i + self.batch], 0, device)  # (B, T); causal: right pads change nothing
+            out += embed_hidden(self.model, ids, mask, how).cpu().tolist()
         return out

@@ -74,6 +74,17 @@ class Retriever:
         facts = self.memory.search(ns, query, k_facts) if ns and k_facts > 0 else []
         return {"passages": passages, "facts": facts}
 
+    def embed(self, texts: list[str]) -> dict[str, Any]:
+        """``/v1/embeddings`` with ``serve.embeddings_from=retriever``: the knowledge store's embedder
+        (``serve.rag_embedder``) on ``texts``: ``{"identity", "vectors": [[float]] (unit rows), "tokens": its
+        tokenizer's count, 0 for an embedder without one}``."""
+        e = self.knowledge.embedder
+        if e is None:
+            raise ValueError("the retriever has no embedder: set serve.rag_embedder, or serve.embeddings_from=model")
+        tok = getattr(e, "tok", None)
+        tokens = sum(len(tok.encode(t)) for t in texts) if tok is not None else 0
+        return {"identity": e.identity, "vectors": e.embed(texts).tolist(), "tokens": tokens}
+
     def add_documents(self, docs: list[dict]) -> list[dict]:
         return [self.knowledge.add(d.get("id"), d["text"], d.get("title")) for d in docs]
 

@@ -20,7 +20,8 @@ recorded in the store, so vectors of one embedder are never searched with anothe
 - ``lsa:DIR``: latent semantic analysis fitted on a store's chunks (``genloop knowledge embedder``): TF-IDF of the
   code-aware terms projected on the top singular vectors; learns which terms occur together in the corpus;
 - ``ckpt:DIR`` (or a checkpoint folder): a genloop checkpoint's mean-pooled final hidden states
-  (``serve.embeddings``); inputs over its context are cut to the context (logged).
+  (``serve.embeddings``); inputs over its context are cut to the context (logged). ``DIR`` may be an artifact with
+  the checkpoint in ``model/``: ``genloop embed-train --init-from CKPT`` writes such a bi-encoder, trained for this.
 """
 
 from __future__ import annotations
@@ -178,13 +179,14 @@ def lsa_identity(path: Path) -> str:
 
 
 class CheckpointEmbedder:
-    """A genloop checkpoint's final hidden states, pooled (``serve.embeddings``); identity: the weights' digest."""
+    """A genloop checkpoint's final hidden states, pooled (``serve.embeddings``); identity: the weights' digest.
+    ``path``: a checkpoint folder, or an artifact holding one in ``model/`` (what ``genloop embed-train`` writes)."""
 
     def __init__(self, path: str | Path, pooling: str = "mean") -> None:
-        from models.checkpoint import load_config, load_tokenizer
+        from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
         from serve.embeddings import Embedder as HiddenStates
 
-        p = Path(path)
+        p = Path(resolve_checkpoint(path))
         self.tok = load_tokenizer(p)
         self.context = load_config(p).max_seq_len
         self.hidden = HiddenStates.load(str(p))

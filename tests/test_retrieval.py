@@ -4,6 +4,7 @@ another embedder; another embedder's store refused. Plain SQLite + faiss, no Ray
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 
 import numpy as np
@@ -271,3 +272,36 @@ def test_checkpoint_embedder_hidden_states_and_its_limits(tmp_path, tiny_checkpo
     s = KnowledgeStore(tmp_path / "b", chunk_chars=120, chunk_overlap=10, embedder=e)
     s.add("x", "import json\njson.loads('{}')")
     assert [p.doc_id for p in s.search("json", 1, mode="dense")] == ["x"]
+
+
+def test_v1_embeddings_can_serve_the_retrievers_embedder(tmp_path, tiny_checkpoint):
+    """serve.embeddings_from=retriever: /v1/embeddings answers with serve.rag_embedder (a ckpt: bi-encoder from
+    `genloop embed-train`), which reads text; the config is refused without an embedder."""
+    from types import SimpleNamespace
+
+    from serve.api import Ingress
+    from serve.config import ServeConfig, check_config
+    from serve.errors import APIError
+    from serve.retriever import Retriever
+
+    (tmp_path / "k").mkdir()
+    r = Retriever(tmp_path / "k", tmp_path / "memory.db", embedder=f"ckpt:{tiny_checkpoint}", chunk_chars=120)
+    got = r.embed(["def parse(x): return x", "a zebra"])
+    e = r.knowledge.embedder
+    assert got["identity"] == e.identity and np.allclose(got["vectors"], e.embed(["def parse(x): return x", "a zebra"]))
+    assert got["tokens"] == len(e.tok.encode("def parse(x): return x")) + len(e.tok.encode("a zebra"))
+    with pytest.raises(ValueError, match="rag_embedder"):
+        Retriever(tmp_path / "k", tmp_path / "m2.db").embed(["x"])
+    ok = ServeConfig(model=str(tiny_checkpoint), knowledge=str(tmp_path / "k"), rag_embedder=f"ckpt:{tiny_checkpoint}")
+    check_config(ok)
+    check_config(dataclasses.replace(ok, embeddings_from="retriever"))
+    with pytest.raises(ValueError, match="rag_embedder, which is empty"):
+        check_config(dataclasses.replace(ok, embeddings_from="retriever", rag_embedder=""))
+    with pytest.raises(ValueError, match="use one of"):
+        check_config(dataclasses.replace(ok, embeddings_from="both"))
+    texts = Ingress.func_or_class._embedding_texts  # the route's input check, without a server
+    host = SimpleNamespace(cfg=dataclasses.replace(ok, embeddings_from="retriever", max_embedding_inputs=2))
+    assert texts(host, "one") == ["one"] and texts(host, ["a", "b"]) == ["a", "b"]
+    for bad, why in [([1, 2], "not token ids"), (["a", "b", "c"], "limit of 2"), (["a", ""], "empty"), ([], "empty")]:
+        with pytest.raises(APIError, match=why):
+            texts(host, bad)

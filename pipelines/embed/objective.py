@@ -1,6 +1,11 @@
-"""The training loop's objective for a bi-encoder: in-batch-negative InfoNCE over (query, document) pair rows.
+"""The training loop's objectives for a bi-encoder: in-batch-negative InfoNCE over (query, document) pair rows.
 
-Rows (``pad_bags`` makes them): ``q_ids`` / ``d_ids`` (L,) term ids and ``q_w`` / ``d_w`` (L,) their weights, padded
+``TokenInfoNCEObjective`` (a transformer checkpoint): rows ``q_ids`` / ``d_ids`` (L,) token ids right-padded and
+``q_len`` / ``d_len`` () the real tokens' counts (``pad_tokens`` makes them); the model is ``models.transformer.
+Transformer``, a side's vector its final normed hidden states mean-pooled over the real tokens (``models.pooling``,
+what ``/v1/embeddings`` and the ``ckpt:`` embedder compute).
+
+``InfoNCEObjective`` (the LSA bag of terms): rows (``pad_bags`` makes them): ``q_ids`` / ``d_ids`` (L,) term ids and ``q_w`` / ``d_w`` (L,) their weights, padded
 with id 0 and weight 0 (a zero weight adds nothing to the bag). One loss unit per pair. The negatives of a pair are
 the other pairs of its micro-batch on its worker (as sentence-transformers does per device), so ``micro_batch_size``
 is the number of candidates each query is trained against.
@@ -13,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.pooling import embed_hidden
 from pipelines.embed.loss import SCALE, info_nce
 from pipelines.train.objective import Objective
 
@@ -65,3 +71,49 @@ class InfoNCEObjective(Objective):
 
     def row_tokens(self, rows):
         return int(rows["q_ids"].shape[1] + rows["d_ids"].shape[1])
+
+
+def pad_tokens(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, width) token ids right-padded with ``pad_id`` (a longer row keeps its first ``width``) and (N,) lengths;
+    an empty row becomes one pad token (a vector needs a token to pool)."""
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    lens = np.ones(len(rows), np.int64)
+    for i, r in enumerate(rows):
+        r = r[:width]
+        if r:
+            ids[i, : len(r)] = r
+            lens[i] = len(r)
+    return ids, lens
+
+
+def encode_tokens(model: nn.Module, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """(B, D) unit vectors: (B, L) right-padded ids, (B,) lengths; the batch is cut to its longest row first."""
+    T = int(lens.max())
+    mask = (torch.arange(T, device=ids.device)[None, :] < lens[:, None]).float()  # (B, T)
+    return embed_hidden(model, ids[:, :T], mask, "mean")
+
+
+class TokenInfoNCEObjective(Objective):
+    """In-batch-negative InfoNCE for a transformer bi-encoder (mean pooling); one loss unit per pair."""
+
+    name = "infonce"
+    loss_label = "InfoNCE (nats/pair)"
+    columns = ("q_ids", "q_len", "d_ids", "d_len")
+    required = columns
+
+    def __init__(self, scale: float = SCALE) -> None:
+        self.scale = scale
+
+    def __call__(self, model, batch):
+        a = encode_tokens(model, batch["q_ids"], batch["q_len"])
+        p = encode_tokens(model, batch["d_ids"], batch["d_len"])
+        loss, n = info_nce(a, p, self.scale)
+        with torch.no_grad():
+            right = (a @ p.T).argmax(1) == torch.arange(len(a), device=a.device)
+        return loss, torch.tensor(float(n), device=a.device), {"accuracy": right.float().sum()}
+
+    def row_counts(self, rows):
+        return np.ones(len(rows["q_ids"]), np.int64)
+
+    def row_tokens(self, rows):
+        return int(rows["q_len"].sum() + rows["d_len"].sum()) // max(1, len(rows["q_len"]))
