@@ -144,7 +144,8 @@ def run_genloop(a, ckpt: str, work: Path, task: Task) -> tuple[list[float], list
                 "prompts_per_iter": a.prompts,
                 "group_size": a.group,
                 "sampling": {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature},
-                "engine": {"max_model_len": 128, "max_num_seqs": a.prompts * a.group},
+                # the learner waits while the engine samples: the engine computes on every CPU, as TRL's generate does
+                "engine": {"max_model_len": 128, "max_num_seqs": a.prompts * a.group, "cpu_threads": a.cpus},
             },
             "update": {
                 "epochs": a.epochs,

@@ -17,6 +17,23 @@ LOCAL_ENV = {
 }
 
 
+# Loggers of Ray's own actors that make a local run loud, and the level each is raised to: Train V2's
+# PlacementGroupCleaner asks the state API (served by the dashboard, which a local Ray here does not start) whether the
+# controller lives, every second, and warns each time it cannot; Train's worker context logs every report() call
+# (its logger is named by its file) and every checkpoint with all the metrics the stage already logs in one line.
+QUIET_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.storage": logging.WARNING,
+    os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
+}
+
+
+def quiet_ray_worker() -> None:
+    """``worker_process_setup_hook`` of an embedded local Ray: runs once in every worker process."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
     """Connect once per process. ``address`` (or ``RAY_ADDRESS``) joins a cluster; otherwise a local Ray starts."""
     if ray.is_initialized():
@@ -37,6 +54,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,
-        runtime_env={"env_vars": LOCAL_ENV},
+        runtime_env={"env_vars": LOCAL_ENV, "worker_process_setup_hook": "cluster.runtime.quiet_ray_worker"},
         **kwargs,
     )

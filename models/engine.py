@@ -37,10 +37,9 @@ class EngineConfig:
     # "processed_logprobs": sampled tokens' log-probs after temperature / top-k / top-p (what RL rollouts need);
     # "" keeps vLLM's default (raw log-probs of the model's logits)
     logprobs_mode: str = ""
-    # CPU, an engine in its own process (``make_llm(in_process=True)``): the OpenMP threads of vLLM's worker, pinned to
-    # the first ``cpu_threads`` CPUs this process may use. 0: vLLM's auto binding, which keeps one core for a
-    # scheduler process, so on 2 cores the model computes on 1 thread. An RLHF rollout actor whose learner waits while
-    # it samples (the synchronous loop) can take every core: its config sets this to the learner's threads.
+    # CPU, an engine in its own process (``make_llm(in_process=True)``): the torch threads its model computes on. 0:
+    # the process's own (a Ray actor: its num_cpus, so 1 thread for a 1-CPU rollout actor). An RLHF rollout actor whose
+    # learner waits while it samples (the synchronous loop) can take every core: configs/smollm2.yaml sets 2.
     cpu_threads: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -110,11 +109,21 @@ def make_llm(
     if in_process and not on_gpu():
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         cfg = dataclasses.replace(cfg, extra={"distributed_executor_backend": "uni", **cfg.extra})
-        if cfg.cpu_threads > 0:
-            cpus = sorted(os.sched_getaffinity(0))[: cfg.cpu_threads]
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus)
-            log.info("vLLM CPU worker: %d OpenMP threads on CPUs %s", len(cpus), cpus)
+        if cfg.cpu_threads > 0:  # vLLM's uni executor sets no OpenMP threads: the process's torch threads compute
+            import torch
+
+            torch.set_num_threads(cfg.cpu_threads)
+            log.info("vLLM CPU engine in process: %d torch threads", cfg.cpu_threads)
+    # vLLM 0.32 warms a chat template up even without a tokenizer and logs the failure with a traceback: noise
+    renderer_log = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _NoChatWarmupWarning) for f in renderer_log.filters):
+        renderer_log.addFilter(_NoChatWarmupWarning())
     return LLM(**engine_kwargs(model, cfg, worker_extension_cls))
+
+
+class _NoChatWarmupWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
 
 
 def sampling_params(
