@@ -56,7 +56,8 @@ def wrap_model(
     forward except the last one's (needed at once by backward); ``never`` keeps them until backward (one all-gather
     per block per step instead of two, at the memory of the full model: ZeRO-2); ``always`` frees all.
     Each block prefetches its neighbour's parameters (``prefetch_neighbours``).
-    ``ddp``: ``DistributedDataParallel`` (device_ids on CUDA). ``none``: the bare model.
+    ``ddp``: ``DistributedDataParallel`` (device_ids on CUDA), or the bare model on a one-rank group. ``none``: the bare
+    model.
     """
     if strategy != "none" and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"strategy {strategy!r} needs torch.distributed initialised (run under Ray Train)")
@@ -83,6 +84,8 @@ def wrap_model(
         prefetch_neighbours(model, layers, device)
         return model
     model.to(device)
+    if strategy == "ddp" and dist.get_world_size() == 1:
+        return model  # one rank: nothing to all-reduce (DDP would still copy every gradient into its buckets)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -113,7 +116,7 @@ def set_gradient_sync(module: nn.Module, strategy: Strategy, enabled: bool):
     """Context manager / call that turns gradient all-reduce off for accumulation micro-batches but the last."""
     import contextlib
 
-    if strategy == "ddp" and not enabled:
+    if strategy == "ddp" and not enabled and hasattr(module, "no_sync"):  # a lone rank's model is not wrapped
         return module.no_sync()
     if strategy == "fsdp":
         module.set_requires_gradient_sync(enabled)
