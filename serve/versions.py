@@ -39,7 +39,14 @@ log = logging.getLogger(__name__)
 VERSION_DIGITS = 16
 # config.json keys that do not change what the weights mean (a bf16 export of the same model reloads fine)
 IGNORED_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "use_cache"}
-TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer_spec.json", "tokenizer_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.tiktoken",
+    "tokenizer_spec.json",
+    "tokenizer_config.json",
+    "tokenizer.json",  # an imported model's own tokenizer and chat template
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
@@ -122,6 +129,18 @@ def weight_shapes(local: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _same_model(live: Path, new: Path) -> bool:
+    """Do both configs describe the same network (``models.checkpoint.load_config``: sizes, heads, RoPE, vocabulary,
+    tied head, biases)? A fine-tuned export of an imported model writes its config.json anew (transformers' extra
+    keys dropped, ``rope_theta`` where transformers 4 put it), yet reloads in place."""
+    from models.checkpoint import CheckpointError, load_config
+
+    try:
+        return load_config(live) == load_config(new)
+    except CheckpointError:
+        return False
+
+
 def incompatibilities(live: str | Path, new: str | Path) -> list[str]:
     """What keeps the checkpoint folder ``new`` from replacing ``live`` in place (both local): differing
     ``config.json`` keys, tokenizer/chat template files, weight names or shapes. Empty: an in-place reload works."""
@@ -141,10 +160,13 @@ def incompatibilities(live: str | Path, new: str | Path) -> list[str]:
             raise SwitchError(
                 f"{folder / 'config.json'} is missing or corrupt ({e}); re-export the checkpoint"
             ) from None
-    keys = sorted(set(cfgs[0]) | set(cfgs[1]), key=str)
-    out += [
-        f"config.json {k}: {cfgs[0].get(k)!r} -> {cfgs[1].get(k)!r}" for k in keys if cfgs[0].get(k) != cfgs[1].get(k)
-    ]
+    if not _same_model(live, new):  # keys that do not change the model (a name, eos ids, rope_theta's place) pass
+        keys = sorted(set(cfgs[0]) | set(cfgs[1]), key=str)
+        out += [
+            f"config.json {k}: {cfgs[0].get(k)!r} -> {cfgs[1].get(k)!r}"
+            for k in keys
+            if cfgs[0].get(k) != cfgs[1].get(k)
+        ]
     out += [
         f"{f} differs (another tokenizer or chat template)"
         for f in TOKENIZER_FILES

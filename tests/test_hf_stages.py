@@ -94,6 +94,16 @@ def test_sft_full_two_steps_then_transformers_greedy_equals_vllm(ray_session, hf
     assert res["heldout_answer_loss_after"] < res["heldout_answer_loss_before"]
     export = tmp_path / "out" / "model"
     assert_keeps_tokenizer(hf_checkpoint, export)
+    # `genloop deploy` takes the export in place of the served import (config.json written anew, same network)...
+    from serve.versions import incompatibilities
+
+    assert incompatibilities(hf_checkpoint, export) == []
+    other = tmp_path / "other_tokenizer"  # ...but never one whose tokenizer or chat template differs
+    shutil.copytree(export, other)
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert incompatibilities(hf_checkpoint, other) == [
+        "chat_template.jinja differs (another tokenizer or chat template)"
+    ]
     samples = [json.loads(line) for line in open(tmp_path / "out" / "samples.jsonl")]
     assert len(samples) == 2
 

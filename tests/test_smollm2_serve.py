@@ -112,3 +112,34 @@ def test_smollm2_answers_through_openai_client(client, hf_prompt_len):
     assert finish == "stop"
     assert usage is not None and usage.prompt_tokens == hf_prompt_len
     assert usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_deploy_switches_to_a_fine_tuned_copy_in_place(smollm2_server, smollm2, client, tmp_path):
+    """`genloop deploy` (its Ray route) onto the served import: a fine-tuned export of it (other weights, config.json
+    written anew without transformers' extra keys) reloads in place, and the new version answers."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cluster.commands.deploy import over_ray
+
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    for f in smollm2.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, tuned / f.name)
+    cfg = json.loads((smollm2 / "config.json").read_text())
+    cfg.pop("_model_name_or_path", None)
+    (tuned / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(str(smollm2 / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.001
+    save_file(weights, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+
+    status, body = over_ray(APP, str(tuned), timeout=300)
+    assert status == 200 and body["mode"] == "in_place", body
+    assert body["model_version"] != body["previous_version"]
+    r = client.chat.completions.create(
+        model=NAME, messages=QUESTION, temperature=0.0, max_tokens=32, extra_body={"rag": False}
+    )
+    assert "Paris" in r.choices[0].message.content
