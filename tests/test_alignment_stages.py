@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -80,6 +81,20 @@ def test_dpo_preference_accuracy_rises(ray_session, tiny_checkpoint, tmp_path):
     assert (tmp_path / "dpo" / "model" / "config.json").exists()  # an HF causal LM: serve / vLLM load it
 
 
+def engine_processes() -> int:
+    """vLLM engine-core processes alive on this machine (spawned engines name themselves VLLM::EngineCore)."""
+    import psutil
+
+    n = 0
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "VLLM::EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or []):
+                n += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return n
+
+
 def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, tiny_checkpoint, tmp_path):
     from pipelines.prefs.pairs import read_pairs
     from pipelines.prefs.pref_data import PrefDataConfig, run
@@ -114,7 +129,13 @@ def test_pref_data_makes_valid_judge_pairs_and_merges_human_ones(ray_session, ti
         "tiny",
         {"policy": str(tiny_checkpoint), "prompts": str(sft), "out": str(tmp_path / "pd"), "human": str(human)},
     )
+    engines_before = engine_processes()
     res = run(cfg)
+    # the sampling task's engine went with it (an idle Ray worker once kept it: ~2 GB and a busy core)
+    deadline = time.monotonic() + 30
+    while engine_processes() > engines_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert engine_processes() <= engines_before
     c = res["counts"]
     assert c["prompts"] == 8 and c["skipped_not_code_writing"] == 1 and c["bad_prompt_not_json"] == 1
     assert c["samples"] == 8 * cfg.samples and c["pairs_human"] == 2 and c["bad_not_json"] == 1

@@ -179,8 +179,10 @@ def _sample_remote(cfg: PrefDataConfig, prompt_ids: list[list[int]], stop_ids: l
 
     from pipelines.runtime import use_gpu_default
 
-    task = ray.remote(sample_answers).options(
-        num_cpus=cfg.num_cpus, num_gpus=1 if use_gpu_default() else 0, max_retries=0
+    # max_calls=1: the worker process exits with the task. Otherwise Ray keeps it as an idle worker, and with it the
+    # engine's spawned processes (~2 GB and a busy-polling core on CPU) for the rest of the driver's life.
+    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=1 if use_gpu_default() else 0, max_retries=0, max_calls=1)(
+        sample_answers
     )
     return ray.get(
         task.remote(
