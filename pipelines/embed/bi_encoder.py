@@ -22,7 +22,8 @@ import torch
 
 from pipelines.embed.loss import SCALE, recall_at
 from pipelines.embed.objective import TokenInfoNCEObjective, encode_tokens, pad_tokens
-from pipelines.train.config import MODEL_DIR, TrainLoopConfig
+from pipelines.embed.train import embed_loop_config
+from pipelines.train.config import MODEL_DIR
 from pipelines.train.loop import fit
 from pipelines.train.state import hf_export
 
@@ -117,25 +118,7 @@ def train_bi_encoder(
     log.info("embed-train: %d of %d training documents cut to %d tokens", cut, n, cfg.max_tokens)
     before = evaluate(build_bi_encoder(init_from), held, cfg.eval_batch)
     steps = cfg.steps or max(1, cfg.epochs * n // rows_per_step)
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else min(20, steps // 10)
-    loop = TrainLoopConfig(
-        steps=steps,
-        micro_batch_size=cfg.batch,
-        lr=cfg.lr,
-        min_lr=cfg.lr / 10,
-        warmup_steps=warmup,
-        weight_decay=0.0,
-        seed=cfg.seed,
-        log_every=max(1, steps // 20),
-        eval_every=0,
-        eval_batches=0,
-        ckpt_every=0,
-        strategy="none" if cfg.num_workers == 1 else "ddp",
-        num_workers=cfg.num_workers,
-        use_gpu=cfg.use_gpu,
-        name="embed",
-        progress=False,
-    )
+    loop = embed_loop_config(steps, cfg.batch, cfg.lr, cfg.seed, cfg.num_workers, cfg.use_gpu, cfg.warmup_steps)
     res = fit(
         loop,
         partial(build_bi_encoder, init_from),

@@ -35,6 +35,15 @@ def pad_bags(rows: list[dict[int, float]], width: int) -> tuple[np.ndarray, np.n
     return ids, w
 
 
+def info_nce_step(a: torch.Tensor, p: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """An objective's return for (B, D) query and document vectors: the InfoNCE loss, its unit count (pairs) and the
+    in-batch top-1 accuracy (summed)."""
+    loss, n = info_nce(a, p, scale)
+    with torch.no_grad():
+        right = (a @ p.T).argmax(1) == torch.arange(len(a), device=a.device)
+    return loss, torch.tensor(float(n), device=a.device), {"accuracy": right.float().sum()}
+
+
 class BagEncoder(nn.Module):
     """``embed = normalise(sum_t w_t E[t])``: an embedding bag over weighted term ids, shared by both sides."""
 
@@ -59,12 +68,7 @@ class InfoNCEObjective(Objective):
         self.scale = scale
 
     def __call__(self, model, batch):
-        a = model(batch["q_ids"], batch["q_w"])
-        p = model(batch["d_ids"], batch["d_w"])
-        loss, n = info_nce(a, p, self.scale)
-        with torch.no_grad():
-            right = (a @ p.T).argmax(1) == torch.arange(len(a), device=a.device)
-        return loss, torch.tensor(float(n), device=a.device), {"accuracy": right.float().sum()}
+        return info_nce_step(model(batch["q_ids"], batch["q_w"]), model(batch["d_ids"], batch["d_w"]), self.scale)
 
     def row_counts(self, rows):
         return np.ones(len(rows["q_ids"]), np.int64)
@@ -106,11 +110,7 @@ class TokenInfoNCEObjective(Objective):
 
     def __call__(self, model, batch):
         a = encode_tokens(model, batch["q_ids"], batch["q_len"])
-        p = encode_tokens(model, batch["d_ids"], batch["d_len"])
-        loss, n = info_nce(a, p, self.scale)
-        with torch.no_grad():
-            right = (a @ p.T).argmax(1) == torch.arange(len(a), device=a.device)
-        return loss, torch.tensor(float(n), device=a.device), {"accuracy": right.float().sum()}
+        return info_nce_step(a, encode_tokens(model, batch["d_ids"], batch["d_len"]), self.scale)
 
     def row_counts(self, rows):
         return np.ones(len(rows["q_ids"]), np.int64)

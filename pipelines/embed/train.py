@@ -37,6 +37,31 @@ class EmbedTrainConfig:
     num_workers: int = 1
 
 
+def embed_loop_config(
+    steps: int, batch: int, lr: float, seed: int, num_workers: int, use_gpu: bool = False, warmup: int = -1
+) -> TrainLoopConfig:
+    """The shared loop's settings for a retriever: ``batch`` pairs a micro-batch (the in-batch negatives), cosine
+    decay to lr / 10, ``warmup`` steps (-1: min(20, steps / 10)), no eval or checkpoints, DDP past one worker."""
+    return TrainLoopConfig(
+        steps=steps,
+        micro_batch_size=batch,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=warmup if warmup >= 0 else min(20, steps // 10),
+        weight_decay=0.0,
+        seed=seed,
+        log_every=max(1, steps // 20),
+        eval_every=0,
+        eval_batches=0,
+        ckpt_every=0,
+        strategy="none" if num_workers == 1 else "ddp",
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        name="embed",
+        progress=False,
+    )
+
+
 def evaluate(model: BagEncoder, queries: list[Bag], docs: list[Bag], width: int) -> dict[str, float]:
     (qi, qw), (di, dw) = pad_bags(queries, width), pad_bags(docs, width)
     with torch.no_grad():
@@ -71,24 +96,7 @@ def train(
     di, dw = pad_bags(train_d, cfg.width)
     rows = {"q_ids": qi, "q_w": qw, "d_ids": di, "d_w": dw}
     steps = max(1, cfg.epochs * len(train_q) // (cfg.batch * cfg.num_workers))
-    loop = TrainLoopConfig(
-        steps=steps,
-        micro_batch_size=cfg.batch,
-        lr=cfg.lr,
-        min_lr=cfg.lr / 10,
-        warmup_steps=min(20, steps // 10),
-        weight_decay=0.0,
-        seed=cfg.seed,
-        log_every=max(1, steps // 20),
-        eval_every=0,
-        eval_batches=0,
-        ckpt_every=0,
-        strategy="none" if cfg.num_workers == 1 else "ddp",
-        num_workers=cfg.num_workers,
-        use_gpu=False,
-        name="embed",
-        progress=False,
-    )
+    loop = embed_loop_config(steps, cfg.batch, cfg.lr, cfg.seed, cfg.num_workers)
     init_cpu = init.detach().float().cpu().clone()
     res = fit(
         loop,
