@@ -8,7 +8,15 @@ from collections import Counter
 
 import pytest
 
-from pipelines.rewards import RewardError, RewardSet, column_use, exact_answer, last_number, number_answer
+from pipelines.rewards import (
+    RewardError,
+    RewardSet,
+    column_use,
+    concise_answer,
+    exact_answer,
+    last_number,
+    number_answer,
+)
 
 
 # ---- prompt rows ---------------------------------------------------------------------------------------------------
@@ -128,6 +136,13 @@ def test_exact_and_number_answer_against_hand_values():
     assert exact_answer([""] * 9, responses, answers) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert number_answer([""] * 9, responses, answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert number_answer(["", ""], ["7", "7"], ["seven", None]) == [0.0, 0.0]  # an answer that is not a number
+    # concise: right number x len(answer) / len(stripped response): 2/2, 2/2, 2/3, 2/17, 3/3, 0 (wrong), 2/12
+    got = concise_answer(
+        [""] * 7,
+        ["85", " 85\n", "85.", "The answer is 85.", "-12", "84", "47 + 38 = 85"],
+        [85, "85", 85, 85, -12, 85, 85],
+    )
+    assert got == [1.0, 1.0, 2 / 3, 2 / 17, 1.0, 0.0, 2 / 12]
 
 
 # ---- genloop tasks arithmetic --------------------------------------------------------------------------------------
@@ -225,6 +240,11 @@ def test_eval_intervals_against_a_hand_computation():
     assert table[0].split() == ["sft", "grpo"]
     assert table[1].startswith("exact_answer: pass rate (95% CI)") and table[1].count("80.0% [49.0%, 94.3%]") == 2
     assert any(line.startswith("KL to reference") for line in table)
+    assert any(line.startswith("judge pass rate") for line in table)
+    # arithmetic prompts ask for no function: the code judge has no verdict, and the table shows no judge rows
+    unjudged = {**row, "judge_pass_rate": None, "judge_mean": None}
+    table = comparison_table(["sft", "grpo"], [unjudged, unjudged])
+    assert "judge" not in table and "exact_answer: pass rate" in table
 
 
 def test_pref_data_scores_candidates_with_a_reward_reading_columns(tmp_path, tiny_checkpoint, monkeypatch):

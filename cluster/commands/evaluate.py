@@ -106,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append(r)
         print(f"{policy}: {r['prompts']} prompts, {r['decoding']}")
         for a in r["answers"][:2]:
-            score = f"reward {a['reward']:.2f}" if "reward" in a else f"judge {a['judge']:.2f}"
-            print(f"  {score}: {a['answer'][:100]!r}")
+            if "reward" in a:
+                score = f"reward {a['reward']:.2f}: "
+            else:
+                score = "" if a["judge"] is None else f"judge {a['judge']:.2f}: "
+            print(f"  {score}{a['answer'][:100]!r}")
     print(comparison_table(args.policy, rows))
     if args.out:
         write_text(

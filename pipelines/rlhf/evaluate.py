@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -78,8 +79,8 @@ class PolicyEval:
     policy: str
     prompts: int
     decoding: str  # "greedy" | "sampled (temperature T, seed S)"
-    judge_pass_rate: float
-    judge_mean: float
+    judge_pass_rate: float | None  # None: no prompt is a code-writing request (the judge has nothing to check)
+    judge_mean: float | None
     answer_tokens_mean: float
     rm_score_mean: float | None = None
     kl_to_reference: float | None = None
@@ -153,7 +154,7 @@ def evaluate_policy(
     from models.checkpoint import load_config, load_tokenizer
     from models.engine import EngineConfig
     from pipelines.artifacts import checkpoint_dir
-    from pipelines.judge import judge
+    from pipelines.judge import judge, requested_signature
     from pipelines.rewards import RewardModelWorker, function_rewards
     from pipelines.rlhf.experience import load_prompts, prompt_order
     from pipelines.rlhf.rollout import RolloutWorker, SamplingConfig
@@ -173,10 +174,13 @@ def evaluate_policy(
     ids = [ps.ids[i] for i in order]
     texts = [ps.texts[i] for i in order]
     stop = [tok.eot_id, tok.im_end_id]
+    # the engine in the actor's own process, on every core of this machine: eval runs one policy at a time and the
+    # driver waits (vLLM's spawned CPU engine binds one OpenMP thread per reserved CPU: 1 here)
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     actor = (
         ray.remote(RolloutWorker)
         .options(num_cpus=num_cpus)
-        .remote(policy, engine_cfg or EngineConfig(max_num_seqs=32), stop)
+        .remote(policy, engine_cfg or EngineConfig(max_num_seqs=64, cpu_threads=threads), stop, own_process=True)
     )
     try:
         if temperature <= 0:
@@ -193,14 +197,17 @@ def evaluate_policy(
         ray.kill(actor)
     specials = set(tok.special_tokens.values())
     answer_texts = [tok.decode([t for t in a if t not in specials]) for a in answers]
-    scores = [judge(p, a) for p, a in zip(texts, answer_texts)]
+    # the code judge reads the function a prompt asks for: on other prompts (arithmetic, questions) it has no verdict
+    judged = any(requested_signature(t) is not None for t in texts)
+    scores: list[float | None] = [judge(p, a) if judged else None for p, a in zip(texts, answer_texts)]
     n = max(len(scores), 1)
+    known = [s for s in scores if s is not None]
     result = PolicyEval(
         policy=policy,
         prompts=len(scores) // samples,
         decoding=decoding,
-        judge_pass_rate=sum(s == 1.0 for s in scores) / n,
-        judge_mean=sum(scores) / n,
+        judge_pass_rate=sum(s == 1.0 for s in known) / n if judged else None,
+        judge_mean=sum(known) / n if judged else None,
         answer_tokens_mean=sum(len(a) for a in answers) / n,
         samples_per_prompt=samples,
         answers=[
@@ -218,10 +225,12 @@ def evaluate_policy(
         rm = RewardModelWorker(checkpoint_dir(reward_model), tok.pad_id)
         rm_scores = rm.score(ids, answers)
         result.rm_score_mean = sum(rm_scores) / max(len(rm_scores), 1)
-    if reference:
+    if reference and os.path.realpath(checkpoint_dir(reference)) == os.path.realpath(policy):
+        result.kl_to_reference = 0.0  # the policy is its own reference: KL 0 by definition, no forward passes
+    elif reference:
         result.kl_to_reference = kl_to_reference(policy, checkpoint_dir(reference), ids, answers, tok.pad_id)
     log.info(
-        "evaluate_policy %s: judge pass %.3f (mean %.3f), rm %s, KL %s, rewards %s over %d answers (%s)",
+        "evaluate_policy %s: judge pass %s (mean %s), rm %s, KL %s, rewards %s over %d answers (%s)",
         policy,
         result.judge_pass_rate,
         result.judge_mean,
@@ -242,6 +251,10 @@ def _num(m: float, lo: float, hi: float) -> str:
     return f"{m:.3f}" if math.isnan(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _or_dash(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
 def comparison_table(names: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     """Policies side by side (one column each; ``rows``: ``PolicyEval.as_dict()``): every reward part (pass rate
     for 0/1 parts, else mean, with its 95% interval), the judge, the reward model, the KL, the decoding."""
@@ -255,8 +268,9 @@ def comparison_table(names: Sequence[str], rows: Sequence[dict[str, Any]]) -> st
             )
         else:
             lines.append((f"{part}: mean (95% CI)", [_num(c["mean"], c["mean_lo"], c["mean_hi"]) for c in cells]))
-    lines.append(("judge pass rate", [f"{r['judge_pass_rate']:.1%}" for r in rows]))
-    lines.append(("judge mean", [f"{r['judge_mean']:.3f}" for r in rows]))
+    if any(r.get("judge_pass_rate") is not None for r in rows):  # code-writing prompts: the judge's verdicts
+        lines.append(("judge pass rate", [_or_dash(r.get("judge_pass_rate"), ".1%") for r in rows]))
+        lines.append(("judge mean", [_or_dash(r.get("judge_mean"), ".3f") for r in rows]))
     if any(r.get("rm_score_mean") is not None for r in rows):
         lines.append(
             ("reward model score", ["-" if r["rm_score_mean"] is None else f"{r['rm_score_mean']:.3f}" for r in rows])
