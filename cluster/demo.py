@@ -24,10 +24,9 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from cluster.console import Console
-from cluster.demo_summary import policy_dir
 from pipelines.artifacts import is_finished
 from pipelines.config import ConfigError, build_config, load_yaml
 
@@ -43,12 +42,45 @@ class DemoEvalConfig:
 
 
 @dataclass
+class DemoRealModelConfig:
+    """The real-model steps: a pretrained model imported (``import-model``), aligned with GRPO on generated problems
+    with verifiable answers (``tasks arithmetic`` -> ``rlhf``), both evaluated greedy on the held-out problems
+    (``eval``, 95% intervals), and the aligned model served. ``enabled: false`` leaves them out (the from-scratch
+    chain's last model is served)."""
+
+    enabled: bool = True
+    source: str = "smollm2-135m-instruct"  # import-model's SRC: a packaged model, an HF folder or a .gguf file
+    config: str = "smollm2"  # the preset whose rlhf: section (reward, sampling, learner) the GRPO step runs
+    iterations: int = 6  # GRPO iterations (the preset's own count is the longer run)
+    rlhf: list[str] = field(default_factory=list)  # further key=value overrides on that rlhf: section
+    n: int = 2000  # train problems (tasks arithmetic --n)
+    heldout: int = 128  # held-out problems (never trained on); eval answers all of them
+    digits: int = 2
+    ops: str = "+"
+    seed: int = 0
+    reward: str = "fn:exact_answer,fn:number_answer"  # what eval reports per policy
+    max_new_tokens: int = 16  # eval's answer length (the rlhf section samples its own)
+
+    def validate(self) -> None:
+        if min(self.iterations, self.n, self.heldout, self.digits, self.max_new_tokens) < 1:
+            raise ConfigError(
+                f"demo.real_model: iterations ({self.iterations}), n ({self.n}), heldout ({self.heldout}), digits "
+                f"({self.digits}) and max_new_tokens ({self.max_new_tokens}) must be >= 1"
+            )
+
+
+@dataclass
 class DemoConfig:
     """A preset's ``demo:`` section: the settings of the demo steps that take no ``--config`` of their own."""
 
     eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
     smoke_questions: int = 4  # held-out code-writing requests the served model answers (serve --smoke)
     knowledge: list[str] = field(default_factory=lambda: ["json", "http"])  # stdlib packages in the knowledge store
+    # the from-scratch model's own alignment: pref-data -> reward -> rlhf -> eval (SFT vs RLHF). Off in the 15-minute
+    # demo: a 3M-parameter model moves its judge pass rate by a point or two, inside the noise; the real model's
+    # GRPO (real_model) is where alignment shows
+    from_scratch_alignment: bool = False
+    real_model: DemoRealModelConfig = field(default_factory=DemoRealModelConfig)
 
     def validate(self) -> None:
         if self.eval.n_prompts < 1 or self.eval.max_new_tokens < 1 or self.smoke_questions < 1:
@@ -56,12 +88,22 @@ class DemoConfig:
                 f"demo: eval.n_prompts ({self.eval.n_prompts}), eval.max_new_tokens "
                 f"({self.eval.max_new_tokens}) and smoke_questions ({self.smoke_questions}) must be >= 1"
             )
+        self.real_model.validate()
 
 
-def demo_config(preset: str) -> DemoConfig:
-    cfg = build_config(DemoConfig, "demo", preset)
+def demo_config(preset: str, overrides: Sequence[str] = ()) -> DemoConfig:
+    """The preset's ``demo:`` section with ``key=value`` overrides (``real_model.iterations=14``)."""
+    cfg = build_config(DemoConfig, "demo", preset, list(overrides))
     cfg.validate()
     return cfg
+
+
+def policy_dir(out: Path, dc: DemoConfig) -> str:
+    """The model the demo serves: the last training stage's artifact (the real model's GRPO policy; without the
+    real-model steps, the from-scratch RLHF policy, or its SFT model when its alignment is off)."""
+    if dc.real_model.enabled:
+        return f"{out}/grpo"
+    return f"{out}/rlhf" if dc.from_scratch_alignment else f"{out}/sft"
 
 
 def demo_reward(spec: str, out: Path) -> str:
@@ -107,12 +149,14 @@ class Step:
         return self.args() if callable(self.args) else list(self.args)
 
 
-def steps(out: Path, preset: str) -> list[Step]:
+def steps(out: Path, preset: str, overrides: Sequence[str] = ()) -> list[Step]:
+    """The demo's steps in order: the from-scratch chain (data -> pretrain -> sft, and its own alignment where
+    ``from_scratch_alignment``), the real model's (import -> tasks -> grpo -> eval-grpo), then knowledge -> serve ->
+    feedback -> lineage on the last model trained."""
     d = str(out)
-    stdlib = sysconfig.get_paths()["stdlib"]
-    policy = policy_dir(out)
-    dc = demo_config(preset)
-    return [
+    dc = demo_config(preset, overrides)
+    policy = policy_dir(out, dc)
+    chain = [
         Step("data", ["data", "--config", preset, "--out", f"{d}/data"], f"{d}/data"),
         Step(
             "pretrain",
@@ -125,63 +169,73 @@ def steps(out: Path, preset: str) -> list[Step]:
             ["sft", "--config", preset, "--init-from", f"{d}/pretrain", "--data", f"{d}/sft-data", "--out", f"{d}/sft"],
             f"{d}/sft",
         ),
-        # alignment: the SFT model's own answers judged into pairs -> a reward model -> GRPO (its reward and group
-        # filter, and why: the preset's rlhf: section)
+    ]
+    if dc.from_scratch_alignment:
+        chain += _alignment_steps(d, preset, dc)
+    if dc.real_model.enabled:
+        chain += _real_model_steps(d, dc.real_model)
+    return chain + _serving_steps(d, preset, dc, policy)
+
+
+def _alignment_steps(d: str, preset: str, dc: DemoConfig) -> list[Step]:
+    """The from-scratch model aligned: its own answers judged into pairs -> a reward model -> GRPO (its reward and
+    group filter, and why: the preset's rlhf: section) -> SFT vs RLHF on held-out prompts."""
+    return [
         Step(
             "pref-data",
-            [
-                "pref-data",
-                "--config",
-                preset,
-                "--policy",
-                f"{d}/sft",
-                "--prompts",
-                f"{d}/sft-data",
-                "--out",
-                f"{d}/pref-data",
-            ],
+            ["pref-data", "--config", preset, "--policy", f"{d}/sft", "--prompts", f"{d}/sft-data"]
+            + ["--out", f"{d}/pref-data"],
             f"{d}/pref-data",
         ),
         Step(
             "reward",
-            [
-                "reward",
-                "--config",
-                preset,
-                "--init-from",
-                f"{d}/sft",
-                "--data",
-                f"{d}/pref-data",
-                "--out",
-                f"{d}/reward",
-            ],
+            ["reward", "--config", preset, "--init-from", f"{d}/sft", "--data", f"{d}/pref-data"]
+            + ["--out", f"{d}/reward"],
             f"{d}/reward",
         ),
-        Step("rlhf", rlhf_argv(out, preset), f"{d}/rlhf"),
-        # SFT vs RLHF on held-out prompts: judge pass rate, reward-model score, KL to the SFT model
+        Step("rlhf", rlhf_argv(Path(d), preset), f"{d}/rlhf"),
+        # judge pass rate, reward-model score, KL to the SFT model
         Step(
             "eval",
-            [
-                "eval",
-                "--policy",
-                f"{d}/sft",
-                "--policy",
-                f"{d}/rlhf",
-                "--prompts",
-                f"{d}/sft-data",
-                "--reference",
-                f"{d}/sft",
-                "--reward-model",
-                f"{d}/reward",
-                "--n-prompts",
-                str(dc.eval.n_prompts),
-                "--max-new-tokens",
-                str(dc.eval.max_new_tokens),
-                "--out",
-                f"{d}/eval.json",
-            ],
+            ["eval", "--policy", f"{d}/sft", "--policy", f"{d}/rlhf", "--prompts", f"{d}/sft-data"]
+            + ["--reference", f"{d}/sft", "--reward-model", f"{d}/reward"]
+            + ["--n-prompts", str(dc.eval.n_prompts), "--max-new-tokens", str(dc.eval.max_new_tokens)]
+            + ["--out", f"{d}/eval.json"],
             None,
         ),
+    ]
+
+
+def _real_model_steps(d: str, rm: DemoRealModelConfig) -> list[Step]:
+    """A pretrained model imported, aligned with GRPO on problems with verifiable answers, and evaluated greedy on
+    the held-out problems before and after (each rate with its 95% interval, KL to the imported model)."""
+    return [
+        Step("import", ["import-model", rm.source, "--out", f"{d}/real"], f"{d}/real"),
+        Step(
+            "tasks",
+            ["tasks", "arithmetic", "--out", f"{d}/arith", "--n", str(rm.n), "--heldout", str(rm.heldout)]
+            + ["--digits", str(rm.digits), "--ops", rm.ops, "--seed", str(rm.seed)],
+            f"{d}/arith",
+        ),
+        Step(
+            "grpo",
+            ["rlhf", "--config", rm.config, "--policy", f"{d}/real", "--prompts", f"{d}/arith", "--out", f"{d}/grpo"]
+            + [f"iterations={rm.iterations}", *rm.rlhf],
+            f"{d}/grpo",
+        ),
+        Step(
+            "eval-grpo",
+            ["eval", "--policy", f"{d}/real", "--policy", f"{d}/grpo", "--reference", f"{d}/real"]
+            + ["--prompts", f"{d}/arith", "--reward", rm.reward, "--n-prompts", str(rm.heldout)]
+            + ["--max-new-tokens", str(rm.max_new_tokens), "--out", f"{d}/eval-grpo.json"],
+            None,
+        ),
+    ]
+
+
+def _serving_steps(d: str, preset: str, dc: DemoConfig, policy: str) -> list[Step]:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return [
         # the knowledge store: stdlib packages plus the modules the smoke questions' functions come from
         Step(
             "knowledge",
@@ -197,21 +251,9 @@ def steps(out: Path, preset: str) -> list[Step]:
         ),
         Step(
             "serve",
-            [
-                "serve",
-                "--config",
-                preset,
-                "--model",
-                policy,
-                "--knowledge",
-                f"{d}/serve",
-                "--smoke",
-                str(dc.smoke_questions),
-                "--smoke-questions",
-                f"{d}/sft-data",
-                "--smoke-out",
-                f"{d}/serve/smoke.json",
-            ],
+            ["serve", "--config", preset, "--model", policy, "--knowledge", f"{d}/serve"]
+            + ["--smoke", str(dc.smoke_questions), "--smoke-questions", f"{d}/sft-data"]
+            + ["--smoke-out", f"{d}/serve/smoke.json"],
             None,
         ),
         # the loop, once around: the ratings and preferences posted during serve --smoke, exported for the version
@@ -274,14 +316,20 @@ class Outcome:
 
 
 def run(
-    out: Path, preset: str = "demo", fresh: bool = False, only: list[str] | None = None, verbose: bool = False
+    out: Path,
+    preset: str = "demo",
+    fresh: bool = False,
+    only: list[str] | None = None,
+    verbose: bool = False,
+    overrides: Sequence[str] = (),
 ) -> int:
     from cluster.demo_summary import write_summary
 
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    all_steps = steps(out, preset)
+    all_steps = steps(out, preset, overrides)
+    served = policy_dir(out, demo_config(preset, overrides))
     todo = [s for s in all_steps if not only or s.name in only]
     unknown = sorted(set(only or []) - {s.name for s in all_steps})
     if unknown:
@@ -301,7 +349,7 @@ def run(
         finally:  # the summary of what ran, whatever happened
             ran = {o.name for o in outcomes}
             outcomes += [Outcome(s.name, "not run", 0.0) for s in todo if s.name not in ran]
-            text = write_summary(out, all_steps, outcomes, time.perf_counter() - t_all, preset)
+            text = write_summary(out, all_steps, outcomes, time.perf_counter() - t_all, preset, served)
             con.say("\n" + text)
     return 0 if all(o.status in ("ok", "skipped") for o in outcomes) else 1
 

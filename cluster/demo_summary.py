@@ -1,7 +1,8 @@
 """The demo's closing summary: the numbers that matter per stage, read back from each step's artifact (so a resumed
 demo reports skipped steps too), printed and written to ``<out>/summary.md`` with the plots beside it.
 
-``SUMMARIES`` maps a demo step to a function ``(out, step) -> Section | None``; a new stage adds one here.
+``SUMMARIES`` maps a demo step to a function ``(out, step, served) -> Section | None`` (``served``: the folder of the
+model the demo serves); a new stage adds one here.
 
 A curve is never reported as its two endpoints (one noisy iteration each): a training curve as the mean and standard
 deviation of its first and of its last few logged points (``curve_ends``), a held-out evaluation's rate with its 95%
@@ -21,11 +22,6 @@ from typing import Any, Callable, Sequence
 from pipelines.train.curves import curve_ends
 
 log = logging.getLogger("genloop.demo")
-
-
-def policy_dir(out: Path) -> str:
-    """The model the demo serves: the last training stage's artifact (the RLHF policy)."""
-    return f"{out}/rlhf"
 
 
 @dataclass
@@ -138,7 +134,7 @@ def _copy_plot(src: Path, out: Path, name: str) -> str | None:
 # ---- per stage ----------------------------------------------------------------------------------------------------
 
 
-def data_section(out: Path, step: Any) -> Section | None:
+def data_section(out: Path, step: Any, served: str) -> Section | None:
     m = _manifest(out / "data")
     if not m:
         return None
@@ -205,7 +201,7 @@ def _accounting_plot(c: dict[str, Any], path: Path) -> str | None:
     return path.name
 
 
-def pretrain_section(out: Path, step: Any) -> Section | None:
+def pretrain_section(out: Path, step: Any, served: str) -> Section | None:
     m = _manifest(out / "pretrain")
     if not m:
         return None
@@ -228,7 +224,7 @@ def pretrain_section(out: Path, step: Any) -> Section | None:
     return s
 
 
-def sft_data_section(out: Path, step: Any) -> Section | None:
+def sft_data_section(out: Path, step: Any, served: str) -> Section | None:
     m = _manifest(out / "sft-data")
     if not m:
         return None
@@ -243,7 +239,7 @@ def sft_data_section(out: Path, step: Any) -> Section | None:
     return s
 
 
-def sft_section(out: Path, step: Any) -> Section | None:
+def sft_section(out: Path, step: Any, served: str) -> Section | None:
     m = _manifest(out / "sft")
     if not m:
         return None
@@ -269,7 +265,7 @@ def sft_section(out: Path, step: Any) -> Section | None:
     return s
 
 
-def knowledge_section(out: Path, step: Any) -> Section | None:
+def knowledge_section(out: Path, step: Any, served: str) -> Section | None:
     db = out / "serve" / "knowledge.db"
     if not db.is_file():
         return None
@@ -278,7 +274,7 @@ def knowledge_section(out: Path, step: Any) -> Section | None:
     return Section("knowledge: the store retrieval reads", rows=[("documents", f"{KnowledgeStore(db).count():,}")])
 
 
-def serve_section(out: Path, step: Any) -> Section | None:
+def serve_section(out: Path, step: Any, served: str) -> Section | None:
     f = out / "serve" / "smoke.json"
     if not f.is_file():
         return None
@@ -316,7 +312,7 @@ def _indent(text: str, pad: str) -> str:
     return "\n".join(pad + ln for ln in text.splitlines())
 
 
-def feedback_section(out: Path, step: Any) -> Section | None:
+def feedback_section(out: Path, step: Any, served: str) -> Section | None:
     rnd = out / "serve" / "round1"
     prefs, ratings = rnd / "prefs.jsonl", rnd / "prefs.ratings.jsonl"
     if not prefs.is_file():
@@ -335,17 +331,17 @@ def feedback_section(out: Path, step: Any) -> Section | None:
         ],
     )
     s.lines.append(
-        f"The next round's reward stage reads them: `genloop reward --init-from {out}/rlhf --data {prefs} "
+        f"The next round's reward stage reads them: `genloop reward --init-from {served} --data {prefs} "
         f"--out {out}/reward2`."
     )
     return s
 
 
-def lineage_section(out: Path, step: Any) -> Section | None:
+def lineage_section(out: Path, step: Any, served: str) -> Section | None:
     from pipelines.artifacts import lineage
 
     try:
-        chain = list(lineage(policy_dir(out)))
+        chain = list(lineage(served))
     except (ValueError, FileNotFoundError):
         return None
     s = Section("lineage: the served model back to the raw corpus")
@@ -353,131 +349,16 @@ def lineage_section(out: Path, step: Any) -> Section | None:
     return s
 
 
-def pref_data_section(out: Path, step: Any) -> Section | None:
-    m = _manifest(out / "pref-data")
-    if not m:
-        return None
-    c, x = m.get("counts", {}), m.get("metrics", {})
-    return Section(
-        "pref-data: the SFT model's own answers, judged into preference pairs",
-        rows=[
-            ("prompts x answers sampled", f"{c.get('prompts', 0):,} prompts, {c.get('samples', 0):,} answers"),
-            ("SFT answers the judge passes", _pct(x.get("policy_judge_pass_rate"))),
-            ("pairs (train / held-out)", f"{c.get('train_pairs', 0):,} / {c.get('val_pairs', 0):,}"),
-        ],
-    )
-
-
-def reward_section(out: Path, step: Any) -> Section | None:
-    m = _manifest(out / "reward")
-    if not m:
-        return None
-    x, c = m.get("metrics", {}), m.get("counts", {})
-    n = c.get("val_pairs")  # the held-out pairs both accuracies are measured on
-    s = Section(
-        "reward: a Bradley-Terry reward model (the SFT trunk + a scalar head)",
-        rows=[
-            ("held-out pairwise accuracy, untrained head", _pct_ci(x.get("heldout_pairwise_accuracy_before"), n)),
-            ("held-out pairwise accuracy, trained", _pct_ci(x.get("heldout_pairwise_accuracy"), n)),
-            ("held-out mean margin (chosen - rejected)", _num(x.get("heldout_mean_margin"))),
-        ],
-    )
-    s.rows += curve_rows(_history(out / "reward"), "loss", "train loss (one step per point)")
-    s.rows += [("steps", _num(x.get("steps"), "d")), ("train seconds", _num(x.get("train_seconds"), ".0f"))]
-    return s
-
-
-def rlhf_section(out: Path, step: Any) -> Section | None:
-    m = _manifest(out / "rlhf")
-    if not m:
-        return None
-    c = m.get("counts", {})
-    reward = m.get("config", {}).get("reward", "")
-    rows = _history(out / "rlhf")
-    s = Section(
-        "rlhf: GRPO with vLLM rollout actors and a Ray Train learner",
-        rows=[("reward", f"`{reward}`" if reward else "-"), ("iterations", _num(c.get("iterations"), "d"))],
-    )
-    s.rows += curve_rows(rows, "reward_mean", "mean reward of an iteration's answers", x="iteration")
-    if any("reward/judge_pass" in r for r in rows):
-        s.rows += curve_rows(rows, "reward/judge_pass", "judge pass rate of an iteration's answers", x="iteration")
-    s.rows += curve_rows(rows, "kl", "KL to the SFT model", x="iteration")
-    sync = curve_ends(rows, "sync_s", "iteration")
-    s.rows.append(
-        ("weight sync into the engines, seconds (last iterations, mean ± sd)", _pm(sync.last, ".2f") if sync else "-")
-    )
-    s.lines.append(
-        "Each iteration's numbers are over its own sampled answers, so single iterations are noisy: the "
-        "rows give the mean ± standard deviation of the first and the last few; the held-out comparison "
-        "below (greedy, SFT vs RLHF) is the measurement."
-    )
-    plot = _copy_plot(out / "rlhf" / "reward_curve.png", out, "rlhf_reward.png")
-    if plot:
-        s.plots.append(("RLHF reward per iteration", plot))
-    return s
-
-
-def eval_section(out: Path, step: Any) -> Section | None:
-    f = out / "eval.json"
-    if not f.is_file():
-        return None
-    rows = json.loads(f.read_text()).get("policies", [])
-    if not rows:
-        return None
-    s = Section(f"SFT vs RLHF on {rows[0]['prompts']} held-out code-writing prompts ({rows[0]['decoding']})")
-    names = [
-        Path(r["policy"]).parent.name if Path(r["policy"]).name == "model" else Path(r["policy"]).name for r in rows
-    ]
-    ns = [int(r["prompts"]) * int(r.get("samples_per_prompt") or 1) for r in rows]  # answers judged per policy
-    table = [
-        (
-            "judge pass rate (requested function and signature)",
-            [_pct_ci(r["judge_pass_rate"], n) for r, n in zip(rows, ns)],
-        ),
-        (
-            "judge mean score",
-            [_mean_ci(r["judge_mean"], r.get("judge_std"), n, bound01=True) for r, n in zip(rows, ns)],
-        ),
-        ("mean reward-model score", [_mean_ci(r["rm_score_mean"], r.get("rm_score_std"), n) for r, n in zip(rows, ns)]),
-        (
-            "KL to the SFT model, per answer token",
-            [_mean_ci(r["kl_to_reference"], r.get("kl_std"), n, ".4f") for r, n in zip(rows, ns)],
-        ),
-    ]
-    s.lines.append(
-        "\n".join(
-            [
-                f"| | {' | '.join(names)} |",
-                f"| --- |{' ---: |' * len(names)}",
-                *(f"| {what} | {' | '.join(vals)} |" for what, vals in table),
-            ]
-        )
-    )
-    if len(rows) >= 2:
-        d, lo, hi = rate_difference(rows[0]["judge_pass_rate"], ns[0], rows[-1]["judge_pass_rate"], ns[-1])
-        verdict = "a difference" if lo > 0 or hi < 0 else "no difference this evaluation can tell from chance"
-        s.lines.append(
-            f"Judge pass rate, {names[-1]} - {names[0]}: {100 * d:+.0f} points (95% CI {100 * lo:+.0f} to "
-            f"{100 * hi:+.0f}): {verdict}. Intervals: Wilson for rates, Newcombe for the difference; a "
-            "score's interval is from its per-answer standard deviation where recorded."
-        )
-    return s
-
-
-SUMMARIES: dict[str, Callable[[Path, Any], Section | None]] = {
+SUMMARIES: dict[str, Callable[[Path, Any, str], Section | None]] = {
     "data": data_section,
     "pretrain": pretrain_section,
     "sft-data": sft_data_section,
     "sft": sft_section,
-    "pref-data": pref_data_section,
-    "reward": reward_section,
-    "rlhf": rlhf_section,
-    "eval": eval_section,
     "knowledge": knowledge_section,
     "serve": serve_section,
     "feedback": feedback_section,
     "lineage": lineage_section,
-}
+}  # plus the alignment steps' (cluster/demo_alignment.py), added where the summary is written
 
 
 # ---- the page -------------------------------------------------------------------------------------------------------
@@ -491,15 +372,16 @@ def render(sections: Sequence[Section], outcomes: Sequence[Any], total_s: float,
         md += [f"## {s.title}", ""]
         if s.rows:
             md += ["| | |", "| --- | ---: |"] + [f"| {k} | {v} |" for k, v in s.rows] + [""]
-        md += [*s.lines, ""] if s.lines else []
+        for line in s.lines:  # paragraphs and tables: a blank line after each (a table ends there)
+            md += [line, ""]
         md += [f"![{cap}]({name})" for cap, name in s.plots] + ([""] if s.plots else [])
     return "\n".join(md)
 
 
-def next_steps(out: Path, preset: str) -> str:
+def next_steps(out: Path, preset: str, served: str) -> str:
     smoke = out / "serve" / "smoke.json"
     q = "Write a Python function `def is_even(n)` that does the following: Return True if n is even."
-    name = Path(policy_dir(out)).name
+    name = Path(served).name
     if smoke.is_file():
         data = json.loads(smoke.read_text())
         name = data.get("model", name)
@@ -511,7 +393,7 @@ def next_steps(out: Path, preset: str) -> str:
             "",
             "```bash",
             ". .venv/bin/activate",
-            f"genloop serve --config {preset} --model {policy_dir(out)} --knowledge {out}/serve   # Ctrl-C stops",
+            f"genloop serve --config {preset} --model {served} --knowledge {out}/serve   # Ctrl-C stops",
             "# in another terminal:",
             "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
             f"  -d '{body.replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'",
@@ -523,20 +405,24 @@ def next_steps(out: Path, preset: str) -> str:
     )
 
 
-def write_summary(out: Path, steps: Sequence[Any], outcomes: Sequence[Any], total_s: float, preset: str) -> str:
+def write_summary(
+    out: Path, steps: Sequence[Any], outcomes: Sequence[Any], total_s: float, preset: str, served: str
+) -> str:
     """Build every section whose artifact exists, write ``out/summary.md`` (plots beside it); returns the text."""
+    from cluster.demo_alignment import ALIGNMENT_SUMMARIES
+
     sections = []
     for step in steps:
-        fn = SUMMARIES.get(step.summary or step.name)
+        fn = {**SUMMARIES, **ALIGNMENT_SUMMARIES}.get(step.summary or step.name)
         if fn is None:
             continue
         try:
-            sec = fn(out, step)
+            sec = fn(out, step, served)
         except Exception:  # a summary must never hide the demo's outcome
             log.exception("summary of %s failed", step.name)
             continue
         if sec is not None:
             sections.append(sec)
-    text = render(sections, outcomes, total_s, preset) + "\n" + next_steps(out, preset) + "\n"
+    text = render(sections, outcomes, total_s, preset) + "\n" + next_steps(out, preset, served) + "\n"
     (out / "summary.md").write_text(text)
     return text + f"\n(written to {out}/summary.md, plots beside it)"

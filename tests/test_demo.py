@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -186,7 +188,8 @@ def test_summary_reports_each_stages_numbers_with_plots_and_how_to_serve(tmp_pat
         )
     )
     outcomes = [Outcome("data", "ok", 12.0), Outcome("pretrain", "skipped", 0.0), Outcome("sft", "failed (1)", 3.0)]
-    text = write_summary(out, steps(out, "demo"), outcomes, 15.0, "demo")
+    ov = ["from_scratch_alignment=true"]  # the from-scratch alignment sections too
+    text = write_summary(out, steps(out, "demo", ov), outcomes, 15.0, "demo", f"{out}/rlhf")
     md = (out / "summary.md").read_text()
     assert text.startswith(md.rstrip("\n")) or md in text
     # data: every document accounted for, per rule and duplicates, and the accounting plot beside summary.md
@@ -263,7 +266,7 @@ def test_summary_curl_example_is_valid_json_in_shell_quotes(tmp_path):
             }
         )
     )
-    text = next_steps(out, "demo")
+    text = next_steps(out, "demo", f"{out}/sft")
     curl = text.split("curl ", 1)[1].split("\n```")[0].replace("\\\n", " ")
     argv = shlex.split("curl " + curl)
     body = json.loads(argv[argv.index("-d") + 1])
@@ -272,28 +275,51 @@ def test_summary_curl_example_is_valid_json_in_shell_quotes(tmp_path):
 
 
 def test_demo_steps_are_a_list_to_extend_and_serve_the_policy(tmp_path):
-    from cluster.demo import policy_dir, steps
+    """The 15-minute demo: the from-scratch chain, then the real model imported, GRPO'd, evaluated and served; the
+    from-scratch alignment behind ``from_scratch_alignment=true``; without the real model the last from-scratch
+    model is served."""
+    from cluster.demo import demo_config, policy_dir, steps
 
-    names = [s.name for s in steps(tmp_path, "demo")]
-    assert names == [
-        "data",
-        "pretrain",
-        "sft-data",
-        "sft",
-        "pref-data",
-        "reward",
-        "rlhf",
-        "eval",
-        "knowledge",
-        "serve",
-        "feedback",
-        "lineage",
-    ]
-    assert policy_dir(tmp_path).endswith("/rlhf"), "the demo serves the RLHF policy"
-    serve = next(s for s in steps(tmp_path, "demo") if s.name == "serve").argv()
-    assert serve[serve.index("--model") + 1] == policy_dir(tmp_path)
-    lineage = next(s for s in steps(tmp_path, "demo") if s.name == "lineage").argv()
-    assert lineage[-1] == policy_dir(tmp_path)
+    def names(*ov: str) -> list[str]:
+        return [s.name for s in steps(tmp_path, "demo", ov)]
+
+    chain, serving = ["data", "pretrain", "sft-data", "sft"], ["knowledge", "serve", "feedback", "lineage"]
+    real, align = ["import", "tasks", "grpo", "eval-grpo"], ["pref-data", "reward", "rlhf", "eval"]
+    assert names() == chain + real + serving
+    assert names("from_scratch_alignment=true") == chain + align + real + serving
+    assert names("real_model.enabled=false") == chain + serving
+    for ov, served in [
+        ((), "grpo"),
+        (("real_model.enabled=false",), "sft"),
+        (("real_model.enabled=false", "from_scratch_alignment=true"), "rlhf"),
+    ]:
+        policy = policy_dir(tmp_path, demo_config("demo", ov))
+        assert policy == f"{tmp_path}/{served}", ov
+        serve = next(s for s in steps(tmp_path, "demo", ov) if s.name == "serve").argv()
+        assert serve[serve.index("--model") + 1] == policy
+        lineage = next(s for s in steps(tmp_path, "demo", ov) if s.name == "lineage").argv()
+        assert lineage[-1] == policy
+
+
+def test_demo_real_model_steps_follow_the_demo_section(tmp_path):
+    """import -> tasks -> GRPO (the real model's preset, the demo's iteration count and overrides) -> eval of the
+    imported model vs the GRPO policy on every held-out problem."""
+    from cluster.demo import steps
+    from pipelines.config import ConfigError
+
+    ov = ["real_model.iterations=3", "real_model.heldout=40", "real_model.rlhf=[train.lr=2e-5]"]
+    by = {s.name: s for s in steps(tmp_path, "demo", ov)}
+    assert by["import"].argv() == ["import-model", "smollm2-135m-instruct", "--out", f"{tmp_path}/real"]
+    tasks = by["tasks"].argv()
+    assert tasks[:2] == ["tasks", "arithmetic"] and tasks[tasks.index("--heldout") + 1] == "40"
+    grpo = by["grpo"].argv()
+    assert grpo[:3] == ["rlhf", "--config", "smollm2"] and grpo[grpo.index("--policy") + 1] == f"{tmp_path}/real"
+    assert grpo[-2:] == ["iterations=3", "train.lr=2e-5"]
+    ev = by["eval-grpo"].argv()
+    assert ev.count("--policy") == 2 and ev[ev.index("--reference") + 1] == f"{tmp_path}/real"
+    assert ev[ev.index("--n-prompts") + 1] == "40" and "fn:exact_answer" in ev[ev.index("--reward") + 1]
+    with pytest.raises(ConfigError, match="iterations"):
+        steps(tmp_path, "demo", ["real_model.iterations=0"])
 
 
 def test_curve_ends_and_intervals():
@@ -325,12 +351,13 @@ def test_demo_runs_with_its_preset_only(tmp_path):
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     assert demo["rlhf"]["reward"] == "rm:runs/demo/reward:0.1,fn:judge_pass,fn:signature_match:0.5"
     assert demo["rlhf"]["update"]["filter_groups"] == "judge_pass" and demo["rlhf"]["algo"] == "grpo"
-    rlhf = next(s for s in steps(Path("runs/demo"), "demo") if s.name == "rlhf").argv()
+    ov = ["from_scratch_alignment=true"]
+    rlhf = next(s for s in steps(Path("runs/demo"), "demo", ov) if s.name == "rlhf").argv()
     assert "--reward" not in rlhf and not any("=" in a for a in rlhf) and "--algo" not in rlhf, rlhf
-    rlhf = next(s for s in steps(tmp_path, "demo") if s.name == "rlhf").argv()
+    rlhf = next(s for s in steps(tmp_path, "demo", ov) if s.name == "rlhf").argv()
     assert rlhf[rlhf.index("--reward") + 1] == f"rm:{tmp_path}/reward:0.1,fn:judge_pass,fn:signature_match:0.5"
     assert demo_reward("rm:a/b,fn:x:2", Path("o")) == "rm:o/reward,fn:x:2"
-    ev = next(s for s in steps(tmp_path, "demo") if s.name == "eval").argv()
+    ev = next(s for s in steps(tmp_path, "demo", ov) if s.name == "eval").argv()
     assert ev[ev.index("--n-prompts") + 1] == str(demo["demo"]["eval"]["n_prompts"])
     serve = next(s for s in steps(tmp_path, "demo") if s.name == "serve").argv()
     assert serve[serve.index("--smoke") + 1] == str(demo["demo"]["smoke_questions"])
@@ -346,3 +373,46 @@ def test_demo_without_a_demo_section_is_an_error(tmp_path):
     f.write_text("data:\n  seq_len: 64\n")
     with pytest.raises(ConfigError, match=r"has no 'demo:' section \(its sections: data:\).*presets with one: demo"):
         steps(tmp_path, str(f))
+
+
+def test_summary_of_the_real_model_steps_gives_rates_intervals_and_the_gain(tmp_path):
+    """tasks, grpo and eval-grpo in the summary: the held-out rates of the imported model and its GRPO policy, each
+    with its Wilson interval, the difference with Newcombe's, and the verdict; the judge (no code asked) is absent."""
+    from cluster.demo import steps
+    from cluster.demo_summary import rate_difference, wilson, write_summary
+    from pipelines.rlhf.evaluate import summarize_scores
+
+    out = tmp_path / "demo"
+    _write_manifest(out / "arith", {"train": 2000, "heldout": 128}, config={"digits": 2, "ops": "+"})
+    (out / "arith" / "heldout.jsonl").write_text(json.dumps({"prompt": "Compute 1+2.", "answer": "3"}) + "\n")
+    _write_manifest(out / "grpo", {"iterations": 8}, config={"reward": "fn:number_answer", "kl": {"coef": 0.0}})
+    _write_history(out / "grpo", [{"iteration": i, "reward_mean": 0.1 * i, "kl": 0.0} for i in range(1, 9)])
+
+    def policy(name: str, exact: int, number: int, kl: float) -> dict:
+        return {
+            "policy": f"{out}/{name}/model",
+            "prompts": 128,
+            "decoding": "greedy",
+            "judge_pass_rate": None,
+            "judge_mean": None,
+            "answer_tokens_mean": 9.0,
+            "kl_to_reference": kl,
+            "rewards": {
+                "exact_answer": summarize_scores([1.0] * exact + [0.0] * (128 - exact)),
+                "number_answer": summarize_scores([1.0] * number + [0.0] * (128 - number)),
+            },
+            "answers": [{"prompt": "Compute 1+2.", "answer": "1 + 2 = 3", "reward": 1.0}],
+        }
+
+    rows = [policy("real", 0, 30, 0.0), policy("grpo", 2, 80, 0.3)]
+    (out / "eval-grpo.json").write_text(json.dumps({"policies": rows}))
+    write_summary(out, steps(out, "demo"), [], 1.0, "demo", f"{out}/grpo")
+    md = (out / "summary.md").read_text()
+    lo, hi = wilson(80 / 128, 128)
+    assert "| right number (the last one in the answer) (`number_answer`) | 23% (95% CI" in md
+    assert f"{100 * 80 / 128:.0f}% (95% CI {100 * lo:.0f}-{100 * hi:.0f}%, n=128)" in md
+    d, dlo, dhi = rate_difference(30 / 128, 128, 80 / 128, 128)
+    assert f"{100 * d:+.1f} points (95% CI {100 * dlo:+.1f} to {100 * dhi:+.1f}): a gain." in md
+    assert "bare right answer: +1.6 points" in md and "no difference this evaluation can tell" in md
+    assert "judge" not in md.split("imported vs GRPO")[1], "no code was asked: no judge rows"
+    assert "| mean reward of an iteration's answers, first" in md and "KL to" not in md.split("## grpo")[1][:600]

@@ -15,10 +15,19 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete --out first (else finished steps are skipped)")
     p.add_argument("--only", nargs="*", metavar="STEP", help="run only these steps")
     p.add_argument("--verbose", action="store_true", help="show Ray's and vLLM's logs on the terminal too")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the preset's demo: section, e.g. real_model.iterations=14 real_model.heldout=256 "
+        "(the README's longer GRPO run) or from_scratch_alignment=true",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from cluster import demo
 
-    return demo.run(Path(args.out), args.config, fresh=args.fresh, only=args.only, verbose=args.verbose)
+    return demo.run(
+        Path(args.out), args.config, fresh=args.fresh, only=args.only, verbose=args.verbose, overrides=args.overrides
+    )
