@@ -21,7 +21,8 @@ recorded in the store, so vectors of one embedder are never searched with anothe
   code-aware terms projected on the top singular vectors; learns which terms occur together in the corpus;
 - ``ckpt:DIR`` (or a checkpoint folder): a genloop checkpoint's mean-pooled final hidden states
   (``serve.embeddings``); inputs over its context are cut to the context (logged). ``DIR`` may be an artifact with
-  the checkpoint in ``model/``: ``genloop embed-train --init-from CKPT`` writes such a bi-encoder, trained for this.
+  the checkpoint in ``model/``: ``genloop embed-train --init-from CKPT`` writes such a bi-encoder, trained for this,
+  with ``embedder.json`` beside the weights: inputs are cut at its ``max_tokens``, as in training.
 """
 
 from __future__ import annotations
@@ -197,12 +198,20 @@ class CheckpointEmbedder:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
         self.identity = f"ckpt-{pooling}:{h.hexdigest()[:16]}"
+        # a bi-encoder from `genloop embed-train` was trained on texts cut to its max_tokens: cut there too, so a
+        # stored document is embedded as the training documents were (its identity says so)
+        self.max_tokens = self.context
+        trained = _trained_max_tokens(p)
+        if trained:
+            self.max_tokens = min(trained, self.context)
+            self.identity = f"ckpt-{pooling}-{self.max_tokens}t:{h.hexdigest()[:16]}"
         self.dim = len(self.hidden.embed([[0]], pooling)[0])
         self.max_chars = self.context  # at least one token per character of ASCII text with a byte-level BPE
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        ids = [self.tok.encode(t)[: self.context] or [0] for t in texts]
-        cut = sum(len(self.tok.encode(t)) > self.context for t in texts)
+        encoded = [self.tok.encode(t) for t in texts]
+        ids = [e[: self.max_tokens] or [0] for e in encoded]
+        cut = sum(len(e) > self.context for e in encoded)  # over the context: lost to any use of this model
         if cut:
             log.warning(
                 "checkpoint embedder: %d of %d inputs were over the context of %d tokens and were cut to it",
@@ -211,6 +220,22 @@ class CheckpointEmbedder:
                 self.context,
             )
         return np.asarray(self.hidden.embed(ids, self.pooling), np.float32)
+
+
+def _trained_max_tokens(model_dir: Path) -> int:
+    """``max_tokens`` from ``embedder.json`` beside a bi-encoder's weights (``genloop embed-train``); 0 without one."""
+    f = model_dir / "embedder.json"
+    if not f.is_file():
+        return 0
+    try:
+        value = int(json.loads(f.read_text()).get("max_tokens", 0))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise VectorError(
+            f"{f}: not an embedder settings file ({e}); re-run genloop embed-train or delete it"
+        ) from None
+    if value < 1:
+        raise VectorError(f"{f}: max_tokens must be >= 1, got {value}; re-run genloop embed-train or delete it")
+    return value
 
 
 def check_embedder_spec(spec: str) -> None:

@@ -155,6 +155,7 @@ def test_embed_train_from_a_checkpoint_raises_held_out_recall(tiny_checkpoint, t
     assert manifest["stage"] == "embed-train" and manifest["status"] == "finished"
     assert manifest["metrics"]["heldout_recall@1"] == after["recall@1"]
     assert (out / "model" / "tokenizer.tiktoken").exists() and (out / "metrics.jsonl").exists()
+    assert json.loads((out / "model" / "embedder.json").read_text())["max_tokens"] == 64  # served with it
     # the folder is a ckpt: embedder as is, and it retrieves as the report says (no text was cut)
     emb = load_embedder(f"ckpt:{out}")
     _, te = corpus_pairs([(p, p.name) for p in sorted(data.glob("*.py"))], 0.25)

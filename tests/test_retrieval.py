@@ -274,6 +274,27 @@ def test_checkpoint_embedder_hidden_states_and_its_limits(tmp_path, tiny_checkpo
     assert [p.doc_id for p in s.search("json", 1, mode="dense")] == ["x"]
 
 
+def test_checkpoint_embedder_cuts_inputs_where_its_bi_encoder_was_trained_to(tmp_path, tiny_checkpoint):
+    """A bi-encoder from embed-train records its max_tokens (embedder.json): serving cuts there, not at the context,
+    and says so in its identity (a store embedded with the other truncation is not searched with it)."""
+    import json
+    import shutil
+
+    model = tmp_path / "bi" / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    (model / "embedder.json").write_text(json.dumps({"max_tokens": 8, "pooling": "mean"}))
+    e, plain = load_embedder(f"ckpt:{tmp_path / 'bi'}"), load_embedder(f"ckpt:{tiny_checkpoint}")
+    assert e.max_tokens == 8 and "-8t:" in e.identity and e.identity != plain.identity
+    text = "def parse(text, strict=True):\n    return json.loads(text)  # a function longer than eight tokens"
+    head = e.tok.decode(e.tok.encode(text)[:8])
+    assert len(e.tok.encode(text)) > 8 and e.tok.encode(head) == e.tok.encode(text)[:8]
+    assert np.allclose(e.embed([text]), plain.embed([head]), atol=1e-5)
+    assert not np.allclose(plain.embed([text]), plain.embed([head]), atol=1e-3)
+    (model / "embedder.json").write_text("[1, 2]")
+    with pytest.raises(VectorError, match="embedder.json: not an embedder settings file"):
+        load_embedder(f"ckpt:{tmp_path / 'bi'}")
+
+
 def test_v1_embeddings_can_serve_the_retrievers_embedder(tmp_path, tiny_checkpoint):
     """serve.embeddings_from=retriever: /v1/embeddings answers with serve.rag_embedder (a ckpt: bi-encoder from
     `genloop embed-train`), which reads text; the config is refused without an embedder."""

@@ -5,8 +5,9 @@ model for both sides, trained with in-batch-negative InfoNCE (``TokenInfoNCEObje
 
 Texts are encoded as the ``ckpt:`` embedder encodes them (``tokenizer.encode``, no special tokens) and cut to
 ``max_tokens`` per side. The export is an ordinary checkpoint in ``<out>/model`` (``save_checkpoint``, the model's
-own tokenizer files kept; the output head is carried along untouched), so ``ckpt:<out>`` serves it unchanged. Held-out
-recall@1/5 and MRR are measured before and after, with the same truncation.
+own tokenizer files kept; the output head is carried along untouched) plus ``embedder.json`` (``max_tokens``), so
+``ckpt:<out>`` serves it with the training's truncation. Held-out recall@1/5 and MRR are measured before and after,
+with the same truncation.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def build_bi_encoder(init_from: str) -> torch.nn.Module:
     if not model.cfg.tie_embeddings:
         model.lm_head.weight.requires_grad_(False)
     return model
+
+
+EMBEDDER_FILE = "embedder.json"  # beside the exported weights: how the bi-encoder was trained to read its inputs
+
+
+def write_embedder_settings(model_dir: str, max_tokens: int) -> None:
+    """Record the truncation the bi-encoder was trained with (``max_tokens`` per text, mean pooling) in
+    ``<model_dir>/embedder.json``: the ``ckpt:`` embedder that serves it cuts its inputs there too, not at the
+    model's context, so a served document is embedded as the training documents were."""
+    import json
+
+    with open(os.path.join(model_dir, EMBEDDER_FILE), "w") as f:
+        json.dump({"max_tokens": int(max_tokens), "pooling": "mean"}, f)
 
 
 def token_rows(tok, texts: list[str], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +144,7 @@ def train_bi_encoder(
         objective=TokenInfoNCEObjective(cfg.scale),
     )
     model_dir = os.path.join(out, MODEL_DIR)
+    write_embedder_settings(model_dir, cfg.max_tokens)
     trained, _ = load_checkpoint(model_dir)
     after = evaluate(trained, held, cfg.eval_batch)
     losses = [r["loss"] for r in res.history if "loss" in r and not math.isnan(r["loss"])]
