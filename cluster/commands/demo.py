@@ -25,9 +25,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _only_and_overrides(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
+    """``--only a b key=value``: argparse gives the overrides after --only to it; they are overrides all the same."""
+    only = [x for x in args.only or [] if "=" not in x] or None
+    return only, [*(x for x in args.only or [] if "=" in x), *args.overrides]
+
+
+def config(args: argparse.Namespace):
+    """The preset's ``demo:`` section with the overrides (a bad key or value fails here, before any step)."""
+    from cluster.demo import demo_config
+
+    return demo_config(args.config, _only_and_overrides(args)[1])
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster import demo
 
-    return demo.run(
-        Path(args.out), args.config, fresh=args.fresh, only=args.only, verbose=args.verbose, overrides=args.overrides
-    )
+    config(args)
+    only, overrides = _only_and_overrides(args)
+    return demo.run(Path(args.out), args.config, fresh=args.fresh, only=only, verbose=args.verbose, overrides=overrides)
