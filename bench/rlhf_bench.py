@@ -150,6 +150,7 @@ def run_genloop(a, ckpt: str, work: Path, task: Task) -> tuple[list[float], list
             "update": {
                 "epochs": a.epochs,
                 "minibatches": a.minibatches,
+                "old_logp": a.old_logp,
                 "eps_low": 0.2,
                 "eps_high": 0.2,
                 "norm_std": True,
@@ -349,6 +350,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--minibatches", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument(
+        "--old-logp",
+        choices=["learner", "rollout"],
+        default="learner",
+        help="genloop's update.old_logp: the ratio against the learner's no-grad pass (as TRL) or vLLM's sampling "
+        "log-probs (no extra pass; fp32 engine and learner agree to ~1e-9)",
+    )
     ap.add_argument("--lr", type=float, help="default: 1e-2 for tiny, else 2e-5")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -368,7 +376,8 @@ def main() -> None:
     print(
         f"model {ckpt}, task {a.task} ({len(task.rows)} prompts, reward {task.reward}), {a.iterations} iterations "
         f"of {a.prompts} prompts x {a.group} answers, {a.max_new_tokens} new tokens, temperature {a.temperature}, "
-        f"{a.epochs} epochs x {a.minibatches} minibatches, lr {a.lr:g}, fp32, {a.cpus} CPUs",
+        f"{a.epochs} epochs x {a.minibatches} minibatches (genloop old log-probs: {a.old_logp}), lr {a.lr:g}, fp32, "
+        f"{a.cpus} CPUs",
         flush=True,
     )
     if a.only != "trl":

@@ -271,3 +271,39 @@ def test_old_log_probs_from_the_training_pass_give_the_two_pass_update(tiny_chec
         assert fused_stats[k] == pytest.approx(plain_stats[k], rel=1e-5, abs=1e-7), k
     for k in plain_w:
         assert torch.allclose(fused_w[k], plain_w[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_old_log_probs_from_the_engine_give_the_learner_pass_update_when_they_agree(tiny_checkpoint, algo):
+    """update.old_logp=rollout over 2 epochs x 2 minibatches: with an engine whose log-probs are the learner's own
+    (an fp32 engine), the ratio against them is the ratio against the no-grad pass's, so the weights and the stats
+    equal the default's, without that pass. An engine that disagrees changes the update (no IS correction then)."""
+    from dataclasses import replace
+
+    def run(old_logp: str, shift: float = 0.0):
+        torch.manual_seed(0)
+        cfg = make_cfg(tiny_checkpoint, algo)
+        cfg.update = replace(cfg.update, epochs=2, minibatches=2, old_logp=old_logp)
+        cfg.train = replace(cfg.train, micro_batch_size=1)
+        learner = Learner(cfg, str(tiny_checkpoint), None, torch.device("cpu"))
+        exp = experience(learner, [1.0, 0.0, 0.0, 1.0])
+        exp.rollout_logp = [[v + shift for v in r] for r in exp.rollout_logp]
+        calls = []
+        pre = learner._precompute
+        # (P, R, T, policy): whether the no-grad pass computes the policy's log-probs
+        learner._precompute = lambda *a, **k: (
+            calls.append(a[3] if len(a) > 3 else k.get("policy", True)) or pre(*a, **k)
+        )
+        stats = learner.update(exp, iteration=0)
+        return stats, learner.full_state_dict(), calls
+
+    learner_stats, learner_w, learner_calls = run("learner")
+    rollout_stats, rollout_w, rollout_calls = run("rollout")
+    assert learner_calls == [True] and rollout_calls == [False], "no old-log-prob pass with old_logp=rollout"
+    for k in learner_w:
+        assert torch.allclose(rollout_w[k], learner_w[k], atol=1e-6), k
+    for k in ("policy_loss", "grad_norm", "clip_frac"):
+        assert rollout_stats[k] == pytest.approx(learner_stats[k], rel=1e-5, abs=1e-7), k
+    assert rollout_stats["mismatch_kl"] >= 0.0 and rollout_stats["entropy"] > 0
+    _, shifted_w, _ = run("rollout", shift=-0.5)
+    assert any(not torch.allclose(shifted_w[k], learner_w[k], atol=1e-6) for k in learner_w)

@@ -55,6 +55,12 @@ class UpdateConfig:
     minibatches: int = 1  # optimizer steps per epoch
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     is_cap: float = 2.0  # truncated importance sampling cap on exp(learner - vLLM log-probs); 0 = off
+    # the log-probs the clipped ratio divides by. "learner": the policy's own, before the iteration's first step (a
+    # no-grad pass, skipped at 1 epoch x 1 minibatch of GRPO), the engine/learner gap corrected by truncated IS.
+    # "rollout": the engine's sampling log-probs (the behaviour policy itself; veRL's bypass mode): no extra pass at
+    # any epochs x minibatches; sound when the engine computes what the learner does (fp32: mismatch_kl ~1e-9 here),
+    # not with a bf16 engine under an fp32 learner
+    old_logp: Literal["learner", "rollout"] = "learner"
     entropy_coef: float = 0.0
     gamma: float = 1.0  # ppo: GAE discount
     lam: float = 0.95  # ppo: GAE lambda

@@ -217,15 +217,26 @@ class Learner:
         # One epoch of one minibatch (TRL's default, num_iterations=1): the one optimizer step runs on the weights
         # that define old_logp, so old_logp is the training pass's own logp, detached, and the separate no-grad
         # policy pass (a third of the learner's work) is skipped. GAE (PPO) needs the values before the loop.
-        on_policy = self.fuse_old_logp and a.epochs == 1 and a.minibatches == 1 and cfg.algo == "grpo"
-        pre = self._precompute_all(exp, T, policy=not on_policy)
+        # update.old_logp=rollout: the ratio is against the engine's own sampling log-probs (the behaviour policy
+        # itself, veRL's bypass mode): no old-log-prob pass at any epochs x minibatches, and no IS correction
+        from_rollout = a.old_logp == "rollout"
+        on_policy = not from_rollout and self.fuse_old_logp and a.epochs == 1 and a.minibatches == 1
+        on_policy = on_policy and cfg.algo == "grpo"
+        pre = self._precompute_all(exp, T, policy=not (on_policy or from_rollout))
         mask = pad_rows([[1.0] * len(r) for r in R], T)  # (B, T)
         rollout_logp = pad_rows(exp.rollout_logp, T)
+        first_logp = None  # old_logp=rollout: epoch 0's training-pass log-probs, for the mismatch statistic
+        own_rows: list[int] = []  # the rows this rank trained on in epoch 0 (its rows of the filled-in tables)
+        if from_rollout:
+            pre["old_logp"] = rollout_logp.clone()
+            first_logp = torch.zeros_like(rollout_logp)
         keep = None
         if cfg.algo == "grpo" and a.filter_groups:
             keep = algos.informative_groups(torch.tensor(exp.parts[a.filter_groups]), cfg.rollout.group_size)
         adv, ret = self._advantages(exp, pre, mask, keep)  # GRPO: from the scores alone
-        is_w = None if on_policy else algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)[0]
+        is_w = None
+        if not (on_policy or from_rollout):
+            is_w = algos.truncated_is_weights(pre["old_logp"], rollout_logp, mask, a.is_cap)[0]
         loss_fn = algos.get_policy_loss("clip")
         n_batch_tok = max(float(mask.sum()), 1.0)
         out: dict[str, float] = {}
@@ -256,12 +267,17 @@ class Learner:
                         with autocast(tc.autocast, self.device):
                             logits = response_logits(self.policy, mb)
                         logp, ent = logp_and_entropy(logits, mb.targets, self.temperature)
+                        w = None if is_w is None else sel(is_w)
                         if on_policy:  # this rank's rows of the tables, filled in by the training pass itself
                             pre["old_logp"][micro, :t] = logp.detach().cpu()
                             pre["entropy"][micro, :t] = ent.detach().cpu()
                             w = algos.truncated_is_weights(
                                 pre["old_logp"][micro, :t], rollout_logp[micro, :t], mask[micro, :t], a.is_cap
-                            )[0]
+                            )[0].to(self.device)
+                        elif first_logp is not None and epoch == 0:
+                            first_logp[micro, :t] = logp.detach().cpu()
+                            pre["entropy"][micro, :t] = ent.detach().cpu()
+                            own_rows += micro
                         loss, st = loss_fn(
                             logp,
                             sel(pre["old_logp"]),
@@ -269,7 +285,7 @@ class Learner:
                             mb.mask,
                             eps_low=a.eps_low,
                             eps_high=a.eps_high,
-                            is_weights=w.to(self.device) if on_policy else sel(is_w),
+                            is_weights=w,
                             agg=a.loss_agg,
                             n_tokens=denom_tok,
                             n_seqs=denom_seq,
@@ -305,9 +321,16 @@ class Learner:
                 steps += 1
         # entropy, KL to the reference and the engine/learner mismatch over the whole batch: every rank holds the
         # whole tables, unless the training pass filled them in (its own rows only, summed over the ranks)
-        rows = sorted(set(perm[self.rank :: self.world].tolist())) if on_policy else list(range(B))
+        # (old_logp=rollout: the learner's log-probs of epoch 0, each row's first pass; after the minibatch steps
+        # before it, so at minibatches > 1 the "mismatch" includes that drift)
+        filled = on_policy or from_rollout
+        rows = list(range(B))
+        if on_policy:
+            rows = sorted(set(perm[self.rank :: self.world].tolist()))
+        elif from_rollout:
+            rows = sorted(set(own_rows))
         m = mask[rows]
-        old, roll = pre["old_logp"][rows], rollout_logp[rows]
+        old, roll = (first_logp if first_logp is not None else pre["old_logp"])[rows], rollout_logp[rows]
         log_ratio = (old - roll).clamp(-20.0, 20.0)
         sums["tok"] = float(m.sum())
         sums["entropy"] = float((pre["entropy"][rows] * m).sum())
@@ -315,7 +338,7 @@ class Learner:
         sums["is_clip"] = float(((log_ratio.exp() > a.is_cap).float() * m).sum()) if a.is_cap > 0 else 0.0
         if self.ref is not None:
             sums["kl"] = float((algos.kl_estimate(old, pre["ref_logp"][rows], "k3") * m).sum())
-        if not on_policy:  # the same on every rank: count it once
+        if not filled:  # the same on every rank: count it once
             for k in ("tok", "entropy", "mismatch_kl", "is_clip", "kl"):
                 if k in sums:
                     sums[k] /= self.world
