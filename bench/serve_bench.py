@@ -79,6 +79,17 @@ def fill_knowledge(path: Path) -> int:
     return store.count()
 
 
+def fit_lsa(store_path: Path, out: Path, dim: int = 64) -> str:
+    """An LSA embedder fitted on the bench store's chunks (``genloop knowledge embedder``): RAG on is then hybrid."""
+    from serve.knowledge import KnowledgeStore, embed_text
+    from serve.vectors import LsaEmbedder
+
+    store = KnowledgeStore(store_path)
+    texts = [embed_text(d, t, b) for d, t, b in store.chunk_texts()]
+    LsaEmbedder.fit(texts, dim=min(dim, len(texts) - 1)).save(out)
+    return f"lsa:{out}"
+
+
 async def one_request(client, url: str, body: dict, headers: dict) -> dict:
     """One streamed request: latency, time to first content token, status, tokens received."""
     t0 = time.perf_counter()
@@ -217,6 +228,12 @@ def main() -> int:
     ap.add_argument(
         "--stream-messages-per-s", type=float, default=None, help="serve.stream_messages_per_s (default: ServeConfig's)"
     )
+    ap.add_argument(
+        "--rag-embedder",
+        default="lsa",
+        help="serve.rag_embedder for RAG on: 'lsa' (default: an LSA fitted on the bench's store, hybrid BM25 + dense "
+        "with RRF), '' (BM25 alone), or any spec (hash:DIM, lsa:DIR, ckpt:DIR)",
+    )
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     n_reqs = [int(x) for x in args.requests.split(",")]
@@ -234,6 +251,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     model = Path(args.model) if args.model else build_checkpoint(tmp)
     n_docs = fill_knowledge(tmp / "state")
+    embedder = fit_lsa(tmp / "state", tmp / "lsa") if args.rag_embedder == "lsa" else args.rag_embedder
     vport, gport = free_port(), free_port()
     vllm = None
     ok = False
@@ -242,6 +260,7 @@ def main() -> int:
             model=str(model),
             model_name="bench",
             knowledge=str(tmp / "state"),
+            rag_embedder=embedder,
             port=gport,
             app_name="bench",
             rate_limit_per_minute=0,
@@ -262,7 +281,8 @@ def main() -> int:
         vbase = f"http://127.0.0.1:{vport}"
         wait_http(vbase + "/health", 600, vllm)
         print(
-            f"checkpoint {model}; knowledge store: {n_docs} documents; max_tokens={args.max_tokens}, "
+            f"checkpoint {model}; knowledge store: {n_docs} documents, RAG on retrieves with "
+            f"{'BM25 + ' + embedder + ' (RRF)' if embedder else 'BM25 alone'}; max_tokens={args.max_tokens}, "
             f"ignore_eos, streamed chat completions, cpus={os.cpu_count()}"
         )
         servers = [
@@ -302,6 +322,11 @@ def main() -> int:
         )
         print(
             "per-level req/s ratio genloop/vllm, RAG on:  " + ", ".join(f"c={c}: {x:.2f}x" for c, x in zip(levels, rag))
+        )
+        on_off = [table[("genloop RAG on", c)]["req_s"] / table[("genloop RAG off", c)]["req_s"] for c in levels]
+        print(
+            "per-level req/s ratio genloop RAG on / RAG off: "
+            + ", ".join(f"c={c}: {x:.2f}x" for c, x in zip(levels, on_off))
         )
         gm = math.exp(statistics.fmean(math.log(x) for x in ratios))
         ok = True
