@@ -66,7 +66,10 @@ def rlhf_section(out: Path, step: Any, served: str) -> Section | None:
 
 def grpo_section(out: Path, step: Any, served: str) -> Section | None:
     m = _manifest(out / "real")
-    source = (m or {}).get("config", {}).get("src") or "the imported model"
+    cfg, counts = (m or {}).get("config", {}), (m or {}).get("counts", {})
+    source = cfg.get("source") or "the imported model"
+    if counts.get("params"):
+        source += f" ({counts['params'] / 1e6:.0f}M parameters)"
     return _rl_section(
         out / "grpo",
         out,

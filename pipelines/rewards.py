@@ -112,18 +112,23 @@ def number_answer(prompts: list[str], responses: list[str], answer: list[Any]) -
 
 def concise_answer(prompts: list[str], responses: list[str], answer: list[Any]) -> list[float]:
     """Dense shaping toward the bare answer, for a model that never writes it: where the last number is right
-    (``number_answer``), the share of the stripped response that is the answer, ``len(str(answer)) / len(response)``
-    (``"85"`` 1.0, ``"= 85"`` 0.5, ``"47 + 38 = 85"`` 2/12); 0.0 where it is wrong. Among right answers, the shorter
-    scores higher: GRPO's group-relative advantage then pushes toward the bare number that ``exact_answer`` checks
-    (a format no sampled answer may have at the start, so ``exact_answer`` alone gives no signal)."""
+    (``number_answer``), the share of the response's non-space characters that are the answer's
+    (``"85"`` 1.0, ``"= 85"`` 2/3, ``"47 + 38 = 85"`` 2/8); 0.0 where it is wrong. Among right answers the shorter
+    scores higher, so GRPO's group-relative advantage pushes toward the bare number ``exact_answer`` checks (a format
+    no sampled answer may have at the start, where ``exact_answer`` alone gives no signal). Spaces do not count:
+    counted, GRPO learned to drop them ("63+51=114.") rather than the equation."""
     right = number_answer(prompts, responses, answer)
-    return [ok * min(1.0, len(str(a).strip()) / max(1, len(r.strip()))) for ok, r, a in zip(right, responses, answer)]
+    out = []
+    for ok, r, a in zip(right, responses, answer):
+        want, got = "".join(str(a).split()), "".join(r.split())
+        out.append(ok * min(1.0, len(want) / max(1, len(got))))
+    return out
 
 
 BUILTINS: dict[str, RewardFn] = {
     "exact_answer": exact_answer,  # 1 when the stripped response is the `answer` column (strict)
     "number_answer": number_answer,  # 1 when the response's last number equals the `answer` column (flexible)
-    "concise_answer": concise_answer,  # right number x the share of the response that is the answer, 0..1
+    "concise_answer": concise_answer,  # right number x the answer's share of the response (no spaces), 0..1
     "code_judge": _code_judge,  # pipelines/judge.py: the requested function with the requested signature, 0..1
     "writes_function": _writes_function,  # 1 when the answer parses and defines a function
     "judge_pass": _judge_pass,  # 1 only when the judge passes the answer (the requested signature, a real body)

@@ -136,13 +136,11 @@ def test_exact_and_number_answer_against_hand_values():
     assert exact_answer([""] * 9, responses, answers) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     assert number_answer([""] * 9, responses, answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert number_answer(["", ""], ["7", "7"], ["seven", None]) == [0.0, 0.0]  # an answer that is not a number
-    # concise: right number x len(answer) / len(stripped response): 2/2, 2/2, 2/3, 2/17, 3/3, 0 (wrong), 2/12
-    got = concise_answer(
-        [""] * 7,
-        ["85", " 85\n", "85.", "The answer is 85.", "-12", "84", "47 + 38 = 85"],
-        [85, "85", 85, 85, -12, 85, 85],
-    )
-    assert got == [1.0, 1.0, 2 / 3, 2 / 17, 1.0, 0.0, 2 / 12]
+    # concise: right number x len(answer) / len(response), spaces not counted: 2/2, 2/2, 2/3, 2/14, 3/3, 0 (wrong),
+    # 2/8 with spaces and without (dropping them gains nothing)
+    responses = ["85", " 85\n", "85.", "The answer is 85.", "-12", "84", "47 + 38 = 85", "47+38=85"]
+    got = concise_answer([""] * 8, responses, [85, "85", 85, 85, -12, 85, 85, 85])
+    assert got == [1.0, 1.0, 2 / 3, 2 / 14, 1.0, 0.0, 2 / 8, 2 / 8]
 
 
 # ---- genloop tasks arithmetic --------------------------------------------------------------------------------------
