@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -168,7 +169,13 @@ def sample_answers(
     from models import engine
     from pipelines.artifacts import local_copy
 
-    llm = engine.make_llm(local_copy(policy), engine_cfg)
+    # the task's process is nothing but this engine and exits with it (max_calls=1): the engine runs in it, on every
+    # core of the machine unless engine.cpu_threads says otherwise (spawned, vLLM's CPU engine binds one OpenMP thread
+    # per reserved CPU: 256 prompts x 8 answers took 514 s on one core)
+    if not engine_cfg.cpu_threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        engine_cfg = dataclasses.replace(engine_cfg, cpu_threads=cores)
+    llm = engine.make_llm(local_copy(policy), engine_cfg, in_process=True)
     params = engine.sampling_params(max_new_tokens, temperature, top_p, stop_token_ids=stop_ids, seed=seed, n=n)
     outs = engine.generate_ids(llm, prompt_ids, params)
     return [[[t for t in ids if t not in stop_ids] for ids in per_prompt] for per_prompt in outs]
