@@ -81,3 +81,25 @@ def test_objectives_count_pairs_and_report_metrics():
     assert float(m["margin"]) == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="dpo.beta"):
         DPOObjective(beta=0)
+
+
+def test_trimming_the_padding_after_every_answer_changes_no_log_prob():
+    """Pair rows are padded to seq_len: the columns after the last labelled position of any row are cut before the
+    forward pass (a causal model's earlier logits do not read them), and the summed log-probs stay the same."""
+    from models.transformer import Transformer, model_preset
+    from pipelines.prefs.objectives import trim_to_answers
+
+    cfg = model_preset("tiny").for_tokenizer(100)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(1, 100, (2, 16))
+    ids[0, 7:], ids[1, 5:] = 0, 0  # right padding to 16
+    labels = torch.full((2, 16), -100)
+    labels[0, 3:6], labels[1, 2:4] = ids[0, 4:7], ids[1, 3:5]  # labels[t] = ids[t + 1] on the answers
+    short_ids, short_labels = trim_to_answers(ids, labels)
+    assert short_ids.shape == (2, 6) and short_labels.shape == (2, 6)
+    with torch.no_grad():
+        full = sequence_logps(model(ids), labels)
+        cut = sequence_logps(model(short_ids), short_labels)
+    assert torch.allclose(full, cut, atol=1e-5)
+    assert trim_to_answers(ids, torch.full((2, 16), -100))[0].shape == (2, 1)  # nothing labelled: one column

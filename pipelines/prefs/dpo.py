@@ -16,6 +16,7 @@ before and after. Output ``DIR/model``: a Hugging Face causal-LM checkpoint (``g
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,7 +55,7 @@ class DpoConfig:
 @torch.no_grad()
 def reference_logps(model: Any, rows: dict[str, np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) summed answer log-probs (N,) of a causal LM over pair rows."""
-    from pipelines.prefs.objectives import sequence_logps
+    from pipelines.prefs.objectives import sequence_logps, trim_to_answers
 
     model.eval()
     out_c, out_r = [], []
@@ -64,6 +65,7 @@ def reference_logps(model: Any, rows: dict[str, np.ndarray], batch_size: int = 1
         for side, out in (("chosen", out_c), ("rejected", out_r)):
             ids = torch.from_numpy(np.asarray(rows[f"{side}_ids"][sl], dtype=np.int64))
             labels = torch.from_numpy(np.asarray(rows[f"{side}_labels"][sl], dtype=np.int64))
+            ids, labels = trim_to_answers(ids, labels)
             out.append(sequence_logps(model(ids), labels).numpy())
     return np.concatenate(out_c).astype(np.float32), np.concatenate(out_r).astype(np.float32)
 
@@ -75,7 +77,8 @@ class ReferenceLogps:
         from models.checkpoint import load_checkpoint
         from pipelines.artifacts import local_copy
 
-        torch.set_num_threads(1)
+        # the one actor runs before training starts, while the driver waits: every core (it reserves one CPU)
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self.model, _ = load_checkpoint(local_copy(init_from))
         self.batch_size = batch_size
 

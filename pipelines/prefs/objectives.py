@@ -43,6 +43,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (picked * mask).sum(-1)
 
 
+def trim_to_answers(ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` / ``labels`` (B, T) cut after the last labelled position of any row: the columns after it are padding,
+    and a causal model's logits before them do not depend on them. Rows padded to ``seq_len`` (256) around short
+    answers (a sum: ~60 tokens) cost a quarter of the forward pass."""
+    labelled = (labels != IGNORE).any(0).nonzero()
+    t = int(labelled[-1]) + 1 if len(labelled) else 1
+    return ids[:, :t], labels[:, :t]
+
+
 def _dpo_sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
     """DPO (Rafailov et al.); with label smoothing, conservative DPO (labels flipped with that probability)."""
     return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
@@ -147,8 +156,8 @@ class DPOObjective(_PairObjective):
         self.beta, self.label_smoothing, self.kind = beta, label_smoothing, kind
 
     def __call__(self, model, batch):
-        logits = model(self.both(batch, "ids"))  # (2B, T, V)
-        pc, pr = sequence_logps(logits, self.both(batch, "labels")).chunk(2)
+        ids, labels = trim_to_answers(self.both(batch, "ids"), self.both(batch, "labels"))
+        pc, pr = sequence_logps(model(ids), labels).chunk(2)  # logits (2B, T', V)
         loss, rc, rr = dpo_loss(
             pc, pr, batch["ref_chosen_logp"], batch["ref_rejected_logp"], self.beta, self.label_smoothing, self.kind
         )
